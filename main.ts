@@ -1,0 +1,70 @@
+#!/usr/bin/env -S deno run -A
+/**
+ * dst: distributed block storage. This file wires the real world (arguments,
+ * stdout, exit codes) to the subcommands; all logic lives under src/.
+ *
+ * Exit codes: 0 success, 1 an operating error (message on stderr), 2 bad usage,
+ * 70 a bug (an assertion failed: please report it).
+ */
+
+import { demoCommand } from "./src/cli/demo.ts";
+import { exportCommand } from "./src/cli/export.ts";
+import { statusCommand } from "./src/cli/status.ts";
+import { AssertionError } from "./src/lib/assert.ts";
+import { DstError, UsageError } from "./src/lib/errors.ts";
+
+export const VERSION = "0.1.0";
+
+const COMMANDS: Record<string, (argv: string[]) => Promise<number>> = {
+  export: exportCommand,
+  status: statusCommand,
+  demo: demoCommand,
+};
+
+const HELP = `dst ${VERSION}: distributed block storage
+
+Usage: dst COMMAND [OPTIONS]
+
+Commands:
+  export PATH      serve an image file or block device over the network
+  status ADDR...   show what exports are doing
+  demo             run the whole job on temporary images and check every byte
+
+Run \`dst COMMAND --help\` for a command's options.`;
+
+async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  if (command === undefined || command === "help" || command === "--help" || command === "-h") {
+    console.log(HELP);
+    return command === undefined ? 2 : 0;
+  }
+  if (command === "--version" || command === "version") {
+    console.log(`dst ${VERSION}`);
+    return 0;
+  }
+  const run = COMMANDS[command];
+  if (run === undefined) throw new UsageError(`unknown command "${command}"\n\n${HELP}`);
+  return await run(rest);
+}
+
+if (import.meta.main) {
+  let code: number;
+  try {
+    code = await main(Deno.args);
+  } catch (error) {
+    if (error instanceof UsageError) {
+      console.error(`dst: ${error.message}`);
+      code = 2;
+    } else if (error instanceof AssertionError) {
+      console.error(`dst: internal error (a bug, please report it): ${error.stack}`);
+      code = 70;
+    } else if (error instanceof DstError || error instanceof Error) {
+      console.error(`dst: ${error.message}`);
+      code = 1;
+    } else {
+      console.error(`dst: ${String(error)}`);
+      code = 1;
+    }
+  }
+  Deno.exit(code);
+}

@@ -1,0 +1,63 @@
+/** Command-line parsing shared by the subcommands: node:util's parseArgs, with errors that say what to do. */
+
+import { parseArgs } from "node:util";
+import {
+  CLIENT_PING_MS_DEFAULT,
+  CLIENT_RETRIES_DEFAULT,
+  CLIENT_TIMEOUT_MS_DEFAULT,
+} from "../constants.ts";
+import { UsageError } from "../lib/errors.ts";
+import { parseCount } from "../lib/units.ts";
+import type { RemoteDeviceOptions } from "../client/remote_device.ts";
+
+type OptionSpec = Record<string, { type: "string" | "boolean"; short?: string }>;
+
+export interface Parsed {
+  values: Record<string, string | boolean | undefined>;
+  positionals: string[];
+}
+
+export function parseCommand(command: string, argv: string[], options: OptionSpec): Parsed {
+  try {
+    const { values, positionals } = parseArgs({
+      args: argv,
+      options: { ...options, help: { type: "boolean", short: "h" } },
+      allowPositionals: true,
+      strict: true,
+    });
+    return { values: values as Parsed["values"], positionals };
+  } catch (error) {
+    const message = error instanceof Error
+      ? error.message.replace(/\. To specify.*$/s, "")
+      : String(error);
+    throw new UsageError(`dst ${command}: ${message} (see \`dst ${command} --help\`)`);
+  }
+}
+
+export function stringOption(parsed: Parsed, name: string): string | undefined {
+  const value = parsed.values[name];
+  return typeof value === "string" ? value : undefined;
+}
+
+/** The client options that every command talking to an export accepts. */
+export const CLIENT_OPTIONS: OptionSpec = {
+  timeout: { type: "string" },
+  retries: { type: "string" },
+  ping: { type: "string" },
+};
+
+export const CLIENT_OPTIONS_HELP =
+  `  --timeout MS    wait this long for each reply before resending (default ${CLIENT_TIMEOUT_MS_DEFAULT})
+  --retries N     resend this often before reporting an error (default ${CLIENT_RETRIES_DEFAULT})
+  --ping MS       check an idle connection this often (default ${CLIENT_PING_MS_DEFAULT})`;
+
+export function clientOptions(parsed: Parsed): RemoteDeviceOptions {
+  const options: RemoteDeviceOptions = {};
+  const timeout = stringOption(parsed, "timeout");
+  const retries = stringOption(parsed, "retries");
+  const ping = stringOption(parsed, "ping");
+  if (timeout !== undefined) options.timeoutMs = parseCount(timeout, "--timeout", 100, 3_600_000);
+  if (retries !== undefined) options.retries = parseCount(retries, "--retries", 0, 1_000);
+  if (ping !== undefined) options.pingMs = parseCount(ping, "--ping", 100, 3_600_000);
+  return options;
+}

@@ -1,0 +1,77 @@
+/** `dst export PATH`: serves an image file or block device over the DST protocol. */
+
+import { EXPORT_PORT_DEFAULT } from "../constants.ts";
+import { FileDevice } from "../device/file_device.ts";
+import { formatHostPort, parseHostPort } from "../lib/address.ts";
+import { UsageError } from "../lib/errors.ts";
+import { logger } from "../lib/log.ts";
+import { formatBytes, parseSize } from "../lib/units.ts";
+import { Exporter } from "../server/exporter.ts";
+import { parseCommand, stringOption } from "./args.ts";
+import { untilSignal } from "./signals.ts";
+
+export const EXPORT_HELP =
+  `Usage: dst export PATH [--listen [HOST]:PORT] [--read-only] [--create SIZE]
+
+Serves PATH (an image file or a block device) to DST clients.
+
+  --listen [HOST]:PORT  address to listen on (default 0.0.0.0:${EXPORT_PORT_DEFAULT}; port 0 picks a free one)
+  --read-only           refuse every write, discard and write-zeroes
+  --create SIZE         create PATH as a sparse image of SIZE (e.g. 1G), or grow it to SIZE
+
+Example: dst export /var/lib/dst/disk0.img --create 10G --listen :1025`;
+
+export async function exportCommand(argv: string[]): Promise<number> {
+  const parsed = parseCommand("export", argv, {
+    listen: { type: "string" },
+    "read-only": { type: "boolean" },
+    create: { type: "string" },
+  });
+  if (parsed.values.help) {
+    console.log(EXPORT_HELP);
+    return 0;
+  }
+  if (parsed.positionals.length !== 1) {
+    throw new UsageError(
+      `dst export takes one PATH, got ${parsed.positionals.length}\n\n${EXPORT_HELP}`,
+    );
+  }
+  const path = parsed.positionals[0]!;
+  const readOnly = parsed.values["read-only"] === true;
+  const createText = stringOption(parsed, "create");
+  if (createText !== undefined && readOnly) {
+    throw new UsageError("dst export: --create writes the image, so it cannot go with --read-only");
+  }
+  const createBytes = createText === undefined ? undefined : parseSize(createText, "--create");
+  if (createBytes === 0) throw new UsageError("dst export: --create needs a size above 0");
+  const listen = parseHostPort(
+    stringOption(parsed, "listen") ?? "",
+    "0.0.0.0",
+    EXPORT_PORT_DEFAULT,
+  );
+
+  const log = logger("export");
+  const device = await FileDevice.open(path, { readOnly, createBytes });
+  let exporter: Exporter;
+  try {
+    exporter = Exporter.start(device, { listen, log });
+  } catch (error) {
+    await device.close();
+    throw error;
+  }
+  const info = device.info;
+  console.log(
+    `dst export: serving ${path} (${
+      formatBytes(info.sizeBytes)
+    }, ${info.sizeBytes} bytes, block ${info.blockSize}, ` +
+      `${readOnly ? "read-only" : "read-write"}, id ${info.id}) on ${
+        formatHostPort(exporter.address)
+      }`,
+  );
+  const signal = await untilSignal();
+  log.info(`${signal}: no new clients; finishing what is in flight`);
+  await exporter.shutdown();
+  await device.close();
+  log.info("stopped cleanly");
+  return 0;
+}

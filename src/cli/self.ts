@@ -1,0 +1,39 @@
+/**
+ * How to start this same program again as a child process: `deno run -A <main module>`
+ * when running as a script or bundle, or the binary alone when compiled.
+ */
+
+export function selfCommand(): { command: string; args: string[] } {
+  const compiled = Deno.mainModule.includes("/deno-compile-");
+  if (compiled) return { command: Deno.execPath(), args: [] };
+  return { command: Deno.execPath(), args: ["run", "-A", Deno.mainModule] };
+}
+
+/** Reads a child's stdout until a line matches, and returns the match (the rest is passed through). */
+export async function waitForLine(
+  stream: ReadableStream<Uint8Array>,
+  pattern: RegExp,
+  echo: (line: string) => void = () => {},
+): Promise<RegExpMatchArray> {
+  const reader = stream.pipeThrough(new TextDecoderStream()).getReader();
+  let buffered = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) throw new Error(`the child process ended before printing a line matching ${pattern}`);
+    buffered += value;
+    let newline: number;
+    while ((newline = buffered.indexOf("\n")) >= 0) {
+      const line = buffered.slice(0, newline);
+      buffered = buffered.slice(newline + 1);
+      echo(line);
+      const match = line.match(pattern);
+      if (match !== null) {
+        void (async () => {
+          // Keep draining so the child never blocks on a full pipe.
+          while (!(await reader.read()).done) { /* discard */ }
+        })().catch(() => {});
+        return match;
+      }
+    }
+  }
+}

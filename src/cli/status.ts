@@ -1,0 +1,104 @@
+/** `dst status HOST:PORT...`: what each export (or array) is doing. */
+
+import { RemoteDevice } from "../client/remote_device.ts";
+import { EXPORT_PORT_DEFAULT } from "../constants.ts";
+import { formatHostPort, parseHostPort } from "../lib/address.ts";
+import { describeError, UsageError } from "../lib/errors.ts";
+import { formatBytes, formatDuration } from "../lib/units.ts";
+import type { ExportStatus } from "../server/exporter.ts";
+import { parseCommand } from "./args.ts";
+import { formatTable } from "./table.ts";
+
+export const STATUS_HELP = `Usage: dst status HOST:PORT... [--json]
+
+Shows each export's path, size, block size, read-only bit, clients, transactions in
+flight, reads and writes (operations and bytes), errors and uptime.
+
+  --json   one JSON document: [{"address": ..., "status": {...}} or {"address": ..., "error": ...}]
+
+Example: dst status 10.0.0.5:1025 10.0.0.6:1025`;
+
+/** A status query gives up fast: a person is waiting, and a dead export is itself the answer. */
+const STATUS_TIMEOUT_MS = 3_000;
+
+interface Row {
+  address: string;
+  status?: ExportStatus;
+  error?: string;
+}
+
+export async function statusCommand(argv: string[]): Promise<number> {
+  const parsed = parseCommand("status", argv, { json: { type: "boolean" } });
+  if (parsed.values.help) {
+    console.log(STATUS_HELP);
+    return 0;
+  }
+  if (parsed.positionals.length === 0) {
+    throw new UsageError(`dst status needs at least one HOST:PORT\n\n${STATUS_HELP}`);
+  }
+  const addresses = parsed.positionals.map((text) =>
+    parseHostPort(text, "127.0.0.1", EXPORT_PORT_DEFAULT)
+  );
+  const rows = await Promise.all(addresses.map(async (address): Promise<Row> => {
+    const where = formatHostPort(address);
+    try {
+      return { address: where, status: await queryStatus(address) };
+    } catch (error) {
+      return { address: where, error: describeError(error) };
+    }
+  }));
+  console.log(parsed.values.json ? JSON.stringify(rows, null, 2) : renderStatus(rows));
+  return rows.some((row) => row.error !== undefined) ? 1 : 0;
+}
+
+async function queryStatus(address: { hostname: string; port: number }): Promise<ExportStatus> {
+  const device = await RemoteDevice.connect(address, {
+    timeoutMs: STATUS_TIMEOUT_MS,
+    retries: 0,
+    pingMs: 60_000,
+  });
+  try {
+    return await device.queryStatus() as ExportStatus;
+  } finally {
+    await device.close();
+  }
+}
+
+export function renderStatus(rows: Row[]): string {
+  const table = formatTable(
+    [
+      "ADDRESS",
+      "PATH",
+      "SIZE",
+      "BLOCK",
+      "MODE",
+      "CLIENTS",
+      "IN FLIGHT",
+      "READS",
+      "READ",
+      "WRITES",
+      "WRITTEN",
+      "ERRORS",
+      "UPTIME",
+    ],
+    rows.filter((row) => row.status !== undefined).map(({ address, status: s }) => [
+      address,
+      s!.name,
+      formatBytes(s!.sizeBytes),
+      String(s!.blockSize),
+      s!.readOnly ? "ro" : "rw",
+      String(s!.clients),
+      String(s!.inFlight),
+      String(s!.reads),
+      formatBytes(s!.readBytes),
+      String(s!.writes),
+      formatBytes(s!.writtenBytes),
+      String(s!.errors),
+      formatDuration(s!.uptimeMs),
+    ]),
+  );
+  const failures = rows.filter((row) => row.error !== undefined).map((row) =>
+    `${row.address}: ${row.error}`
+  );
+  return failures.length === 0 ? table : `${table}\n\nunreachable:\n${failures.join("\n")}`;
+}

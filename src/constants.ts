@@ -1,0 +1,66 @@
+/**
+ * Every limit and default in DST, each with the reason for its value.
+ *
+ * Relations between them are asserted when this module loads, so a change that
+ * breaks one fails at startup instead of at 3 a.m.
+ */
+
+import { assert } from "./lib/assert.ts";
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+/** Largest payload of one frame. Matches the 32 MiB maximum block size NBD clients are told. */
+export const PAYLOAD_BYTES_MAX = 32 * MiB;
+
+/** Transactions one connection may have outstanding at the export; more just wait in the socket. */
+export const IN_FLIGHT_PER_CONNECTION_MAX = 128;
+
+/** Clients one export serves at once; each costs a few MiB of buffers. */
+export const CLIENTS_PER_EXPORT_MAX = 64;
+
+/** A STATUS reply is a small JSON document; anything larger is a bug or an attack. */
+export const STATUS_PAYLOAD_BYTES_MAX = 64 * KiB;
+
+/** Receive buffers start at this size; they grow only for a frame that does not fit. */
+export const RECEIVE_SLAB_BYTES = 2 * MiB;
+
+/** Small frames are copied into send buffers of this size and go out in one socket write. */
+export const SEND_COALESCE_BYTES = 256 * KiB;
+
+/** Payloads at least this big are written from their own buffer instead of being copied. */
+export const SEND_ZERO_COPY_BYTES_MIN = 64 * KiB;
+
+/** A sender holding more than this makes its producer wait: replies are not buffered without end. */
+export const SEND_QUEUE_BYTES_MAX = 16 * MiB;
+
+/** The default port of `dst export`, as in the original DST examples. */
+export const EXPORT_PORT_DEFAULT = 1025;
+
+/** The block size an export advertises: the page size, which every client handles well. */
+export const BLOCK_SIZE_DEFAULT = 4096;
+
+/** Client defaults. Together they ride out an outage of timeout x (retries + 1) = 20 s. */
+export const CLIENT_TIMEOUT_MS_DEFAULT = 5_000;
+export const CLIENT_RETRIES_DEFAULT = 3;
+export const CLIENT_PING_MS_DEFAULT = 2_000;
+/** Transactions a client keeps in flight at once (further capped by what the export allows). */
+export const CLIENT_WINDOW_DEFAULT = 64;
+/** Bytes of payload a client keeps in flight at once, so memory stays flat under any load. */
+export const CLIENT_WINDOW_BYTES_MAX = 64 * MiB;
+/** Reconnect backoff: first delay and cap; each try doubles the delay, with +-50% jitter. */
+export const RECONNECT_DELAY_MS_MIN = 50;
+export const RECONNECT_DELAY_MS_MAX = 1_000;
+
+/** The largest range a single discard or write-zeroes frame may name (its length is a u32). */
+export const RANGE_BYTES_MAX = 1024 * MiB;
+
+/** Handshakes that take longer than this are dropped, so a silent peer cannot hold a slot. */
+export const HANDSHAKE_TIMEOUT_MS = 10_000;
+
+assert(SEND_ZERO_COPY_BYTES_MIN <= SEND_COALESCE_BYTES, "a copied payload must fit a send buffer");
+assert(RECEIVE_SLAB_BYTES >= SEND_COALESCE_BYTES, "a receive slab holds a full coalesced batch");
+assert(CLIENT_WINDOW_BYTES_MAX >= PAYLOAD_BYTES_MAX, "the byte window admits the largest frame");
+assert(RANGE_BYTES_MAX < 2 ** 32, "range lengths travel as u32");
+assert(PAYLOAD_BYTES_MAX < 2 ** 32, "payload lengths travel as u32");
+assert(RECONNECT_DELAY_MS_MAX < CLIENT_TIMEOUT_MS_DEFAULT, "a reconnect try fits in one timeout");

@@ -1,0 +1,244 @@
+/**
+ * A BlockDevice on an image file or a block device.
+ *
+ * Reads and writes are synchronous positional calls (pread/pwrite through node:fs):
+ * measured here at 1.2M 4 KiB reads/s against 16-21k for async Deno.FsFile calls,
+ * because an async file call pays a thread-pool round trip. They block the event
+ * loop only for as long as the kernel takes; from the page cache that is
+ * microseconds, from a cold spinning disk it is milliseconds (README, "Real disks").
+ * fdatasync is asynchronous, so a flush never stalls other clients, and concurrent
+ * flushes share one fdatasync when they can (see #sync).
+ *
+ * Discard writes zeroes: there is no portable hole punching from Deno, and zeroes
+ * keep the "reads back as zeroes" promise of DeviceInfo.
+ */
+
+import * as fs from "node:fs";
+import { assert } from "../lib/assert.ts";
+import { describeError, DeviceError } from "../lib/errors.ts";
+import {
+  type BlockDevice,
+  checkRange,
+  checkWritable,
+  type DeviceInfo,
+  type DeviceStats,
+  emptyStats,
+  type IoFlags,
+} from "./block_device.ts";
+import { BLOCK_SIZE_DEFAULT } from "../constants.ts";
+import { bytesToHex } from "../lib/hex.ts";
+
+const ZERO_CHUNK_BYTES = 1024 * 1024;
+
+export interface FileDeviceOptions {
+  readOnly?: boolean;
+  /** Create the image (sparse) or grow it to this size; never shrinks it. */
+  createBytes?: number;
+}
+
+export class FileDevice implements BlockDevice {
+  readonly #stats = emptyStats();
+  #zeroes: Uint8Array | null = null;
+  /** A sync that is running, and the one queued behind it that later callers share. */
+  #syncRunning: Promise<void> | null = null;
+  #syncQueued: Promise<void> | null = null;
+  #closed = false;
+
+  private constructor(readonly info: DeviceInfo, readonly fd: number) {}
+
+  static async open(path: string, options: FileDeviceOptions = {}): Promise<FileDevice> {
+    const readOnly = options.readOnly ?? false;
+    if (options.createBytes !== undefined) {
+      assert(!readOnly, "--create and --read-only are refused by the CLI");
+      await growImage(path, options.createBytes);
+    }
+    let fd: number;
+    try {
+      fd = fs.openSync(path, readOnly ? "r" : "r+");
+    } catch (error) {
+      throw new DeviceError("ENOENT", `Cannot open ${path}: ${describeError(error)}`, {
+        cause: error,
+      });
+    }
+    try {
+      const sizeBytes = await sizeOf(path);
+      if (sizeBytes === 0) {
+        throw new DeviceError(
+          "EINVAL",
+          `${path} is empty: give it a size with --create SIZE (e.g. --create 1G)`,
+        );
+      }
+      const id = await stableId(path);
+      return new FileDevice(
+        { sizeBytes, blockSize: BLOCK_SIZE_DEFAULT, readOnly, id, name: path },
+        fd,
+      );
+    } catch (error) {
+      fs.closeSync(fd);
+      throw error;
+    }
+  }
+
+  read(offset: number, into: Uint8Array): Promise<void> {
+    try {
+      checkRange(this.info, "read", offset, into.length);
+      let done = 0;
+      while (done < into.length) {
+        const n = fs.readSync(this.fd, into, done, into.length - done, offset + done);
+        if (n === 0) {
+          throw new DeviceError("EIO", `Short read at ${offset + done} of ${this.info.name}`);
+        }
+        done += n;
+      }
+      this.#stats.reads += 1;
+      this.#stats.readBytes += into.length;
+      return Promise.resolve();
+    } catch (error) {
+      return this.#fail(error, "read", offset, into.length);
+    }
+  }
+
+  write(offset: number, data: Uint8Array, flags?: IoFlags): Promise<void> {
+    if (flags?.preflush) {
+      return this.#sync().then(() => this.write(offset, data, { fua: flags.fua }));
+    }
+    try {
+      checkWritable(this.info, "write");
+      checkRange(this.info, "write", offset, data.length);
+      this.#writeAt(offset, data);
+      this.#stats.writes += 1;
+      this.#stats.writtenBytes += data.length;
+    } catch (error) {
+      return this.#fail(error, "write", offset, data.length);
+    }
+    return flags?.fua ? this.#sync() : Promise.resolve();
+  }
+
+  flush(): Promise<void> {
+    this.#stats.flushes += 1;
+    return this.#sync();
+  }
+
+  discard(offset: number, length: number, flags?: IoFlags): Promise<void> {
+    this.#stats.discards += 1;
+    return this.#zeroRange("discard", offset, length, flags);
+  }
+
+  writeZeroes(offset: number, length: number, flags?: IoFlags): Promise<void> {
+    this.#stats.zeroes += 1;
+    return this.#zeroRange("write zeroes to", offset, length, flags);
+  }
+
+  stats(): DeviceStats {
+    return { ...this.#stats };
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    if (!this.info.readOnly) await this.#sync();
+    this.#closed = true;
+    fs.closeSync(this.fd);
+  }
+
+  #zeroRange(what: string, offset: number, length: number, flags?: IoFlags): Promise<void> {
+    if (flags?.preflush) {
+      return this.#sync().then(() => this.#zeroRange(what, offset, length, { fua: flags.fua }));
+    }
+    try {
+      checkWritable(this.info, what);
+      checkRange(this.info, what, offset, length);
+      this.#zeroes ??= new Uint8Array(ZERO_CHUNK_BYTES);
+      for (let done = 0; done < length; done += ZERO_CHUNK_BYTES) {
+        this.#writeAt(
+          offset + done,
+          this.#zeroes.subarray(0, Math.min(ZERO_CHUNK_BYTES, length - done)),
+        );
+      }
+    } catch (error) {
+      return this.#fail(error, what, offset, length);
+    }
+    return flags?.fua ? this.#sync() : Promise.resolve();
+  }
+
+  #writeAt(offset: number, data: Uint8Array): void {
+    let done = 0;
+    while (done < data.length) {
+      done += fs.writeSync(this.fd, data, done, data.length - done, offset + done);
+    }
+  }
+
+  /**
+   * fdatasync, shared: a caller arriving while one runs cannot use it (its writes may
+   * have come after that sync began), so it joins the single sync queued behind it.
+   */
+  #sync(): Promise<void> {
+    if (this.#syncRunning === null) {
+      this.#syncRunning = this.#fdatasync().finally(() => {
+        this.#syncRunning = null;
+      });
+      return this.#syncRunning;
+    }
+    this.#syncQueued ??= this.#syncRunning.catch(() => {}).then(() => {
+      this.#syncQueued = null;
+      return this.#sync();
+    });
+    return this.#syncQueued;
+  }
+
+  #fdatasync(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      fs.fdatasync(this.fd, (error) => {
+        if (error === null) {
+          resolve();
+          return;
+        }
+        this.#stats.errors += 1;
+        reject(new DeviceError("EIO", `fdatasync of ${this.info.name} failed: ${error.message}`));
+      });
+    });
+  }
+
+  #fail(error: unknown, what: string, offset: number, length: number): Promise<never> {
+    this.#stats.errors += 1;
+    if (error instanceof DeviceError) return Promise.reject(error);
+    return Promise.reject(
+      new DeviceError(
+        "EIO",
+        `Cannot ${what} ${length} bytes at offset ${offset} of ${this.info.name}: ${
+          describeError(error)
+        }`,
+        { cause: error },
+      ),
+    );
+  }
+}
+
+/** Creates a sparse image, or grows a smaller one; an image is never shrunk. */
+async function growImage(path: string, sizeBytes: number): Promise<void> {
+  const file = await Deno.open(path, { read: true, write: true, create: true });
+  try {
+    const current = (await file.stat()).size;
+    if (current < sizeBytes) await file.truncate(sizeBytes);
+  } finally {
+    file.close();
+  }
+}
+
+/** A block device's size comes from seeking to its end; a file's is the same. */
+async function sizeOf(path: string): Promise<number> {
+  const file = await Deno.open(path, { read: true });
+  try {
+    return await file.seek(0, Deno.SeekMode.End);
+  } finally {
+    file.close();
+  }
+}
+
+/** The same file (device and inode) gets the same id after every restart. */
+async function stableId(path: string): Promise<string> {
+  const real = await Deno.realPath(path);
+  const stat = await Deno.stat(real);
+  const text = `${real}\0${stat.dev}\0${stat.ino ?? 0}`;
+  const digest = await crypto.subtle.digest({ name: "SHA-256" }, new TextEncoder().encode(text));
+  return bytesToHex(new Uint8Array(digest).subarray(0, 16));
+}

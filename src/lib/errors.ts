@@ -1,0 +1,50 @@
+/**
+ * Operating errors: things that go wrong in a correct program (a peer vanishes, a
+ * user names a missing file). Each has a stable `code` that scripts may match on,
+ * and a message that says what happened and what to do.
+ */
+
+export class DstError extends Error {
+  override name = "DstError";
+  constructor(readonly code: string, message: string, options?: ErrorOptions) {
+    super(message, options);
+  }
+}
+
+/** The command line or a config value is wrong; exit code 2. */
+export class UsageError extends DstError {
+  override name = "UsageError";
+  constructor(message: string) {
+    super("USAGE", message);
+  }
+}
+
+/** The peer broke the wire protocol; the connection is closed. */
+export class ProtocolError extends DstError {
+  override name = "ProtocolError";
+  constructor(message: string) {
+    super("PROTOCOL", message);
+  }
+}
+
+/** A device refused or failed a request; `errno` is the wire error name (EIO, EPERM, ...). */
+export class DeviceError extends DstError {
+  override name = "DeviceError";
+  constructor(readonly errno: string, message: string, options?: ErrorOptions) {
+    super(errno, message, options);
+  }
+}
+
+/** The connection ended, by the peer or the network. */
+export class ConnectionClosedError extends DstError {
+  override name = "ConnectionClosedError";
+  constructor(message: string) {
+    super("CONNECTION_CLOSED", message);
+  }
+}
+
+/** A short description of any thrown value, for log lines. */
+export function describeError(error: unknown): string {
+  if (error instanceof Error) return error.message;
+  return String(error);
+}

@@ -1,0 +1,121 @@
+/**
+ * Handshake frames: the client hello and the server hello (see README.md, "Handshake").
+ * Pure encode and decode; a decoder returns a reason string for a bad frame.
+ */
+
+import { PAYLOAD_BYTES_MAX } from "../constants.ts";
+import {
+  ClientHelloLayout as C,
+  EXPORT_ID_BYTES,
+  MAGIC_CLIENT_HELLO,
+  MAGIC_SERVER_HELLO,
+  NONCE_BYTES,
+  ServerHelloLayout as S,
+} from "./wire.ts";
+import { getU64, setU64 } from "./u64.ts";
+
+export interface ClientHello {
+  versionMin: number;
+  versionMax: number;
+  features: number;
+  authMethods: number;
+  protections: number;
+  nonce: Uint8Array;
+}
+
+export interface ServerHello {
+  version: number;
+  status: number;
+  features: number;
+  authMethod: number;
+  protection: number;
+  sizeBytes: number;
+  blockSize: number;
+  exportFlags: number;
+  payloadBytesMax: number;
+  inFlightMax: number;
+  exportId: Uint8Array;
+  nonce: Uint8Array;
+}
+
+export function encodeClientHello(hello: ClientHello): Uint8Array {
+  const bytes = new Uint8Array(C.SIZE);
+  const view = new DataView(bytes.buffer);
+  view.setUint32(C.magic, MAGIC_CLIENT_HELLO, true);
+  view.setUint16(C.versionMin, hello.versionMin, true);
+  view.setUint16(C.versionMax, hello.versionMax, true);
+  view.setUint32(C.features, hello.features, true);
+  view.setUint16(C.authMethods, hello.authMethods, true);
+  view.setUint16(C.protections, hello.protections, true);
+  bytes.set(hello.nonce.subarray(0, NONCE_BYTES), C.nonce);
+  return bytes;
+}
+
+export function decodeClientHello(bytes: Uint8Array): ClientHello | string {
+  if (bytes.length !== C.SIZE) return `client hello is ${bytes.length} bytes, not ${C.SIZE}`;
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  if (view.getUint32(C.magic, true) !== MAGIC_CLIENT_HELLO) {
+    return "not a DST client (bad client hello magic)";
+  }
+  const hello = {
+    versionMin: view.getUint16(C.versionMin, true),
+    versionMax: view.getUint16(C.versionMax, true),
+    features: view.getUint32(C.features, true),
+    authMethods: view.getUint16(C.authMethods, true),
+    protections: view.getUint16(C.protections, true),
+    nonce: bytes.slice(C.nonce, C.nonce + NONCE_BYTES),
+  };
+  if (hello.versionMin > hello.versionMax) return "client hello: versionMin > versionMax";
+  return hello;
+}
+
+export function encodeServerHello(hello: ServerHello): Uint8Array {
+  const bytes = new Uint8Array(S.SIZE);
+  const view = new DataView(bytes.buffer);
+  view.setUint32(S.magic, MAGIC_SERVER_HELLO, true);
+  view.setUint16(S.version, hello.version, true);
+  view.setUint16(S.status, hello.status, true);
+  view.setUint32(S.features, hello.features, true);
+  view.setUint16(S.authMethod, hello.authMethod, true);
+  view.setUint16(S.protection, hello.protection, true);
+  setU64(view, S.size, hello.sizeBytes);
+  view.setUint32(S.blockSize, hello.blockSize, true);
+  view.setUint32(S.exportFlags, hello.exportFlags, true);
+  view.setUint32(S.payloadBytesMax, hello.payloadBytesMax, true);
+  view.setUint32(S.inFlightMax, hello.inFlightMax, true);
+  bytes.set(hello.exportId.subarray(0, EXPORT_ID_BYTES), S.exportId);
+  bytes.set(hello.nonce.subarray(0, NONCE_BYTES), S.nonce);
+  return bytes;
+}
+
+export function decodeServerHello(bytes: Uint8Array): ServerHello | string {
+  if (bytes.length !== S.SIZE) return `server hello is ${bytes.length} bytes, not ${S.SIZE}`;
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  if (view.getUint32(S.magic, true) !== MAGIC_SERVER_HELLO) {
+    return "not a DST export (bad server hello magic)";
+  }
+  const hello: ServerHello = {
+    version: view.getUint16(S.version, true),
+    status: view.getUint16(S.status, true),
+    features: view.getUint32(S.features, true),
+    authMethod: view.getUint16(S.authMethod, true),
+    protection: view.getUint16(S.protection, true),
+    sizeBytes: getU64(view, S.size),
+    blockSize: view.getUint32(S.blockSize, true),
+    exportFlags: view.getUint32(S.exportFlags, true),
+    payloadBytesMax: view.getUint32(S.payloadBytesMax, true),
+    inFlightMax: view.getUint32(S.inFlightMax, true),
+    exportId: bytes.slice(S.exportId, S.exportId + EXPORT_ID_BYTES),
+    nonce: bytes.slice(S.nonce, S.nonce + NONCE_BYTES),
+  };
+  if (hello.sizeBytes < 0) return "server hello: export size is not below 2^53";
+  if (hello.status !== 0) return hello; // the other fields mean nothing; the caller reports status
+  if (hello.blockSize === 0 || (hello.blockSize & (hello.blockSize - 1)) !== 0) {
+    return `server hello: block size ${hello.blockSize} is not a power of two`;
+  }
+  if (hello.payloadBytesMax === 0 || hello.payloadBytesMax > PAYLOAD_BYTES_MAX) {
+    return `server hello: largest payload ${hello.payloadBytesMax} is not in 1..${PAYLOAD_BYTES_MAX}`;
+  }
+  if (hello.inFlightMax === 0) return "server hello: no transaction may be in flight";
+  return hello;
+}

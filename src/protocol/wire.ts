@@ -1,0 +1,174 @@
+/**
+ * The DST wire format's numbers: magics, commands, flags, error codes and header
+ * layouts. Everything is little-endian. README.md in this folder is the spec;
+ * this file is its single source in code, and the layout is checked at load.
+ */
+
+import { assert } from "../lib/assert.ts";
+
+export const PROTOCOL_VERSION = 1;
+
+/** Magics are four ASCII letters, read as a little-endian u32 ("DSTC" etc.). */
+const magic = (text: string) =>
+  text.charCodeAt(0) | text.charCodeAt(1) << 8 | text.charCodeAt(2) << 16 |
+  (text.charCodeAt(3) << 24 >>> 0);
+export const MAGIC_CLIENT_HELLO = magic("DSTC") >>> 0;
+export const MAGIC_SERVER_HELLO = magic("DSTS") >>> 0;
+export const MAGIC_REQUEST = magic("DSTQ") >>> 0;
+export const MAGIC_REPLY = magic("DSTR") >>> 0;
+
+export const Command = {
+  READ: 1,
+  WRITE: 2,
+  FLUSH: 3,
+  DISCARD: 4,
+  WRITE_ZEROES: 5,
+  INFO: 6,
+  PING: 7,
+  STATUS: 8,
+} as const;
+export type Command = typeof Command[keyof typeof Command];
+
+export const COMMAND_NAMES: Record<number, string> = Object.fromEntries(
+  Object.entries(Command).map(([name, code]) => [code, name]),
+);
+
+export const RequestFlag = {
+  /** Force unit access: the data is on stable storage before the reply. */
+  FUA: 1,
+  /** Barrier: every write completed before this request is on stable storage first. */
+  PREFLUSH: 2,
+} as const;
+
+/** The flags each command accepts; any other bit is EINVAL. */
+export const FLAGS_ALLOWED: Record<number, number> = {
+  [Command.READ]: 0,
+  [Command.WRITE]: RequestFlag.FUA | RequestFlag.PREFLUSH,
+  [Command.FLUSH]: 0,
+  [Command.DISCARD]: RequestFlag.FUA | RequestFlag.PREFLUSH,
+  [Command.WRITE_ZEROES]: RequestFlag.FUA | RequestFlag.PREFLUSH,
+  [Command.INFO]: 0,
+  [Command.PING]: 0,
+  [Command.STATUS]: 0,
+};
+
+/** Error codes carry Linux errno values, so NBD (which uses the same) maps one to one. */
+export const WireError = {
+  OK: 0,
+  EPERM: 1,
+  EIO: 5,
+  ENOMEM: 12,
+  EINVAL: 22,
+  ENOSPC: 28,
+  ENOTSUP: 95,
+  ESHUTDOWN: 108,
+} as const;
+export type WireError = typeof WireError[keyof typeof WireError];
+
+export const WIRE_ERROR_NAMES: Record<number, string> = Object.fromEntries(
+  Object.entries(WireError).map(([name, code]) => [code, name]),
+);
+
+/** Handshake status in the server hello; anything but OK is followed by a close. */
+export const HelloStatus = {
+  OK: 0,
+  VERSION_UNSUPPORTED: 1,
+  AUTH_UNSUPPORTED: 2,
+  PROTECTION_UNSUPPORTED: 3,
+  ACCESS_DENIED: 4,
+  BUSY: 5,
+} as const;
+
+export const HELLO_STATUS_TEXT: Record<number, string> = {
+  [HelloStatus.OK]: "ok",
+  [HelloStatus.VERSION_UNSUPPORTED]: "no protocol version in common",
+  [HelloStatus.AUTH_UNSUPPORTED]: "no authentication method in common",
+  [HelloStatus.PROTECTION_UNSUPPORTED]: "no channel protection in common",
+  [HelloStatus.ACCESS_DENIED]: "access denied",
+  [HelloStatus.BUSY]: "the export has too many clients",
+};
+
+/** Bit masks of authentication methods and frame protections; only NONE exists in v1. */
+export const AUTH_NONE = 1;
+export const PROTECTION_NONE = 1;
+
+/** Export flags in the server hello and INFO reply. */
+export const ExportFlag = {
+  READ_ONLY: 1,
+} as const;
+
+export const EXPORT_ID_BYTES = 16;
+export const NONCE_BYTES = 16;
+
+/** Client hello: 32 bytes. */
+export const ClientHelloLayout = {
+  magic: 0, // u32
+  versionMin: 4, // u16
+  versionMax: 6, // u16
+  features: 8, // u32
+  authMethods: 12, // u16 mask
+  protections: 14, // u16 mask
+  nonce: 16, // 16 bytes
+  SIZE: 32,
+} as const;
+
+/** Server hello: 80 bytes. */
+export const ServerHelloLayout = {
+  magic: 0, // u32
+  version: 4, // u16
+  status: 6, // u16
+  features: 8, // u32
+  authMethod: 12, // u16
+  protection: 14, // u16
+  size: 16, // u64
+  blockSize: 24, // u32
+  exportFlags: 28, // u32
+  payloadBytesMax: 32, // u32
+  inFlightMax: 36, // u32
+  exportId: 40, // 16 bytes
+  nonce: 56, // 16 bytes
+  reserved: 72, // 8 bytes, zero
+  SIZE: 80,
+} as const;
+
+/** Request header: 32 bytes, followed by `payloadLength` bytes. */
+export const RequestLayout = {
+  magic: 0, // u32
+  command: 4, // u16
+  flags: 6, // u16
+  txId: 8, // u64
+  offset: 16, // u64
+  length: 24, // u32
+  payloadLength: 28, // u32
+  SIZE: 32,
+} as const;
+
+/** Reply header: 24 bytes, followed by `payloadLength` bytes. */
+export const ReplyLayout = {
+  magic: 0, // u32
+  command: 4, // u16
+  reserved: 6, // u16, zero
+  txId: 8, // u64
+  error: 16, // u32
+  payloadLength: 20, // u32
+  SIZE: 24,
+} as const;
+
+/** INFO reply payload: 16 bytes. */
+export const InfoLayout = {
+  size: 0, // u64
+  blockSize: 8, // u32
+  exportFlags: 12, // u32
+  SIZE: 16,
+} as const;
+
+assert(
+  ClientHelloLayout.nonce + NONCE_BYTES === ClientHelloLayout.SIZE,
+  "client hello is 32 bytes",
+);
+assert(ServerHelloLayout.exportId + EXPORT_ID_BYTES === ServerHelloLayout.nonce, "hello layout");
+assert(ServerHelloLayout.reserved + 8 === ServerHelloLayout.SIZE, "server hello is 80 bytes");
+assert(RequestLayout.payloadLength + 4 === RequestLayout.SIZE, "request header is 32 bytes");
+assert(ReplyLayout.payloadLength + 4 === ReplyLayout.SIZE, "reply header is 24 bytes");
+assert(InfoLayout.exportFlags + 4 === InfoLayout.SIZE, "info payload is 16 bytes");
+assert(MAGIC_REQUEST !== MAGIC_REPLY, "request and reply magics differ");
