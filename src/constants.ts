@@ -16,6 +16,13 @@ export const PAYLOAD_BYTES_MAX = 32 * MiB;
 /** Transactions one connection may have outstanding at the export; more just wait in the socket. */
 export const IN_FLIGHT_PER_CONNECTION_MAX = 128;
 
+/**
+ * Payload bytes (read and write) one connection may have outstanding at the export.
+ * With the count limit alone, 128 reads of 32 MiB could pin 4 GiB; one request is
+ * always admitted, so the largest frame still goes through.
+ */
+export const IN_FLIGHT_BYTES_PER_CONNECTION_MAX = 64 * MiB;
+
 /** Clients one export serves at once; each costs a few MiB of buffers. */
 export const CLIENTS_PER_EXPORT_MAX = 64;
 
@@ -61,6 +68,10 @@ export const HANDSHAKE_TIMEOUT_MS = 10_000;
 assert(SEND_ZERO_COPY_BYTES_MIN <= SEND_COALESCE_BYTES, "a copied payload must fit a send buffer");
 assert(RECEIVE_SLAB_BYTES >= SEND_COALESCE_BYTES, "a receive slab holds a full coalesced batch");
 assert(CLIENT_WINDOW_BYTES_MAX >= PAYLOAD_BYTES_MAX, "the byte window admits the largest frame");
+assert(
+  IN_FLIGHT_BYTES_PER_CONNECTION_MAX >= PAYLOAD_BYTES_MAX,
+  "the export admits the largest frame",
+);
 assert(RANGE_BYTES_MAX < 2 ** 32, "range lengths travel as u32");
 assert(PAYLOAD_BYTES_MAX < 2 ** 32, "payload lengths travel as u32");
 assert(RECONNECT_DELAY_MS_MAX < CLIENT_TIMEOUT_MS_DEFAULT, "a reconnect try fits in one timeout");

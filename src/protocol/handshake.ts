@@ -108,8 +108,8 @@ export function decodeServerHello(bytes: Uint8Array): ServerHello | string {
     exportId: bytes.slice(S.exportId, S.exportId + EXPORT_ID_BYTES),
     nonce: bytes.slice(S.nonce, S.nonce + NONCE_BYTES),
   };
-  if (hello.sizeBytes < 0) return "server hello: export size is not below 2^53";
   if (hello.status !== 0) return hello; // the other fields mean nothing; the caller reports status
+  if (hello.sizeBytes < 0) return "server hello: export size is not below 2^53";
   if (hello.blockSize === 0 || (hello.blockSize & (hello.blockSize - 1)) !== 0) {
     return `server hello: block size ${hello.blockSize} is not a power of two`;
   }

@@ -8,12 +8,14 @@
  * (its payload was already read, so the stream stays framed); a frame that cannot
  * be trusted closes the connection with one log line. The export itself goes on.
  *
- * Limits: at most IN_FLIGHT_PER_CONNECTION_MAX requests outstanding and at most
- * SEND_QUEUE_BYTES_MAX of replies queued; past either, the connection stops reading
- * until it drains, so memory stays bounded whatever the client sends.
+ * Limits: at most IN_FLIGHT_PER_CONNECTION_MAX requests and IN_FLIGHT_BYTES_PER_CONNECTION_MAX
+ * payload bytes outstanding, and at most SEND_QUEUE_BYTES_MAX of replies queued; past
+ * any of them, the connection stops dispatching (even frames already received) and
+ * reading until it drains, so memory stays bounded whatever the client sends.
  */
 
 import {
+  IN_FLIGHT_BYTES_PER_CONNECTION_MAX,
   IN_FLIGHT_PER_CONNECTION_MAX,
   PAYLOAD_BYTES_MAX,
   RECEIVE_SLAB_BYTES,
@@ -69,6 +71,7 @@ const ERRNO_TO_WIRE: Record<string, WireError> = {
 
 export class ExportConnection {
   #inFlight = 0;
+  #inFlightBytes = 0;
   #stopping = false;
   #rejectionsLogged = 0;
   #idleWaiters: Array<() => void> = [];
@@ -122,7 +125,7 @@ export class ExportConnection {
   /** Dispatches every whole frame in the buffer; returns the bytes the next frame needs, or -1. */
   #dispatchArrived(): number {
     const receive = this.#receive;
-    while (receive.available >= RequestLayout.SIZE) {
+    while (receive.available >= RequestLayout.SIZE && !this.#saturated()) {
       const header = decodeRequestHeader(receive.view, receive.position);
       if (typeof header === "string") {
         this.ctx.countError();
@@ -141,6 +144,11 @@ export class ExportConnection {
       this.#execute(header);
     }
     return RequestLayout.SIZE;
+  }
+
+  #saturated(): boolean {
+    return this.#inFlight >= IN_FLIGHT_PER_CONNECTION_MAX ||
+      (this.#inFlight > 0 && this.#inFlightBytes >= IN_FLIGHT_BYTES_PER_CONNECTION_MAX);
   }
 
   #checkAgainstExport(h: RequestHeader): RequestRejection | null {
@@ -185,10 +193,15 @@ export class ExportConnection {
     this.#inFlight += 1;
     switch (h.command) {
       case Command.READ: {
+        this.#inFlightBytes += h.length;
         const into = this.ctx.pool.take(h.length);
         device.read(h.offset, into).then(
-          () => this.#reply(h, WireError.OK, into, () => this.ctx.pool.give(into)),
+          () => {
+            this.#inFlightBytes -= h.length;
+            this.#reply(h, WireError.OK, into, () => this.ctx.pool.give(into));
+          },
           (error) => {
+            this.#inFlightBytes -= h.length;
             this.ctx.pool.give(into);
             this.#replyFailure(h, error);
           },
@@ -196,9 +209,13 @@ export class ExportConnection {
         return;
       }
       case Command.WRITE: {
+        this.#inFlightBytes += h.length;
         const slab = this.#receive.lease();
         const data = this.#receive.take(h.payloadLength);
-        this.#settle(h, device.write(h.offset, data, flags), () => this.#receive.release(slab));
+        this.#settle(h, device.write(h.offset, data, flags), () => {
+          this.#inFlightBytes -= h.length;
+          this.#receive.release(slab);
+        });
         return;
       }
       case Command.FLUSH:
@@ -264,7 +281,7 @@ export class ExportConnection {
   }
 
   async #backpressure(): Promise<void> {
-    while (this.#inFlight >= IN_FLIGHT_PER_CONNECTION_MAX && !this.#sender.broken) {
+    while (this.#saturated() && !this.#sender.broken) {
       await new Promise<void>((resolve) => this.#idleWaiters.push(resolve));
     }
     await this.#sender.whenWritable();

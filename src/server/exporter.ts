@@ -54,6 +54,8 @@ export class Exporter {
   readonly #startedMs: number;
   readonly #acceptLoop: Promise<void>;
   #protocolErrors = 0;
+  /** Connections from accept to close, handshaking ones included, so the client limit has no race. */
+  #clientsAdmitted = 0;
   #stopping = false;
 
   private constructor(
@@ -155,10 +157,19 @@ export class Exporter {
   async #serveClient(conn: Deno.TcpConn): Promise<void> {
     const remote = conn.remoteAddr as Deno.NetAddr;
     const peer = formatHostPort({ hostname: remote.hostname, port: remote.port });
+    this.#clientsAdmitted += 1;
+    try {
+      await this.#handshakeAndServe(conn, peer);
+    } finally {
+      this.#clientsAdmitted -= 1;
+    }
+  }
+
+  async #handshakeAndServe(conn: Deno.TcpConn, peer: string): Promise<void> {
     try {
       conn.setNoDelay(true);
       const admit = () =>
-        this.#connections.size >= CLIENTS_PER_EXPORT_MAX ? HelloStatus.BUSY : HelloStatus.OK;
+        this.#clientsAdmitted > CLIENTS_PER_EXPORT_MAX ? HelloStatus.BUSY : HelloStatus.OK;
       const refusal = await acceptHandshake(conn, this.device.info, admit);
       if (refusal !== null) {
         this.#protocolErrors += 1;

@@ -16,9 +16,11 @@ import {
   ClientHelloLayout,
   decodeClientHello,
   encodeServerHello,
+  EXPORT_ID_BYTES,
   ExportFlag,
   HELLO_STATUS_TEXT,
   HelloStatus,
+  MAGIC_CLIENT_HELLO,
   NONCE_BYTES,
   PROTECTION_NONE,
   PROTOCOL_VERSION,
@@ -36,7 +38,12 @@ export async function acceptHandshake(
   const helloBytes = new Uint8Array(ClientHelloLayout.SIZE);
   const timer = setTimeout(() => conn.close(), HANDSHAKE_TIMEOUT_MS);
   try {
-    await readExact(conn, helloBytes);
+    // The magic first: a client speaking something else is told so at once, not after a timeout.
+    await readExact(conn, helloBytes.subarray(0, 4));
+    if (new DataView(helloBytes.buffer).getUint32(0, true) !== MAGIC_CLIENT_HELLO) {
+      return "not a DST client (bad client hello magic)";
+    }
+    await readExact(conn, helloBytes.subarray(4));
   } catch {
     return `no client hello within ${HANDSHAKE_TIMEOUT_MS} ms`;
   } finally {
@@ -53,20 +60,22 @@ export async function acceptHandshake(
   } else if ((hello.protections & PROTECTION_NONE) === 0) {
     status = HelloStatus.PROTECTION_UNSUPPORTED;
   }
+  const ok = status === HelloStatus.OK;
+  // A refused client learns why, and nothing about the export.
   const reply: ServerHello = {
     version: PROTOCOL_VERSION,
     status,
     features: 0,
     authMethod: AUTH_NONE,
     protection: PROTECTION_NONE,
-    sizeBytes: info.sizeBytes,
-    blockSize: info.blockSize,
-    exportFlags: info.readOnly ? ExportFlag.READ_ONLY : 0,
-    payloadBytesMax: PAYLOAD_BYTES_MAX,
-    inFlightMax: IN_FLIGHT_PER_CONNECTION_MAX,
-    exportId: hexToBytes(info.id),
+    sizeBytes: ok ? info.sizeBytes : 0,
+    blockSize: ok ? info.blockSize : 0,
+    exportFlags: ok && info.readOnly ? ExportFlag.READ_ONLY : 0,
+    payloadBytesMax: ok ? PAYLOAD_BYTES_MAX : 0,
+    inFlightMax: ok ? IN_FLIGHT_PER_CONNECTION_MAX : 0,
+    exportId: ok ? hexToBytes(info.id) : new Uint8Array(EXPORT_ID_BYTES),
     nonce: crypto.getRandomValues(new Uint8Array(NONCE_BYTES)),
   };
   await writeAll(conn, encodeServerHello(reply));
-  return status === HelloStatus.OK ? null : HELLO_STATUS_TEXT[status]!;
+  return ok ? null : HELLO_STATUS_TEXT[status]!;
 }

@@ -1,0 +1,89 @@
+/**
+ * Starting the real CLI (dist/dst.js, made by `deno task bundle`) as a child
+ * process, the way a user would, with Deno.execPath(). Used by the integration
+ * tests and the benchmark.
+ */
+
+import { type HostPort, parseHostPort } from "../../src/lib/address.ts";
+
+export const BUNDLE = new URL("../../dist/dst.js", import.meta.url).pathname;
+
+export interface RunningExport {
+  process: Deno.ChildProcess;
+  address: HostPort;
+  /** Everything the export wrote to stderr so far (its log). */
+  log(): string;
+  stop(signal?: Deno.Signal): Promise<Deno.CommandStatus>;
+}
+
+/** Spawns `dst ARGS...` and waits for the startup line ending " on HOST:PORT". */
+export async function startExport(args: string[]): Promise<RunningExport> {
+  await ensureBundle();
+  const process = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", BUNDLE, "export", ...args],
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  let stderr = "";
+  void (async () => {
+    for await (const chunk of process.stderr.pipeThrough(new TextDecoderStream())) stderr += chunk;
+  })().catch(() => {});
+  const reader = process.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let stdout = "";
+  let match: RegExpMatchArray | null = null;
+  while (match === null) {
+    const { value, done } = await reader.read();
+    if (done) {
+      const status = await process.status;
+      throw new Error(`dst export exited (${status.code}) before serving:\n${stdout}\n${stderr}`);
+    }
+    stdout += value;
+    match = stdout.match(/ on (\S+)\n/);
+  }
+  void (async () => {
+    while (!(await reader.read()).done) { /* drain */ }
+  })().catch(() => {});
+  let stopped: Promise<Deno.CommandStatus> | null = null;
+  return {
+    process,
+    address: parseHostPort(match[1]!, "127.0.0.1"),
+    log: () => stderr,
+    stop(signal: Deno.Signal = "SIGTERM") {
+      if (stopped === null) {
+        try {
+          process.kill(signal);
+        } catch {
+          // already exited
+        }
+        stopped = process.status;
+      }
+      return stopped;
+    },
+  };
+}
+
+/** Runs `dst ARGS...` to completion and returns its exit code and output. */
+export async function runDst(
+  args: string[],
+): Promise<{ code: number; stdout: string; stderr: string }> {
+  await ensureBundle();
+  const output = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", BUNDLE, ...args],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const decoder = new TextDecoder();
+  return {
+    code: output.code,
+    stdout: decoder.decode(output.stdout),
+    stderr: decoder.decode(output.stderr),
+  };
+}
+
+async function ensureBundle(): Promise<void> {
+  try {
+    await Deno.stat(BUNDLE);
+  } catch {
+    throw new Error(`${BUNDLE} is missing: run \`deno task bundle\` first (deno task test does)`);
+  }
+}
