@@ -42,7 +42,7 @@ export class FileDevice implements BlockDevice {
   /** A sync that is running, and the one queued behind it that later callers share. */
   #syncRunning: Promise<void> | null = null;
   #syncQueued: Promise<void> | null = null;
-  #closed = false;
+  #closing: Promise<void> | null = null;
 
   private constructor(readonly info: DeviceInfo, readonly fd: number) {}
 
@@ -120,12 +120,10 @@ export class FileDevice implements BlockDevice {
   }
 
   discard(offset: number, length: number, flags?: IoFlags): Promise<void> {
-    this.#stats.discards += 1;
     return this.#zeroRange("discard", offset, length, flags);
   }
 
   writeZeroes(offset: number, length: number, flags?: IoFlags): Promise<void> {
-    this.#stats.zeroes += 1;
     return this.#zeroRange("write zeroes to", offset, length, flags);
   }
 
@@ -133,11 +131,16 @@ export class FileDevice implements BlockDevice {
     return { ...this.#stats };
   }
 
-  async close(): Promise<void> {
-    if (this.#closed) return;
-    if (!this.info.readOnly) await this.#sync();
-    this.#closed = true;
-    fs.closeSync(this.fd);
+  /** Flushes and closes; calls after the first share its outcome (the fd is closed once). */
+  close(): Promise<void> {
+    this.#closing ??= (async () => {
+      try {
+        if (!this.info.readOnly) await this.#sync();
+      } finally {
+        fs.closeSync(this.fd);
+      }
+    })();
+    return this.#closing;
   }
 
   #zeroRange(what: string, offset: number, length: number, flags?: IoFlags): Promise<void> {
@@ -154,6 +157,8 @@ export class FileDevice implements BlockDevice {
           this.#zeroes.subarray(0, Math.min(ZERO_CHUNK_BYTES, length - done)),
         );
       }
+      if (what === "discard") this.#stats.discards += 1;
+      else this.#stats.zeroes += 1;
     } catch (error) {
       return this.#fail(error, what, offset, length);
     }

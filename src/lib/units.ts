@@ -19,7 +19,10 @@ export function parseSize(text: string, what = "size"): number {
     throw new UsageError(`Cannot read ${what} "${text}": use a number with K, M, G or T, e.g. 1G`);
   }
   const shift = SUFFIX_SHIFT[match[2]!.toLowerCase()]!;
-  const bytes = Math.round(Number(match[1]) * 2 ** shift);
+  const bytes = Number(match[1]) * 2 ** shift;
+  if (!Number.isInteger(bytes)) {
+    throw new UsageError(`${what} "${text}" is not a whole number of bytes`);
+  }
   if (!Number.isSafeInteger(bytes)) {
     throw new UsageError(`${what} "${text}" is too large`);
   }
@@ -31,7 +34,7 @@ export function formatBytes(bytes: number): string {
   const units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
   let value = bytes;
   let unit = 0;
-  while (value >= 1024 && unit < units.length - 1) {
+  while (value >= 1023.95 && unit < units.length - 1) { // 1023.96 KiB prints as 1.0 MiB
     value /= 1024;
     unit += 1;
   }

@@ -35,6 +35,8 @@ export class FrameSender {
   #open: Segment | null = null;
   #queuedBytes = 0;
   #writing = false;
+  /** The segment whose write is under way: abort() must not release it before the write ends. */
+  #inFlight: Segment | null = null;
   #scheduled = false;
   #failure: unknown = null;
   #waiters: Array<() => void> = [];
@@ -105,7 +107,9 @@ export class FrameSender {
   abort(reason: unknown): void {
     if (this.#failure !== null) return;
     this.#failure = reason ?? new Error("aborted");
-    for (const segment of this.#segments.splice(0)) segment.onSent?.();
+    for (const segment of this.#segments.splice(0)) {
+      if (segment !== this.#inFlight) segment.onSent?.(); // the write loop releases that one
+    }
     this.#open = null;
     this.#queuedBytes = 0;
     this.#wakeWaiters();
@@ -141,7 +145,13 @@ export class FrameSender {
       while (this.#segments.length > 0 && this.#failure === null) {
         const segment = this.#segments[0]!;
         if (segment === this.#open) this.#open = null; // closed for appends while in flight
-        await writeAll(this.conn, segment.bytes.subarray(0, segment.length));
+        this.#inFlight = segment;
+        try {
+          await writeAll(this.conn, segment.bytes.subarray(0, segment.length));
+        } finally {
+          this.#inFlight = null;
+          if (this.#failure !== null && !segment.coalescing) segment.onSent?.(); // aborted meanwhile
+        }
         if (this.#failure !== null) break;
         this.#segments.shift();
         this.#queuedBytes -= segment.length;
