@@ -9,22 +9,29 @@ import { RemoteDevice } from "../client/remote_device.ts";
 import { parseHostPort } from "../lib/address.ts";
 import { formatBytes, parseSize } from "../lib/units.ts";
 import type { ExportStatus } from "../server/exporter.ts";
-import { parseCommand, stringOption } from "./args.ts";
+import {
+  CLIENT_OPTIONS,
+  CLIENT_OPTIONS_HELP,
+  clientOptions,
+  parseCommand,
+  stringOption,
+} from "./args.ts";
 import { selfCommand, waitForLine } from "./self.ts";
 import { renderStatus } from "./status.ts";
 
-export const DEMO_HELP = `Usage: dst demo [--size SIZE]
+export const DEMO_HELP = `Usage: dst demo [--size SIZE] [--timeout MS] [--retries N] [--ping MS]
 
 Exports a temporary image, writes and verifies data through the DST client, prints
 the export's status, stops it cleanly and checks the image file. Needs nothing but
 this program; leaves nothing behind.
 
-  --size SIZE   size of the temporary image (default 64M)`;
+  --size SIZE     size of the temporary image (default 64M)
+${CLIENT_OPTIONS_HELP}`;
 
 const MiB = 1024 * 1024;
 
 export async function demoCommand(argv: string[]): Promise<number> {
-  const parsed = parseCommand("demo", argv, { size: { type: "string" } });
+  const parsed = parseCommand("demo", argv, { size: { type: "string" }, ...CLIENT_OPTIONS });
   if (parsed.values.help) {
     console.log(DEMO_HELP);
     return 0;
@@ -57,7 +64,7 @@ export async function demoCommand(argv: string[]): Promise<number> {
     const address = parseHostPort(match[1]!, "127.0.0.1");
 
     step("connect the DST client");
-    const device = await RemoteDevice.connect(address);
+    const device = await RemoteDevice.connect(address, clientOptions(parsed));
     console.log(
       `connected: ${
         formatBytes(device.info.sizeBytes)
