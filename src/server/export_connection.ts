@@ -1,27 +1,16 @@
 /**
- * One client connection of an export: the transmission phase after the handshake.
- *
- * Requests are parsed in place from large socket reads and dispatched as soon as
- * they are whole; each reply is queued the moment its request completes, so replies
- * go out of order, and every reply ready in one turn of the event loop leaves in
- * one socket write. A request that is well framed but invalid gets an error reply
- * (its payload was already read, so the stream stays framed); a frame that cannot
- * be trusted closes the connection with one log line. The export itself goes on.
- *
- * Limits: at most IN_FLIGHT_PER_CONNECTION_MAX requests and IN_FLIGHT_BYTES_PER_CONNECTION_MAX
- * payload bytes outstanding, and at most SEND_QUEUE_BYTES_MAX of replies queued; past
- * any of them, the connection stops dispatching (even frames already received) and
- * reading until it drains, so memory stays bounded whatever the client sends.
+ * One client connection of an export, after the handshake: DST request frames are
+ * validated and run against the device (the read loop, limits and backpressure are
+ * RequestLoop's). A request that is well framed but invalid gets an error reply (its
+ * payload was already read, so the stream stays framed); a frame that cannot be
+ * trusted closes the connection with one log line. The export itself goes on.
  */
 
 import {
   IN_FLIGHT_BYTES_PER_CONNECTION_MAX,
   IN_FLIGHT_PER_CONNECTION_MAX,
   PAYLOAD_BYTES_MAX,
-  RECEIVE_SLAB_BYTES,
-  SEND_COALESCE_BYTES,
   SEND_QUEUE_BYTES_MAX,
-  SEND_ZERO_COPY_BYTES_MIN,
 } from "../constants.ts";
 import type { BlockDevice, IoFlags } from "../device/block_device.ts";
 import type { BufferPool } from "../lib/buffer_pool.ts";
@@ -42,9 +31,8 @@ import {
   validateRequest,
   WireError,
 } from "../protocol/mod.ts";
-import { type ByteConn, closeQuietly } from "../transport/byte_conn.ts";
-import { FrameSender } from "../transport/frame_sender.ts";
-import { ReceiveBuffer } from "../transport/receive_buffer.ts";
+import type { ByteConn } from "../transport/byte_conn.ts";
+import { CLOSE, RequestLoop } from "../transport/request_loop.ts";
 
 /** What a connection needs from its export. */
 export interface ExportContext {
@@ -69,68 +57,29 @@ const ERRNO_TO_WIRE: Record<string, WireError> = {
   ENOTSUP: WireError.ENOTSUP,
 };
 
-export class ExportConnection {
-  #inFlight = 0;
-  #inFlightBytes = 0;
-  #stopping = false;
+export class ExportConnection extends RequestLoop {
   #rejectionsLogged = 0;
-  #idleWaiters: Array<() => void> = [];
-  readonly #receive = new ReceiveBuffer(RECEIVE_SLAB_BYTES, RequestLayout.SIZE + PAYLOAD_BYTES_MAX);
-  readonly #sender: FrameSender;
   readonly #replyHeader = new Uint8Array(ReplyLayout.SIZE);
   readonly #replyView = new DataView(this.#replyHeader.buffer);
 
-  constructor(readonly conn: ByteConn, readonly peer: string, readonly ctx: ExportContext) {
-    this.#sender = new FrameSender(conn, {
-      coalesceBytes: SEND_COALESCE_BYTES,
-      zeroCopyBytesMin: SEND_ZERO_COPY_BYTES_MIN,
-      queueBytesMax: SEND_QUEUE_BYTES_MAX,
+  constructor(conn: ByteConn, peer: string, readonly ctx: ExportContext) {
+    super(conn, peer, ctx.log, {
+      inFlightMax: IN_FLIGHT_PER_CONNECTION_MAX,
+      inFlightBytesMax: IN_FLIGHT_BYTES_PER_CONNECTION_MAX,
+      sendQueueBytesMax: SEND_QUEUE_BYTES_MAX,
+      frameBytesMax: RequestLayout.SIZE + PAYLOAD_BYTES_MAX,
+      headerBytes: RequestLayout.SIZE,
     });
   }
 
-  get inFlight(): number {
-    return this.#inFlight;
-  }
-
-  /** Serves requests until the client leaves, breaks the protocol, or stop() is called. */
-  async serve(): Promise<void> {
-    const receive = this.#receive;
-    let need: number = RequestLayout.SIZE;
-    try {
-      while (!this.#stopping) {
-        if (!(await receive.fill(this.conn, need))) break;
-        if (this.#stopping) break;
-        need = this.#dispatchArrived();
-        if (need < 0) break;
-        await this.#backpressure();
-      }
-    } catch (error) {
-      if (!this.#stopping) {
-        this.ctx.log.debug(`${this.peer}: connection ended: ${describeError(error)}`);
-      }
-    }
-    await this.#whenIdle();
-    await this.#sender.drain();
-    closeQuietly(this.conn);
-  }
-
-  /** Stops reading requests; what is in flight is finished and answered, then the socket closes. */
-  async stop(): Promise<void> {
-    this.#stopping = true;
-    await this.#whenIdle();
-    await this.#sender.drain();
-    closeQuietly(this.conn); // wakes a serve() that is blocked reading
-  }
-
-  /** Dispatches every whole frame in the buffer; returns the bytes the next frame needs, or -1. */
-  #dispatchArrived(): number {
-    const receive = this.#receive;
-    while (receive.available >= RequestLayout.SIZE && !this.#saturated()) {
+  protected dispatchArrived(): number {
+    const receive = this.receive;
+    while (receive.available >= RequestLayout.SIZE && !this.saturated()) {
       const header = decodeRequestHeader(receive.view, receive.position);
       if (typeof header === "string") {
         this.ctx.countError();
         this.ctx.log.warn(`${this.peer}: ${header}; closing this connection`);
-        return -1;
+        return CLOSE;
       }
       const frameBytes = RequestLayout.SIZE + header.payloadLength;
       if (receive.available < frameBytes) return frameBytes;
@@ -144,11 +93,6 @@ export class ExportConnection {
       this.#execute(header);
     }
     return RequestLayout.SIZE;
-  }
-
-  #saturated(): boolean {
-    return this.#inFlight >= IN_FLIGHT_PER_CONNECTION_MAX ||
-      (this.#inFlight > 0 && this.#inFlightBytes >= IN_FLIGHT_BYTES_PER_CONNECTION_MAX);
   }
 
   #checkAgainstExport(h: RequestHeader): RequestRejection | null {
@@ -180,7 +124,7 @@ export class ExportConnection {
         : "";
       this.ctx.log.warn(`${this.peer}: refused request ${h.txId}: ${rejection.reason}${more}`);
     }
-    this.#inFlight += 1;
+    this.begin(payloadBytes(h));
     this.#reply(h, rejection.error);
   }
 
@@ -190,18 +134,13 @@ export class ExportConnection {
       fua: (h.flags & RequestFlag.FUA) !== 0,
       preflush: (h.flags & RequestFlag.PREFLUSH) !== 0,
     };
-    this.#inFlight += 1;
+    this.begin(payloadBytes(h));
     switch (h.command) {
       case Command.READ: {
-        this.#inFlightBytes += h.length;
         const into = this.ctx.pool.take(h.length);
         device.read(h.offset, into).then(
-          () => {
-            this.#inFlightBytes -= h.length;
-            this.#reply(h, WireError.OK, into, () => this.ctx.pool.give(into));
-          },
+          () => this.#reply(h, WireError.OK, into, () => this.ctx.pool.give(into)),
           (error) => {
-            this.#inFlightBytes -= h.length;
             this.ctx.pool.give(into);
             this.#replyFailure(h, error);
           },
@@ -209,13 +148,9 @@ export class ExportConnection {
         return;
       }
       case Command.WRITE: {
-        this.#inFlightBytes += h.length;
-        const slab = this.#receive.lease();
-        const data = this.#receive.take(h.payloadLength);
-        this.#settle(h, device.write(h.offset, data, flags), () => {
-          this.#inFlightBytes -= h.length;
-          this.#receive.release(slab);
-        });
+        const slab = this.receive.lease();
+        const data = this.receive.take(h.payloadLength);
+        this.#settle(h, device.write(h.offset, data, flags), () => this.receive.release(slab));
         return;
       }
       case Command.FLUSH:
@@ -275,28 +210,12 @@ export class ExportConnection {
       error,
       payloadLength: payload?.length ?? 0,
     });
-    this.#sender.send(this.#replyHeader, payload, onSent);
-    this.#inFlight -= 1;
-    if (this.#idleWaiters.length > 0) this.#wakeIdle(); // each waiter re-checks its own condition
+    this.sender.send(this.#replyHeader, payload, onSent);
+    this.end(payloadBytes(h));
   }
+}
 
-  async #backpressure(): Promise<void> {
-    while (this.#saturated() && !this.#sender.broken) {
-      await new Promise<void>((resolve) => this.#idleWaiters.push(resolve));
-    }
-    await this.#sender.whenWritable();
-  }
-
-  #whenIdle(): Promise<void> {
-    if (this.#inFlight === 0) return Promise.resolve();
-    return new Promise<void>((resolve) => this.#idleWaiters.push(resolve)).then(() =>
-      this.#whenIdle()
-    );
-  }
-
-  #wakeIdle(): void {
-    const waiters = this.#idleWaiters;
-    this.#idleWaiters = [];
-    for (const wake of waiters) wake();
-  }
+/** The bytes a request holds while in flight, for the loop's byte limit: counted alike at begin and end. */
+function payloadBytes(h: RequestHeader): number {
+  return h.command === Command.READ || h.command === Command.WRITE ? h.length : 0;
 }

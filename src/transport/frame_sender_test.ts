@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { concat, pattern } from "../../tests/helpers/bytes.ts";
 import type { ByteConn } from "./byte_conn.ts";
 import { FrameSender, type FrameSenderOptions } from "./frame_sender.ts";
 
@@ -68,20 +69,6 @@ const OPTIONS: FrameSenderOptions = { coalesceBytes: 64, zeroCopyBytesMin: 32, q
 /** Lets every pending microtask and timer-free promise chain run. */
 function settle(): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, 0));
-}
-
-function pattern(first: number, length: number): Uint8Array {
-  return Uint8Array.from({ length }, (_, i) => (first + i) & 0xff);
-}
-
-function concat(...parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((sum, part) => sum + part.length, 0));
-  let at = 0;
-  for (const part of parts) {
-    out.set(part, at);
-    at += part.length;
-  }
-  return out;
 }
 
 /** Whether `promise` has settled, after letting pending work run. */

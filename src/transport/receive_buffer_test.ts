@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { concat, pattern } from "../../tests/helpers/bytes.ts";
 import { AssertionError } from "../lib/assert.ts";
 import type { ByteConn } from "./byte_conn.ts";
 import { ReceiveBuffer } from "./receive_buffer.ts";
@@ -34,21 +35,6 @@ class ScriptedConn implements ByteConn {
   }
 
   close(): void {}
-}
-
-/** `length` bytes counting up from `first` (mod 256), so misplaced bytes show. */
-function pattern(first: number, length: number): Uint8Array {
-  return Uint8Array.from({ length }, (_, i) => (first + i) & 0xff);
-}
-
-function concat(...parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((sum, part) => sum + part.length, 0));
-  let at = 0;
-  for (const part of parts) {
-    out.set(part, at);
-    at += part.length;
-  }
-  return out;
 }
 
 /** Splits `bytes` into chunks of `size` bytes (the last may be shorter). */

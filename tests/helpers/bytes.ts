@@ -1,4 +1,23 @@
-/** Byte comparisons that say where two buffers first differ. */
+/**
+ * Byte helpers for tests: patterned buffers, joining buffers, and comparisons that
+ * say where two buffers first differ.
+ */
+
+/** `length` bytes counting up from `first` (mod 256), so misplaced bytes show. */
+export function pattern(first: number, length: number): Uint8Array {
+  return Uint8Array.from({ length }, (_, i) => (first + i) & 0xff);
+}
+
+/** The parts joined end to end into one new buffer. */
+export function concat(...parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((sum, part) => sum + part.length, 0));
+  let at = 0;
+  for (const part of parts) {
+    out.set(part, at);
+    at += part.length;
+  }
+  return out;
+}
 
 export function firstDifference(a: Uint8Array, b: Uint8Array): number {
   const length = Math.min(a.length, b.length);

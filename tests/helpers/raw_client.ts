@@ -3,44 +3,24 @@
  * whatever bytes a test asks, so malformed and hostile frames can be tried.
  */
 
+import { dialExport } from "../../src/client/dial.ts";
 import type { HostPort } from "../../src/lib/address.ts";
 import {
-  AUTH_NONE,
   decodeReplyHeader,
-  decodeServerHello,
-  encodeClientHello,
   encodeRequestHeader,
-  PROTECTION_NONE,
-  PROTOCOL_VERSION,
   type ReplyHeader,
   ReplyLayout,
   type RequestHeader,
   RequestLayout,
   type ServerHello,
-  ServerHelloLayout,
 } from "../../src/protocol/mod.ts";
-import { readExact, writeAll } from "../../src/transport/byte_conn.ts";
+import { type ByteConn, closeQuietly, readExact, writeAll } from "../../src/transport/byte_conn.ts";
 
 export class RawClient {
-  private constructor(readonly conn: Deno.TcpConn, readonly hello: ServerHello) {}
+  private constructor(readonly conn: ByteConn, readonly hello: ServerHello) {}
 
   static async connect(address: HostPort): Promise<RawClient> {
-    const conn = await Deno.connect({ hostname: address.hostname, port: address.port });
-    await writeAll(
-      conn,
-      encodeClientHello({
-        versionMin: PROTOCOL_VERSION,
-        versionMax: PROTOCOL_VERSION,
-        features: 0,
-        authMethods: AUTH_NONE,
-        protections: PROTECTION_NONE,
-        nonce: new Uint8Array(16),
-      }),
-    );
-    const bytes = new Uint8Array(ServerHelloLayout.SIZE);
-    await readExact(conn, bytes);
-    const hello = decodeServerHello(bytes);
-    if (typeof hello === "string") throw new Error(hello);
+    const { conn, hello } = await dialExport(address);
     return new RawClient(conn, hello);
   }
 
@@ -80,10 +60,6 @@ export class RawClient {
   }
 
   close(): void {
-    try {
-      this.conn.close();
-    } catch {
-      // already closed
-    }
+    closeQuietly(this.conn);
   }
 }

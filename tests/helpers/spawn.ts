@@ -62,6 +62,33 @@ export async function startExport(args: string[]): Promise<RunningExport> {
   };
 }
 
+/**
+ * Runs `body` against `dst export ARGS...` started in a fresh temp dir (`args` gets the
+ * dir and may first put files there), then kills the export and removes the dir.
+ */
+export async function withExport(
+  prefix: string,
+  args: (dir: string) => string[] | Promise<string[]>,
+  body: (server: RunningExport, dir: string) => Promise<void>,
+): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix });
+  try {
+    const server = await startExport(await args(dir));
+    try {
+      await body(server, dir);
+    } finally {
+      await server.stop("SIGKILL");
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+/** `withExport` args for a new SIZE image, DIR/disk.img, served on a free local port. */
+export function newDisk(size: string): (dir: string) => string[] {
+  return (dir) => [`${dir}/disk.img`, "--create", size, "--listen", "127.0.0.1:0"];
+}
+
 /** Runs `dst ARGS...` to completion and returns its exit code and output. */
 export async function runDst(
   args: string[],

@@ -12,20 +12,14 @@ import { Command, RequestFlag, WireError } from "../../src/protocol/mod.ts";
 import { assertSameBytes } from "../helpers/bytes.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import { RawClient } from "../helpers/raw_client.ts";
-import { runDst, startExport } from "../helpers/spawn.ts";
+import { newDisk, runDst, withExport } from "../helpers/spawn.ts";
 
 const MiB = 1024 * 1024;
 const quiet = { debug() {}, info() {}, warn() {}, error() {} };
 
-async function tempDir(t: { name: string }): Promise<string> {
-  return await Deno.makeTempDir({ prefix: `dst-${t.name.replace(/\W+/g, "-").slice(0, 30)}-` });
-}
-
-Deno.test("export serves writes and reads, status reports them, SIGTERM exits 0", async (t) => {
-  const dir = await tempDir(t);
-  const image = `${dir}/disk.img`;
-  const server = await startExport([image, "--create", "16M", "--listen", "127.0.0.1:0"]);
-  try {
+Deno.test("export serves writes and reads, status reports them, SIGTERM exits 0", async () => {
+  await withExport("dst-export-serves-", newDisk("16M"), async (server, dir) => {
+    const image = `${dir}/disk.img`;
     const client = await RemoteDevice.connect(server.address, { log: quiet });
     assert.equal(client.info.sizeBytes, 16 * MiB);
     assert.equal(client.info.blockSize, 4096);
@@ -64,19 +58,16 @@ Deno.test("export serves writes and reads, status reports them, SIGTERM exits 0"
     const onDisk = await Deno.readFile(image);
     assertSameBytes(onDisk.subarray(777, 777 + data.length), data, "image file");
     assert.equal(onDisk.length, 16 * MiB);
-  } finally {
-    await server.stop("SIGKILL");
-    await Deno.remove(dir, { recursive: true });
-  }
+  });
 });
 
-Deno.test("a read-only export refuses writes with EPERM and still serves reads", async (t) => {
-  const dir = await tempDir(t);
-  const image = `${dir}/disk.img`;
+Deno.test("a read-only export refuses writes with EPERM and still serves reads", async () => {
   const content = randomBytes(MiB);
-  await Deno.writeFile(image, content);
-  const server = await startExport([image, "--read-only", "--listen", "127.0.0.1:0"]);
-  try {
+  await withExport("dst-export-read-only-", async (dir) => {
+    await Deno.writeFile(`${dir}/disk.img`, content);
+    return [`${dir}/disk.img`, "--read-only", "--listen", "127.0.0.1:0"];
+  }, async (server, dir) => {
+    const image = `${dir}/disk.img`;
     const client = await RemoteDevice.connect(server.address, { log: quiet });
     assert.equal(client.info.readOnly, true);
     await assert.rejects(
@@ -119,22 +110,11 @@ Deno.test("a read-only export refuses writes with EPERM and still serves reads",
     raw.close();
     await client.close();
     assertSameBytes(await Deno.readFile(image), content, "a read-only image is unchanged");
-  } finally {
-    await server.stop("SIGKILL");
-    await Deno.remove(dir, { recursive: true });
-  }
+  });
 });
 
-Deno.test("bad requests get error replies and the same connection keeps working", async (t) => {
-  const dir = await tempDir(t);
-  const server = await startExport([
-    `${dir}/disk.img`,
-    "--create",
-    "1M",
-    "--listen",
-    "127.0.0.1:0",
-  ]);
-  try {
+Deno.test("bad requests get error replies and the same connection keeps working", async () => {
+  await withExport("dst-export-bad-requests-", newDisk("1M"), async (server) => {
     const raw = await RawClient.connect(server.address);
     const frame = RawClient.frame;
     const cases: Array<[string, Uint8Array, number]> = [
@@ -254,22 +234,11 @@ Deno.test("bad requests get error replies and the same connection keeps working"
 
     const status = await runDst(["status", "--json", `127.0.0.1:${server.address.port}`]);
     assert.equal(JSON.parse(status.stdout)[0].status.errors, cases.length);
-  } finally {
-    await server.stop("SIGKILL");
-    await Deno.remove(dir, { recursive: true });
-  }
+  });
 });
 
-Deno.test("a frame that breaks framing closes that connection only, with one log line", async (t) => {
-  const dir = await tempDir(t);
-  const server = await startExport([
-    `${dir}/disk.img`,
-    "--create",
-    "1M",
-    "--listen",
-    "127.0.0.1:0",
-  ]);
-  try {
+Deno.test("a frame that breaks framing closes that connection only, with one log line", async () => {
+  await withExport("dst-export-bad-framing-", newDisk("1M"), async (server) => {
     const bystander = await RemoteDevice.connect(server.address, { log: quiet });
     const data = randomBytes(65536);
     await bystander.write(0, data);
@@ -306,14 +275,11 @@ Deno.test("a frame that breaks framing closes that connection only, with one log
     assert.match(log, /bad request magic 0x41414141; closing this connection/);
     assert.match(log, /payload length 4294967280 > 33554432; closing this connection/);
     assert.match(log, /handshake refused: not a DST client/);
-  } finally {
-    await server.stop("SIGKILL");
-    await Deno.remove(dir, { recursive: true });
-  }
+  });
 });
 
-Deno.test("the CLI explains bad usage and missing files", async (t) => {
-  const dir = await tempDir(t);
+Deno.test("the CLI explains bad usage and missing files", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "dst-cli-usage-" });
   try {
     const noPath = await runDst(["export"]);
     assert.equal(noPath.code, 2);
@@ -359,12 +325,12 @@ Deno.test("the CLI explains bad usage and missing files", async (t) => {
   }
 });
 
-Deno.test("a client that ignores the in-flight limit is throttled, not refused: every request is answered", async (t) => {
-  const dir = await tempDir(t);
+Deno.test("a client that ignores the in-flight limit is throttled, not refused: every request is answered", async () => {
   const content = randomBytes(4 * MiB);
-  await Deno.writeFile(`${dir}/disk.img`, content);
-  const server = await startExport([`${dir}/disk.img`, "--listen", "127.0.0.1:0"]);
-  try {
+  await withExport("dst-export-throttled-", async (dir) => {
+    await Deno.writeFile(`${dir}/disk.img`, content);
+    return [`${dir}/disk.img`, "--listen", "127.0.0.1:0"];
+  }, async (server) => {
     const raw = await RawClient.connect(server.address);
     const count = 300; // more than the 128 allowed in flight, and 300 MiB of reads: past the byte budget
     const frames = new Uint8Array(count * 32);
@@ -393,8 +359,5 @@ Deno.test("a client that ignores the in-flight limit is throttled, not refused: 
     }
     assert.equal(seen.size, count);
     raw.close();
-  } finally {
-    await server.stop("SIGKILL");
-    await Deno.remove(dir, { recursive: true });
-  }
+  });
 });

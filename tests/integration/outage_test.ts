@@ -11,7 +11,7 @@ import { RemoteDevice } from "../../src/client/remote_device.ts";
 import { DeviceError } from "../../src/lib/errors.ts";
 import { assertSameBytes, settleAll } from "../helpers/bytes.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
-import { startExport } from "../helpers/spawn.ts";
+import { newDisk, startExport, withExport } from "../helpers/spawn.ts";
 
 const MiB = 1024 * 1024;
 const quiet = { debug() {}, info() {}, warn() {}, error() {} };
@@ -77,15 +77,7 @@ Deno.test("kill -9 of the export mid-write and a restart: no error, every acknow
 });
 
 Deno.test("an export that stays down fails each transaction after its resends, with ETIMEDOUT", async () => {
-  const dir = await Deno.makeTempDir({ prefix: "dst-down-" });
-  const server = await startExport([
-    `${dir}/disk.img`,
-    "--create",
-    "1M",
-    "--listen",
-    "127.0.0.1:0",
-  ]);
-  try {
+  await withExport("dst-down-", newDisk("1M"), async (server) => {
     const client = await RemoteDevice.connect(server.address, {
       timeoutMs: 300,
       retries: 2,
@@ -103,10 +95,7 @@ Deno.test("an export that stays down fails each transaction after its resends, w
     assert.ok(elapsed >= 600, `gave up after ${elapsed} ms, before the resends were used`);
     assert.ok(elapsed < 5000, `gave up only after ${elapsed} ms`);
     await client.close();
-  } finally {
-    await server.stop("SIGKILL");
-    await Deno.remove(dir, { recursive: true });
-  }
+  });
 });
 
 Deno.test("an export that comes back as a different disk is refused with ESTALE", async () => {
@@ -136,15 +125,7 @@ Deno.test("an export that comes back as a different disk is refused with ESTALE"
 });
 
 Deno.test("an idle ping notices a frozen export, and the client reconnects when it thaws", async () => {
-  const dir = await Deno.makeTempDir({ prefix: "dst-ping-" });
-  const server = await startExport([
-    `${dir}/disk.img`,
-    "--create",
-    "1M",
-    "--listen",
-    "127.0.0.1:0",
-  ]);
-  try {
+  await withExport("dst-ping-", newDisk("1M"), async (server) => {
     const client = await RemoteDevice.connect(server.address, {
       timeoutMs: 400,
       retries: 20,
@@ -161,8 +142,5 @@ Deno.test("an idle ping notices a frozen export, and the client reconnects when 
     assert.equal(back[4095], 9);
     assert.ok(client.transportStats().reconnects >= 1);
     await client.close();
-  } finally {
-    await server.stop("SIGKILL");
-    await Deno.remove(dir, { recursive: true });
-  }
+  });
 });

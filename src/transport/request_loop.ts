@@ -1,0 +1,134 @@
+/**
+ * The server side of one connection in its request phase, for any protocol (DST, NBD):
+ * read the socket in large chunks, let the protocol dispatch every whole frame that
+ * arrived, and queue each reply the moment its request completes, so replies leave
+ * out of order and every reply ready in one event-loop turn leaves in one write.
+ *
+ * What this class owns: the receive buffer and the sender, the count and payload
+ * bytes of requests in flight, backpressure and a clean stop. What the subclass
+ * owns: the frame format, validation and the device calls.
+ *
+ * Limits: past `inFlightMax` requests or `inFlightBytesMax` payload bytes in flight,
+ * or a full send queue, the loop stops dispatching (even frames already received)
+ * and stops reading, until replies drain. So memory stays bounded whatever a client
+ * sends. One request is always admitted, so the largest frame still goes through.
+ */
+
+import { RECEIVE_SLAB_BYTES, SEND_COALESCE_BYTES, SEND_ZERO_COPY_BYTES_MIN } from "../constants.ts";
+import { assert } from "../lib/assert.ts";
+import { describeError } from "../lib/errors.ts";
+import type { Logger } from "../lib/log.ts";
+import { type ByteConn, closeQuietly } from "./byte_conn.ts";
+import { FrameSender } from "./frame_sender.ts";
+import { ReceiveBuffer } from "./receive_buffer.ts";
+
+export interface RequestLoopLimits {
+  inFlightMax: number;
+  inFlightBytesMax: number;
+  sendQueueBytesMax: number;
+  /** The largest frame a client may send (header and payload). */
+  frameBytesMax: number;
+  /** The fixed size of a request header: what must arrive before anything can be parsed. */
+  headerBytes: number;
+}
+
+/** A frame that cannot be trusted: the connection closes with this log line. */
+export const CLOSE = -1;
+
+export abstract class RequestLoop {
+  protected readonly receive: ReceiveBuffer;
+  protected readonly sender: FrameSender;
+  #inFlight = 0;
+  #inFlightBytes = 0;
+  #stopping = false;
+  #idleWaiters: Array<() => void> = [];
+
+  constructor(
+    readonly conn: ByteConn,
+    readonly peer: string,
+    protected readonly log: Logger,
+    readonly limits: RequestLoopLimits,
+  ) {
+    this.receive = new ReceiveBuffer(RECEIVE_SLAB_BYTES, limits.frameBytesMax);
+    this.sender = new FrameSender(conn, {
+      coalesceBytes: SEND_COALESCE_BYTES,
+      zeroCopyBytesMin: SEND_ZERO_COPY_BYTES_MIN,
+      queueBytesMax: limits.sendQueueBytesMax,
+    });
+  }
+
+  get inFlight(): number {
+    return this.#inFlight;
+  }
+
+  /**
+   * Dispatches whole frames from `this.receive` while `saturated()` is false. Returns
+   * the bytes the next frame needs to be whole, or CLOSE.
+   */
+  protected abstract dispatchArrived(): number;
+
+  /** Serves requests until the client leaves, breaks the protocol, or stop() is called. */
+  async serve(): Promise<void> {
+    let need = this.limits.headerBytes;
+    try {
+      while (!this.#stopping) {
+        if (!(await this.receive.fill(this.conn, need))) break;
+        if (this.#stopping) break;
+        need = this.dispatchArrived();
+        if (need === CLOSE) break;
+        await this.#backpressure();
+      }
+    } catch (error) {
+      if (!this.#stopping) {
+        this.log.debug(`${this.peer}: connection ended: ${describeError(error)}`);
+      }
+    }
+    await this.#finish();
+  }
+
+  /** Stops reading requests; what is in flight is finished and answered, then the socket closes. */
+  async stop(): Promise<void> {
+    this.#stopping = true;
+    await this.#finish();
+  }
+
+  protected saturated(): boolean {
+    return this.#inFlight >= this.limits.inFlightMax ||
+      (this.#inFlight > 0 && this.#inFlightBytes >= this.limits.inFlightBytesMax);
+  }
+
+  /** A request was dispatched; `payloadBytes` counts towards the byte limit until end(). */
+  protected begin(payloadBytes: number): void {
+    this.#inFlight += 1;
+    this.#inFlightBytes += payloadBytes;
+  }
+
+  /** Its reply was queued. */
+  protected end(payloadBytes: number): void {
+    this.#inFlight -= 1;
+    this.#inFlightBytes -= payloadBytes;
+    assert(this.#inFlight >= 0 && this.#inFlightBytes >= 0, "end() follows begin()");
+    if (this.#idleWaiters.length > 0) this.#wake(); // each waiter re-checks its own condition
+  }
+
+  async #finish(): Promise<void> {
+    while (this.#inFlight > 0) await this.#nextEnd();
+    await this.sender.drain();
+    closeQuietly(this.conn); // also wakes a serve() that is blocked reading
+  }
+
+  async #backpressure(): Promise<void> {
+    while (this.saturated() && !this.sender.broken) await this.#nextEnd();
+    await this.sender.whenWritable();
+  }
+
+  #nextEnd(): Promise<void> {
+    return new Promise((resolve) => this.#idleWaiters.push(resolve));
+  }
+
+  #wake(): void {
+    const waiters = this.#idleWaiters;
+    this.#idleWaiters = [];
+    for (const wake of waiters) wake();
+  }
+}
