@@ -8,16 +8,19 @@ import { logger } from "../lib/log.ts";
 import { formatBytes, parseSize } from "../lib/units.ts";
 import { Exporter } from "../server/exporter.ts";
 import { parseCommand, stringOption } from "./args.ts";
+import { NbdServer } from "../nbd/mod.ts";
+import { NBD_PORT_DEFAULT } from "./attach.ts";
 import { untilSignal } from "./signals.ts";
 
 export const EXPORT_HELP =
-  `Usage: dst export PATH [--listen [HOST]:PORT] [--read-only] [--create SIZE]
+  `Usage: dst export PATH [--listen [HOST]:PORT] [--read-only] [--create SIZE] [--nbd [HOST]:PORT]
 
 Serves PATH (an image file or a block device) to DST clients.
 
   --listen [HOST]:PORT  address to listen on (default 0.0.0.0:${EXPORT_PORT_DEFAULT}; port 0 picks a free one)
   --read-only           refuse every write, discard and write-zeroes
   --create SIZE         create PATH as a sparse image of SIZE (e.g. 1G), or grow it to SIZE
+  --nbd [HOST]:PORT     also serve PATH over NBD (default host 127.0.0.1, port ${NBD_PORT_DEFAULT})
 
 Example: dst export /var/lib/dst/disk0.img --create 10G --listen :1025`;
 
@@ -26,6 +29,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
     listen: { type: "string" },
     "read-only": { type: "boolean" },
     create: { type: "string" },
+    nbd: { type: "string" },
   });
   if (parsed.values.help) {
     console.log(EXPORT_HELP);
@@ -49,12 +53,28 @@ export async function exportCommand(argv: string[]): Promise<number> {
     "0.0.0.0",
     EXPORT_PORT_DEFAULT,
   );
+  const nbdText = stringOption(parsed, "nbd");
+  const nbdListen = nbdText === undefined
+    ? null
+    : parseHostPort(nbdText, "127.0.0.1", NBD_PORT_DEFAULT);
 
   const log = logger("export");
   const device = await FileDevice.open(path, { readOnly, createBytes });
   let exporter: Exporter;
+  let nbd: NbdServer | null = null;
   try {
     exporter = Exporter.start(device, { listen, log });
+    if (nbdListen !== null) {
+      nbd = await NbdServer.start(device, {
+        listen: { tcp: nbdListen },
+        name: "",
+        description: `DST export of ${path}`,
+        log: logger("nbd"),
+      }).catch(async (error) => {
+        await exporter.shutdown();
+        throw error;
+      });
+    }
   } catch (error) {
     await device.close();
     throw error;
@@ -68,9 +88,10 @@ export async function exportCommand(argv: string[]): Promise<number> {
         formatHostPort(exporter.address)
       }`,
   );
+  if (nbd !== null) console.log(`dst export: also serving ${path} as NBD at ${nbd.uri}`);
   const signal = await untilSignal();
   log.info(`${signal}: no new clients; finishing what is in flight`);
-  await exporter.shutdown();
+  await Promise.all([exporter.shutdown(), nbd?.shutdown()]);
   await device.close();
   log.info("stopped cleanly");
   return 0;

@@ -10,10 +10,10 @@ import type { BlockDevice } from "../device/block_device.ts";
 import { formatHostPort, type HostPort } from "../lib/address.ts";
 import { BufferPool } from "../lib/buffer_pool.ts";
 import { type Clock, systemClock } from "../lib/clock.ts";
-import { describeError } from "../lib/errors.ts";
 import { type Logger, logger } from "../lib/log.ts";
 import { HelloStatus } from "../protocol/mod.ts";
-import { closeQuietly } from "../transport/byte_conn.ts";
+import { AcceptLoop } from "../transport/accept_loop.ts";
+import { listenTcp } from "../transport/listen.ts";
 import { ExportConnection } from "./export_connection.ts";
 import { acceptHandshake } from "./handshake.ts";
 
@@ -46,17 +46,12 @@ export interface ExporterOptions {
 }
 
 export class Exporter {
-  readonly #connections = new Set<ExportConnection>();
-  readonly #serving = new Set<Promise<void>>();
   readonly #pool = new BufferPool(4 * PAYLOAD_BYTES_MAX);
   readonly #clock: Clock;
   readonly #log: Logger;
   readonly #startedMs: number;
-  readonly #acceptLoop: Promise<void>;
+  readonly #loop: AcceptLoop;
   #protocolErrors = 0;
-  /** Connections from accept to close, handshaking ones included, so the client limit has no race. */
-  #clientsAdmitted = 0;
-  #stopping = false;
 
   private constructor(
     readonly device: BlockDevice,
@@ -66,25 +61,21 @@ export class Exporter {
     this.#clock = options.clock ?? systemClock;
     this.#log = options.log ?? logger("export");
     this.#startedMs = this.#clock.nowMs();
-    this.#acceptLoop = this.#accept();
+    this.#loop = new AcceptLoop(
+      listener,
+      CLIENTS_PER_EXPORT_MAX,
+      (conn, peer, admitted) => this.#session(conn, peer, admitted),
+      this.#log,
+    );
   }
 
   /** Starts listening; throws a clear error when the address cannot be bound. */
   static start(device: BlockDevice, options: ExporterOptions): Exporter {
-    let listener: Deno.TcpListener;
-    try {
-      listener = Deno.listen({ hostname: options.listen.hostname, port: options.listen.port });
-    } catch (error) {
-      throw new Error(
-        `Cannot listen on ${formatHostPort(options.listen)}: ${describeError(error)}` +
-          " (is another export using that port? pick another with --listen)",
-      );
-    }
-    return new Exporter(device, listener, options);
+    return new Exporter(device, listenTcp(options.listen, "--listen"), options);
   }
 
   get address(): HostPort {
-    const addr = this.listener.addr as Deno.NetAddr;
+    const addr = this.listener.addr;
     return { hostname: addr.hostname, port: addr.port };
   }
 
@@ -95,8 +86,6 @@ export class Exporter {
   status(askedByClient = false): ExportStatus {
     const info = this.device.info;
     const stats = this.device.stats();
-    let inFlight = 0;
-    for (const connection of this.#connections) inFlight += connection.inFlight;
     return {
       kind: "export",
       name: info.name,
@@ -105,8 +94,8 @@ export class Exporter {
       blockSize: info.blockSize,
       readOnly: info.readOnly,
       exportId: info.id,
-      clients: this.#connections.size - (askedByClient ? 1 : 0),
-      inFlight: inFlight - (askedByClient ? 1 : 0),
+      clients: this.#loop.clients - (askedByClient ? 1 : 0),
+      inFlight: this.#loop.inFlight - (askedByClient ? 1 : 0),
       uptimeMs: Math.round(this.#clock.nowMs() - this.#startedMs),
       reads: stats.reads,
       readBytes: stats.readBytes,
@@ -124,65 +113,26 @@ export class Exporter {
    * then flushes the device. The device stays open (the caller closes it).
    */
   async shutdown(): Promise<void> {
-    if (this.#stopping) return;
-    this.#stopping = true;
-    closeQuietly(this.listener);
-    await this.#acceptLoop;
-    await Promise.all([...this.#connections].map((connection) => connection.stop()));
-    await Promise.all(this.#serving);
+    await this.#loop.shutdown();
     if (!this.device.info.readOnly) await this.device.flush();
   }
 
-  async #accept(): Promise<void> {
-    for (;;) {
-      let conn: Deno.TcpConn;
-      try {
-        conn = await this.listener.accept();
-      } catch (error) {
-        if (!this.#stopping) {
-          this.#log.error(`accept failed, no longer listening: ${describeError(error)}`);
-        }
-        return;
-      }
-      if (this.#stopping) {
-        closeQuietly(conn);
-        return;
-      }
-      const serving = this.#serveClient(conn);
-      this.#serving.add(serving);
-      void serving.finally(() => this.#serving.delete(serving));
+  async #session(
+    conn: Deno.Conn,
+    peer: string,
+    admitted: boolean,
+  ): Promise<ExportConnection | null> {
+    const refusal = await acceptHandshake(
+      conn,
+      this.device.info,
+      () => admitted ? HelloStatus.OK : HelloStatus.BUSY,
+    );
+    if (refusal !== null) {
+      this.#protocolErrors += 1;
+      this.#log.warn(`${peer}: handshake refused: ${refusal}`);
+      return null;
     }
-  }
-
-  async #serveClient(conn: Deno.TcpConn): Promise<void> {
-    const remote = conn.remoteAddr as Deno.NetAddr;
-    const peer = formatHostPort({ hostname: remote.hostname, port: remote.port });
-    this.#clientsAdmitted += 1;
-    try {
-      await this.#handshakeAndServe(conn, peer);
-    } finally {
-      this.#clientsAdmitted -= 1;
-    }
-  }
-
-  async #handshakeAndServe(conn: Deno.TcpConn, peer: string): Promise<void> {
-    try {
-      conn.setNoDelay(true);
-      const admit = () =>
-        this.#clientsAdmitted > CLIENTS_PER_EXPORT_MAX ? HelloStatus.BUSY : HelloStatus.OK;
-      const refusal = await acceptHandshake(conn, this.device.info, admit);
-      if (refusal !== null) {
-        this.#protocolErrors += 1;
-        this.#log.warn(`${peer}: handshake refused: ${refusal}`);
-        closeQuietly(conn);
-        return;
-      }
-    } catch (error) {
-      this.#log.warn(`${peer}: handshake failed: ${describeError(error)}`);
-      closeQuietly(conn);
-      return;
-    }
-    const connection = new ExportConnection(conn, peer, {
+    return new ExportConnection(conn, peer, {
       device: this.device,
       pool: this.#pool,
       log: this.#log,
@@ -191,13 +141,5 @@ export class Exporter {
         this.#protocolErrors += 1;
       },
     });
-    this.#connections.add(connection);
-    this.#log.info(`${peer}: client connected (${this.#connections.size} now)`);
-    try {
-      await connection.serve();
-    } finally {
-      this.#connections.delete(connection);
-      this.#log.info(`${peer}: client left (${this.#connections.size} now)`);
-    }
   }
 }

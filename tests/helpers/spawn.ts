@@ -8,19 +8,50 @@ import { type HostPort, parseHostPort } from "../../src/lib/address.ts";
 
 export const BUNDLE = new URL("../../dist/dst.js", import.meta.url).pathname;
 
-export interface RunningExport {
+/** A `dst` process that is serving: its startup line's match, its log, and a way to stop it. */
+export interface RunningDst {
   process: Deno.ChildProcess;
-  address: HostPort;
-  /** Everything the export wrote to stderr so far (its log). */
+  /** The match of the startup line's pattern. */
+  ready: RegExpMatchArray;
+  /** Everything the process wrote to stderr so far (its log). */
   log(): string;
+  /** Sends `signal` (SIGTERM by default) once, and resolves with the exit status. */
   stop(signal?: Deno.Signal): Promise<Deno.CommandStatus>;
 }
 
-/** Spawns `dst ARGS...` and waits for the startup line ending " on HOST:PORT". */
+export interface RunningExport extends RunningDst {
+  address: HostPort;
+  /** With --nbd: the NBD URI it printed. */
+  nbdUri: string | null;
+}
+
+export interface RunningAttach extends RunningDst {
+  /** The NBD URI it printed. */
+  uri: string;
+}
+
+/** Spawns `dst export ARGS...` and waits for the line ending " on HOST:PORT" (and, with --nbd, the NBD line). */
 export async function startExport(args: string[]): Promise<RunningExport> {
+  const ready = args.includes("--nbd") ? / on (\S+)\n[^]*as NBD at (\S+)\n/ : / on (\S+)\n/;
+  const running = await startDst(["export", ...args], ready);
+  return {
+    ...running,
+    address: parseHostPort(running.ready[1]!, "127.0.0.1"),
+    nbdUri: running.ready[2] ?? null,
+  };
+}
+
+/** Spawns `dst attach ARGS...` and waits for the line ending " at NBD-URI". */
+export async function startAttach(args: string[]): Promise<RunningAttach> {
+  const running = await startDst(["attach", ...args], / at (nbd\S+)\n/);
+  return { ...running, uri: running.ready[1]! };
+}
+
+/** Spawns `dst ARGS...` and waits until its stdout has a line matching `ready`. */
+export async function startDst(args: string[], ready: RegExp): Promise<RunningDst> {
   await ensureBundle();
   const process = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", BUNDLE, "export", ...args],
+    args: ["run", "-A", BUNDLE, ...args],
     stdout: "piped",
     stderr: "piped",
   }).spawn();
@@ -35,10 +66,12 @@ export async function startExport(args: string[]): Promise<RunningExport> {
     const { value, done } = await reader.read();
     if (done) {
       const status = await process.status;
-      throw new Error(`dst export exited (${status.code}) before serving:\n${stdout}\n${stderr}`);
+      throw new Error(
+        `dst ${args[0]} exited (${status.code}) before serving:\n${stdout}\n${stderr}`,
+      );
     }
     stdout += value;
-    match = stdout.match(/ on (\S+)\n/);
+    match = stdout.match(ready);
   }
   void (async () => {
     while (!(await reader.read()).done) { /* drain */ }
@@ -46,7 +79,7 @@ export async function startExport(args: string[]): Promise<RunningExport> {
   let stopped: Promise<Deno.CommandStatus> | null = null;
   return {
     process,
-    address: parseHostPort(match[1]!, "127.0.0.1"),
+    ready: match,
     log: () => stderr,
     stop(signal: Deno.Signal = "SIGTERM") {
       if (stopped === null) {

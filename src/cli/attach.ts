@@ -1,0 +1,138 @@
+/**
+ * `dst attach HOST:PORT`: a remote DST export as a local disk. It connects the DST
+ * client and serves it over NBD, the protocol every Linux block tool speaks: on a
+ * private Unix socket by default, or on TCP. With --device it also makes the kernel
+ * block device through nbd-client, and tears it down on exit.
+ */
+
+import { RemoteDevice } from "../client/remote_device.ts";
+import { EXPORT_PORT_DEFAULT } from "../constants.ts";
+import { formatHostPort, parseHostPort } from "../lib/address.ts";
+import { DstError, UsageError } from "../lib/errors.ts";
+import { logger } from "../lib/log.ts";
+import { formatBytes } from "../lib/units.ts";
+import { type NbdListen, NbdServer } from "../nbd/mod.ts";
+import {
+  CLIENT_OPTIONS,
+  CLIENT_OPTIONS_HELP,
+  clientOptions,
+  parseCommand,
+  stringOption,
+} from "./args.ts";
+import { attachKernelDevice, checkKernelDevice, type KernelDevice } from "./kernel_nbd.ts";
+import { untilSignal } from "./signals.ts";
+
+export const NBD_PORT_DEFAULT = 10809;
+/** The kernel's NBD driver gives up on a request after 30 s by default. */
+const KERNEL_TIMEOUT_MS = 30_000;
+
+export const ATTACH_HELP =
+  `Usage: dst attach HOST:PORT [--socket PATH | --listen [HOST]:PORT] [--device /dev/nbdN]
+                  [--name NAME] [--timeout MS] [--retries N] [--ping MS]
+
+Serves the DST export at HOST:PORT as an NBD disk, and prints the NBD URI to use with
+nbdinfo, nbdcopy, qemu-img, nbdfuse or nbd-client.
+
+  --socket PATH         the Unix socket to serve on (default: a private one under
+                        $XDG_RUNTIME_DIR or the temp dir; mode 0600)
+  --listen [HOST]:PORT  serve on TCP instead (default host 127.0.0.1, port ${NBD_PORT_DEFAULT})
+  --device /dev/nbdN    also make the kernel block device (needs the nbd module and nbd-client)
+  --name NAME           the NBD export name (default: empty, the default export)
+${CLIENT_OPTIONS_HELP}
+
+Example: dst attach 10.0.0.5:1025 --listen :10809   then   nbdinfo nbd://127.0.0.1:10809`;
+
+export async function attachCommand(argv: string[]): Promise<number> {
+  const parsed = parseCommand("attach", argv, {
+    socket: { type: "string" },
+    listen: { type: "string" },
+    device: { type: "string" },
+    name: { type: "string" },
+    ...CLIENT_OPTIONS,
+  });
+  if (parsed.values.help) {
+    console.log(ATTACH_HELP);
+    return 0;
+  }
+  if (parsed.positionals.length !== 1) {
+    throw new UsageError(
+      `dst attach takes one HOST:PORT, got ${parsed.positionals.length}\n\n${ATTACH_HELP}`,
+    );
+  }
+  const socketPath = stringOption(parsed, "socket");
+  const listenText = stringOption(parsed, "listen");
+  if (socketPath !== undefined && listenText !== undefined) {
+    throw new UsageError("dst attach: give --socket or --listen, not both");
+  }
+  const target = parseHostPort(parsed.positionals[0]!, "127.0.0.1", EXPORT_PORT_DEFAULT);
+  const name = stringOption(parsed, "name") ?? "";
+  const kernelPath = stringOption(parsed, "device");
+  if (kernelPath !== undefined) await checkKernelDevice(kernelPath); // fail before connecting anything
+
+  const log = logger("attach");
+  const options = { ...clientOptions(parsed), log: logger("client") };
+  const remote = await RemoteDevice.connect(target, options);
+  const budgetMs = remote.timeoutMs * (remote.retries + 1);
+  if (budgetMs >= KERNEL_TIMEOUT_MS) {
+    log.warn(
+      `--timeout x (--retries + 1) is ${budgetMs} ms: a kernel NBD device gives up after ${KERNEL_TIMEOUT_MS} ms, ` +
+        "before the DST client does",
+    );
+  }
+  const listen: NbdListen = listenText !== undefined
+    ? { tcp: parseHostPort(listenText, "127.0.0.1", NBD_PORT_DEFAULT) }
+    : { unix: socketPath ?? await defaultSocketPath(target.hostname, target.port) };
+  let nbd: NbdServer;
+  try {
+    nbd = await NbdServer.start(remote, {
+      listen,
+      name,
+      description: `DST export ${formatHostPort(target)} (id ${remote.info.id})`,
+      log: logger("nbd"),
+    });
+  } catch (error) {
+    await remote.close();
+    throw error;
+  }
+  const info = remote.info;
+  console.log(
+    `dst attach: ${formatHostPort(target)} (${
+      formatBytes(info.sizeBytes)
+    }, ${info.sizeBytes} bytes, ` +
+      `${info.readOnly ? "read-only" : "read-write"}) is served as NBD at ${nbd.uri}`,
+  );
+  let kernel: KernelDevice | null = null;
+  try {
+    if (kernelPath !== undefined) {
+      kernel = await attachKernelDevice(kernelPath, listen, name);
+      console.log(`dst attach: ${kernelPath} is ready`);
+    }
+    const signal = await untilSignal();
+    log.info(`${signal}: detaching; finishing what is in flight`);
+  } finally {
+    if (kernel !== null) await kernel.detach();
+    await nbd.shutdown();
+    await remote.flush().catch((error) => log.error(`final flush failed: ${error.message}`));
+    await remote.close();
+  }
+  log.info("detached cleanly");
+  return 0;
+}
+
+/** A private socket: $XDG_RUNTIME_DIR is this user's alone; the temp dir gets a 0700 folder of ours. */
+async function defaultSocketPath(host: string, port: number): Promise<string> {
+  const runtime = Deno.env.get("XDG_RUNTIME_DIR");
+  const uid = Deno.uid() ?? "user";
+  const dir = runtime !== undefined && runtime !== ""
+    ? `${runtime}/dst`
+    : `${Deno.env.get("TMPDIR") || "/tmp"}/dst-${uid}`;
+  await Deno.mkdir(dir, { recursive: true, mode: 0o700 });
+  const stat = await Deno.stat(dir);
+  if (stat.uid !== Deno.uid() || ((stat.mode ?? 0) & 0o077) !== 0) {
+    throw new DstError(
+      "SOCKET_DIR",
+      `${dir} is not private to this user; give a socket path with --socket`,
+    );
+  }
+  return `${dir}/attach-${host.replace(/[^\w.-]/g, "_")}-${port}.sock`;
+}

@@ -1,0 +1,308 @@
+/**
+ * One NBD client in the transmission phase (doc/proto.md, "Transmission"): requests
+ * parsed in place, validated completely, then run against the BlockDevice; replies
+ * out of order as each completes (the loop, limits and backpressure are RequestLoop's).
+ *
+ * Errors as the spec maps them: EINVAL for reads past the end, unknown commands and
+ * flags; ENOSPC for writes past the end; EPERM for writes to a read-only export; EIO
+ * for device failures (including a DST transaction that used up its resends). After
+ * an error reply the connection stays usable: an invalid WRITE's payload is drained.
+ * A request with a bad magic, or a WRITE too large to drain, closes the connection
+ * with one log line. DISC: what is in flight is finished and answered, then close.
+ *
+ * With structured replies negotiated, READ is answered with one OFFSET_DATA chunk (or
+ * one ERROR chunk); every other command with a simple reply, as the spec allows.
+ */
+
+import {
+  IN_FLIGHT_BYTES_PER_CONNECTION_MAX,
+  IN_FLIGHT_PER_CONNECTION_MAX,
+  SEND_QUEUE_BYTES_MAX,
+} from "../constants.ts";
+import type { BlockDevice } from "../device/block_device.ts";
+import type { BufferPool } from "../lib/buffer_pool.ts";
+import { describeError, DeviceError } from "../lib/errors.ts";
+import type { Logger } from "../lib/log.ts";
+import type { ByteConn } from "../transport/byte_conn.ts";
+import { CLOSE, RequestLoop } from "../transport/request_loop.ts";
+import {
+  BLOCK_SIZE_MAX,
+  Cmd,
+  CMD_NAMES,
+  CmdFlag,
+  NbdError,
+  REPLY_FLAG_DONE,
+  ReplyType,
+  REQUEST_MAGIC,
+  RequestLayout as R,
+  SIMPLE_REPLY_MAGIC,
+  STRUCTURED_REPLY_MAGIC,
+} from "./wire.ts";
+
+interface NbdRequest {
+  flags: number;
+  type: number;
+  cookieHigh: number;
+  cookieLow: number;
+  offset: number;
+  length: number;
+}
+
+/** What a connection needs from its server. */
+export interface NbdContext {
+  readonly device: BlockDevice;
+  readonly pool: BufferPool;
+  readonly log: Logger;
+  readonly structuredReplies: boolean;
+  countError(): void;
+}
+
+/** The flags each command accepts; FAST_ZERO and DF are not advertised, so they are invalid. */
+const FLAGS_ALLOWED: Record<number, number> = {
+  [Cmd.READ]: 0,
+  [Cmd.WRITE]: CmdFlag.FUA,
+  [Cmd.DISC]: 0,
+  [Cmd.FLUSH]: 0,
+  [Cmd.TRIM]: CmdFlag.FUA,
+  [Cmd.WRITE_ZEROES]: CmdFlag.FUA | CmdFlag.NO_HOLE,
+};
+
+const ERRNO_TO_NBD: Record<string, number> = {
+  EPERM: NbdError.EPERM,
+  EIO: NbdError.EIO,
+  ENOMEM: NbdError.ENOMEM,
+  EINVAL: NbdError.EINVAL,
+  ENOSPC: NbdError.ENOSPC,
+  ENOTSUP: NbdError.ENOTSUP,
+  ESHUTDOWN: NbdError.ESHUTDOWN,
+};
+
+const REJECTIONS_LOGGED_MAX = 5;
+const TWO_32 = 2 ** 32;
+
+export class NbdConnection extends RequestLoop {
+  #rejectionsLogged = 0;
+  readonly #header = new Uint8Array(28); // large enough for any reply header
+  readonly #headerView = new DataView(this.#header.buffer);
+
+  constructor(conn: ByteConn, peer: string, readonly ctx: NbdContext) {
+    super(conn, peer, ctx.log, {
+      inFlightMax: IN_FLIGHT_PER_CONNECTION_MAX,
+      inFlightBytesMax: IN_FLIGHT_BYTES_PER_CONNECTION_MAX,
+      sendQueueBytesMax: SEND_QUEUE_BYTES_MAX,
+      frameBytesMax: R.SIZE + BLOCK_SIZE_MAX,
+      headerBytes: R.SIZE,
+    });
+  }
+
+  protected dispatchArrived(): number {
+    const receive = this.receive;
+    while (receive.available >= R.SIZE && !this.saturated()) {
+      const view = receive.view;
+      const at = receive.position;
+      const magic = view.getUint32(at + R.magic);
+      if (magic !== REQUEST_MAGIC) {
+        this.ctx.countError();
+        this.log.warn(
+          `${this.peer}: NBD request with bad magic 0x${
+            magic.toString(16)
+          }; closing this connection`,
+        );
+        return CLOSE;
+      }
+      const offsetHigh = view.getUint32(at + R.offset);
+      const request: NbdRequest = {
+        flags: view.getUint16(at + R.flags),
+        type: view.getUint16(at + R.type),
+        cookieHigh: view.getUint32(at + R.cookie),
+        cookieLow: view.getUint32(at + R.cookie + 4),
+        // An offset of 2^53 or more cannot be inside any device; -1 fails every range check.
+        offset: offsetHigh < 2 ** 21 ? offsetHigh * TWO_32 + view.getUint32(at + R.offset + 4) : -1,
+        length: view.getUint32(at + R.length),
+      };
+      const payload = request.type === Cmd.WRITE ? request.length : 0;
+      if (payload > BLOCK_SIZE_MAX) {
+        this.ctx.countError();
+        this.log.warn(
+          `${this.peer}: NBD WRITE of ${payload} bytes > ${BLOCK_SIZE_MAX} (too large to drain); closing this connection`,
+        );
+        return CLOSE;
+      }
+      if (receive.available < R.SIZE + payload) return R.SIZE + payload;
+      receive.skip(R.SIZE);
+      if (request.type === Cmd.DISC) {
+        this.log.debug(`${this.peer}: NBD client disconnects`);
+        return CLOSE; // the loop finishes and answers what is in flight, then closes
+      }
+      const rejection = this.#validate(request);
+      if (rejection !== null) {
+        receive.skip(payload); // drained: the stream stays framed
+        this.#reject(request, rejection.error, rejection.reason);
+        continue;
+      }
+      this.#execute(request);
+    }
+    return R.SIZE;
+  }
+
+  #validate(r: NbdRequest): { error: number; reason: string } | null {
+    const name = CMD_NAMES[r.type];
+    const allowed = FLAGS_ALLOWED[r.type];
+    if (name === undefined || allowed === undefined) {
+      return { error: NbdError.EINVAL, reason: `unsupported command ${name ?? r.type}` };
+    }
+    if ((r.flags & ~allowed) !== 0) {
+      return {
+        error: NbdError.EINVAL,
+        reason: `${name}: flags 0x${(r.flags & ~allowed).toString(16)} not allowed`,
+      };
+    }
+    const info = this.ctx.device.info;
+    if (r.type === Cmd.FLUSH) return null;
+    const writes = r.type !== Cmd.READ;
+    if (writes && info.readOnly) {
+      return { error: NbdError.EPERM, reason: `${name}: the export is read-only` };
+    }
+    if (r.length === 0) return { error: NbdError.EINVAL, reason: `${name}: length is 0` };
+    if (r.type === Cmd.READ && r.length > BLOCK_SIZE_MAX) {
+      return { error: NbdError.EINVAL, reason: `READ of ${r.length} bytes > ${BLOCK_SIZE_MAX}` };
+    }
+    if (r.offset < 0 || r.offset + r.length > info.sizeBytes) {
+      return {
+        error: writes ? NbdError.ENOSPC : NbdError.EINVAL,
+        reason:
+          `${name} of ${r.length} bytes at offset ${r.offset}: the export is ${info.sizeBytes} bytes`,
+      };
+    }
+    return null;
+  }
+
+  #reject(r: NbdRequest, error: number, reason: string): void {
+    this.ctx.countError();
+    if (this.#rejectionsLogged < REJECTIONS_LOGGED_MAX) {
+      this.#rejectionsLogged += 1;
+      const more = this.#rejectionsLogged === REJECTIONS_LOGGED_MAX
+        ? " (further ones only counted)"
+        : "";
+      this.log.warn(`${this.peer}: refused NBD request: ${reason}${more}`);
+    }
+    this.begin(payloadBytes(r));
+    this.#replyError(r, error, reason);
+  }
+
+  #execute(r: NbdRequest): void {
+    const device = this.ctx.device;
+    const fua = (r.flags & CmdFlag.FUA) !== 0;
+    this.begin(payloadBytes(r));
+    switch (r.type) {
+      case Cmd.READ: {
+        const into = this.ctx.pool.take(r.length);
+        device.read(r.offset, into).then(
+          () => this.#replyRead(r, into),
+          (error) => {
+            this.ctx.pool.give(into);
+            this.#replyFailure(r, error);
+          },
+        );
+        return;
+      }
+      case Cmd.WRITE: {
+        const slab = this.receive.lease();
+        const data = this.receive.take(r.length);
+        this.#settle(r, device.write(r.offset, data, { fua }), () => this.receive.release(slab));
+        return;
+      }
+      case Cmd.FLUSH:
+        this.#settle(r, device.flush());
+        return;
+      case Cmd.TRIM:
+        this.#settle(r, device.discard(r.offset, r.length, { fua }));
+        return;
+      case Cmd.WRITE_ZEROES:
+        // NO_HOLE needs nothing: zeroes are always written, never punched as holes.
+        this.#settle(r, device.writeZeroes(r.offset, r.length, { fua }));
+        return;
+    }
+  }
+
+  #settle(r: NbdRequest, done: Promise<void>, release?: () => void): void {
+    done.then(
+      () => {
+        release?.();
+        this.#replySimple(r, NbdError.OK);
+      },
+      (error) => {
+        release?.();
+        this.#replyFailure(r, error);
+      },
+    );
+  }
+
+  #replyFailure(r: NbdRequest, error: unknown): void {
+    const code = error instanceof DeviceError
+      ? ERRNO_TO_NBD[error.errno] ?? NbdError.EIO
+      : NbdError.EIO;
+    this.log.warn(`${this.peer}: NBD ${CMD_NAMES[r.type]} failed: ${describeError(error)}`);
+    this.#replyError(r, code, describeError(error));
+  }
+
+  #replyRead(r: NbdRequest, data: Uint8Array): void {
+    const release = () => this.ctx.pool.give(data);
+    if (!this.ctx.structuredReplies) {
+      this.#encodeSimple(r, NbdError.OK);
+      this.sender.send(this.#header.subarray(0, 16), data, release);
+    } else {
+      const v = this.#headerView;
+      this.#encodeChunk(r, ReplyType.OFFSET_DATA, 8 + data.length);
+      v.setUint32(20, Math.floor(r.offset / TWO_32));
+      v.setUint32(24, r.offset % TWO_32);
+      this.sender.send(this.#header.subarray(0, 28), data, release);
+    }
+    this.end(payloadBytes(r));
+  }
+
+  #replyError(r: NbdRequest, error: number, message: string): void {
+    if (r.type === Cmd.READ && this.ctx.structuredReplies) {
+      const text = new TextEncoder().encode(message.slice(0, 200));
+      const payload = new Uint8Array(6 + text.length);
+      const view = new DataView(payload.buffer);
+      view.setUint32(0, error);
+      view.setUint16(4, text.length);
+      payload.set(text, 6);
+      this.#encodeChunk(r, ReplyType.ERROR, payload.length);
+      this.sender.send(this.#header.subarray(0, 20), payload);
+      this.end(payloadBytes(r));
+      return;
+    }
+    this.#replySimple(r, error);
+  }
+
+  #replySimple(r: NbdRequest, error: number): void {
+    this.#encodeSimple(r, error);
+    this.sender.send(this.#header.subarray(0, 16));
+    this.end(payloadBytes(r));
+  }
+
+  #encodeSimple(r: NbdRequest, error: number): void {
+    const v = this.#headerView;
+    v.setUint32(0, SIMPLE_REPLY_MAGIC);
+    v.setUint32(4, error);
+    v.setUint32(8, r.cookieHigh);
+    v.setUint32(12, r.cookieLow);
+  }
+
+  #encodeChunk(r: NbdRequest, type: number, length: number): void {
+    const v = this.#headerView;
+    v.setUint32(0, STRUCTURED_REPLY_MAGIC);
+    v.setUint16(4, REPLY_FLAG_DONE);
+    v.setUint16(6, type);
+    v.setUint32(8, r.cookieHigh);
+    v.setUint32(12, r.cookieLow);
+    v.setUint32(16, length);
+  }
+}
+
+/** The bytes a request holds while in flight, for the loop's byte limit: counted alike at begin and end. */
+function payloadBytes(r: NbdRequest): number {
+  return r.type === Cmd.READ || r.type === Cmd.WRITE ? r.length : 0;
+}

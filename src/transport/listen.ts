@@ -1,0 +1,49 @@
+/** Opening listeners, with errors that say which option to change. */
+
+import { formatHostPort, type HostPort } from "../lib/address.ts";
+import { describeError, DstError } from "../lib/errors.ts";
+
+export function listenTcp(address: HostPort, option: string): Deno.TcpListener {
+  try {
+    return Deno.listen({ hostname: address.hostname, port: address.port });
+  } catch (error) {
+    throw new DstError(
+      "LISTEN",
+      `Cannot listen on ${formatHostPort(address)}: ${describeError(error)}` +
+        ` (is another server using that port? pick another with ${option})`,
+    );
+  }
+}
+
+/**
+ * Listens on a Unix socket readable and writable by this user only: the socket is
+ * made inside a directory only this user can enter, then set to mode 0600. A stale
+ * socket file left by a crashed process is replaced; any other file is refused.
+ */
+export async function listenUnix(path: string): Promise<Deno.UnixListener> {
+  const dir = path.slice(0, path.lastIndexOf("/")) || "/";
+  try {
+    const stat = await Deno.lstat(path);
+    if (!stat.isSocket) {
+      throw new DstError(
+        "LISTEN",
+        `${path} exists and is not a socket; remove it or give another --socket`,
+      );
+    }
+    await Deno.remove(path);
+  } catch (error) {
+    if (!(error instanceof Deno.errors.NotFound)) throw error;
+  }
+  try {
+    const listener = Deno.listen({ transport: "unix", path });
+    await Deno.chmod(path, 0o600);
+    return listener;
+  } catch (error) {
+    throw new DstError(
+      "LISTEN",
+      `Cannot listen on the Unix socket ${path}: ${
+        describeError(error)
+      } (is ${dir} writable? pick another with --socket)`,
+    );
+  }
+}
