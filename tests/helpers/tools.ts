@@ -32,15 +32,23 @@ export interface ToolResult {
   stderr: string;
 }
 
-/** Runs a tool to completion; `input` is written to its stdin. */
+/** Runs a tool to completion; `input` is written to its stdin. A missing tool exits 127, as in a shell. */
 export async function tool(command: string, args: string[], input?: string): Promise<ToolResult> {
-  const child = new Deno.Command(command, {
-    args,
-    env: { PATH: TOOL_PATH },
-    stdin: input === undefined ? "null" : "piped",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
+  let child: Deno.ChildProcess;
+  try {
+    child = new Deno.Command(command, {
+      args,
+      env: { PATH: TOOL_PATH },
+      stdin: input === undefined ? "null" : "piped",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) {
+      return { code: 127, stdout: "", stderr: `${command}: not found` };
+    }
+    throw error;
+  }
   if (input !== undefined) {
     const writer = child.stdin.getWriter();
     await writer.write(new TextEncoder().encode(input));
