@@ -16,6 +16,8 @@ import { assert } from "../lib/assert.ts";
 import { type ByteConn, writeAll } from "./byte_conn.ts";
 
 interface Segment {
+  /** A large payload's header, written just before it (so it opens no coalescing buffer). */
+  prefix: Uint8Array | null;
   bytes: Uint8Array;
   length: number;
   /** A coalescing buffer may still take more frames while it is the open tail. */
@@ -73,10 +75,16 @@ export class FrameSender {
       target.length += header.length + payloadLength;
       onSent?.();
     } else {
-      const target = this.#coalescingRoom(header.length);
-      target.bytes.set(header, target.length);
-      target.length += header.length;
+      // The header joins an open coalescing buffer if there is one; otherwise it travels as
+      // the payload's prefix: a fresh 256 KiB buffer for 28 bytes cost 11% of a read-heavy run.
+      const open = this.#open;
+      const joins = open !== null && open.bytes.length - open.length >= header.length;
+      if (joins) {
+        open.bytes.set(header, open.length);
+        open.length += header.length;
+      }
       this.#segments.push({
+        prefix: joins ? null : header.slice(),
         bytes: payload,
         length: payloadLength,
         coalescing: false,
@@ -124,7 +132,13 @@ export class FrameSender {
     const buffer = reusable !== undefined && reusable.length >= size
       ? reusable
       : new Uint8Array(size);
-    const segment: Segment = { bytes: buffer, length: 0, coalescing: true, onSent: null };
+    const segment: Segment = {
+      prefix: null,
+      bytes: buffer,
+      length: 0,
+      coalescing: true,
+      onSent: null,
+    };
     this.#segments.push(segment);
     this.#open = segment;
     return segment;
@@ -147,6 +161,7 @@ export class FrameSender {
         if (segment === this.#open) this.#open = null; // closed for appends while in flight
         this.#inFlight = segment;
         try {
+          if (segment.prefix !== null) await writeAll(this.conn, segment.prefix);
           await writeAll(this.conn, segment.bytes.subarray(0, segment.length));
         } finally {
           this.#inFlight = null;
@@ -154,7 +169,7 @@ export class FrameSender {
         }
         if (this.#failure !== null) break;
         this.#segments.shift();
-        this.#queuedBytes -= segment.length;
+        this.#queuedBytes -= segment.length + (segment.prefix?.length ?? 0);
         if (segment.coalescing) {
           if (
             this.#spareBuffers.length < 2 && segment.bytes.length === this.options.coalesceBytes

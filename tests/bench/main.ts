@@ -11,6 +11,7 @@
 import { RemoteDevice } from "../../src/client/remote_device.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import { startExport } from "../helpers/spawn.ts";
+import { benchNbdPeers } from "./nbd_peers.ts";
 
 const MiB = 1024 * 1024;
 const IMAGE_BYTES = 1024 * MiB;
@@ -138,6 +139,19 @@ async function main(): Promise<void> {
         m.heapBytesPerOp.toFixed(1)
       } B |`,
     );
+  }
+
+  for (const { title, rows } of await benchNbdPeers()) {
+    console.log(`\n${title} (same clients, same /dev/shm, one run each)\n`);
+    console.log("| measurement | DST | nbdkit | DST / nbdkit |");
+    console.log("|---|--:|--:|--:|");
+    for (const row of rows) {
+      const format = (value: number) => `${Math.round(value).toLocaleString("en")} ${row.unit}`;
+      const ratio = (row.dst / row.nbdkit).toFixed(2);
+      console.log(
+        `| ${row.measurement} | ${format(row.dst)} | ${format(row.nbdkit)} | ${ratio}x |`,
+      );
+    }
   }
 }
 
