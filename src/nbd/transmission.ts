@@ -78,6 +78,9 @@ const ERRNO_TO_NBD: Record<string, number> = {
 };
 
 const REJECTIONS_LOGGED_MAX = 5;
+/** A structured OFFSET_DATA header (20 + 8 bytes) is the largest reply header before read data. */
+const READ_HEADROOM = 28;
+const NO_HEADER = new Uint8Array(0);
 const TWO_32 = 2 ** 32;
 
 export class NbdConnection extends RequestLoop {
@@ -196,11 +199,12 @@ export class NbdConnection extends RequestLoop {
     this.begin(payloadBytes(r));
     switch (r.type) {
       case Cmd.READ: {
-        const into = this.ctx.pool.take(r.length);
-        device.read(r.offset, into).then(
-          () => this.#replyRead(r, into),
+        // Room for the reply header in front of the data: header and data leave in one write.
+        const buffer = this.ctx.pool.take(READ_HEADROOM + r.length);
+        device.read(r.offset, buffer.subarray(READ_HEADROOM)).then(
+          () => this.#replyRead(r, buffer),
           (error) => {
-            this.ctx.pool.give(into);
+            this.ctx.pool.give(buffer);
             this.#replyFailure(r, error);
           },
         );
@@ -246,18 +250,30 @@ export class NbdConnection extends RequestLoop {
     this.#replyError(r, code, describeError(error));
   }
 
-  #replyRead(r: NbdRequest, data: Uint8Array): void {
-    const release = () => this.ctx.pool.give(data);
+  /** `buffer` holds the data after READ_HEADROOM bytes; the header is written just before it. */
+  #replyRead(r: NbdRequest, buffer: Uint8Array): void {
+    const release = () => this.ctx.pool.give(buffer);
+    const length = buffer.length - READ_HEADROOM;
+    const view = new DataView(buffer.buffer, buffer.byteOffset, READ_HEADROOM);
+    let start: number;
     if (!this.ctx.structuredReplies) {
-      this.#encodeSimple(r, NbdError.OK);
-      this.sender.send(this.#header.subarray(0, 16), data, release);
+      start = READ_HEADROOM - 16;
+      view.setUint32(start, SIMPLE_REPLY_MAGIC);
+      view.setUint32(start + 4, NbdError.OK);
+      view.setUint32(start + 8, r.cookieHigh);
+      view.setUint32(start + 12, r.cookieLow);
     } else {
-      const v = this.#headerView;
-      this.#encodeChunk(r, ReplyType.OFFSET_DATA, 8 + data.length);
-      v.setUint32(20, Math.floor(r.offset / TWO_32));
-      v.setUint32(24, r.offset % TWO_32);
-      this.sender.send(this.#header.subarray(0, 28), data, release);
+      start = 0;
+      view.setUint32(0, STRUCTURED_REPLY_MAGIC);
+      view.setUint16(4, REPLY_FLAG_DONE);
+      view.setUint16(6, ReplyType.OFFSET_DATA);
+      view.setUint32(8, r.cookieHigh);
+      view.setUint32(12, r.cookieLow);
+      view.setUint32(16, 8 + length);
+      view.setUint32(20, Math.floor(r.offset / TWO_32));
+      view.setUint32(24, r.offset % TWO_32);
     }
+    this.sender.send(NO_HEADER, buffer.subarray(start), release);
     this.end(payloadBytes(r));
   }
 
