@@ -142,7 +142,7 @@ async function main(): Promise<void> {
   }
 
   for (const { title, rows } of await benchNbdPeers()) {
-    console.log(`\n${title} (same clients, same /dev/shm, one run each)\n`);
+    console.log(`\n${title} (same clients and /dev/shm; nbdcopy: median of 3, fio: 3 s)\n`);
     console.log("| measurement | DST | nbdkit | DST / nbdkit |");
     console.log("|---|--:|--:|--:|");
     for (const row of rows) {
