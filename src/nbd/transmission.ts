@@ -21,7 +21,8 @@ import {
 } from "../constants.ts";
 import type { BlockDevice } from "../device/block_device.ts";
 import type { BufferPool } from "../lib/buffer_pool.ts";
-import { describeError, DeviceError } from "../lib/errors.ts";
+import { errnoOf } from "../lib/errno.ts";
+import { describeError } from "../lib/errors.ts";
 import type { Logger } from "../lib/log.ts";
 import type { ByteConn } from "../transport/byte_conn.ts";
 import { CLOSE, RequestLoop } from "../transport/request_loop.ts";
@@ -65,16 +66,6 @@ const FLAGS_ALLOWED: Record<number, number> = {
   [Cmd.FLUSH]: 0,
   [Cmd.TRIM]: CmdFlag.FUA,
   [Cmd.WRITE_ZEROES]: CmdFlag.FUA | CmdFlag.NO_HOLE,
-};
-
-const ERRNO_TO_NBD: Record<string, number> = {
-  EPERM: NbdError.EPERM,
-  EIO: NbdError.EIO,
-  ENOMEM: NbdError.ENOMEM,
-  EINVAL: NbdError.EINVAL,
-  ENOSPC: NbdError.ENOSPC,
-  ENOTSUP: NbdError.ENOTSUP,
-  ESHUTDOWN: NbdError.ESHUTDOWN,
 };
 
 const REJECTIONS_LOGGED_MAX = 5;
@@ -243,9 +234,7 @@ export class NbdConnection extends RequestLoop {
   }
 
   #replyFailure(r: NbdRequest, error: unknown): void {
-    const code = error instanceof DeviceError
-      ? ERRNO_TO_NBD[error.errno] ?? NbdError.EIO
-      : NbdError.EIO;
+    const code = errnoOf(error);
     this.log.warn(`${this.peer}: NBD ${CMD_NAMES[r.type]} failed: ${describeError(error)}`);
     this.#replyError(r, code, describeError(error));
   }

@@ -14,7 +14,8 @@ import {
 } from "../constants.ts";
 import type { BlockDevice, IoFlags } from "../device/block_device.ts";
 import type { BufferPool } from "../lib/buffer_pool.ts";
-import { describeError, DeviceError } from "../lib/errors.ts";
+import { errnoOf } from "../lib/errno.ts";
+import { describeError } from "../lib/errors.ts";
 import type { Logger } from "../lib/log.ts";
 import {
   Command,
@@ -47,15 +48,6 @@ export interface ExportContext {
 
 /** Rejections logged per connection before the rest are only counted (a flood stays one screen). */
 const REJECTIONS_LOGGED_MAX = 5;
-
-const ERRNO_TO_WIRE: Record<string, WireError> = {
-  EPERM: WireError.EPERM,
-  EIO: WireError.EIO,
-  ENOMEM: WireError.ENOMEM,
-  EINVAL: WireError.EINVAL,
-  ENOSPC: WireError.ENOSPC,
-  ENOTSUP: WireError.ENOTSUP,
-};
 
 export class ExportConnection extends RequestLoop {
   #rejectionsLogged = 0;
@@ -196,9 +188,7 @@ export class ExportConnection extends RequestLoop {
 
   #replyFailure(h: RequestHeader, error: unknown): void {
     // The device counted this failure in its own stats; counting it here too would double it.
-    const code = error instanceof DeviceError
-      ? ERRNO_TO_WIRE[error.errno] ?? WireError.EIO
-      : WireError.EIO;
+    const code = errnoOf(error);
     this.ctx.log.warn(`${this.peer}: ${COMMAND_NAMES[h.command]} failed: ${describeError(error)}`);
     this.#reply(h, code);
   }
