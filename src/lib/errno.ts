@@ -5,7 +5,7 @@
 
 import { DeviceError } from "./errors.ts";
 
-export const Errno: Record<string, number> = {
+export const Errno = {
   EPERM: 1,
   EIO: 5,
   ENOMEM: 12,
@@ -14,10 +14,12 @@ export const Errno: Record<string, number> = {
   EOVERFLOW: 75,
   ENOTSUP: 95,
   ESHUTDOWN: 108,
-};
+} as const;
 
 /** The errno a failed request reports: a DeviceError's own when it has a wire value, else EIO. */
 export function errnoOf(error: unknown): number {
-  if (error instanceof DeviceError) return Errno[error.errno] ?? Errno.EIO!;
-  return Errno.EIO!;
+  if (error instanceof DeviceError) {
+    return (Errno as Record<string, number>)[error.errno] ?? Errno.EIO;
+  }
+  return Errno.EIO;
 }

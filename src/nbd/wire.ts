@@ -6,6 +6,7 @@
  */
 
 import { assert } from "../lib/assert.ts";
+import { Errno } from "../lib/errno.ts";
 
 export const NBDMAGIC = 0x4e42444d41474943n; // "NBDMAGIC"
 export const IHAVEOPT = 0x49484156454f5054n; // "IHAVEOPT"
@@ -88,17 +89,7 @@ export const CmdFlag = {
 } as const;
 
 /** Errors NBD carries are Linux errno values. */
-export const NbdError = {
-  OK: 0,
-  EPERM: 1,
-  EIO: 5,
-  ENOMEM: 12,
-  EINVAL: 22,
-  ENOSPC: 28,
-  EOVERFLOW: 75,
-  ENOTSUP: 95,
-  ESHUTDOWN: 108,
-} as const;
+export const NbdError = { OK: 0, ...Errno } as const;
 
 export const ReplyType = { NONE: 0, OFFSET_DATA: 1, ERROR: 2 ** 15 + 1 } as const;
 export const REPLY_FLAG_DONE = 1;
