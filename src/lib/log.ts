@@ -44,7 +44,3 @@ export function logger(component: string): Logger {
     error: (message) => emit("error", component, message),
   };
 }
-
-export function debugEnabled(): boolean {
-  return threshold <= LEVELS.debug;
-}

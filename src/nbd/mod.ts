@@ -1,3 +1,3 @@
 /** The NBD server of any BlockDevice: handshake.ts, transmission.ts, server.ts. */
 
-export { type NbdListen, NbdServer, type NbdServerOptions, type NbdStatus } from "./server.ts";
+export { type NbdListen, NbdServer, type NbdServerOptions } from "./server.ts";

@@ -28,19 +28,11 @@ export interface NbdServerOptions {
   log?: Logger;
 }
 
-export interface NbdStatus {
-  uri: string;
-  clients: number;
-  inFlight: number;
-  errors: number;
-}
-
 export class NbdServer {
   readonly #loop: AcceptLoop;
   readonly #pool = new BufferPool(4 * PAYLOAD_BYTES_MAX);
   readonly #log: Logger;
   readonly #exported: NbdExport;
-  #errors = 0;
 
   private constructor(
     readonly device: BlockDevice,
@@ -79,19 +71,6 @@ export class NbdServer {
     return `nbd://${formatHostPort({ hostname: host, port })}/${name}`;
   }
 
-  get address(): Deno.Addr {
-    return this.listener.addr;
-  }
-
-  status(): NbdStatus {
-    return {
-      uri: this.uri,
-      clients: this.#loop.clients,
-      inFlight: this.#loop.inFlight,
-      errors: this.#errors,
-    };
-  }
-
   /** Stops accepting and lets every client's requests in flight finish. The device stays open. */
   async shutdown(): Promise<void> {
     await this.#loop.shutdown();
@@ -112,9 +91,6 @@ export class NbdServer {
       pool: this.#pool,
       log: this.#log,
       structuredReplies: negotiated.structuredReplies,
-      countError: () => {
-        this.#errors += 1;
-      },
     });
   }
 }

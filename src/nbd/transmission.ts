@@ -21,8 +21,6 @@ import {
 } from "../constants.ts";
 import type { BlockDevice } from "../device/block_device.ts";
 import type { BufferPool } from "../lib/buffer_pool.ts";
-import { errnoOf } from "../lib/errno.ts";
-import { describeError } from "../lib/errors.ts";
 import type { Logger } from "../lib/log.ts";
 import type { ByteConn } from "../transport/byte_conn.ts";
 import { CLOSE, RequestLoop } from "../transport/request_loop.ts";
@@ -55,7 +53,6 @@ export interface NbdContext {
   readonly pool: BufferPool;
   readonly log: Logger;
   readonly structuredReplies: boolean;
-  countError(): void;
 }
 
 /** The flags each command accepts; FAST_ZERO and DF are not advertised, so they are invalid. */
@@ -96,7 +93,6 @@ export class NbdConnection extends RequestLoop {
       const at = receive.position;
       const magic = view.getUint32(at + R.magic);
       if (magic !== REQUEST_MAGIC) {
-        this.ctx.countError();
         this.log.warn(
           `${this.peer}: NBD request with bad magic 0x${
             magic.toString(16)
@@ -116,7 +112,6 @@ export class NbdConnection extends RequestLoop {
       };
       const payload = request.type === Cmd.WRITE ? request.length : 0;
       if (payload > BLOCK_SIZE_MAX) {
-        this.ctx.countError();
         this.log.warn(
           `${this.peer}: NBD WRITE of ${payload} bytes > ${BLOCK_SIZE_MAX} (too large to drain); closing this connection`,
         );
@@ -172,7 +167,6 @@ export class NbdConnection extends RequestLoop {
   }
 
   #reject(r: NbdRequest, error: number, reason: string): void {
-    this.ctx.countError();
     if (this.#rejectionsLogged < REJECTIONS_LOGGED_MAX) {
       this.#rejectionsLogged += 1;
       const more = this.#rejectionsLogged === REJECTIONS_LOGGED_MAX
@@ -192,11 +186,13 @@ export class NbdConnection extends RequestLoop {
       case Cmd.READ: {
         // Room for the reply header in front of the data: header and data leave in one write.
         const buffer = this.ctx.pool.take(READ_HEADROOM + r.length);
-        device.read(r.offset, buffer.subarray(READ_HEADROOM)).then(
+        this.complete(
+          device.read(r.offset, buffer.subarray(READ_HEADROOM)),
+          "NBD READ",
           () => this.#replyRead(r, buffer),
-          (error) => {
+          (errno, message) => {
             this.ctx.pool.give(buffer);
-            this.#replyFailure(r, error);
+            this.#replyError(r, errno, message);
           },
         );
         return;
@@ -220,23 +216,15 @@ export class NbdConnection extends RequestLoop {
     }
   }
 
+  /** A device call answered with a simple reply. */
   #settle(r: NbdRequest, done: Promise<void>, release?: () => void): void {
-    done.then(
-      () => {
-        release?.();
-        this.#replySimple(r, NbdError.OK);
-      },
-      (error) => {
-        release?.();
-        this.#replyFailure(r, error);
-      },
+    this.complete(
+      done,
+      `NBD ${CMD_NAMES[r.type]}`,
+      () => this.#replySimple(r, NbdError.OK),
+      (errno, message) => this.#replyError(r, errno, message),
+      release,
     );
-  }
-
-  #replyFailure(r: NbdRequest, error: unknown): void {
-    const code = errnoOf(error);
-    this.log.warn(`${this.peer}: NBD ${CMD_NAMES[r.type]} failed: ${describeError(error)}`);
-    this.#replyError(r, code, describeError(error));
   }
 
   /** `buffer` holds the data after READ_HEADROOM bytes; the header is written just before it. */

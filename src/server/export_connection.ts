@@ -14,8 +14,6 @@ import {
 } from "../constants.ts";
 import type { BlockDevice, IoFlags } from "../device/block_device.ts";
 import type { BufferPool } from "../lib/buffer_pool.ts";
-import { errnoOf } from "../lib/errno.ts";
-import { describeError } from "../lib/errors.ts";
 import type { Logger } from "../lib/log.ts";
 import {
   Command,
@@ -130,11 +128,13 @@ export class ExportConnection extends RequestLoop {
     switch (h.command) {
       case Command.READ: {
         const into = this.ctx.pool.take(h.length);
-        device.read(h.offset, into).then(
+        this.complete(
+          device.read(h.offset, into),
+          "READ",
           () => this.#reply(h, WireError.OK, into, () => this.ctx.pool.give(into)),
-          (error) => {
+          (errno) => {
             this.ctx.pool.give(into);
-            this.#replyFailure(h, error);
+            this.#reply(h, errno);
           },
         );
         return;
@@ -173,24 +173,16 @@ export class ExportConnection extends RequestLoop {
     }
   }
 
+  /** A device call whose reply carries no payload. */
   #settle(h: RequestHeader, done: Promise<void>, release?: () => void): void {
-    done.then(
-      () => {
-        release?.();
-        this.#reply(h, WireError.OK);
-      },
-      (error) => {
-        release?.();
-        this.#replyFailure(h, error);
-      },
+    const what = COMMAND_NAMES[h.command]!;
+    this.complete(
+      done,
+      what,
+      () => this.#reply(h, WireError.OK),
+      (errno) => this.#reply(h, errno),
+      release,
     );
-  }
-
-  #replyFailure(h: RequestHeader, error: unknown): void {
-    // The device counted this failure in its own stats; counting it here too would double it.
-    const code = errnoOf(error);
-    this.ctx.log.warn(`${this.peer}: ${COMMAND_NAMES[h.command]} failed: ${describeError(error)}`);
-    this.#reply(h, code);
   }
 
   #reply(h: RequestHeader, error: number, payload?: Uint8Array, onSent?: () => void): void {

@@ -16,6 +16,7 @@
 
 import { RECEIVE_SLAB_BYTES, SEND_COALESCE_BYTES, SEND_ZERO_COPY_BYTES_MIN } from "../constants.ts";
 import { assert } from "../lib/assert.ts";
+import { errnoOf } from "../lib/errno.ts";
 import { describeError } from "../lib/errors.ts";
 import type { Logger } from "../lib/log.ts";
 import { type ByteConn, closeQuietly } from "./byte_conn.ts";
@@ -109,6 +110,32 @@ export abstract class RequestLoop {
     this.#inFlightBytes -= payloadBytes;
     assert(this.#inFlight >= 0 && this.#inFlightBytes >= 0, "end() follows begin()");
     if (this.#idleWaiters.length > 0) this.#wake(); // each waiter re-checks its own condition
+  }
+
+  /**
+   * Finishes a dispatched device call: `release` frees what the request held (a leased
+   * payload), then `succeed()` runs, or, after one log line, `fail(errno, message)` with
+   * the error as the Linux errno both protocols carry.
+   */
+  protected complete(
+    done: Promise<void>,
+    what: string,
+    succeed: () => void,
+    fail: (errno: number, message: string) => void,
+    release?: () => void,
+  ): void {
+    done.then(
+      () => {
+        release?.();
+        succeed();
+      },
+      (error) => {
+        release?.();
+        const message = describeError(error);
+        this.log.warn(`${this.peer}: ${what} failed: ${message}`);
+        fail(errnoOf(error), message);
+      },
+    );
   }
 
   async #finish(): Promise<void> {

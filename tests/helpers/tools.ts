@@ -83,3 +83,13 @@ export function spawnTool(command: string, args: string[]): Deno.ChildProcess {
     stderr: "piped",
   }).spawn();
 }
+
+/** `qemu-img compare` of two raw images (paths or NBD URIs); throws unless they are identical. */
+export async function assertImagesIdentical(a: string, b: string): Promise<void> {
+  const compare = await tool("qemu-img", ["compare", "-f", "raw", "-F", "raw", a, b]);
+  if (compare.code !== 0 || !/Images are identical/.test(compare.stdout)) {
+    throw new Error(
+      `qemu-img compare ${a} ${b} (exit ${compare.code}):\n${compare.stdout}${compare.stderr}`,
+    );
+  }
+}

@@ -24,6 +24,11 @@ Deno.test("export serves writes and reads, status reports them, SIGTERM exits 0"
     assert.equal(client.info.sizeBytes, 16 * MiB);
     assert.equal(client.info.blockSize, 4096);
     assert.equal(client.info.readOnly, false);
+    assert.deepEqual(await client.queryInfo(), {
+      sizeBytes: 16 * MiB,
+      blockSize: 4096,
+      exportFlags: 0,
+    });
     const data = randomBytes(3 * MiB + 123);
     await client.write(777, data, { fua: true });
     const back = new Uint8Array(data.length);

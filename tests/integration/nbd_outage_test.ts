@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import { assertSameBytes } from "../helpers/bytes.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import { startAttach, startExport } from "../helpers/spawn.ts";
-import { missing, spawnTool, tool } from "../helpers/tools.ts";
+import { assertImagesIdentical, missing, spawnTool } from "../helpers/tools.ts";
 
 const MiB = 1024 * 1024;
 
@@ -48,16 +48,7 @@ Deno.test({
       assert.equal(status.code, 0, `nbdcopy failed: ${stderr}`);
       assert.match(attach.log(), /reconnected to 127\.0\.0\.1/);
 
-      const compare = await tool("qemu-img", [
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        source,
-        attach.uri,
-      ]);
-      assert.equal(compare.code, 0, compare.stdout + compare.stderr);
+      await assertImagesIdentical(source, attach.uri);
       assert.equal((await attach.stop("SIGTERM")).code, 0);
       assert.equal((await server.stop("SIGTERM")).code, 0);
       assertSameBytes(await Deno.readFile(image), content, "the image after the outage");
