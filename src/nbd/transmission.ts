@@ -68,7 +68,6 @@ const FLAGS_ALLOWED: Record<number, number> = {
 const REJECTIONS_LOGGED_MAX = 5;
 /** A structured OFFSET_DATA header (20 + 8 bytes) is the largest reply header before read data. */
 const READ_HEADROOM = 28;
-const NO_HEADER = new Uint8Array(0);
 const TWO_32 = 2 ** 32;
 
 export class NbdConnection extends RequestLoop {
@@ -250,7 +249,7 @@ export class NbdConnection extends RequestLoop {
       view.setUint32(20, Math.floor(r.offset / TWO_32));
       view.setUint32(24, r.offset % TWO_32);
     }
-    this.sender.send(NO_HEADER, buffer.subarray(start), release);
+    this.sender.sendFrame(buffer.subarray(start), release);
     this.end(payloadBytes(r));
   }
 

@@ -127,13 +127,24 @@ export class ExportConnection extends RequestLoop {
     this.begin(payloadBytes(h));
     switch (h.command) {
       case Command.READ: {
-        const into = this.ctx.pool.take(h.length);
+        // Room for the reply header in front of the data: header and data leave in one write.
+        const buffer = this.ctx.pool.take(ReplyLayout.SIZE + h.length);
         this.complete(
-          device.read(h.offset, into),
+          device.read(h.offset, buffer.subarray(ReplyLayout.SIZE)),
           "READ",
-          () => this.#reply(h, WireError.OK, into, () => this.ctx.pool.give(into)),
+          () => {
+            const view = new DataView(buffer.buffer, buffer.byteOffset, ReplyLayout.SIZE);
+            encodeReplyHeader(view, 0, {
+              command: h.command,
+              txId: h.txId,
+              error: WireError.OK,
+              payloadLength: h.length,
+            });
+            this.sender.sendFrame(buffer, () => this.ctx.pool.give(buffer));
+            this.end(payloadBytes(h));
+          },
           (errno) => {
-            this.ctx.pool.give(into);
+            this.ctx.pool.give(buffer);
             this.#reply(h, errno);
           },
         );
@@ -185,14 +196,14 @@ export class ExportConnection extends RequestLoop {
     );
   }
 
-  #reply(h: RequestHeader, error: number, payload?: Uint8Array, onSent?: () => void): void {
+  #reply(h: RequestHeader, error: number, payload?: Uint8Array): void {
     encodeReplyHeader(this.#replyView, 0, {
       command: h.command,
       txId: h.txId,
       error,
       payloadLength: payload?.length ?? 0,
     });
-    this.sender.send(this.#replyHeader, payload, onSent);
+    this.sender.send(this.#replyHeader, payload);
     this.end(payloadBytes(h));
   }
 }

@@ -25,6 +25,8 @@ interface Segment {
   onSent: (() => void) | null;
 }
 
+const NO_BYTES = new Uint8Array(0);
+
 export interface FrameSenderOptions {
   coalesceBytes: number;
   zeroCopyBytesMin: number;
@@ -94,6 +96,14 @@ export class FrameSender {
     }
     this.#queuedBytes += header.length + payloadLength;
     this.#schedule();
+  }
+
+  /**
+   * Queues a frame that is already whole (header and payload in one buffer, e.g. read
+   * data with its reply header written in front): a large one goes out in one write.
+   */
+  sendFrame(frame: Uint8Array, onSent?: () => void): void {
+    this.send(NO_BYTES, frame, onSent);
   }
 
   /** Resolves when the queue has room again (or the sender broke). */
