@@ -2,6 +2,7 @@
  * Hostile NBD input: garbage before the handshake, an oversized option, garbage and
  * a request with an unknown magic after it. Each gets a clear log line and only its
  * own connection closed; the server goes on serving others (nbdinfo still works).
+ * Also the one handshake path real clients here never take: EXPORT_NAME without NO_ZEROES.
  */
 
 import assert from "node:assert/strict";
@@ -91,4 +92,40 @@ Deno.test({
         assert.match(log, /NBD request with bad magic 0x99999999; closing this connection/);
       },
     ),
+});
+
+Deno.test("EXPORT_NAME from an old-style client (no NO_ZEROES) gets size, flags and 124 zero bytes, then serves", async () => {
+  await withExport(
+    "dst-nbd-zeroes-",
+    (dir) => [...newDisk("4M")(dir), "--nbd", "127.0.0.1:0"],
+    async (server) => {
+      const port = Number(new URL(server.nbdUri!).port);
+      const conn = await greet(port, 1); // FIXED_NEWSTYLE only
+      try {
+        await writeAll(conn, option(1, 0));
+        const reply = new Uint8Array(10 + 124);
+        await readExact(conn, reply);
+        const view = new DataView(reply.buffer);
+        assert.equal(view.getBigUint64(0), 4n * 1024n * 1024n);
+        assert.ok((view.getUint16(8) & 1) !== 0, "HAS_FLAGS");
+        assert.ok(reply.subarray(10).every((byte) => byte === 0), "124 zero bytes");
+        // Transmission works: a 512-byte READ at 0 gets a simple reply and zeroes.
+        const request = new DataView(new ArrayBuffer(28));
+        request.setUint32(0, 0x25609513);
+        request.setUint16(6, 0); // READ
+        request.setUint32(12, 7); // cookie
+        request.setUint32(24, 512);
+        await writeAll(conn, new Uint8Array(request.buffer));
+        const answer = new Uint8Array(16 + 512);
+        await readExact(conn, answer);
+        const answerView = new DataView(answer.buffer);
+        assert.equal(answerView.getUint32(0), 0x67446698);
+        assert.equal(answerView.getUint32(4), 0, "no error");
+        assert.equal(answerView.getUint32(12), 7, "the cookie comes back");
+        assert.ok(answer.subarray(16).every((byte) => byte === 0));
+      } finally {
+        conn.close();
+      }
+    },
+  );
 });
