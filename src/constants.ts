@@ -29,6 +29,9 @@ export const CLIENTS_PER_EXPORT_MAX = 64;
 /** A STATUS reply is a small JSON document; anything larger is a bug or an attack. */
 export const STATUS_PAYLOAD_BYTES_MAX = 64 * KiB;
 
+/** A CONTROL request is a one-line JSON command ("detach this leg"). */
+export const CONTROL_PAYLOAD_BYTES_MAX = 4 * KiB;
+
 /** Receive buffers start at this size; they grow only for a frame that does not fit. */
 export const RECEIVE_SLAB_BYTES = 2 * MiB;
 

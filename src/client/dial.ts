@@ -8,6 +8,7 @@ import { formatHostPort, type HostPort } from "../lib/address.ts";
 import { describeError, DstError } from "../lib/errors.ts";
 import {
   AUTH_NONE,
+  ClientFeature,
   decodeServerHello,
   encodeClientHello,
   HELLO_STATUS_TEXT,
@@ -33,8 +34,15 @@ export interface Link {
   hello: ServerHello;
 }
 
-/** Connects and runs the handshake; the returned hello has status OK. */
-export async function dialExport(address: HostPort, dial: Dialer = tcpDialer): Promise<Link> {
+/**
+ * Connects and runs the handshake; the returned hello has status OK. A `writer`
+ * declares it will write, so the export starts a write generation for it at once.
+ */
+export async function dialExport(
+  address: HostPort,
+  dial: Dialer = tcpDialer,
+  writer = false,
+): Promise<Link> {
   const where = formatHostPort(address);
   let conn: ByteConn;
   try {
@@ -53,7 +61,7 @@ export async function dialExport(address: HostPort, dial: Dialer = tcpDialer): P
       encodeClientHello({
         versionMin: PROTOCOL_VERSION,
         versionMax: PROTOCOL_VERSION,
-        features: 0,
+        features: writer ? ClientFeature.WRITER : 0,
         authMethods: AUTH_NONE,
         protections: PROTECTION_NONE,
         nonce: crypto.getRandomValues(new Uint8Array(NONCE_BYTES)),

@@ -91,6 +91,13 @@ export interface RemoteDeviceOptions {
   dial?: Dialer;
   clock?: Clock;
   log?: Logger;
+  /**
+   * Declares the client a writer (the default): each connection starts a new write
+   * generation at the export. `dst status` and other lookers pass false.
+   */
+  writer?: boolean;
+  /** Called on every reconnect, before anything is resent, with the export's write generation. */
+  onReconnect?: (writeGeneration: number) => void;
 }
 
 interface Transaction extends Gated {
@@ -134,6 +141,9 @@ export class RemoteDevice implements BlockDevice {
   readonly #clock: Clock;
   readonly #log: Logger;
   readonly #where: string;
+  readonly #writer: boolean;
+  readonly #onReconnect: ((writeGeneration: number) => void) | null;
+  #writeGeneration: number;
 
   readonly #gate = new OverlapGate();
   readonly #sent = new Map<number, Transaction>();
@@ -169,6 +179,9 @@ export class RemoteDevice implements BlockDevice {
     this.#payloadBytesMax = Math.min(hello.payloadBytesMax, PAYLOAD_BYTES_MAX);
     this.#exportId = bytesToHex(hello.exportId);
     this.#dial = options.dial ?? tcpDialer;
+    this.#writer = options.writer ?? true;
+    this.#onReconnect = options.onReconnect ?? null;
+    this.#writeGeneration = hello.writeGeneration;
     this.#clock = options.clock ?? systemClock;
     this.#log = options.log ?? logger("client");
     this.info = {
@@ -192,12 +205,17 @@ export class RemoteDevice implements BlockDevice {
     address: HostPort,
     options: RemoteDeviceOptions = {},
   ): Promise<RemoteDevice> {
-    const { conn, hello } = await dialExport(address, options.dial);
+    const { conn, hello } = await dialExport(address, options.dial, options.writer ?? true);
     return new RemoteDevice(address, hello, conn, options);
   }
 
   get connected(): boolean {
     return this.#link !== null;
+  }
+
+  /** The export's write generation as of the latest (re)connect. */
+  get writeGeneration(): number {
+    return this.#writeGeneration;
   }
 
   read(offset: number, into: Uint8Array): Promise<void> {
@@ -273,6 +291,17 @@ export class RemoteDevice implements BlockDevice {
       return JSON.parse(new TextDecoder().decode(payload!));
     } catch {
       throw new ProtocolError(`${this.#where}: STATUS reply is not JSON`);
+    }
+  }
+
+  /** Sends a CONTROL request (an array's detach or attach) and returns the JSON answer. */
+  async control(request: unknown): Promise<unknown> {
+    const bytes = new TextEncoder().encode(JSON.stringify(request));
+    const payload = await this.#submit(Command.CONTROL, 0, 0, 0, bytes, null);
+    try {
+      return JSON.parse(new TextDecoder().decode(payload!));
+    } catch {
+      throw new ProtocolError(`${this.#where}: CONTROL reply is not JSON`);
     }
   }
 
@@ -604,7 +633,7 @@ export class RemoteDevice implements BlockDevice {
         let conn: ByteConn;
         let hello: ServerHello;
         try {
-          ({ conn, hello } = await dialExport(this.address, this.#dial));
+          ({ conn, hello } = await dialExport(this.address, this.#dial, this.#writer));
         } catch (error) {
           this.#log.debug(`reconnect to ${this.#where} failed: ${describeError(error)}`);
           continue;
@@ -618,6 +647,8 @@ export class RemoteDevice implements BlockDevice {
           return;
         }
         this.#reconnects += 1;
+        this.#writeGeneration = hello.writeGeneration;
+        this.#onReconnect?.(hello.writeGeneration);
         this.#log.info(
           `reconnected to ${this.#where}; resending ${this.#queue.length} transactions`,
         );

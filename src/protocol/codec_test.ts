@@ -175,6 +175,7 @@ const serverHello: ServerHello = {
   inFlightMax: 128,
   exportId: bytesOf(16, 1),
   nonce: bytesOf(16, 200),
+  writeGeneration: ABOVE_2_32 + 7,
 };
 
 Deno.test("encodeServerHello() writes 80 little-endian bytes at the documented offsets", () => {
@@ -195,7 +196,8 @@ Deno.test("encodeServerHello() writes 80 little-endian bytes at the documented o
   assert.equal(view.getUint32(36, true), 128);
   assert.deepEqual(bytes.subarray(40, 56), serverHello.exportId);
   assert.deepEqual(bytes.subarray(56, 72), serverHello.nonce);
-  assert.deepEqual(bytes.subarray(72, 80), new Uint8Array(8), "reserved bytes are zero");
+  assert.equal(view.getUint32(72, true), 12345 + 7, "write generation, low word");
+  assert.equal(view.getUint32(76, true), 1, "write generation, high word");
 });
 
 Deno.test("decodeServerHello() round-trips encodeServerHello(), size 2^53-1 included", () => {
@@ -369,8 +371,18 @@ Deno.test("validateRequest() accepts a valid request of each command", () => {
   for (const header of valid) assert.equal(validateRequest(header), null, JSON.stringify(header));
 });
 
+Deno.test("validateRequest() takes a CONTROL payload of 1 to 4096 bytes and nothing else", () => {
+  assert.equal(validateRequest(req({ command: Command.CONTROL, payloadLength: 1 })), null);
+  assert.equal(validateRequest(req({ command: Command.CONTROL, payloadLength: 4096 })), null);
+  for (const payloadLength of [0, 4097]) {
+    assert.equal(rejection(req({ command: Command.CONTROL, payloadLength })), WireError.EINVAL);
+  }
+  const ranged = req({ command: Command.CONTROL, payloadLength: 10, offset: 4096, length: 1 });
+  assert.equal(rejection(ranged), WireError.EINVAL);
+});
+
 Deno.test("validateRequest() answers an unknown command with ENOTSUP", () => {
-  for (const command of [0, 9, 0xffff]) {
+  for (const command of [0, 10, 0xffff]) {
     assert.equal(rejection(req({ command })), WireError.ENOTSUP, `command ${command}`);
   }
   // ENOTSUP comes first, whatever else is wrong with the request

@@ -36,6 +36,8 @@ export interface ServerHello {
   inFlightMax: number;
   exportId: Uint8Array;
   nonce: Uint8Array;
+  /** Counts the connections that wrote (or declared WRITER) over the export's life. */
+  writeGeneration: number;
 }
 
 export function encodeClientHello(hello: ClientHello): Uint8Array {
@@ -85,6 +87,7 @@ export function encodeServerHello(hello: ServerHello): Uint8Array {
   view.setUint32(S.inFlightMax, hello.inFlightMax, true);
   bytes.set(hello.exportId.subarray(0, EXPORT_ID_BYTES), S.exportId);
   bytes.set(hello.nonce.subarray(0, NONCE_BYTES), S.nonce);
+  setU64(view, S.writeGeneration, hello.writeGeneration);
   return bytes;
 }
 
@@ -107,9 +110,11 @@ export function decodeServerHello(bytes: Uint8Array): ServerHello | string {
     inFlightMax: view.getUint32(S.inFlightMax, true),
     exportId: bytes.slice(S.exportId, S.exportId + EXPORT_ID_BYTES),
     nonce: bytes.slice(S.nonce, S.nonce + NONCE_BYTES),
+    writeGeneration: getU64(view, S.writeGeneration),
   };
   if (hello.status !== 0) return hello; // the other fields mean nothing; the caller reports status
   if (hello.sizeBytes < 0) return "server hello: export size is not below 2^53";
+  if (hello.writeGeneration < 0) return "server hello: write generation is not below 2^53";
   if (hello.blockSize === 0 || (hello.blockSize & (hello.blockSize - 1)) !== 0) {
     return `server hello: block size ${hello.blockSize} is not a power of two`;
   }

@@ -10,7 +10,12 @@
  *   request is not (unknown command, bad flags): answer it, drain, go on.
  */
 
-import { PAYLOAD_BYTES_MAX, RANGE_BYTES_MAX, STATUS_PAYLOAD_BYTES_MAX } from "../constants.ts";
+import {
+  CONTROL_PAYLOAD_BYTES_MAX,
+  PAYLOAD_BYTES_MAX,
+  RANGE_BYTES_MAX,
+  STATUS_PAYLOAD_BYTES_MAX,
+} from "../constants.ts";
 import {
   Command,
   COMMAND_NAMES,
@@ -100,7 +105,14 @@ export function validateRequest(h: RequestHeader): RequestRejection | null {
     };
   }
   const expectedPayload = h.command === Command.WRITE ? h.length : 0;
-  if (h.payloadLength !== expectedPayload) {
+  if (h.command === Command.CONTROL) {
+    if (h.payloadLength === 0 || h.payloadLength > CONTROL_PAYLOAD_BYTES_MAX) {
+      return {
+        error: WireError.EINVAL,
+        reason: `${name}: payload length ${h.payloadLength} not in 1..${CONTROL_PAYLOAD_BYTES_MAX}`,
+      };
+    }
+  } else if (h.payloadLength !== expectedPayload) {
     return {
       error: WireError.EINVAL,
       reason: `${name}: payload length ${h.payloadLength}, expected ${expectedPayload}`,
@@ -161,6 +173,7 @@ export function expectedReplyPayload(command: number, requestLength: number): nu
     case Command.INFO:
       return I.SIZE;
     case Command.STATUS:
+    case Command.CONTROL:
       return -1;
     default:
       return 0;

@@ -26,6 +26,8 @@ export const Command = {
   INFO: 6,
   PING: 7,
   STATUS: 8,
+  /** Asks the export's owner to act (an array: detach or attach a leg); JSON both ways. */
+  CONTROL: 9,
 } as const;
 export type Command = typeof Command[keyof typeof Command];
 
@@ -50,6 +52,7 @@ export const FLAGS_ALLOWED: Record<number, number> = {
   [Command.INFO]: 0,
   [Command.PING]: 0,
   [Command.STATUS]: 0,
+  [Command.CONTROL]: 0,
 };
 
 /** Error codes carry Linux errno values, so NBD (which uses the same) maps one to one. */
@@ -92,6 +95,15 @@ export const HELLO_STATUS_TEXT: Record<number, string> = {
 export const AUTH_NONE = 1;
 export const PROTECTION_NONE = 1;
 
+/** Client hello feature bits. */
+export const ClientFeature = {
+  /**
+   * The client means to write: the export starts a new write generation for this
+   * connection before the handshake ends and reports it in the server hello.
+   */
+  WRITER: 1,
+} as const;
+
 /** Export flags in the server hello and INFO reply. */
 export const ExportFlag = {
   READ_ONLY: 1,
@@ -127,7 +139,7 @@ export const ServerHelloLayout = {
   inFlightMax: 36, // u32
   exportId: 40, // 16 bytes
   nonce: 56, // 16 bytes
-  reserved: 72, // 8 bytes, zero
+  writeGeneration: 72, // u64
   SIZE: 80,
 } as const;
 
@@ -167,7 +179,7 @@ assert(
   "client hello is 32 bytes",
 );
 assert(ServerHelloLayout.exportId + EXPORT_ID_BYTES === ServerHelloLayout.nonce, "hello layout");
-assert(ServerHelloLayout.reserved + 8 === ServerHelloLayout.SIZE, "server hello is 80 bytes");
+assert(ServerHelloLayout.writeGeneration + 8 === ServerHelloLayout.SIZE, "server hello is 80 bytes");
 assert(RequestLayout.payloadLength + 4 === RequestLayout.SIZE, "request header is 32 bytes");
 assert(ReplyLayout.payloadLength + 4 === ReplyLayout.SIZE, "reply header is 24 bytes");
 assert(InfoLayout.exportFlags + 4 === InfoLayout.SIZE, "info payload is 16 bytes");

@@ -11,7 +11,9 @@ import {
   IN_FLIGHT_PER_CONNECTION_MAX,
   PAYLOAD_BYTES_MAX,
   SEND_QUEUE_BYTES_MAX,
+  STATUS_PAYLOAD_BYTES_MAX,
 } from "../constants.ts";
+import { describeError } from "../lib/errors.ts";
 import type { BlockDevice, IoFlags } from "../device/block_device.ts";
 import type { BufferPool } from "../lib/buffer_pool.ts";
 import type { Logger } from "../lib/log.ts";
@@ -42,6 +44,10 @@ export interface ExportContext {
   statusJson(): Uint8Array;
   /** Counts a request the export refused or a frame that broke the protocol. */
   countError(): void;
+  /** Starts a write generation before this connection's first write; null when done already. */
+  readonly startWriting: (() => Promise<void>) | null;
+  /** Runs a CONTROL request (JSON in, JSON out); null: the export has no owner to ask. */
+  readonly control: ((request: unknown) => Promise<unknown>) | null;
 }
 
 /** Rejections logged per connection before the rest are only counted (a flood stays one screen). */
@@ -51,6 +57,9 @@ export class ExportConnection extends RequestLoop {
   #rejectionsLogged = 0;
   readonly #replyHeader = new Uint8Array(ReplyLayout.SIZE);
   readonly #replyView = new DataView(this.#replyHeader.buffer);
+  /** Resolves once this connection may write; null once it has resolved. */
+  #writing: Promise<void> | null = null;
+  #mayWrite: boolean;
 
   constructor(conn: ByteConn, peer: string, readonly ctx: ExportContext) {
     super(conn, peer, ctx.log, {
@@ -60,6 +69,16 @@ export class ExportConnection extends RequestLoop {
       frameBytesMax: RequestLayout.SIZE + PAYLOAD_BYTES_MAX,
       headerBytes: RequestLayout.SIZE,
     });
+    this.#mayWrite = ctx.startWriting === null;
+  }
+
+  /** Runs a device call that changes data, after the write generation has started. */
+  #mutate(run: () => Promise<void>): Promise<void> {
+    if (this.#mayWrite) return run();
+    this.#writing ??= this.ctx.startWriting!().then(() => {
+      this.#mayWrite = true;
+    });
+    return this.#writing.then(run);
   }
 
   protected dispatchArrived(): number {
@@ -153,17 +172,21 @@ export class ExportConnection extends RequestLoop {
       case Command.WRITE: {
         const slab = this.receive.lease();
         const data = this.receive.take(h.payloadLength);
-        this.#settle(h, device.write(h.offset, data, flags), () => this.receive.release(slab));
+        this.#settle(
+          h,
+          this.#mutate(() => device.write(h.offset, data, flags)),
+          () => this.receive.release(slab),
+        );
         return;
       }
       case Command.FLUSH:
         this.#settle(h, device.flush());
         return;
       case Command.DISCARD:
-        this.#settle(h, device.discard(h.offset, h.length, flags));
+        this.#settle(h, this.#mutate(() => device.discard(h.offset, h.length, flags)));
         return;
       case Command.WRITE_ZEROES:
-        this.#settle(h, device.writeZeroes(h.offset, h.length, flags));
+        this.#settle(h, this.#mutate(() => device.writeZeroes(h.offset, h.length, flags)));
         return;
       case Command.INFO: {
         const info = device.info;
@@ -181,7 +204,36 @@ export class ExportConnection extends RequestLoop {
       case Command.STATUS:
         this.#reply(h, WireError.OK, this.ctx.statusJson());
         return;
+      case Command.CONTROL:
+        this.#control(h, this.receive.take(h.payloadLength).slice());
+        return;
     }
+  }
+
+  /** CONTROL: JSON in, JSON out; what went wrong is said in the reply's `error`, not an errno. */
+  #control(h: RequestHeader, payload: Uint8Array): void {
+    const control = this.ctx.control;
+    if (control === null) {
+      this.#reply(h, WireError.ENOTSUP);
+      return;
+    }
+    let request: unknown;
+    try {
+      request = JSON.parse(new TextDecoder().decode(payload));
+    } catch {
+      this.#reply(h, WireError.EINVAL);
+      return;
+    }
+    control(request).then(
+      (answer) => answer,
+      (error) => ({ ok: false, error: describeError(error) }),
+    ).then((answer) => {
+      let bytes = new TextEncoder().encode(JSON.stringify(answer));
+      if (bytes.length > STATUS_PAYLOAD_BYTES_MAX) {
+        bytes = new TextEncoder().encode(JSON.stringify({ ok: false, error: "answer too large" }));
+      }
+      this.#reply(h, WireError.OK, bytes);
+    });
   }
 
   /** A device call whose reply carries no payload. */

@@ -16,6 +16,7 @@ import { AcceptLoop } from "../transport/accept_loop.ts";
 import { listenTcp } from "../transport/listen.ts";
 import { ExportConnection } from "./export_connection.ts";
 import { acceptHandshake } from "./handshake.ts";
+import { MemoryGeneration, type WriteGeneration } from "./write_generation.ts";
 
 /** What `dst status` shows of an export; the STATUS reply is this as JSON. */
 export interface ExportStatus {
@@ -37,12 +38,28 @@ export interface ExportStatus {
   discards: number;
   zeroes: number;
   errors: number;
+  writeGeneration: number;
+  /** Present when the device is an array: its kind and members (src/array/). */
+  array?: unknown;
 }
 
 export interface ExporterOptions {
   listen: HostPort;
+  /** The export's write generation (default: one in memory, for exports made in code). */
+  generation?: WriteGeneration;
+  /**
+   * The STATUS document's `array` part and the CONTROL command's handler, when the
+   * device is an array (the exporter itself knows nothing of arrays).
+   */
+  owner?: ExportOwner;
   clock?: Clock;
   log?: Logger;
+}
+
+/** What an array adds to its export: its own status, and runtime commands. */
+export interface ExportOwner {
+  status(): unknown;
+  control(request: unknown): Promise<unknown>;
 }
 
 export class Exporter {
@@ -51,6 +68,8 @@ export class Exporter {
   readonly #log: Logger;
   readonly #startedMs: number;
   readonly #loop: AcceptLoop;
+  readonly #generation: WriteGeneration;
+  readonly #owner: ExportOwner | null;
   #protocolErrors = 0;
 
   private constructor(
@@ -61,6 +80,8 @@ export class Exporter {
     this.#clock = options.clock ?? systemClock;
     this.#log = options.log ?? logger("export");
     this.#startedMs = this.#clock.nowMs();
+    this.#generation = options.generation ?? new MemoryGeneration();
+    this.#owner = options.owner ?? null;
     this.#loop = new AcceptLoop(
       listener,
       CLIENTS_PER_EXPORT_MAX,
@@ -105,6 +126,8 @@ export class Exporter {
       discards: stats.discards,
       zeroes: stats.zeroes,
       errors: stats.errors + this.#protocolErrors,
+      writeGeneration: this.#generation.current,
+      ...(this.#owner === null ? {} : { array: this.#owner.status() }),
     };
   }
 
@@ -122,10 +145,17 @@ export class Exporter {
     peer: string,
     admitted: boolean,
   ): Promise<ExportConnection | null> {
+    const readOnly = this.device.info.readOnly;
+    let generationStarted = readOnly;
     const refusal = await acceptHandshake(
       conn,
       this.device.info,
       () => admitted ? HelloStatus.OK : HelloStatus.BUSY,
+      async (writer) => {
+        if (!writer || readOnly) return this.#generation.current;
+        generationStarted = true;
+        return await this.#generation.next();
+      },
     );
     if (refusal !== null) {
       this.#protocolErrors += 1;
@@ -140,6 +170,9 @@ export class Exporter {
       countError: () => {
         this.#protocolErrors += 1;
       },
+      // A client that writes without having said so still starts a generation, first.
+      startWriting: generationStarted ? null : () => this.#generation.next().then(() => {}),
+      control: this.#owner === null ? null : (request) => this.#owner!.control(request),
     });
   }
 }

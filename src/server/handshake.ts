@@ -13,6 +13,7 @@ import {
 import type { DeviceInfo } from "../device/block_device.ts";
 import {
   AUTH_NONE,
+  ClientFeature,
   ClientHelloLayout,
   decodeClientHello,
   encodeServerHello,
@@ -29,11 +30,16 @@ import {
 import { type ByteConn, readExact, writeAll } from "../transport/byte_conn.ts";
 import { hexToBytes } from "../lib/hex.ts";
 
-/** Runs the handshake; returns null on success, or why the client was turned away. */
+/**
+ * Runs the handshake; returns null on success, or why the client was turned away.
+ * `generation(writer)` gives the write generation to report, once the client is
+ * admitted: `writer` says the client set the WRITER feature bit.
+ */
 export async function acceptHandshake(
   conn: ByteConn,
   info: DeviceInfo,
   admit: () => number,
+  generation: (writer: boolean) => Promise<number>,
 ): Promise<string | null> {
   const helloBytes = new Uint8Array(ClientHelloLayout.SIZE);
   const timer = setTimeout(() => conn.close(), HANDSHAKE_TIMEOUT_MS);
@@ -61,6 +67,9 @@ export async function acceptHandshake(
     status = HelloStatus.PROTECTION_UNSUPPORTED;
   }
   const ok = status === HelloStatus.OK;
+  const writeGeneration = ok
+    ? await generation((hello.features & ClientFeature.WRITER) !== 0)
+    : 0;
   // A refused client learns why, and nothing about the export.
   const reply: ServerHello = {
     version: PROTOCOL_VERSION,
@@ -75,6 +84,7 @@ export async function acceptHandshake(
     inFlightMax: ok ? IN_FLIGHT_PER_CONNECTION_MAX : 0,
     exportId: ok ? hexToBytes(info.id) : new Uint8Array(EXPORT_ID_BYTES),
     nonce: crypto.getRandomValues(new Uint8Array(NONCE_BYTES)),
+    writeGeneration,
   };
   await writeAll(conn, encodeServerHello(reply));
   return ok ? null : HELLO_STATUS_TEXT[status]!;
