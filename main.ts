@@ -7,6 +7,7 @@
  * 70 a bug (an assertion failed: please report it).
  */
 
+import { arrayCommand } from "./src/cli/array.ts";
 import { attachCommand } from "./src/cli/attach.ts";
 import { demoCommand } from "./src/cli/demo.ts";
 import { exportCommand } from "./src/cli/export.ts";
@@ -19,6 +20,7 @@ export const VERSION = "0.1.0";
 const COMMANDS: Record<string, (argv: string[]) => Promise<number>> = {
   export: exportCommand,
   attach: attachCommand,
+  array: arrayCommand,
   status: statusCommand,
   demo: demoCommand,
 };
@@ -30,6 +32,7 @@ Usage: dst COMMAND [OPTIONS]
 Commands:
   export PATH      serve an image file or block device over the network
   attach ADDR      serve a remote export as a local NBD disk
+  array KIND ...   join exports and paths into a linear or mirror array, and serve it
   status ADDR...   show what exports are doing
   demo             run the whole job on temporary images and check every byte
 

@@ -68,6 +68,18 @@ export const RANGE_BYTES_MAX = 1024 * MiB;
 /** Handshakes that take longer than this are dropped, so a silent peer cannot hold a slot. */
 export const HANDSHAKE_TIMEOUT_MS = 10_000;
 
+/** A mirror's dirty-tracking region: small enough that a resync copies little, large enough that the bitmap stays small (1 TiB = 1 MiB of bitmap). */
+export const MIRROR_REGION_BYTES_DEFAULT = 1 * MiB;
+
+/** A region idle this long has its dirty marks cleared (so a busy region is not persisted per write). */
+export const MIRROR_CLEAR_DELAY_MS = 1000;
+
+/** How often a mirror looks at legs that are out of sync: re-dial, or start a resync. */
+export const MIRROR_SUPERVISE_MS = 1000;
+
+/** Regions a resync copies at once: enough to keep both legs busy. */
+export const MIRROR_RESYNC_PARALLEL = 4;
+
 assert(SEND_ZERO_COPY_BYTES_MIN <= SEND_COALESCE_BYTES, "a copied payload must fit a send buffer");
 assert(RECEIVE_SLAB_BYTES >= SEND_COALESCE_BYTES, "a receive slab holds a full coalesced batch");
 assert(CLIENT_WINDOW_BYTES_MAX >= PAYLOAD_BYTES_MAX, "the byte window admits the largest frame");

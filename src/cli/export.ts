@@ -2,18 +2,17 @@
 
 import { EXPORT_PORT_DEFAULT } from "../constants.ts";
 import { FileDevice } from "../device/file_device.ts";
-import { formatHostPort, parseHostPort } from "../lib/address.ts";
+import { parseHostPort } from "../lib/address.ts";
 import { UsageError } from "../lib/errors.ts";
 import { logger } from "../lib/log.ts";
 import { formatBytes, parseSize } from "../lib/units.ts";
-import { Exporter } from "../server/exporter.ts";
+import { defaultExportStateDir, PersistedGeneration } from "../server/write_generation.ts";
 import { parseCommand, stringOption } from "./args.ts";
-import { NbdServer } from "../nbd/mod.ts";
 import { NBD_PORT_DEFAULT } from "./attach.ts";
-import { untilSignal } from "./signals.ts";
+import { serveUntilSignal } from "./serve.ts";
 
 export const EXPORT_HELP =
-  `Usage: dst export PATH [--listen [HOST]:PORT] [--read-only] [--create SIZE] [--nbd [HOST]:PORT]
+  `Usage: dst export PATH [--listen [HOST]:PORT] [--read-only] [--create SIZE] [--nbd [HOST]:PORT] [--state DIR]
 
 Serves PATH (an image file or a block device) to DST clients.
 
@@ -21,6 +20,8 @@ Serves PATH (an image file or a block device) to DST clients.
   --read-only           refuse every write, discard and write-zeroes
   --create SIZE         create PATH as a sparse image of SIZE (e.g. 1G), or grow it to SIZE
   --nbd [HOST]:PORT     also serve PATH over NBD (default host 127.0.0.1, port ${NBD_PORT_DEFAULT})
+  --state DIR           where to keep the export's write generation (default
+                        $XDG_STATE_HOME/dst/exports or ~/.local/state/dst/exports)
 
 Example: dst export /var/lib/dst/disk0.img --create 10G --listen :1025`;
 
@@ -30,6 +31,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
     "read-only": { type: "boolean" },
     create: { type: "string" },
     nbd: { type: "string" },
+    state: { type: "string" },
   });
   if (parsed.values.help) {
     console.log(EXPORT_HELP);
@@ -60,39 +62,26 @@ export async function exportCommand(argv: string[]): Promise<number> {
 
   const log = logger("export");
   const device = await FileDevice.open(path, { readOnly, createBytes });
-  let exporter: Exporter;
-  let nbd: NbdServer | null = null;
   try {
-    exporter = Exporter.start(device, { listen, log });
-    if (nbdListen !== null) {
-      nbd = await NbdServer.start(device, {
-        listen: { tcp: nbdListen },
-        name: "",
-        description: `DST export of ${path}`,
-        log: logger("nbd"),
-      }).catch(async (error) => {
-        await exporter.shutdown();
-        throw error;
-      });
-    }
-  } catch (error) {
+    const info = device.info;
+    const generation = PersistedGeneration.open(
+      stringOption(parsed, "state") ?? defaultExportStateDir(),
+      info.id,
+    );
+    await serveUntilSignal(device, {
+      listen,
+      nbd: nbdListen,
+      generation,
+      label: path,
+      details:
+        `${formatBytes(info.sizeBytes)}, ${info.sizeBytes} bytes, block ${info.blockSize}, ` +
+        `${readOnly ? "read-only" : "read-write"}, id ${info.id}`,
+      command: "export",
+      log,
+    });
+  } finally {
     await device.close();
-    throw error;
   }
-  const info = device.info;
-  console.log(
-    `dst export: serving ${path} (${
-      formatBytes(info.sizeBytes)
-    }, ${info.sizeBytes} bytes, block ${info.blockSize}, ` +
-      `${readOnly ? "read-only" : "read-write"}, id ${info.id}) on ${
-        formatHostPort(exporter.address)
-      }`,
-  );
-  if (nbd !== null) console.log(`dst export: also serving ${path} as NBD at ${nbd.uri}`);
-  const signal = await untilSignal();
-  log.info(`${signal}: no new clients; finishing what is in flight`);
-  await Promise.all([exporter.shutdown(), nbd?.shutdown()]);
-  await device.close();
   log.info("stopped cleanly");
   return 0;
 }

@@ -92,12 +92,11 @@ export interface RemoteDeviceOptions {
   clock?: Clock;
   log?: Logger;
   /**
-   * Declares the client a writer (the default): each connection starts a new write
-   * generation at the export. `dst status` and other lookers pass false.
+   * Declares the client a writer: each connection starts a new write generation at
+   * the export, reported in its hello. A mirror's legs need that; other clients
+   * leave it off, and the export starts a generation on their first write instead.
    */
   writer?: boolean;
-  /** Called on every reconnect, before anything is resent, with the export's write generation. */
-  onReconnect?: (writeGeneration: number) => void;
 }
 
 interface Transaction extends Gated {
@@ -142,7 +141,7 @@ export class RemoteDevice implements BlockDevice {
   readonly #log: Logger;
   readonly #where: string;
   readonly #writer: boolean;
-  readonly #onReconnect: ((writeGeneration: number) => void) | null;
+  #onReconnect: ((writeGeneration: number) => void) | null = null;
   #writeGeneration: number;
 
   readonly #gate = new OverlapGate();
@@ -179,8 +178,7 @@ export class RemoteDevice implements BlockDevice {
     this.#payloadBytesMax = Math.min(hello.payloadBytesMax, PAYLOAD_BYTES_MAX);
     this.#exportId = bytesToHex(hello.exportId);
     this.#dial = options.dial ?? tcpDialer;
-    this.#writer = options.writer ?? true;
-    this.#onReconnect = options.onReconnect ?? null;
+    this.#writer = options.writer ?? false;
     this.#writeGeneration = hello.writeGeneration;
     this.#clock = options.clock ?? systemClock;
     this.#log = options.log ?? logger("client");
@@ -205,12 +203,17 @@ export class RemoteDevice implements BlockDevice {
     address: HostPort,
     options: RemoteDeviceOptions = {},
   ): Promise<RemoteDevice> {
-    const { conn, hello } = await dialExport(address, options.dial, options.writer ?? true);
+    const { conn, hello } = await dialExport(address, options.dial, options.writer ?? false);
     return new RemoteDevice(address, hello, conn, options);
   }
 
   get connected(): boolean {
     return this.#link !== null;
+  }
+
+  /** Called on every reconnect, before anything is resent, with the export's write generation. */
+  setReconnectListener(listener: (writeGeneration: number) => void): void {
+    this.#onReconnect = listener;
   }
 
   /** The export's write generation as of the latest (re)connect. */

@@ -179,7 +179,10 @@ assert(
   "client hello is 32 bytes",
 );
 assert(ServerHelloLayout.exportId + EXPORT_ID_BYTES === ServerHelloLayout.nonce, "hello layout");
-assert(ServerHelloLayout.writeGeneration + 8 === ServerHelloLayout.SIZE, "server hello is 80 bytes");
+assert(
+  ServerHelloLayout.writeGeneration + 8 === ServerHelloLayout.SIZE,
+  "server hello is 80 bytes",
+);
 assert(RequestLayout.payloadLength + 4 === RequestLayout.SIZE, "request header is 32 bytes");
 assert(ReplyLayout.payloadLength + 4 === ReplyLayout.SIZE, "reply header is 24 bytes");
 assert(InfoLayout.exportFlags + 4 === InfoLayout.SIZE, "info payload is 16 bytes");

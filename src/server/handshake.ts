@@ -67,9 +67,7 @@ export async function acceptHandshake(
     status = HelloStatus.PROTECTION_UNSUPPORTED;
   }
   const ok = status === HelloStatus.OK;
-  const writeGeneration = ok
-    ? await generation((hello.features & ClientFeature.WRITER) !== 0)
-    : 0;
+  const writeGeneration = ok ? await generation((hello.features & ClientFeature.WRITER) !== 0) : 0;
   // A refused client learns why, and nothing about the export.
   const reply: ServerHello = {
     version: PROTOCOL_VERSION,

@@ -8,6 +8,19 @@ import { type HostPort, parseHostPort } from "../../src/lib/address.ts";
 
 export const BUNDLE = new URL("../../dist/dst.js", import.meta.url).pathname;
 
+/**
+ * Spawned processes keep their state (write generations, mirror state) here, not in
+ * the user's ~/.local/state: one folder per test process, removed at exit.
+ */
+export const TEST_STATE_HOME = Deno.makeTempDirSync({ prefix: "dst-test-state-" });
+globalThis.addEventListener("unload", () => {
+  try {
+    Deno.removeSync(TEST_STATE_HOME, { recursive: true });
+  } catch {
+    // already gone
+  }
+});
+
 /** A `dst` process that is serving: its startup line's match, its log, and a way to stop it. */
 export interface RunningDst {
   process: Deno.ChildProcess;
@@ -52,6 +65,7 @@ export async function startDst(args: string[], ready: RegExp): Promise<RunningDs
   await ensureBundle();
   const process = new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", BUNDLE, ...args],
+    env: { XDG_STATE_HOME: TEST_STATE_HOME },
     stdout: "piped",
     stderr: "piped",
   }).spawn();
@@ -129,6 +143,7 @@ export async function runDst(
   await ensureBundle();
   const output = await new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", BUNDLE, ...args],
+    env: { XDG_STATE_HOME: TEST_STATE_HOME },
     stdout: "piped",
     stderr: "piped",
   }).output();

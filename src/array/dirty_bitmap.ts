@@ -1,0 +1,170 @@
+/**
+ * The mirror's write-intent bitmap, kept on the array's own node (never on a leg):
+ * one byte per region, one bit per leg slot (so at most 8 legs). A set bit means
+ * "this leg may differ from the array's data in this region".
+ *
+ * - Before a write goes out, its regions' bits are set for every leg and the change
+ *   is on stable storage (`mark()` resolves then). A region already marked costs
+ *   nothing, so a busy region is persisted once, not per write.
+ * - Bits are cleared lazily (`clear()` changes memory; the next flush writes it): a
+ *   bit that stays set too long only means a region is copied that did not need it.
+ *
+ * After a crash, a set bit for an in-sync leg names a region that may have had a
+ * write in flight; for an out-of-sync leg, a region it missed.
+ *
+ * The file is the bytes themselves, `regions` long; concurrent marks share one
+ * write and one fdatasync.
+ */
+
+import * as fs from "node:fs";
+import { assert } from "../lib/assert.ts";
+import { DstError } from "../lib/errors.ts";
+
+export const LEG_SLOTS_MAX = 8;
+
+export class DirtyBitmap {
+  readonly #bytes: Uint8Array;
+  readonly #fd: number;
+  #changedFirst = Infinity;
+  #changedLast = -1;
+  /** A flush not yet started: it will carry every change made so far. */
+  #scheduled: Promise<void> | null = null;
+  #running: Promise<void> | null = null;
+  /** The flush that makes the latest mark durable (a repeated mark waits for it too). */
+  #markDurable: Promise<void> = Promise.resolve();
+  #closed = false;
+
+  private constructor(readonly path: string, fd: number, bytes: Uint8Array) {
+    this.#fd = fd;
+    this.#bytes = bytes;
+  }
+
+  /** Opens the bitmap file; `create` makes a new one of `regions` clear bytes. */
+  static open(path: string, regions: number, create: boolean): DirtyBitmap {
+    assert(Number.isSafeInteger(regions) && regions > 0, "a bitmap has regions");
+    const bytes = new Uint8Array(regions);
+    let fd: number;
+    try {
+      fd = fs.openSync(path, create ? "w+" : "r+", 0o600);
+    } catch (error) {
+      throw new DstError("STATE", `Cannot open the mirror bitmap ${path}: ${error}`, {
+        cause: error,
+      });
+    }
+    if (create) {
+      fs.writeSync(fd, bytes, 0, regions, 0);
+      fs.fdatasyncSync(fd);
+    } else {
+      const size = fs.fstatSync(fd).size;
+      if (size !== regions) {
+        fs.closeSync(fd);
+        throw new DstError(
+          "STATE",
+          `The mirror bitmap ${path} has ${size} regions, the state says ${regions}: ` +
+            "the state folder is damaged; start over with --source LEG",
+        );
+      }
+      fs.readSync(fd, bytes, 0, regions, 0);
+    }
+    return new DirtyBitmap(path, fd, bytes);
+  }
+
+  get regions(): number {
+    return this.#bytes.length;
+  }
+
+  has(region: number, slot: number): boolean {
+    return (this.#bytes[region]! & (1 << slot)) !== 0;
+  }
+
+  /** The legs (as a mask) marked in `region`. */
+  maskOf(region: number): number {
+    return this.#bytes[region]!;
+  }
+
+  /** How many regions are marked for `slot`. */
+  count(slot: number): number {
+    const bit = 1 << slot;
+    let n = 0;
+    for (const byte of this.#bytes) if ((byte & bit) !== 0) n += 1;
+    return n;
+  }
+
+  /** Sets the bits of `mask` in regions first..last; resolves once that is durable. */
+  mark(first: number, last: number, mask: number): Promise<void> {
+    let changed = false;
+    for (let region = first; region <= last; region++) {
+      const byte = this.#bytes[region]!;
+      if ((byte & mask) !== mask) {
+        this.#bytes[region] = byte | mask;
+        this.#noteChange(region);
+        changed = true;
+      }
+    }
+    if (changed) this.#markDurable = this.flush();
+    return this.#markDurable;
+  }
+
+  /** Sets the bits of `mask` in every region (a leg that needs a full copy). */
+  markAll(mask: number): Promise<void> {
+    return this.mark(0, this.regions - 1, mask);
+  }
+
+  /** Clears the bits of `mask` in `region`, in memory; the next flush writes it. */
+  clear(region: number, mask: number): void {
+    const byte = this.#bytes[region]!;
+    if ((byte & mask) === 0) return;
+    this.#bytes[region] = byte & ~mask;
+    this.#noteChange(region);
+  }
+
+  /** Writes every change so far and fdatasyncs; concurrent callers share one. */
+  flush(): Promise<void> {
+    if (this.#scheduled !== null) return this.#scheduled;
+    const run = async () => {
+      await (this.#running ?? Promise.resolve()).catch(() => {});
+      this.#scheduled = null; // changes from here on need the next flush
+      const writing = this.#writeOut();
+      this.#running = writing;
+      try {
+        await writing;
+      } finally {
+        if (this.#running === writing) this.#running = null;
+      }
+    };
+    this.#scheduled = run();
+    return this.#scheduled;
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    await this.flush().catch(() => {});
+    this.#closed = true;
+    fs.closeSync(this.#fd);
+  }
+
+  #noteChange(region: number): void {
+    if (region < this.#changedFirst) this.#changedFirst = region;
+    if (region > this.#changedLast) this.#changedLast = region;
+  }
+
+  async #writeOut(): Promise<void> {
+    if (this.#closed) throw new DstError("STATE", `${this.path} is closed`);
+    const first = this.#changedFirst;
+    const last = this.#changedLast;
+    this.#changedFirst = Infinity;
+    this.#changedLast = -1;
+    if (last >= first) {
+      try {
+        fs.writeSync(this.#fd, this.#bytes, first, last - first + 1, first);
+      } catch (error) {
+        this.#noteChange(first);
+        this.#noteChange(last);
+        throw new DstError("STATE", `Cannot write the mirror bitmap ${this.path}: ${error}`);
+      }
+    }
+    await new Promise<void>((resolve, reject) =>
+      fs.fdatasync(this.#fd, (error) => error ? reject(error) : resolve())
+    );
+  }
+}

@@ -1,0 +1,48 @@
+/**
+ * Opening an array's members: HOST:PORT is a DST export (a RemoteDevice, which may
+ * itself be an array's export: that is how trees are built); anything that names a
+ * file (a path starting with / or ., or one that exists) is opened locally.
+ *
+ * Each opened member comes with its write generation, so a mirror can tell whether
+ * someone else wrote to it: a remote one reports it in the handshake (we connect as
+ * a writer, which starts a new one); a local one is kept the way `dst export`
+ * keeps it, in the exports state folder, and a new one starts here.
+ */
+
+import { existsSync } from "node:fs";
+import { RemoteDevice, type RemoteDeviceOptions } from "../client/remote_device.ts";
+import { EXPORT_PORT_DEFAULT } from "../constants.ts";
+import type { BlockDevice } from "../device/block_device.ts";
+import { FileDevice } from "../device/file_device.ts";
+import { parseHostPort } from "../lib/address.ts";
+import { defaultExportStateDir, PersistedGeneration } from "../server/write_generation.ts";
+
+export interface OpenedMember {
+  device: BlockDevice;
+  /** The write generation that this opening started. */
+  generation: number;
+}
+
+export function isLocalMember(name: string): boolean {
+  return name.startsWith("/") || name.startsWith(".") || existsSync(name);
+}
+
+export async function openMember(
+  name: string,
+  client: RemoteDeviceOptions,
+  exportsStateDir: string = defaultExportStateDir(),
+): Promise<OpenedMember> {
+  if (isLocalMember(name)) {
+    const device = await FileDevice.open(name, { readOnly: false });
+    try {
+      const generation = await PersistedGeneration.open(exportsStateDir, device.info.id).next();
+      return { device, generation };
+    } catch (error) {
+      await device.close();
+      throw error;
+    }
+  }
+  const address = parseHostPort(name, "127.0.0.1", EXPORT_PORT_DEFAULT);
+  const device = await RemoteDevice.connect(address, { ...client, writer: true });
+  return { device, generation: device.writeGeneration };
+}

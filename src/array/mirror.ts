@@ -1,0 +1,884 @@
+/**
+ * A mirror: every leg holds the whole device (shared/DESIGN.md, section 4).
+ *
+ * Leg modes: in-sync (read from, written to), resyncing (written to, and its dirty
+ * regions copied from an in-sync leg meanwhile), out-of-sync (failed or away; its
+ * missed regions stay marked), detached (taken out by the user: a snapshot).
+ *
+ * - Writes go to every in-sync and resyncing leg; the ack goes up once all of them
+ *   answered. A leg that fails (its transactions used up every resend) goes
+ *   out-of-sync and the array goes on degraded; the caller sees an error only when
+ *   no in-sync leg took the write.
+ * - Before a write goes out its regions are marked for every leg in the bitmap, on
+ *   stable storage (dirty_bitmap.ts); once a region has been idle for a while, the
+ *   marks of legs that are in sync are cleared. So after a crash of this process,
+ *   the marked regions are the only ones where in-sync legs may differ.
+ * - Overlapping writes: each leg orders overlapping requests in the order they were
+ *   issued (RemoteDevice's overlap gate; a file's writes are synchronous), and the
+ *   mirror issues a write to all legs in the same turn, so legs never disagree on
+ *   the order. A resync copy takes its region alone (region_activity.ts).
+ * - Reads go to the in-sync leg with the fewest requests in flight.
+ * - A leg's identity is its export id; a leg that comes back with a write
+ *   generation other than one past the mirror's last connection was written by
+ *   someone else, and gets a full copy.
+ */
+
+import {
+  MIRROR_CLEAR_DELAY_MS,
+  MIRROR_RESYNC_PARALLEL,
+  MIRROR_SUPERVISE_MS,
+} from "../constants.ts";
+import {
+  type BlockDevice,
+  checkRange,
+  type DeviceInfo,
+  type DeviceStats,
+  emptyStats,
+  type IoFlags,
+} from "../device/block_device.ts";
+import { RemoteDevice, type RemoteDeviceOptions } from "../client/remote_device.ts";
+import { assert } from "../lib/assert.ts";
+import { describeError, DeviceError, DstError } from "../lib/errors.ts";
+import { ensureDir } from "../lib/state_file.ts";
+import { formatBytes, formatDuration } from "../lib/units.ts";
+import type { Logger } from "../lib/log.ts";
+import { randomId } from "./array_id.ts";
+import { DirtyBitmap, LEG_SLOTS_MAX } from "./dirty_bitmap.ts";
+import {
+  bitmapPath,
+  type LegRecord,
+  loadMirrorState,
+  type MirrorState,
+  regionCount,
+  saveMirrorState,
+  STATE_VERSION,
+} from "./mirror_state.ts";
+import { type OpenedMember, openMember } from "./members.ts";
+import { RegionActivity } from "./region_activity.ts";
+
+export type LegMode = "in-sync" | "resyncing" | "out-of-sync" | "detached";
+
+export interface ResyncProgress {
+  full: boolean;
+  regionsDone: number;
+  regionsTotal: number;
+  bytesCopied: number;
+  bytesPerSecond: number;
+  etaMs: number | null;
+}
+
+export interface MirrorLegStatus {
+  name: string;
+  state: LegMode;
+  exportId: string;
+  dirtyRegions: number;
+  inFlight: number;
+  errors: number;
+  resync?: ResyncProgress;
+  /** Why a leg is out of sync, when known. */
+  reason?: string;
+}
+
+export interface MirrorStatus {
+  kind: "mirror";
+  sizeBytes: number;
+  regionBytes: number;
+  stateDir: string;
+  members: MirrorLegStatus[];
+  /** Totals over the mirror's life: what resyncs copied. */
+  resyncedBytes: number;
+}
+
+export interface MirrorOptions {
+  stateDir: string;
+  /** Start over: this member's data is right, the others get a full copy. */
+  source?: string;
+  regionBytes: number;
+  client: RemoteDeviceOptions;
+  log: Logger;
+  /** Where local members' write generations live (default: dst export's folder). */
+  exportsStateDir?: string;
+}
+
+interface Leg {
+  record: LegRecord;
+  device: BlockDevice | null;
+  mode: LegMode;
+  inFlight: number;
+  errors: number;
+  reason: string | null;
+  /** Regions still to copy while resyncing (1 = copy), or null. */
+  pending: Uint8Array | null;
+  resync: ResyncRun | null;
+  /** A connect attempt or resync is under way: the supervisor leaves the leg alone. */
+  busy: boolean;
+  lastFailureMs: number;
+}
+
+interface ResyncRun {
+  full: boolean;
+  regionsTotal: number;
+  regionsDone: number;
+  bytesCopied: number;
+  startedMs: number;
+}
+
+export class MirrorDevice implements BlockDevice {
+  readonly info: DeviceInfo;
+  readonly #legs: Leg[];
+  readonly #state: MirrorState;
+  readonly #bitmap: DirtyBitmap;
+  readonly #regions: RegionActivity;
+  readonly #idle = new Set<number>();
+  readonly #stats = emptyStats();
+  readonly #log: Logger;
+  readonly #options: MirrorOptions;
+  readonly #sweeper: ReturnType<typeof setInterval>;
+  readonly #supervisor: ReturnType<typeof setInterval>;
+  #resyncedBytes = 0;
+  #closing = false;
+
+  private constructor(
+    state: MirrorState,
+    legs: Leg[],
+    bitmap: DirtyBitmap,
+    blockSize: number,
+    options: MirrorOptions,
+  ) {
+    this.#state = state;
+    this.#legs = legs;
+    this.#bitmap = bitmap;
+    this.#options = options;
+    this.#log = options.log;
+    this.info = {
+      sizeBytes: state.sizeBytes,
+      blockSize,
+      readOnly: false,
+      id: state.arrayId,
+      name: `mirror(${legs.map((l) => l.record.name).join(", ")})`,
+    };
+    this.#regions = new RegionActivity((region) => this.#idle.add(region));
+    this.#sweeper = setInterval(() => this.#sweep(), MIRROR_CLEAR_DELAY_MS);
+    this.#supervisor = setInterval(() => this.#supervise(), MIRROR_SUPERVISE_MS);
+  }
+
+  /**
+   * Opens a mirror of `members` with its state in options.stateDir: checks the
+   * state against the members, connects every leg, reconciles what a crash left
+   * marked, and starts bringing back legs that are behind.
+   */
+  static async open(members: string[], options: MirrorOptions): Promise<MirrorDevice> {
+    if (members.length < 2 || members.length > LEG_SLOTS_MAX) {
+      throw new DstError("USAGE", `A mirror has 2 to ${LEG_SLOTS_MAX} legs, not ${members.length}`);
+    }
+    if (new Set(members).size !== members.length) {
+      throw new DstError("USAGE", "A mirror's legs must be different members");
+    }
+    if (options.source !== undefined && !members.includes(options.source)) {
+      throw new DstError("USAGE", `--source ${options.source} is not one of the members`);
+    }
+    const previous = options.source === undefined ? loadMirrorState(options.stateDir) : null;
+    if (previous === null && options.source === undefined) {
+      throw new DstError(
+        "STATE",
+        `No mirror state in ${options.stateDir}. To make a new mirror, say which member's data ` +
+          `is right with --source MEMBER (the others get a full copy of it); to reopen an ` +
+          `existing mirror, pass the --state DIR it was made with.`,
+      );
+    }
+    if (previous !== null) {
+      const known = previous.legs.map((l) => l.name);
+      const same = known.length === members.length && known.every((n) => members.includes(n));
+      if (!same) {
+        throw new DstError(
+          "STATE",
+          `The mirror state in ${options.stateDir} is for legs ${known.join(", ")}, ` +
+            `not ${members.join(", ")}: pass the same legs, another --state, or --source MEMBER ` +
+            "to start over from that member's data (the others then get a full copy)",
+        );
+      }
+    }
+
+    const detached = new Set(
+      (previous?.legs ?? []).filter((l) => l.state === "detached").map((l) => l.name),
+    );
+    const opened = await Promise.all(members.map(async (name) => {
+      // A detached leg is not opened: opening starts a write generation, and it is a snapshot.
+      if (detached.has(name)) return new Error("detached");
+      try {
+        return await openMember(
+          name,
+          { ...options.client },
+          options.exportsStateDir,
+        );
+      } catch (error) {
+        return error instanceof Error ? error : new Error(String(error));
+      }
+    }));
+    try {
+      return await MirrorDevice.#assemble(members, opened, previous, options);
+    } catch (error) {
+      await Promise.allSettled(
+        opened.map((o) => o instanceof Error ? undefined : o.device.close()),
+      );
+      throw error;
+    }
+  }
+
+  static async #assemble(
+    members: string[],
+    opened: Array<OpenedMember | Error>,
+    previous: MirrorState | null,
+    options: MirrorOptions,
+  ): Promise<MirrorDevice> {
+    const log = options.log;
+    let state: MirrorState;
+    let fresh = false;
+    if (previous === null) {
+      // A new mirror (or a start over): every member must be here to size it.
+      const missing = members.filter((_, i) => opened[i] instanceof Error);
+      if (missing.length > 0) {
+        const why = members.map((name, i) =>
+          opened[i] instanceof Error ? `${name}: ${(opened[i] as Error).message}` : null
+        ).filter((x) => x !== null).join("; ");
+        throw new DstError("CONNECT", `Cannot make the mirror, members unreachable: ${why}`);
+      }
+      const devices = opened as OpenedMember[];
+      const readOnly = devices.find((o) => o.device.info.readOnly);
+      if (readOnly !== undefined) {
+        throw new DstError(
+          "USAGE",
+          `${readOnly.device.info.name} is read-only; a leg must be writable`,
+        );
+      }
+      const sizeBytes = Math.min(...devices.map((o) => o.device.info.sizeBytes));
+      state = {
+        version: STATE_VERSION,
+        kind: "mirror",
+        arrayId: randomId(),
+        sizeBytes,
+        regionBytes: options.regionBytes,
+        legs: members.map((name, slot) => ({
+          slot,
+          name,
+          exportId: devices[slot]!.device.info.id,
+          generation: devices[slot]!.generation,
+          state: name === options.source ? "in-sync" : "out-of-sync",
+        })),
+      };
+      fresh = true;
+    } else {
+      state = previous;
+    }
+    const regions = regionCount(state.sizeBytes, state.regionBytes);
+    ensureDir(options.stateDir);
+    const bitmap = DirtyBitmap.open(bitmapPath(options.stateDir), regions, fresh);
+    if (fresh) {
+      for (const leg of state.legs) {
+        if (leg.state !== "in-sync") await bitmap.markAll(1 << leg.slot);
+      }
+    }
+
+    const legs: Leg[] = state.legs.map((record) => ({
+      record,
+      device: null,
+      mode: record.state === "in-sync" ? "in-sync" : record.state,
+      inFlight: 0,
+      errors: 0,
+      reason: null,
+      pending: null,
+      resync: null,
+      busy: false,
+      lastFailureMs: 0,
+    }));
+    for (const leg of legs) {
+      const member = opened[members.indexOf(leg.record.name)]!;
+      if (leg.mode === "detached") continue;
+      if (member instanceof Error) {
+        if (leg.mode === "in-sync") leg.mode = "out-of-sync";
+        leg.reason = member.message;
+        log.warn(`leg ${leg.record.name} is not reachable: ${member.message}`);
+        continue;
+      }
+      const refusal = MirrorDevice.#checkIdentity(leg.record, member, state.sizeBytes);
+      if (refusal !== null) {
+        await member.device.close();
+        if (leg.mode === "in-sync") leg.mode = "out-of-sync";
+        leg.reason = refusal;
+        log.error(`leg ${leg.record.name}: ${refusal}`);
+        continue;
+      }
+      leg.device = member.device;
+      if (!fresh) MirrorDevice.#checkGeneration(leg, member.generation, bitmap, log);
+      leg.record.generation = member.generation;
+    }
+
+    // After a crash, in-sync legs may differ where the bitmap is marked: the first
+    // reachable in-sync leg is the truth; the others are brought level from it.
+    const source = legs.find((l) => l.mode === "in-sync" && l.device !== null);
+    if (source === undefined) {
+      await bitmap.close();
+      throw new DstError(
+        "CONNECT",
+        `No in-sync leg of the mirror is reachable (${
+          legs.map((l) => `${l.record.name}: ${l.reason ?? l.mode}`).join("; ")
+        }): start the in-sync leg's export, or start over with --source MEMBER`,
+      );
+    }
+    for (const leg of legs) {
+      if (leg.mode === "in-sync" && leg.device === null) leg.mode = "out-of-sync";
+    }
+    for (const leg of legs) {
+      if (leg === source || leg.mode !== "in-sync") continue;
+      if (bitmap.count(leg.record.slot) > 0) {
+        leg.mode = "out-of-sync";
+        leg.reason = "regions marked when the array stopped; reconciling them from " +
+          source.record.name;
+      }
+    }
+    for (let r = 0; r < regions; r++) bitmap.clear(r, 1 << source.record.slot);
+    await bitmap.flush();
+
+    const blockSize = Math.max(...legs.map((l) => l.device?.info.blockSize ?? 512));
+    const mirror = new MirrorDevice(state, legs, bitmap, blockSize, options);
+    for (const leg of legs) mirror.#watch(leg);
+    mirror.#save();
+    for (const leg of legs) {
+      if (leg.mode === "out-of-sync" && leg.device !== null) void mirror.#resync(leg);
+    }
+    return mirror;
+  }
+
+  /** Why an opened member cannot be this leg, or null. */
+  static #checkIdentity(record: LegRecord, member: OpenedMember, sizeBytes: number): string | null {
+    const info = member.device.info;
+    if (info.id !== record.exportId) {
+      return `is a different export now (id ${info.id}, was ${record.exportId}); ` +
+        "detach it and attach the new one, or start over with --source";
+    }
+    if (info.sizeBytes < sizeBytes) {
+      return `is ${info.sizeBytes} bytes, smaller than the mirror's ${sizeBytes}`;
+    }
+    if (info.readOnly) return "is read-only";
+    return null;
+  }
+
+  /** A leg whose generation is not one past ours was written by someone else: full copy. */
+  static #checkGeneration(leg: Leg, generation: number, bitmap: DirtyBitmap, log: Logger): boolean {
+    if (generation === leg.record.generation + 1) return true;
+    log.warn(
+      `leg ${leg.record.name} was written by someone else while away (write generation ` +
+        `${generation}, expected ${leg.record.generation + 1}); it gets a full copy`,
+    );
+    void bitmap.markAll(1 << leg.record.slot).catch(() => {});
+    if (leg.mode === "in-sync" || leg.mode === "resyncing") leg.mode = "out-of-sync";
+    leg.reason = "written by someone else while away";
+    return false;
+  }
+
+  // --- I/O ------------------------------------------------------------------------
+
+  async read(offset: number, into: Uint8Array): Promise<void> {
+    checkRange(this.info, "read", offset, into.length);
+    for (;;) {
+      const leg = this.#readLeg();
+      if (leg === null) {
+        this.#stats.errors += 1;
+        throw new DeviceError("EIO", `${this.info.name}: no in-sync leg left to read from`);
+      }
+      leg.inFlight += 1;
+      try {
+        await leg.device!.read(offset, into);
+        this.#stats.reads += 1;
+        this.#stats.readBytes += into.length;
+        return;
+      } catch (error) {
+        this.#legFailed(leg, error); // and try the next in-sync leg
+      } finally {
+        leg.inFlight -= 1;
+      }
+    }
+  }
+
+  write(offset: number, data: Uint8Array, flags?: IoFlags): Promise<void> {
+    return this.#mutate("write", offset, data.length, (d) => d.write(offset, data, flags), () => {
+      this.#stats.writes += 1;
+      this.#stats.writtenBytes += data.length;
+    });
+  }
+
+  discard(offset: number, length: number, flags?: IoFlags): Promise<void> {
+    return this.#mutate(
+      "discard",
+      offset,
+      length,
+      (d) => d.discard(offset, length, flags),
+      () => (this.#stats.discards += 1),
+    );
+  }
+
+  writeZeroes(offset: number, length: number, flags?: IoFlags): Promise<void> {
+    return this.#mutate(
+      "write zeroes",
+      offset,
+      length,
+      (d) => d.writeZeroes(offset, length, flags),
+      () => (this.#stats.zeroes += 1),
+    );
+  }
+
+  async flush(): Promise<void> {
+    const targets = this.#legs.filter((l) => l.mode === "in-sync" || l.mode === "resyncing");
+    const ok = await Promise.all(targets.map((leg) => this.#onLeg(leg, (d) => d.flush())));
+    if (!targets.some((leg, i) => ok[i] && leg.mode === "in-sync")) {
+      this.#stats.errors += 1;
+      throw new DeviceError("EIO", `${this.info.name}: no in-sync leg took the flush`);
+    }
+    this.#stats.flushes += 1;
+  }
+
+  stats(): DeviceStats {
+    return { ...this.#stats };
+  }
+
+  async #mutate(
+    what: string,
+    offset: number,
+    length: number,
+    op: (device: BlockDevice) => Promise<void>,
+    count: () => void,
+  ): Promise<void> {
+    checkRange(this.info, what, offset, length);
+    const region = this.#state.regionBytes;
+    const first = Math.floor(offset / region);
+    const last = Math.floor((offset + Math.max(length, 1) - 1) / region);
+    await this.#regions.enterWrite(first, last);
+    try {
+      for (let r = first; r <= last; r++) this.#idle.delete(r);
+      await this.#bitmap.mark(first, last, this.#slotsMask()).catch((error) => {
+        throw new DeviceError(
+          "EIO",
+          `${this.info.name}: cannot record the write in the bitmap: ${describeError(error)}`,
+        );
+      });
+      const targets = this.#legs.filter((l) => l.mode === "in-sync" || l.mode === "resyncing");
+      const ok = await Promise.all(targets.map((leg) => this.#onLeg(leg, op)));
+      if (!targets.some((leg, i) => ok[i] && leg.mode === "in-sync")) {
+        this.#stats.errors += 1;
+        throw new DeviceError("EIO", `${this.info.name}: no in-sync leg took the ${what}`);
+      }
+      count();
+    } finally {
+      this.#regions.exitWrite(first, last);
+    }
+  }
+
+  /** Runs `op` on a leg; a failure takes the leg out of sync. Resolves whether it worked. */
+  async #onLeg(leg: Leg, op: (device: BlockDevice) => Promise<void>): Promise<boolean> {
+    const device = leg.device;
+    if (device === null) return false;
+    leg.inFlight += 1;
+    try {
+      await op(device);
+      return true;
+    } catch (error) {
+      this.#legFailed(leg, error);
+      return false;
+    } finally {
+      leg.inFlight -= 1;
+    }
+  }
+
+  #readLeg(): Leg | null {
+    let best: Leg | null = null;
+    for (const leg of this.#legs) {
+      if (leg.mode !== "in-sync" || leg.device === null) continue;
+      if (best === null || leg.inFlight < best.inFlight) best = leg;
+    }
+    return best;
+  }
+
+  #slotsMask(): number {
+    let mask = 0;
+    for (const leg of this.#legs) mask |= 1 << leg.record.slot;
+    return mask;
+  }
+
+  // --- legs going and coming ---------------------------------------------------------
+
+  #legFailed(leg: Leg, error: unknown): void {
+    leg.errors += 1;
+    leg.lastFailureMs = Date.now();
+    if (leg.mode !== "in-sync" && leg.mode !== "resyncing") return;
+    const was = leg.mode;
+    leg.mode = "out-of-sync";
+    leg.reason = describeError(error);
+    const left = this.#legs.filter((l) => l.mode === "in-sync").length;
+    this.#log.warn(
+      `leg ${leg.record.name} is out of sync (${
+        was === "resyncing" ? "while resyncing; " : ""
+      }${leg.reason}); ${left} in-sync leg${left === 1 ? "" : "s"} left` +
+        (left === 0 ? ": the array fails I/O until a leg is back" : ""),
+    );
+    this.#save();
+  }
+
+  /** Follows a remote leg's reconnects: its write generation says whether we can trust it. */
+  #watch(leg: Leg): void {
+    const device = leg.device;
+    if (!(device instanceof RemoteDevice)) return;
+    device.setReconnectListener((generation) => {
+      if (leg.device !== device || leg.mode === "detached") return;
+      MirrorDevice.#checkGeneration(leg, generation, this.#bitmap, this.#log);
+      leg.record.generation = generation;
+      this.#save();
+    });
+  }
+
+  /** Every second: legs that are out of sync and reachable are resynced; lost ones re-dialed. */
+  #supervise(): void {
+    if (this.#closing) return;
+    for (const leg of this.#legs) {
+      if (leg.mode !== "out-of-sync" || leg.busy) continue;
+      if (Date.now() - leg.lastFailureMs < MIRROR_SUPERVISE_MS) continue;
+      if (leg.device === null) {
+        void this.#reopen(leg);
+      } else if (!(leg.device instanceof RemoteDevice) || leg.device.connected) {
+        void this.#resync(leg);
+      }
+    }
+  }
+
+  async #reopen(leg: Leg): Promise<void> {
+    leg.busy = true;
+    try {
+      const member = await openMember(
+        leg.record.name,
+        { ...this.#options.client },
+        this.#options.exportsStateDir,
+      );
+      const refusal = MirrorDevice.#checkIdentity(leg.record, member, this.info.sizeBytes);
+      if (refusal !== null) {
+        await member.device.close();
+        if (leg.reason !== refusal) this.#log.error(`leg ${leg.record.name}: ${refusal}`);
+        leg.reason = refusal;
+        leg.lastFailureMs = Date.now();
+        return;
+      }
+      if (this.#closing || leg.mode !== "out-of-sync") {
+        await member.device.close();
+        return;
+      }
+      MirrorDevice.#checkGeneration(leg, member.generation, this.#bitmap, this.#log);
+      leg.record.generation = member.generation;
+      leg.device = member.device;
+      this.#watch(leg);
+      this.#save();
+      this.#log.info(`leg ${leg.record.name} is reachable again`);
+    } catch (error) {
+      leg.reason = describeError(error);
+      leg.lastFailureMs = Date.now();
+    } finally {
+      leg.busy = false;
+    }
+    if (leg.device !== null && leg.mode === "out-of-sync") void this.#resync(leg);
+  }
+
+  /**
+   * Brings an out-of-sync leg level: it starts taking writes, and every region
+   * marked for it is copied from an in-sync leg, a few at a time, while I/O goes on.
+   */
+  async #resync(leg: Leg): Promise<void> {
+    if (leg.busy || leg.mode !== "out-of-sync" || leg.device === null || this.#closing) return;
+    if (this.#readLeg() === null) return; // nothing to copy from
+    leg.busy = true;
+    const slot = leg.record.slot;
+    const regions = this.#bitmap.regions;
+    const pending = new Uint8Array(regions);
+    let total = 0;
+    for (let r = 0; r < regions; r++) {
+      if (this.#bitmap.has(r, slot)) {
+        pending[r] = 1;
+        total += 1;
+      }
+    }
+    const run: ResyncRun = {
+      full: total === regions,
+      regionsTotal: total,
+      regionsDone: 0,
+      bytesCopied: 0,
+      startedMs: Date.now(),
+    };
+    leg.pending = pending;
+    leg.resync = run;
+    leg.mode = "resyncing";
+    leg.reason = null;
+    this.#log.info(
+      `resync of ${leg.record.name}: ${total} of ${regions} regions ` +
+        `(${formatBytes(Math.min(total * this.#state.regionBytes, this.info.sizeBytes))}) to copy`,
+    );
+    let lastLogMs = Date.now();
+    let next = 0;
+    const worker = async (buffer: Uint8Array) => {
+      try {
+        await copyAll(buffer);
+      } catch (error) {
+        this.#legFailed(leg, error);
+      }
+    };
+    const copyAll = async (buffer: Uint8Array) => {
+      for (;;) {
+        while (next < regions && pending[next] === 0) next += 1;
+        if (next >= regions || leg.mode !== "resyncing" || this.#closing) return;
+        const r = next++;
+        await this.#copyRegion(leg, r, buffer);
+        if (leg.mode !== "resyncing") return;
+        run.regionsDone += 1;
+        if (Date.now() - lastLogMs >= 1000) {
+          lastLogMs = Date.now();
+          const p = this.#progress(run);
+          this.#log.info(
+            `resync of ${leg.record.name}: ${p.regionsDone}/${p.regionsTotal} regions, ` +
+              `${formatBytes(p.bytesPerSecond)}/s` +
+              (p.etaMs === null ? "" : `, about ${formatDuration(p.etaMs)} left`),
+          );
+        }
+      }
+    };
+    try {
+      await Promise.all(
+        Array.from(
+          { length: MIRROR_RESYNC_PARALLEL },
+          () => worker(new Uint8Array(this.#state.regionBytes)),
+        ),
+      );
+      if (leg.mode === "resyncing" && !this.#closing) {
+        await leg.device.flush();
+        if (leg.mode === "resyncing") {
+          leg.mode = "in-sync";
+          leg.pending = null;
+          this.#save();
+          const seconds = (Date.now() - run.startedMs) / 1000;
+          this.#log.info(
+            `leg ${leg.record.name} is in sync: copied ${run.regionsDone} regions, ` +
+              `${formatBytes(run.bytesCopied)} in ${seconds.toFixed(1)} s`,
+          );
+        }
+      }
+    } catch (error) {
+      this.#legFailed(leg, error);
+    } finally {
+      if (leg.mode !== "resyncing") leg.pending = null;
+      if (leg.mode === "resyncing") leg.mode = "out-of-sync"; // stopped by close
+      leg.busy = false;
+    }
+  }
+
+  /** Copies one region from an in-sync leg to `leg`, alone in that region. */
+  async #copyRegion(leg: Leg, region: number, buffer: Uint8Array): Promise<void> {
+    const start = region * this.#state.regionBytes;
+    const length = Math.min(this.#state.regionBytes, this.info.sizeBytes - start);
+    const data = buffer.subarray(0, length);
+    await this.#regions.lockCopy(region);
+    try {
+      for (;;) {
+        const source = this.#readLeg();
+        if (source === null) {
+          throw new DeviceError("EIO", "no in-sync leg left to copy from");
+        }
+        if (await this.#onLeg(source, (d) => d.read(start, data))) break;
+      }
+      if (leg.mode !== "resyncing") return;
+      await leg.device!.write(start, data);
+      leg.pending![region] = 0;
+      this.#bitmap.clear(region, 1 << leg.record.slot);
+      leg.resync!.bytesCopied += length;
+      this.#resyncedBytes += length;
+    } finally {
+      this.#regions.unlockCopy(region);
+    }
+  }
+
+  #progress(run: ResyncRun): ResyncProgress {
+    const seconds = Math.max((Date.now() - run.startedMs) / 1000, 0.001);
+    const rate = run.bytesCopied / seconds;
+    const left = (run.regionsTotal - run.regionsDone) * this.#state.regionBytes;
+    return {
+      full: run.full,
+      regionsDone: run.regionsDone,
+      regionsTotal: run.regionsTotal,
+      bytesCopied: run.bytesCopied,
+      bytesPerSecond: Math.round(rate),
+      etaMs: rate > 0 ? Math.round((left / rate) * 1000) : null,
+    };
+  }
+
+  /** Clears the marks of regions idle since the last sweep, for legs that have the data. */
+  #sweep(): void {
+    if (this.#idle.size === 0) return;
+    for (const region of this.#idle) {
+      if (this.#regions.writers(region) > 0) continue;
+      let mask = 0;
+      for (const leg of this.#legs) {
+        const upToDate = leg.mode === "in-sync" ||
+          (leg.mode === "resyncing" && leg.pending![region] === 0);
+        if (upToDate) mask |= 1 << leg.record.slot;
+      }
+      this.#bitmap.clear(region, mask);
+    }
+    this.#idle.clear();
+    this.#bitmap.flush().catch((error) =>
+      this.#log.error(`cannot write the bitmap: ${describeError(error)}`)
+    );
+  }
+
+  // --- at runtime: detach, attach, status -----------------------------------------
+
+  /** Takes a leg out; it keeps the data as of now, and its missed regions are tracked. */
+  async detach(name: string): Promise<string> {
+    const leg = this.#legs.find((l) => l.record.name === name);
+    if (leg === undefined) throw new DstError("USAGE", `${name} is not a leg of this mirror`);
+    if (leg.mode === "detached") throw new DstError("USAGE", `${name} is detached already`);
+    const inSync = this.#legs.filter((l) => l.mode === "in-sync");
+    if (inSync.length === 1 && inSync[0] === leg) {
+      throw new DstError("USAGE", `${name} is the only in-sync leg; attach another one first`);
+    }
+    leg.mode = "detached";
+    leg.reason = null;
+    this.#save();
+    while (leg.inFlight > 0 || leg.busy) await new Promise((r) => setTimeout(r, 10));
+    const device = leg.device;
+    leg.device = null;
+    if (device !== null) {
+      await device.flush().catch(() => {});
+      await device.close();
+    }
+    this.#log.info(`leg ${name} detached: it holds the data as of now`);
+    return `${name} detached; its data is a snapshot as of now`;
+  }
+
+  /** Puts a detached leg back (its missed regions are copied) or adds a new one (full copy). */
+  async attach(name: string): Promise<string> {
+    let leg = this.#legs.find((l) => l.record.name === name);
+    if (leg !== undefined && leg.mode !== "detached") {
+      throw new DstError("USAGE", `${name} is a leg already (${leg.mode})`);
+    }
+    const member = await openMember(
+      name,
+      { ...this.#options.client },
+      this.#options.exportsStateDir,
+    );
+    const info = member.device.info;
+    if (leg === undefined) {
+      const used = new Set(this.#legs.map((l) => l.record.slot));
+      const slot = [...Array(LEG_SLOTS_MAX).keys()].find((s) => !used.has(s));
+      const refusal = slot === undefined
+        ? `the mirror has ${LEG_SLOTS_MAX} legs already`
+        : info.sizeBytes < this.info.sizeBytes
+        ? `${name} is ${info.sizeBytes} bytes, smaller than the mirror's ${this.info.sizeBytes}`
+        : info.readOnly
+        ? `${name} is read-only`
+        : null;
+      if (refusal !== null) {
+        await member.device.close();
+        throw new DstError("USAGE", refusal);
+      }
+      await this.#bitmap.markAll(1 << slot!);
+      const record: LegRecord = {
+        slot: slot!,
+        name,
+        exportId: info.id,
+        generation: member.generation,
+        state: "out-of-sync",
+      };
+      this.#state.legs.push(record);
+      leg = {
+        record,
+        device: member.device,
+        mode: "out-of-sync",
+        inFlight: 0,
+        errors: 0,
+        reason: "new leg",
+        pending: null,
+        resync: null,
+        busy: false,
+        lastFailureMs: 0,
+      };
+      this.#legs.push(leg);
+    } else {
+      const refusal = MirrorDevice.#checkIdentity(leg.record, member, this.info.sizeBytes);
+      if (refusal !== null) {
+        await member.device.close();
+        throw new DstError("USAGE", `${name} ${refusal}`);
+      }
+      leg.mode = "out-of-sync";
+      MirrorDevice.#checkGeneration(leg, member.generation, this.#bitmap, this.#log);
+      leg.record.generation = member.generation;
+      leg.device = member.device;
+    }
+    this.#watch(leg);
+    this.#save();
+    const dirty = this.#bitmap.count(leg.record.slot);
+    void this.#resync(leg);
+    return `${name} attached; resyncing ${dirty} of ${this.#bitmap.regions} regions`;
+  }
+
+  status(): MirrorStatus {
+    return {
+      kind: "mirror",
+      sizeBytes: this.info.sizeBytes,
+      regionBytes: this.#state.regionBytes,
+      stateDir: this.#options.stateDir,
+      resyncedBytes: this.#resyncedBytes,
+      members: this.#legs.map((leg) => ({
+        name: leg.record.name,
+        state: leg.mode,
+        exportId: leg.record.exportId,
+        dirtyRegions: this.#bitmap.count(leg.record.slot),
+        inFlight: leg.inFlight,
+        errors: leg.errors,
+        ...(leg.mode === "resyncing" && leg.resync !== null
+          ? { resync: this.#progress(leg.resync) }
+          : {}),
+        ...(leg.reason !== null && leg.mode === "out-of-sync" ? { reason: leg.reason } : {}),
+      })),
+    };
+  }
+
+  async close(): Promise<void> {
+    if (this.#closing) return;
+    this.#closing = true;
+    clearInterval(this.#supervisor);
+    while (this.#legs.some((l) => l.inFlight > 0 || l.busy)) {
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    clearInterval(this.#sweeper);
+    this.#sweep();
+    this.#save();
+    await this.#bitmap.close();
+    await Promise.allSettled(this.#legs.map((l) => l.device?.close()));
+  }
+
+  #save(): void {
+    for (const leg of this.#legs) {
+      leg.record.state = leg.mode === "in-sync"
+        ? "in-sync"
+        : leg.mode === "detached"
+        ? "detached"
+        : "out-of-sync";
+    }
+    try {
+      saveMirrorState(this.#options.stateDir, this.#state);
+    } catch (error) {
+      this.#log.error(`cannot save the mirror state: ${describeError(error)}`);
+    }
+  }
+
+  /** For tests: the leg modes by name. */
+  legModes(): Record<string, LegMode> {
+    return Object.fromEntries(this.#legs.map((l) => [l.record.name, l.mode]));
+  }
+}
+
+assert(MIRROR_RESYNC_PARALLEL >= 1, "a resync copies at least one region at a time");
+export { loadMirrorState };

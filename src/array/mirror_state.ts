@@ -1,0 +1,94 @@
+/**
+ * The mirror's state folder, on the array's own node: `state.json` (the legs, each
+ * leg's export id and last write generation, which legs are in sync) and `bitmap`
+ * (dirty_bitmap.ts). state.json is replaced atomically on every change.
+ */
+
+import { DstError } from "../lib/errors.ts";
+import { ensureDir, readStateFile, stateRoot, writeStateFile } from "../lib/state_file.ts";
+import { sha256Hex } from "./array_id.ts";
+import { LEG_SLOTS_MAX } from "./dirty_bitmap.ts";
+
+export const STATE_VERSION = 1;
+
+/** What a leg is, as remembered across restarts ("resyncing" is remembered as out-of-sync). */
+export type LegRecordState = "in-sync" | "out-of-sync" | "detached";
+
+export interface LegRecord {
+  /** Its bit in the bitmap, 0..7. */
+  slot: number;
+  /** The member as the user named it: HOST:PORT or a path. */
+  name: string;
+  exportId: string;
+  /** The leg's write generation as of the mirror's latest connection to it. */
+  generation: number;
+  state: LegRecordState;
+}
+
+export interface MirrorState {
+  version: number;
+  kind: "mirror";
+  arrayId: string;
+  sizeBytes: number;
+  regionBytes: number;
+  legs: LegRecord[];
+}
+
+/** The default state folder of a mirror of these members: one folder per member list. */
+export async function defaultMirrorStateDir(members: string[]): Promise<string> {
+  const digest = await sha256Hex(`mirror\n${members.join("\n")}`);
+  return `${stateRoot()}/arrays/mirror-${digest.slice(0, 16)}`;
+}
+
+export function statePath(dir: string): string {
+  return `${dir}/state.json`;
+}
+
+export function bitmapPath(dir: string): string {
+  return `${dir}/bitmap`;
+}
+
+/** The state in `dir`, or null when there is none; a damaged one is a clear error. */
+export function loadMirrorState(dir: string): MirrorState | null {
+  const path = statePath(dir);
+  const text = readStateFile(path);
+  if (text === null) return null;
+  const damaged = (why: string) =>
+    new DstError(
+      "STATE",
+      `${path} is damaged (${why}); start over with --source LEG, naming the leg whose data is right`,
+    );
+  let state: MirrorState;
+  try {
+    state = JSON.parse(text);
+  } catch {
+    throw damaged("not JSON");
+  }
+  if (state.version !== STATE_VERSION || state.kind !== "mirror") throw damaged("wrong version");
+  if (!Number.isSafeInteger(state.sizeBytes) || state.sizeBytes <= 0) throw damaged("size");
+  if (!Number.isSafeInteger(state.regionBytes) || state.regionBytes <= 0) throw damaged("region");
+  if (typeof state.arrayId !== "string" || !/^[0-9a-f]{32}$/.test(state.arrayId)) {
+    throw damaged("array id");
+  }
+  if (!Array.isArray(state.legs) || state.legs.length === 0) throw damaged("no legs");
+  const slots = new Set<number>();
+  for (const leg of state.legs) {
+    const ok = typeof leg.name === "string" && typeof leg.exportId === "string" &&
+      Number.isSafeInteger(leg.generation) && Number.isSafeInteger(leg.slot) &&
+      leg.slot >= 0 && leg.slot < LEG_SLOTS_MAX && !slots.has(leg.slot) &&
+      ["in-sync", "out-of-sync", "detached"].includes(leg.state);
+    if (!ok) throw damaged(`leg ${JSON.stringify(leg)}`);
+    slots.add(leg.slot);
+  }
+  return state;
+}
+
+export function saveMirrorState(dir: string, state: MirrorState): void {
+  ensureDir(dir);
+  writeStateFile(statePath(dir), JSON.stringify(state, null, 2) + "\n");
+}
+
+/** Regions of `regionBytes` covering `sizeBytes`. */
+export function regionCount(sizeBytes: number, regionBytes: number): number {
+  return Math.ceil(sizeBytes / regionBytes);
+}

@@ -1,0 +1,225 @@
+/**
+ * `dst array linear|mirror MEMBER...`: joins devices into one and serves it;
+ * `dst array detach|attach ARRAY-ADDR LEG`: changes a running mirror's legs.
+ */
+
+import { RemoteDevice } from "../client/remote_device.ts";
+import { EXPORT_PORT_DEFAULT, MIRROR_REGION_BYTES_DEFAULT } from "../constants.ts";
+import type { BlockDevice } from "../device/block_device.ts";
+import { LinearDevice } from "../array/linear.ts";
+import { openMember } from "../array/members.ts";
+import { MirrorDevice } from "../array/mirror.ts";
+import { defaultMirrorStateDir } from "../array/mirror_state.ts";
+import { parseHostPort } from "../lib/address.ts";
+import { DstError, UsageError } from "../lib/errors.ts";
+import { logger } from "../lib/log.ts";
+import { formatBytes, parseSize } from "../lib/units.ts";
+import { defaultExportStateDir, PersistedGeneration } from "../server/write_generation.ts";
+import {
+  CLIENT_OPTIONS,
+  CLIENT_OPTIONS_HELP,
+  clientOptions,
+  parseCommand,
+  stringOption,
+} from "./args.ts";
+import { NBD_PORT_DEFAULT } from "./attach.ts";
+import { serveUntilSignal } from "./serve.ts";
+
+export const ARRAY_HELP =
+  `Usage: dst array linear MEMBER... (--export [HOST]:PORT | --nbd [HOST]:PORT) [OPTIONS]
+       dst array mirror MEMBER... (--export [HOST]:PORT | --nbd [HOST]:PORT) [--state DIR]
+                                  [--source MEMBER] [--region SIZE] [OPTIONS]
+       dst array detach ARRAY-ADDR LEG
+       dst array attach ARRAY-ADDR LEG
+
+Joins devices into one and serves it. A MEMBER is HOST:PORT of a DST export (an
+array's export too: that is how trees are built) or a local path.
+
+  linear              members one after another; the size is the sum
+  mirror              every member holds all the data; the size is the smallest member's.
+                      Writes go to every leg; reads are spread over in-sync legs; a leg
+                      that fails is dropped and, when it is back, only what it missed is
+                      copied to it
+  --export [HOST]:PORT  serve the array over DST (default host 0.0.0.0, port ${EXPORT_PORT_DEFAULT})
+  --nbd [HOST]:PORT     serve the array over NBD (default host 127.0.0.1, port ${NBD_PORT_DEFAULT})
+  --state DIR           the mirror's state: its legs and dirty-region bitmap (default: a
+                        folder per member list under $XDG_STATE_HOME/dst/arrays or
+                        ~/.local/state/dst/arrays). Keep it on the array's node
+  --source MEMBER       make a new mirror (or start over): MEMBER's data is right, the
+                        other legs get a full copy of it
+  --region SIZE         a new mirror's dirty-tracking region (default 1M; 64K to 64M)
+${CLIENT_OPTIONS_HELP}
+
+  detach ARRAY-ADDR LEG   take LEG out of the running mirror at ARRAY-ADDR: it keeps the
+                          data as of now (a snapshot); what it misses is tracked
+  attach ARRAY-ADDR LEG   put LEG back (only what it missed is copied) or add a new leg
+                          (a full copy)
+
+Example (three nodes): dst array mirror b:1025 c:1025 --source b:1025 --export :1030`;
+
+export async function arrayCommand(argv: string[]): Promise<number> {
+  const [kind, ...rest] = argv;
+  if (kind === "detach" || kind === "attach") return await controlCommand(kind, rest);
+  if (kind !== "linear" && kind !== "mirror") {
+    if (kind === "--help" || kind === "-h") {
+      console.log(ARRAY_HELP);
+      return 0;
+    }
+    throw new UsageError(
+      `dst array: the first word is linear, mirror, detach or attach, not "${
+        kind ?? ""
+      }"\n\n${ARRAY_HELP}`,
+    );
+  }
+  const parsed = parseCommand("array", rest, {
+    export: { type: "string" },
+    nbd: { type: "string" },
+    state: { type: "string" },
+    source: { type: "string" },
+    region: { type: "string" },
+    ...CLIENT_OPTIONS,
+  });
+  if (parsed.values.help) {
+    console.log(ARRAY_HELP);
+    return 0;
+  }
+  const members = parsed.positionals;
+  const minimum = kind === "mirror" ? 2 : 1;
+  if (members.length < minimum) {
+    throw new UsageError(`dst array ${kind} needs at least ${minimum} members\n\n${ARRAY_HELP}`);
+  }
+  const exportText = stringOption(parsed, "export");
+  const nbdText = stringOption(parsed, "nbd");
+  if (exportText === undefined && nbdText === undefined) {
+    throw new UsageError(
+      `dst array ${kind}: say how to serve the array: --export [HOST]:PORT and/or --nbd [HOST]:PORT`,
+    );
+  }
+  for (const option of ["state", "source", "region"]) {
+    if (kind === "linear" && stringOption(parsed, option) !== undefined) {
+      throw new UsageError(`dst array linear: --${option} is for mirrors only`);
+    }
+  }
+  const listen = exportText === undefined
+    ? null
+    : parseHostPort(exportText, "0.0.0.0", EXPORT_PORT_DEFAULT);
+  const nbd = nbdText === undefined ? null : parseHostPort(nbdText, "127.0.0.1", NBD_PORT_DEFAULT);
+  const client = clientOptions(parsed);
+  const log = logger("array");
+
+  if (kind === "linear") {
+    const opened: BlockDevice[] = [];
+    try {
+      for (const member of members) opened.push((await openMember(member, client)).device);
+    } catch (error) {
+      await Promise.allSettled(opened.map((d) => d.close()));
+      throw error;
+    }
+    const device = await LinearDevice.create(opened);
+    try {
+      await serveUntilSignal(device, {
+        listen,
+        nbd,
+        generation: PersistedGeneration.open(defaultExportStateDir(), device.info.id),
+        owner: {
+          status: () => ({
+            kind: "linear",
+            sizeBytes: device.info.sizeBytes,
+            members: device.memberStatus(),
+          }),
+          control: () =>
+            Promise.resolve({ ok: false, error: "a linear array's members are fixed" }),
+        },
+        label: `linear array of ${members.length} members`,
+        details: `${
+          formatBytes(device.info.sizeBytes)
+        }, ${device.info.sizeBytes} bytes, id ${device.info.id}`,
+        command: "array",
+        log,
+      });
+    } finally {
+      await device.close();
+    }
+    return 0;
+  }
+
+  const regionText = stringOption(parsed, "region");
+  const regionBytes = regionText === undefined
+    ? MIRROR_REGION_BYTES_DEFAULT
+    : parseSize(regionText, "--region");
+  if (regionBytes < 65536 || regionBytes > 64 * 1024 * 1024 || (regionBytes & (regionBytes - 1))) {
+    throw new UsageError("dst array mirror: --region is a power of two from 64K to 64M");
+  }
+  const stateDir = stringOption(parsed, "state") ?? await defaultMirrorStateDir(members);
+  const mirror = await MirrorDevice.open(members, {
+    stateDir,
+    source: stringOption(parsed, "source"),
+    regionBytes,
+    client,
+    log,
+  });
+  try {
+    await serveUntilSignal(mirror, {
+      listen,
+      nbd,
+      generation: PersistedGeneration.open(stateDir, mirror.info.id),
+      owner: {
+        status: () => mirror.status(),
+        control: (request) => mirrorControl(mirror, request),
+      },
+      label: `mirror of ${members.length} legs`,
+      details: `${
+        formatBytes(mirror.info.sizeBytes)
+      }, ${mirror.info.sizeBytes} bytes, id ${mirror.info.id}, state ${stateDir}`,
+      command: "array",
+      log,
+    });
+  } finally {
+    await mirror.close();
+  }
+  return 0;
+}
+
+async function mirrorControl(mirror: MirrorDevice, request: unknown): Promise<unknown> {
+  const { op, leg } = (request ?? {}) as { op?: unknown; leg?: unknown };
+  if (typeof leg !== "string" || leg.length === 0) {
+    return { ok: false, error: "say which leg: {op, leg}" };
+  }
+  try {
+    if (op === "detach") return { ok: true, message: await mirror.detach(leg) };
+    if (op === "attach") return { ok: true, message: await mirror.attach(leg) };
+  } catch (error) {
+    return { ok: false, error: error instanceof Error ? error.message : String(error) };
+  }
+  return { ok: false, error: `unknown op ${JSON.stringify(op)}: detach or attach` };
+}
+
+async function controlCommand(op: "detach" | "attach", argv: string[]): Promise<number> {
+  const parsed = parseCommand(`array ${op}`, argv, {});
+  if (parsed.values.help) {
+    console.log(ARRAY_HELP);
+    return 0;
+  }
+  if (parsed.positionals.length !== 2) {
+    throw new UsageError(`dst array ${op} takes ARRAY-ADDR LEG\n\n${ARRAY_HELP}`);
+  }
+  const [addressText, leg] = parsed.positionals as [string, string];
+  const address = parseHostPort(addressText, "127.0.0.1", EXPORT_PORT_DEFAULT);
+  const device = await RemoteDevice.connect(address, { retries: 0 });
+  let answer: { ok?: boolean; message?: string; error?: string };
+  try {
+    answer = await device.control({ op, leg }).catch((error) => {
+      throw new DstError(
+        "CONTROL",
+        `${addressText} did not take "${op}": ${error.message} (is it a mirror's export?)`,
+      );
+    }) as typeof answer;
+  } finally {
+    await device.close();
+  }
+  if (answer.ok !== true) {
+    throw new DstError("CONTROL", `${addressText}: ${answer.error ?? "refused"}`);
+  }
+  console.log(`dst array ${op}: ${answer.message ?? "done"}`);
+  return 0;
+}

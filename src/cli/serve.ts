@@ -1,0 +1,73 @@
+/**
+ * Serving a device until a signal: over DST (`--listen`/`--export`) and, when asked,
+ * over NBD too. `dst export` and `dst array` both end here, so they start, report
+ * and stop the same way.
+ */
+
+import type { BlockDevice } from "../device/block_device.ts";
+import { formatHostPort, type HostPort } from "../lib/address.ts";
+import type { Logger } from "../lib/log.ts";
+import { logger } from "../lib/log.ts";
+import { NbdServer } from "../nbd/mod.ts";
+import { Exporter, type ExportOwner } from "../server/exporter.ts";
+import type { WriteGeneration } from "../server/write_generation.ts";
+import { untilSignal } from "./signals.ts";
+
+export interface ServeOptions {
+  /** DST listening address, or null to serve over NBD only. */
+  listen: HostPort | null;
+  nbd: HostPort | null;
+  generation: WriteGeneration;
+  owner?: ExportOwner;
+  /** What the startup lines call the device ("/dev/shm/a.img", "mirror of 2 legs"). */
+  label: string;
+  /** Printed after "dst CMD: serving LABEL" on the DST line (size, id...). */
+  details: string;
+  command: string;
+  log: Logger;
+}
+
+/** Serves `device` until SIGINT/SIGTERM, then finishes what is in flight. Closes nothing. */
+export async function serveUntilSignal(device: BlockDevice, options: ServeOptions): Promise<void> {
+  let exporter: Exporter | null = null;
+  let nbd: NbdServer | null = null;
+  try {
+    if (options.listen !== null) {
+      exporter = Exporter.start(device, {
+        listen: options.listen,
+        log: options.log,
+        generation: options.generation,
+        owner: options.owner,
+      });
+    }
+    if (options.nbd !== null) {
+      nbd = await NbdServer.start(device, {
+        listen: { tcp: options.nbd },
+        name: "",
+        description: `DST ${options.label}`,
+        log: logger("nbd"),
+      });
+    }
+  } catch (error) {
+    await exporter?.shutdown();
+    throw error;
+  }
+  if (exporter !== null) {
+    console.log(
+      `dst ${options.command}: serving ${options.label} (${options.details}) on ${
+        formatHostPort(exporter.address)
+      }`,
+    );
+  }
+  if (nbd !== null) {
+    console.log(
+      `dst ${options.command}: ${
+        exporter === null ? "serving" : "also serving"
+      } ${options.label} ` +
+        `as NBD at ${nbd.uri}`,
+    );
+  }
+  const signal = await untilSignal();
+  options.log.info(`${signal}: no new clients; finishing what is in flight`);
+  await Promise.all([exporter?.shutdown(), nbd?.shutdown()]);
+}
