@@ -12,7 +12,9 @@ import { formatTable } from "./table.ts";
 export const STATUS_HELP = `Usage: dst status HOST:PORT... [--json]
 
 Shows each export's path, size, block size, read-only bit, clients, transactions in
-flight, reads and writes (operations and bytes), errors and uptime.
+flight, reads and writes (operations and bytes), errors and uptime. For an array's
+export, also its kind and each member: a mirror leg's state (in-sync, resyncing with
+progress, out-of-sync, detached), dirty regions, requests in flight and errors.
 
   --json   one JSON document: [{"address": ..., "status": {...}} or {"address": ..., "error": ...}]
 
@@ -97,8 +99,73 @@ export function renderStatus(rows: Row[]): string {
       formatDuration(s!.uptimeMs),
     ]),
   );
+  const arrays = rows.filter((row) => row.status?.array !== undefined).map((row) =>
+    renderArray(row.address, row.status!.array as ArrayStatus)
+  );
   const failures = rows.filter((row) => row.error !== undefined).map((row) =>
     `${row.address}: ${row.error}`
   );
-  return failures.length === 0 ? table : `${table}\n\nunreachable:\n${failures.join("\n")}`;
+  return [
+    table,
+    ...arrays,
+    ...(failures.length === 0 ? [] : [`unreachable:\n${failures.join("\n")}`]),
+  ].join("\n\n");
+}
+
+/** What an array's export adds to its STATUS: mirror.ts's MirrorStatus, or a linear array's members. */
+interface ArrayStatus {
+  kind: "mirror" | "linear";
+  sizeBytes: number;
+  regionBytes?: number;
+  members: Array<{
+    name: string;
+    state?: string;
+    startBytes?: number;
+    sizeBytes?: number;
+    dirtyRegions?: number;
+    inFlight?: number;
+    errors?: number;
+    reason?: string;
+    resync?: {
+      regionsDone: number;
+      regionsTotal: number;
+      bytesPerSecond: number;
+      etaMs: number | null;
+    };
+  }>;
+}
+
+function renderArray(address: string, array: ArrayStatus): string {
+  if (array.kind === "linear") {
+    return `${address}: linear array, ${formatBytes(array.sizeBytes)}\n` + formatTable(
+      ["MEMBER", "START", "SIZE"],
+      array.members.map((
+        m,
+      ) => [m.name, formatBytes(m.startBytes ?? 0), formatBytes(m.sizeBytes ?? 0)]),
+    );
+  }
+  const degraded = array.members.some((m) => m.state !== "in-sync" && m.state !== "detached");
+  return `${address}: mirror, ${formatBytes(array.sizeBytes)}, regions of ${
+    formatBytes(array.regionBytes ?? 0)
+  }${degraded ? " (degraded)" : ""}\n` + formatTable(
+    ["LEG", "STATE", "DIRTY REGIONS", "IN FLIGHT", "ERRORS", "NOTE"],
+    array.members.map((m) => {
+      const r = m.resync;
+      const state = m.state === "resyncing" && r !== undefined
+        ? `resyncing ${Math.floor((100 * r.regionsDone) / Math.max(r.regionsTotal, 1))}%`
+        : m.state ?? "";
+      const note = r !== undefined
+        ? `${r.regionsDone}/${r.regionsTotal} regions, ${formatBytes(r.bytesPerSecond)}/s` +
+          (r.etaMs === null ? "" : `, ${formatDuration(r.etaMs)} left`)
+        : m.reason ?? "";
+      return [
+        m.name,
+        state,
+        String(m.dirtyRegions ?? 0),
+        String(m.inFlight ?? 0),
+        String(m.errors ?? 0),
+        note,
+      ];
+    }),
+  );
 }

@@ -1,0 +1,161 @@
+/**
+ * Write generations and mirror state, with the real CLI: an export raises its write
+ * generation, durably, when a connection starts writing; a mirror leg that someone
+ * else wrote to while it was detached gets a full copy; a mirror state folder that
+ * is missing or is for other legs is refused with what to do.
+ */
+
+import assert from "node:assert/strict";
+import { RemoteDevice } from "../../src/client/remote_device.ts";
+import { randomBytes } from "../helpers/random_bytes.ts";
+import { runDst, startDst, startExport } from "../helpers/spawn.ts";
+
+const MiB = 1024 * 1024;
+const quiet = { debug() {}, info() {}, warn() {}, error() {} };
+
+async function generationOf(address: { hostname: string; port: number }): Promise<number> {
+  const device = await RemoteDevice.connect(address, { log: quiet });
+  try {
+    return ((await device.queryStatus()) as { writeGeneration: number }).writeGeneration;
+  } finally {
+    await device.close();
+  }
+}
+
+Deno.test("an export's write generation goes up once per writing connection and survives a restart", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "dst-generation-" });
+  const image = `${dir}/disk.img`;
+  let server = await startExport([image, "--create", "4M", "--listen", "127.0.0.1:0"]);
+  try {
+    assert.equal(await generationOf(server.address), 0, "reading and status start nothing");
+    const reader = await RemoteDevice.connect(server.address, { log: quiet });
+    await reader.read(0, new Uint8Array(4096));
+    await reader.close();
+    assert.equal(await generationOf(server.address), 0);
+
+    const writer = await RemoteDevice.connect(server.address, { log: quiet });
+    await writer.write(0, new Uint8Array(4096).fill(1));
+    await writer.write(4096, new Uint8Array(4096).fill(2));
+    await writer.close();
+    assert.equal(await generationOf(server.address), 1, "one writing connection, one generation");
+
+    const declared = await RemoteDevice.connect(server.address, { log: quiet, writer: true });
+    assert.equal(declared.writeGeneration, 2, "a declared writer gets its generation in the hello");
+    await declared.close();
+
+    await server.stop();
+    server = await startExport([image, "--listen", "127.0.0.1:0"]);
+    assert.equal(await generationOf(server.address), 2, "kept in the export's state");
+  } finally {
+    await server.stop("SIGKILL");
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a mirror leg written by someone else while detached gets a full copy", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "dst-generation-" });
+  const a = await startExport([`${dir}/a.img`, "--create", "8M", "--listen", "127.0.0.1:0"]);
+  const b = await startExport([`${dir}/b.img`, "--create", "8M", "--listen", "127.0.0.1:0"]);
+  const legA = `127.0.0.1:${a.address.port}`;
+  const legB = `127.0.0.1:${b.address.port}`;
+  const mirror = await startDst(
+    [
+      "array",
+      "mirror",
+      legA,
+      legB,
+      "--source",
+      legA,
+      "--state",
+      `${dir}/state`,
+      "--export",
+      "127.0.0.1:0",
+    ],
+    / on (\S+)\n/,
+  );
+  const arrayAddress = mirror.ready[1]!;
+  try {
+    const data = randomBytes(8 * MiB);
+    const client = await RemoteDevice.connect(
+      { hostname: "127.0.0.1", port: Number(arrayAddress.split(":")[1]) },
+      { log: quiet },
+    );
+    await client.write(0, data);
+    await client.flush();
+    await waitInSync(arrayAddress);
+    assert.equal((await runDst(["array", "detach", arrayAddress, legB])).code, 0);
+
+    // Someone else writes to B while it is out.
+    const intruder = await RemoteDevice.connect(b.address, { log: quiet });
+    await intruder.write(5 * MiB, new Uint8Array(4096).fill(0xee));
+    await intruder.close();
+
+    const attached = await runDst(["array", "attach", arrayAddress, legB]);
+    assert.equal(attached.code, 0, attached.stderr);
+    assert.match(attached.stdout, /resyncing 8 of 8 regions/, "every region is copied");
+    await waitInSync(arrayAddress);
+    await client.close();
+    assert.match(mirror.log(), /written by someone else/);
+    const imageB = await Deno.readFile(`${dir}/b.img`);
+    assert.ok(imageB.every((byte, i) => byte === data[i]), "B was made level with A again");
+  } finally {
+    await mirror.stop("SIGKILL");
+    await Promise.all([a.stop("SIGKILL"), b.stop("SIGKILL")]);
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a mirror without state, or with state for other legs, is refused with what to do", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "dst-generation-" });
+  const a = await startExport([`${dir}/a.img`, "--create", "4M", "--listen", "127.0.0.1:0"]);
+  const b = await startExport([`${dir}/b.img`, "--create", "4M", "--listen", "127.0.0.1:0"]);
+  const c = await startExport([`${dir}/c.img`, "--create", "4M", "--listen", "127.0.0.1:0"]);
+  const [legA, legB, legC] = [a, b, c].map((s) => `127.0.0.1:${s.address.port}`);
+  const state = `${dir}/state`;
+  try {
+    const none = await runDst(
+      ["array", "mirror", legA!, legB!, "--state", state, "--export", "127.0.0.1:0"],
+    );
+    assert.equal(none.code, 1);
+    assert.match(none.stderr, /No mirror state in .*--source MEMBER/);
+
+    const made = await startDst(
+      [
+        "array",
+        "mirror",
+        legA!,
+        legB!,
+        "--source",
+        legA!,
+        "--state",
+        state,
+        "--export",
+        "127.0.0.1:0",
+      ],
+      / on (\S+)\n/,
+    );
+    await made.stop();
+
+    const other = await runDst(
+      ["array", "mirror", legA!, legC!, "--state", state, "--export", "127.0.0.1:0"],
+    );
+    assert.equal(other.code, 1);
+    assert.match(other.stderr, /is for legs .* --source MEMBER/);
+  } finally {
+    await Promise.all([a.stop("SIGKILL"), b.stop("SIGKILL"), c.stop("SIGKILL")]);
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+async function waitInSync(address: string): Promise<void> {
+  const until = performance.now() + 20_000;
+  for (;;) {
+    const { stdout } = await runDst(["status", address, "--json"]);
+    const members = JSON.parse(stdout)[0]?.status?.array?.members ?? [];
+    if (members.length > 0 && members.every((m: { state: string }) => m.state === "in-sync")) {
+      return;
+    }
+    if (performance.now() > until) throw new Error(`mirror not in sync: ${stdout}`);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
