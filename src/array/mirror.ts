@@ -85,7 +85,7 @@ export interface MirrorStatus {
   regionBytes: number;
   stateDir: string;
   members: MirrorLegStatus[];
-  /** Totals over the mirror's life: what resyncs copied. */
+  /** What resyncs copied since this process started. */
   resyncedBytes: number;
 }
 
@@ -541,7 +541,15 @@ export class MirrorDevice implements BlockDevice {
     for (const leg of this.#legs) {
       if (leg.mode !== "out-of-sync" || leg.busy) continue;
       if (Date.now() - leg.lastFailureMs < MIRROR_SUPERVISE_MS) continue;
-      if (leg.device === null) {
+      const device = leg.device;
+      if (device instanceof RemoteDevice && device.gaveUp) {
+        // It refused a changed export at that address; dial afresh, checking identity again.
+        leg.device = null;
+        leg.busy = true;
+        void device.close().finally(() => {
+          leg.busy = false;
+        });
+      } else if (device === null) {
         void this.#reopen(leg);
       } else if (!(leg.device instanceof RemoteDevice) || leg.device.connected) {
         void this.#resync(leg);

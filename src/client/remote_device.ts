@@ -216,6 +216,11 @@ export class RemoteDevice implements BlockDevice {
     this.#onReconnect = listener;
   }
 
+  /** It gave up for good (the export changed identity): every call fails; make a new one. */
+  get gaveUp(): boolean {
+    return this.#fatal !== null;
+  }
+
   /** The export's write generation as of the latest (re)connect. */
   get writeGeneration(): number {
     return this.#writeGeneration;
