@@ -4,6 +4,7 @@
  * writes and reads, IOPS of 4 KiB random reads and writes with 32 in flight, and the
  * bytes the client's JS heap grew per operation (after a full GC, so it is what
  * stays, not what the collector will take back). Each figure is the median of 3 runs.
+ * Then the NBD comparison (nbd_peers.ts) and the mirror's ratios (array_bench.ts).
  *
  * Run with: deno task bench  (the task passes --v8-flags=--expose-gc)
  */
@@ -11,6 +12,7 @@
 import { RemoteDevice } from "../../src/client/remote_device.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import { startExport } from "../helpers/spawn.ts";
+import { benchArray, printArrayBench } from "./array_bench.ts";
 import { benchNbdPeers } from "./nbd_peers.ts";
 
 const MiB = 1024 * 1024;
@@ -153,6 +155,8 @@ async function main(): Promise<void> {
       );
     }
   }
+
+  printArrayBench(await benchArray());
 }
 
 await main();

@@ -1,0 +1,574 @@
+/**
+ * The mirror part of `deno task bench`: what `dst array mirror` costs and gains,
+ * each figure as a ratio against its baseline, with the bar it should meet.
+ *
+ *   1. Write throughput through a mirror of two exports vs one export: sequential
+ *      1 MiB writes, 8 in flight, over a 1 GiB image in /dev/shm, through a
+ *      RemoteDevice (median of 3). Bar: mirror >= 0.7x.
+ *   2. Read throughput from a mirror of two legs vs one leg, each leg's export in its
+ *      own network namespace behind a veth shaped to 200 Mbit/s each way (tbf):
+ *      sequential 1 MiB reads, 16 in flight, over 64 MiB (median of 3). Bar: mirror
+ *      >= 1.7x. Needs root and iproute2; skipped with a line saying why otherwise.
+ *   3. Resync time after 1% of the regions were written while a leg was detached
+ *      (`dst array detach`, writes, `dst array attach`) vs the full resync of a new
+ *      mirror (--source), both timed by the array's own log lines (resync start to
+ *      "is in sync"). Bar: 1% resync <= 5% of the full one.
+ *
+ * Rows 1 and 3 share one pair of exports: the single-export baseline writes to leg A
+ * first; then the mirror is made (its initial copy is row 3's full resync), written
+ * to, and a leg is detached and attached again. Every image is written once before
+ * timing, so first-touch page allocation in tmpfs is not measured.
+ *
+ * Run alone with: deno task bundle && deno run -A tests/bench/array_bench.ts
+ */
+
+import { RemoteDevice } from "../../src/client/remote_device.ts";
+import { formatHostPort, type HostPort, parseHostPort } from "../../src/lib/address.ts";
+import { randomBytes } from "../helpers/random_bytes.ts";
+import {
+  BUNDLE,
+  runDst,
+  type RunningDst,
+  type RunningExport,
+  startDst,
+  startExport,
+  TEST_STATE_HOME,
+} from "../helpers/spawn.ts";
+import { tool } from "../helpers/tools.ts";
+
+const MiB = 1024 * 1024;
+const RUNS = 3;
+
+/** Rows 1 and 3: the image of each local leg (1024 regions of the default 1 MiB). */
+const LOCAL_IMAGE_BYTES = 1024 * MiB;
+const WRITE_DEPTH = 8;
+const DIRTY_FRACTION = 0.01;
+
+/** Row 2: the image of each shaped leg, and the link. */
+const SHAPED_IMAGE_BYTES = 64 * MiB;
+const READ_DEPTH = 16;
+const LINK_RATE = "200mbit";
+
+/** How long a mirror may take to get every leg in sync before the bench gives up. */
+const SYNC_TIMEOUT_MS = 90_000;
+
+export interface ArrayRow {
+  measurement: string;
+  result: string;
+  baseline: string;
+  /** result / baseline. */
+  ratio: number;
+  /** How the ratio is shown ("0.85x", "1.9%"). */
+  ratioText: string;
+  bar: string;
+  met: boolean;
+}
+
+export interface ArrayBench {
+  rows: ArrayRow[];
+  /** Lines printed under the table: skipped rows and their reasons, how reads split, ... */
+  notes: string[];
+}
+
+/** Runs the three measurements; a row that cannot run here is left out, with a note saying why. */
+export async function benchArray(): Promise<ArrayBench> {
+  const rows: ArrayRow[] = [];
+  const notes: string[] = [];
+  const dir = await Deno.makeTempDir({ dir: "/dev/shm", prefix: "dst-bench-array-" });
+  try {
+    const local = await benchLocalMirror(dir);
+    rows.push(local.write, local.resync);
+    notes.push(...local.notes);
+    const shaped = await benchShapedReads(dir);
+    if (typeof shaped === "string") {
+      notes.unshift(shaped);
+    } else {
+      rows.splice(1, 0, shaped.row);
+      notes.push(...shaped.notes);
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+  return { rows, notes };
+}
+
+export function printArrayBench({ rows, notes }: ArrayBench): void {
+  console.log(
+    `\n\`dst array mirror\` (2 legs) against its baseline; throughput is the median of ${RUNS} runs\n`,
+  );
+  console.log("| measurement | result | baseline | ratio | bar | met? |");
+  console.log("|---|--:|--:|--:|--:|:-:|");
+  for (const row of rows) {
+    console.log(
+      `| ${row.measurement} | ${row.result} | ${row.baseline} | ${row.ratioText} | ${row.bar} | ${
+        row.met ? "yes" : "**no**"
+      } |`,
+    );
+  }
+  if (notes.length > 0) console.log("");
+  for (const note of notes) console.log(`- ${note}`);
+}
+
+// --- rows 1 and 3: two exports on /dev/shm ----------------------------------------------
+
+async function benchLocalMirror(
+  dir: string,
+): Promise<{ write: ArrayRow; resync: ArrayRow; notes: string[] }> {
+  const images = [`${dir}/a.img`, `${dir}/b.img`];
+  for (const image of images) await fillImage(image, LOCAL_IMAGE_BYTES);
+  const legs: RunningExport[] = [];
+  let mirror: RunningDst | null = null;
+  try {
+    for (const image of images) {
+      legs.push(await startExport([image, "--listen", "127.0.0.1:0"]));
+    }
+    const [a, b] = legs.map((leg) => formatHostPort(leg.address)) as [string, string];
+
+    const single = await withDevice(
+      legs[0]!.address,
+      (device) => medianOf(() => sequential(device, "write", LOCAL_IMAGE_BYTES, WRITE_DEPTH)),
+    );
+
+    // A new mirror: its initial copy of A to B is the full resync.
+    mirror = await startMirror([a, b], a, `${dir}/state-local`);
+    const address = mirrorAddress(mirror);
+    await waitForMirror(address, { clean: false });
+    const full = await resyncFromLog(mirror, b, 1);
+
+    const mirrored = await withDevice(
+      address,
+      (device) => medianOf(() => sequential(device, "write", LOCAL_IMAGE_BYTES, WRITE_DEPTH)),
+    );
+
+    // 1%: with every mark swept (else B would take the last writes' regions along),
+    // detach B, write one block into 1% of the regions, attach B.
+    const status = await waitForMirror(address, { clean: true });
+    const regions = Math.ceil(status.sizeBytes / status.regionBytes);
+    await dstOk(["array", "detach", formatHostPort(address), b]);
+    const dirty = Math.max(1, Math.round(regions * DIRTY_FRACTION));
+    await withDevice(address, async (device) => {
+      const block = randomBytes(4096);
+      for (let i = 0; i < dirty; i++) {
+        const region = Math.floor((i * regions) / dirty);
+        await device.write(region * status.regionBytes + 8192, block);
+      }
+      await device.flush();
+    });
+    await dstOk(["array", "attach", formatHostPort(address), b]);
+    await waitForMirror(address, { clean: false });
+    const partial = await resyncFromLog(mirror, b, 2);
+
+    const mib = (value: number) => `${Math.round(value).toLocaleString("en")} MiB/s`;
+    const writeRatio = mirrored / single;
+    const resyncRatio = partial.ms / full.ms;
+    return {
+      write: {
+        measurement: `sequential write, 1 MiB, ${WRITE_DEPTH} in flight, ${
+          LOCAL_IMAGE_BYTES / MiB
+        } MiB: mirror vs one export`,
+        result: mib(mirrored),
+        baseline: mib(single),
+        ratio: writeRatio,
+        ratioText: `${writeRatio.toFixed(2)}x`,
+        bar: ">= 0.70x",
+        met: writeRatio >= 0.7,
+      },
+      resync: {
+        measurement: `resync after writes to ${
+          Math.round(DIRTY_FRACTION * 100)
+        }% of the regions vs full resync`,
+        result: `${seconds(partial.ms)} (${partial.copied} regions)`,
+        baseline: `${seconds(full.ms)} (${full.copied} regions)`,
+        ratio: resyncRatio,
+        ratioText: `${(resyncRatio * 100).toFixed(1)}%`,
+        bar: "<= 5%",
+        met: resyncRatio <= 0.05,
+      },
+      notes: [
+        `resync: wrote ${dirty} of ${regions} regions while ${b} was detached; the attach ` +
+        `resynced ${partial.total} (${partial.copied} copied) in ${
+          seconds(partial.ms)
+        }; the full one ${full.total} (${full.copied} copied) in ${seconds(full.ms)} (${
+          (LOCAL_IMAGE_BYTES / MiB / (full.ms / 1000)).toFixed(0)
+        } MiB/s)`,
+      ],
+    };
+  } finally {
+    await mirror?.stop();
+    await Promise.all(legs.map((leg) => leg.stop()));
+  }
+}
+
+// --- row 2: legs behind shaped links, in network namespaces -----------------------------
+
+interface Namespace {
+  ns: string;
+  hostVeth: string;
+  nsVeth: string;
+  hostIp: string;
+  nsIp: string;
+}
+
+const NAMESPACES: Namespace[] = [1, 2].map((i) => ({
+  ns: `dstbench${i}`,
+  hostVeth: `dstb${i}h`,
+  nsVeth: `dstb${i}n`,
+  hostIp: `10.77.${i}.1`,
+  nsIp: `10.77.${i}.2`,
+}));
+
+/** The row, or the line saying why it was skipped. */
+async function benchShapedReads(dir: string): Promise<{ row: ArrayRow; notes: string[] } | string> {
+  const skip = (why: string) =>
+    `SKIPPED: mirror read throughput over ${LINK_RATE}/s links (needs network namespaces): ${why}`;
+  if (Deno.build.os !== "linux") return skip(`not on Linux (${Deno.build.os})`);
+  for (const command of ["ip", "tc"]) {
+    if ((await tool(command, ["-V"])).code === 127) return skip(`${command} is not installed`);
+  }
+  const legs: RunningDst[] = [];
+  let mirror: RunningDst | null = null;
+  try {
+    try {
+      await removeNamespaces(); // what an interrupted run left
+      for (const n of NAMESPACES) await makeNamespace(n);
+    } catch (error) {
+      return skip(error instanceof Error ? error.message : String(error));
+    }
+    const addresses: string[] = [];
+    for (const [i, n] of NAMESPACES.entries()) {
+      const image = `${dir}/shaped-${i}.img`;
+      await fillImage(image, SHAPED_IMAGE_BYTES);
+      const leg = await startInNamespace(
+        n.ns,
+        ["export", image, "--listen", `${n.nsIp}:0`],
+        / on (\S+)\n/,
+      );
+      legs.push(leg);
+      addresses.push(leg.ready[1]!);
+    }
+    const single = await withDevice(
+      parseHostPort(addresses[0]!, "127.0.0.1"),
+      (device) => medianOf(() => sequential(device, "read", SHAPED_IMAGE_BYTES, READ_DEPTH)),
+    );
+
+    mirror = await startMirror(addresses, addresses[0]!, `${dir}/state-shaped`);
+    const address = mirrorAddress(mirror);
+    await waitForMirror(address, { clean: false });
+    const before = await Promise.all(addresses.map(readBytesOf));
+    const mirrored = await withDevice(
+      address,
+      (device) => medianOf(() => sequential(device, "read", SHAPED_IMAGE_BYTES, READ_DEPTH)),
+    );
+    const after = await Promise.all(addresses.map(readBytesOf));
+    const perLeg = after.map((bytes, i) => bytes - before[i]!);
+    const total = perLeg.reduce((sum, bytes) => sum + bytes, 0);
+
+    const mib = (value: number) => `${value.toFixed(1)} MiB/s`;
+    const ratio = mirrored / single;
+    return {
+      row: {
+        measurement: `sequential read, 1 MiB, ${READ_DEPTH} in flight, ${
+          SHAPED_IMAGE_BYTES / MiB
+        } MiB, legs behind ${LINK_RATE}/s links: mirror vs one leg`,
+        result: mib(mirrored),
+        baseline: mib(single),
+        ratio,
+        ratioText: `${ratio.toFixed(2)}x`,
+        bar: ">= 1.70x",
+        met: ratio >= 1.7,
+      },
+      notes: [
+        `shaped reads: the mirror's reads went ${
+          perLeg.map((bytes, i) =>
+            `${(100 * bytes / Math.max(total, 1)).toFixed(0)}% to leg ${i + 1}`
+          ).join(", ")
+        } (${(total / MiB).toFixed(0)} MiB read from the legs over ${RUNS} runs)`,
+      ],
+    };
+  } finally {
+    await mirror?.stop();
+    await Promise.all(legs.map((leg) => leg.stop()));
+    await removeNamespaces();
+  }
+}
+
+async function makeNamespace(n: Namespace): Promise<void> {
+  const tbf = ["root", "tbf", "rate", LINK_RATE, "burst", "256kb", "latency", "50ms"];
+  await ipOk(["netns", "add", n.ns]);
+  await ipOk(["link", "add", n.hostVeth, "type", "veth", "peer", "name", n.nsVeth]);
+  await ipOk(["link", "set", n.nsVeth, "netns", n.ns]);
+  await ipOk(["addr", "add", `${n.hostIp}/24`, "dev", n.hostVeth]);
+  await ipOk(["link", "set", n.hostVeth, "up"]);
+  await ipOk(["-n", n.ns, "addr", "add", `${n.nsIp}/24`, "dev", n.nsVeth]);
+  await ipOk(["-n", n.ns, "link", "set", n.nsVeth, "up"]);
+  await ipOk(["-n", n.ns, "link", "set", "lo", "up"]);
+  await commandOk("tc", ["qdisc", "add", "dev", n.hostVeth, ...tbf]);
+  await ipOk(["netns", "exec", n.ns, "tc", "qdisc", "add", "dev", n.nsVeth, ...tbf]);
+}
+
+/** Removes the bench's namespaces and veths, whichever exist; never throws. */
+async function removeNamespaces(): Promise<void> {
+  for (const n of NAMESPACES) {
+    await tool("ip", ["link", "del", n.hostVeth]).catch(() => {});
+    await tool("ip", ["netns", "del", n.ns]).catch(() => {});
+  }
+}
+
+function ipOk(args: string[]): Promise<void> {
+  return commandOk("ip", args);
+}
+
+async function commandOk(command: string, args: string[]): Promise<void> {
+  const result = await tool(command, args);
+  if (result.code !== 0) {
+    throw new Error(
+      `\`${command} ${args.join(" ")}\` failed (exit ${result.code}): ${
+        (result.stderr || result.stdout).trim()
+      }${Deno.uid() === 0 ? "" : " (not running as root)"}`,
+    );
+  }
+}
+
+/**
+ * `dst ARGS...` inside network namespace `ns`, like spawn.ts's startDst (`ip netns
+ * exec` execs, so the child's pid is dst's own and stop() signals it directly).
+ */
+async function startInNamespace(ns: string, args: string[], ready: RegExp): Promise<RunningDst> {
+  const process = new Deno.Command("ip", {
+    args: ["netns", "exec", ns, Deno.execPath(), "run", "-A", BUNDLE, ...args],
+    env: { XDG_STATE_HOME: TEST_STATE_HOME },
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  return await serving(process, `dst ${args[0]} in ${ns}`, ready);
+}
+
+async function serving(
+  process: Deno.ChildProcess,
+  what: string,
+  ready: RegExp,
+): Promise<RunningDst> {
+  let stderr = "";
+  void (async () => {
+    for await (const chunk of process.stderr.pipeThrough(new TextDecoderStream())) stderr += chunk;
+  })().catch(() => {});
+  const reader = process.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let stdout = "";
+  let match: RegExpMatchArray | null = null;
+  while (match === null) {
+    const { value, done } = await reader.read();
+    if (done) {
+      const status = await process.status;
+      throw new Error(`${what} exited (${status.code}) before serving:\n${stdout}\n${stderr}`);
+    }
+    stdout += value;
+    match = stdout.match(ready);
+  }
+  void (async () => {
+    while (!(await reader.read()).done) { /* drain */ }
+  })().catch(() => {});
+  let stopped: Promise<Deno.CommandStatus> | null = null;
+  return {
+    process,
+    ready: match,
+    log: () => stderr,
+    stop(signal: Deno.Signal = "SIGTERM") {
+      if (stopped === null) {
+        try {
+          process.kill(signal);
+        } catch {
+          // already exited
+        }
+        stopped = process.status;
+      }
+      return stopped;
+    },
+  };
+}
+
+async function readBytesOf(address: string): Promise<number> {
+  return await withDevice(
+    parseHostPort(address, "127.0.0.1"),
+    async (device) => ((await device.queryStatus()) as { readBytes: number }).readBytes,
+  );
+}
+
+// --- shared ------------------------------------------------------------------------------
+
+interface MirrorMember {
+  name: string;
+  state: string;
+  dirtyRegions: number;
+}
+
+interface MirrorStatusDoc {
+  sizeBytes: number;
+  regionBytes: number;
+  members: MirrorMember[];
+}
+
+function startMirror(legs: string[], source: string, stateDir: string): Promise<RunningDst> {
+  return startDst(
+    [
+      "array",
+      "mirror",
+      ...legs,
+      "--source",
+      source,
+      "--export",
+      "127.0.0.1:0",
+      "--state",
+      stateDir,
+    ],
+    / on (\S+)\n/,
+  );
+}
+
+function mirrorAddress(mirror: RunningDst): HostPort {
+  return parseHostPort(mirror.ready[1]!, "127.0.0.1");
+}
+
+/**
+ * Polls the mirror's status until every leg is in sync (and, with `clean`, no region
+ * is marked for any leg: the sweep has caught up with the last writes).
+ */
+async function waitForMirror(
+  address: HostPort,
+  { clean }: { clean: boolean },
+): Promise<MirrorStatusDoc> {
+  return await withDevice(address, async (device) => {
+    const deadline = performance.now() + SYNC_TIMEOUT_MS;
+    for (;;) {
+      const status = ((await device.queryStatus()) as { array: MirrorStatusDoc }).array;
+      const done = status.members.every((m) =>
+        m.state === "in-sync" && (!clean || m.dirtyRegions === 0)
+      );
+      if (done) return status;
+      if (performance.now() > deadline) {
+        throw new Error(
+          `the mirror at ${formatHostPort(address)} is not ${
+            clean ? "in sync and clean" : "in sync"
+          } after ${SYNC_TIMEOUT_MS / 1000} s: ${JSON.stringify(status.members)}`,
+        );
+      }
+      await sleep(20);
+    }
+  });
+}
+
+interface Resync {
+  /** From the "resync of LEG" line to the "leg LEG is in sync" line, by their timestamps. */
+  ms: number;
+  /** Regions the resync set out to copy, and copied. */
+  total: number;
+  copied: number;
+}
+
+/** The `nth` resync of `leg` in the mirror's log (waiting for the lines to come through). */
+async function resyncFromLog(mirror: RunningDst, leg: string, nth: number): Promise<Resync> {
+  const name = leg.replace(/[.]/g, "\\.");
+  const started = new RegExp(
+    `^(\\S+) INFO +array: resync of ${name}: (\\d+) of \\d+ regions`,
+    "gm",
+  );
+  const ended = new RegExp(
+    `^(\\S+) INFO +array: leg ${name} is in sync: copied (\\d+) regions`,
+    "gm",
+  );
+  const deadline = performance.now() + 10_000;
+  for (;;) {
+    const log = mirror.log();
+    const starts = [...log.matchAll(started)];
+    const ends = [...log.matchAll(ended)];
+    if (starts.length >= nth && ends.length >= nth) {
+      const start = starts[nth - 1]!;
+      const end = ends[nth - 1]!;
+      return {
+        ms: Date.parse(end[1]!) - Date.parse(start[1]!),
+        total: Number(start[2]),
+        copied: Number(end[2]),
+      };
+    }
+    if (performance.now() > deadline) {
+      throw new Error(`the mirror's log lacks resync #${nth} of ${leg}:\n${log}`);
+    }
+    await sleep(20);
+  }
+}
+
+/** Sequential 1 MiB reads or writes over the first `bytes` of `device`; returns MiB/s. */
+async function sequential(
+  device: RemoteDevice,
+  kind: "read" | "write",
+  bytes: number,
+  depth: number,
+): Promise<number> {
+  const payload = randomBytes(MiB);
+  const buffers = Array.from({ length: depth }, () => new Uint8Array(MiB));
+  let at = 0;
+  const worker = async (buffer: Uint8Array) => {
+    while (at < bytes) {
+      const offset = at;
+      at += MiB;
+      await (kind === "write" ? device.write(offset, payload) : device.read(offset, buffer));
+    }
+  };
+  const started = performance.now();
+  await Promise.all(buffers.map(worker));
+  if (kind === "write") await device.flush();
+  return bytes / MiB / ((performance.now() - started) / 1000);
+}
+
+async function medianOf(measure: () => Promise<number>): Promise<number> {
+  const values: number[] = [];
+  for (let i = 0; i < RUNS; i++) values.push(await measure());
+  return values.sort((a, b) => a - b)[Math.floor(RUNS / 2)]!;
+}
+
+async function withDevice<T>(
+  address: HostPort,
+  body: (device: RemoteDevice) => Promise<T>,
+): Promise<T> {
+  const device = await RemoteDevice.connect(address);
+  try {
+    return await body(device);
+  } finally {
+    await device.close();
+  }
+}
+
+/** Writes every byte of a new `bytes`-long image, so its tmpfs pages exist before timing. */
+async function fillImage(path: string, bytes: number): Promise<void> {
+  const block = randomBytes(MiB);
+  const file = await Deno.open(path, { write: true, create: true, truncate: true });
+  try {
+    for (let at = 0; at < bytes; at += MiB) {
+      for (let done = 0; done < MiB;) done += await file.write(block.subarray(done));
+    }
+  } finally {
+    file.close();
+  }
+}
+
+async function dstOk(args: string[]): Promise<void> {
+  const result = await runDst(args);
+  if (result.code !== 0) {
+    throw new Error(
+      `dst ${args.join(" ")} exited ${result.code}:\n${result.stdout}${result.stderr}`,
+    );
+  }
+}
+
+function seconds(ms: number): string {
+  return ms < 1000 ? `${ms} ms` : `${(ms / 1000).toFixed(2)} s`;
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+if (import.meta.main) {
+  const started = performance.now();
+  printArrayBench(await benchArray());
+  console.log(`\n(array bench took ${((performance.now() - started) / 1000).toFixed(0)} s)`);
+}
