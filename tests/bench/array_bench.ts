@@ -30,6 +30,7 @@ import {
   runDst,
   type RunningDst,
   type RunningExport,
+  serving,
   startDst,
   startExport,
   TEST_STATE_HOME,
@@ -341,49 +342,6 @@ async function startInNamespace(ns: string, args: string[], ready: RegExp): Prom
     stderr: "piped",
   }).spawn();
   return await serving(process, `dst ${args[0]} in ${ns}`, ready);
-}
-
-async function serving(
-  process: Deno.ChildProcess,
-  what: string,
-  ready: RegExp,
-): Promise<RunningDst> {
-  let stderr = "";
-  void (async () => {
-    for await (const chunk of process.stderr.pipeThrough(new TextDecoderStream())) stderr += chunk;
-  })().catch(() => {});
-  const reader = process.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let stdout = "";
-  let match: RegExpMatchArray | null = null;
-  while (match === null) {
-    const { value, done } = await reader.read();
-    if (done) {
-      const status = await process.status;
-      throw new Error(`${what} exited (${status.code}) before serving:\n${stdout}\n${stderr}`);
-    }
-    stdout += value;
-    match = stdout.match(ready);
-  }
-  void (async () => {
-    while (!(await reader.read()).done) { /* drain */ }
-  })().catch(() => {});
-  let stopped: Promise<Deno.CommandStatus> | null = null;
-  return {
-    process,
-    ready: match,
-    log: () => stderr,
-    stop(signal: Deno.Signal = "SIGTERM") {
-      if (stopped === null) {
-        try {
-          process.kill(signal);
-        } catch {
-          // already exited
-        }
-        stopped = process.status;
-      }
-      return stopped;
-    },
-  };
 }
 
 async function readBytesOf(address: string): Promise<number> {

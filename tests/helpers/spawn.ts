@@ -69,6 +69,15 @@ export async function startDst(args: string[], ready: RegExp): Promise<RunningDs
     stdout: "piped",
     stderr: "piped",
   }).spawn();
+  return await serving(process, `dst ${args[0]}`, ready);
+}
+
+/** Follows a spawned dst process until its stdout matches `ready`; its log is kept. */
+export async function serving(
+  process: Deno.ChildProcess,
+  what: string,
+  ready: RegExp,
+): Promise<RunningDst> {
   let stderr = "";
   void (async () => {
     for await (const chunk of process.stderr.pipeThrough(new TextDecoderStream())) stderr += chunk;
@@ -81,7 +90,7 @@ export async function startDst(args: string[], ready: RegExp): Promise<RunningDs
     if (done) {
       const status = await process.status;
       throw new Error(
-        `dst ${args[0]} exited (${status.code}) before serving:\n${stdout}\n${stderr}`,
+        `${what} exited (${status.code}) before serving:\n${stdout}\n${stderr}`,
       );
     }
     stdout += value;
