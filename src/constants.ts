@@ -90,3 +90,4 @@ assert(
 assert(RANGE_BYTES_MAX < 2 ** 32, "range lengths travel as u32");
 assert(PAYLOAD_BYTES_MAX < 2 ** 32, "payload lengths travel as u32");
 assert(RECONNECT_DELAY_MS_MAX < CLIENT_TIMEOUT_MS_DEFAULT, "a reconnect try fits in one timeout");
+assert(MIRROR_RESYNC_PARALLEL >= 1, "a resync copies at least one region at a time");

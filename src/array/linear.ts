@@ -114,17 +114,10 @@ export class LinearDevice implements BlockDevice {
   ): Promise<void> {
     const pieces: Promise<void>[] = [];
     const end = offset + length;
-    let i = this.#memberAt(offset);
-    let position = offset;
-    while (position < end || (length === 0 && pieces.length === 0)) {
-      const memberEnd = this.#starts[i + 1]!;
-      const pieceEnd = Math.min(end, memberEnd);
-      pieces.push(
-        op(this.members[i]!, position - this.#starts[i]!, position - offset, pieceEnd - offset),
-      );
-      position = pieceEnd;
-      i += 1;
-      if (length === 0) break;
+    for (let i = this.#memberAt(offset), at = offset; at < end; i++) {
+      const pieceEnd = Math.min(end, this.#starts[i + 1]!);
+      pieces.push(op(this.members[i]!, at - this.#starts[i]!, at - offset, pieceEnd - offset));
+      at = pieceEnd;
     }
     return this.#all(pieces);
   }

@@ -37,7 +37,6 @@ import {
   type IoFlags,
 } from "../device/block_device.ts";
 import { RemoteDevice, type RemoteDeviceOptions } from "../client/remote_device.ts";
-import { assert } from "../lib/assert.ts";
 import { describeError, DeviceError, DstError } from "../lib/errors.ts";
 import { ensureDir } from "../lib/state_file.ts";
 import { formatBytes, formatDuration } from "../lib/units.ts";
@@ -364,8 +363,8 @@ export class MirrorDevice implements BlockDevice {
   }
 
   /** A leg whose generation is not one past ours was written by someone else: full copy. */
-  static #checkGeneration(leg: Leg, generation: number, bitmap: DirtyBitmap, log: Logger): boolean {
-    if (generation === leg.record.generation + 1) return true;
+  static #checkGeneration(leg: Leg, generation: number, bitmap: DirtyBitmap, log: Logger): void {
+    if (generation === leg.record.generation + 1) return;
     log.warn(
       `leg ${leg.record.name} was written by someone else while away (write generation ` +
         `${generation}, expected ${leg.record.generation + 1}); it gets a full copy`,
@@ -373,7 +372,6 @@ export class MirrorDevice implements BlockDevice {
     void bitmap.markAll(1 << leg.record.slot).catch(() => {});
     if (leg.mode === "in-sync" || leg.mode === "resyncing") leg.mode = "out-of-sync";
     leg.reason = "written by someone else while away";
-    return false;
   }
 
   // --- I/O ------------------------------------------------------------------------
@@ -627,30 +625,22 @@ export class MirrorDevice implements BlockDevice {
     );
     let lastLogMs = Date.now();
     let next = 0;
+    // Workers share `next`; a copy that fails takes the leg out, which stops the others.
     const worker = async (buffer: Uint8Array) => {
       try {
-        await copyAll(buffer);
+        for (;;) {
+          while (next < regions && pending[next] === 0) next += 1;
+          if (next >= regions || leg.mode !== "resyncing" || this.#closing) return;
+          await this.#copyRegion(leg, next++, buffer);
+          if (leg.mode !== "resyncing") return;
+          run.regionsDone += 1;
+          if (Date.now() - lastLogMs >= 1000) {
+            lastLogMs = Date.now();
+            this.#logProgress(leg.record.name, this.#progress(run));
+          }
+        }
       } catch (error) {
         this.#legFailed(leg, error);
-      }
-    };
-    const copyAll = async (buffer: Uint8Array) => {
-      for (;;) {
-        while (next < regions && pending[next] === 0) next += 1;
-        if (next >= regions || leg.mode !== "resyncing" || this.#closing) return;
-        const r = next++;
-        await this.#copyRegion(leg, r, buffer);
-        if (leg.mode !== "resyncing") return;
-        run.regionsDone += 1;
-        if (Date.now() - lastLogMs >= 1000) {
-          lastLogMs = Date.now();
-          const p = this.#progress(run);
-          this.#log.info(
-            `resync of ${leg.record.name}: ${p.regionsDone}/${p.regionsTotal} regions, ` +
-              `${formatBytes(p.bytesPerSecond)}/s` +
-              (p.etaMs === null ? "" : `, about ${formatDuration(p.etaMs)} left`),
-          );
-        }
       }
     };
     try {
@@ -705,6 +695,14 @@ export class MirrorDevice implements BlockDevice {
     } finally {
       this.#regions.unlockCopy(region);
     }
+  }
+
+  #logProgress(name: string, p: ResyncProgress): void {
+    this.#log.info(
+      `resync of ${name}: ${p.regionsDone}/${p.regionsTotal} regions, ` +
+        `${formatBytes(p.bytesPerSecond)}/s` +
+        (p.etaMs === null ? "" : `, about ${formatDuration(p.etaMs)} left`),
+    );
   }
 
   #progress(run: ResyncRun): ResyncProgress {
@@ -881,12 +879,4 @@ export class MirrorDevice implements BlockDevice {
       this.#log.error(`cannot save the mirror state: ${describeError(error)}`);
     }
   }
-
-  /** For tests: the leg modes by name. */
-  legModes(): Record<string, LegMode> {
-    return Object.fromEntries(this.#legs.map((l) => [l.record.name, l.mode]));
-  }
 }
-
-assert(MIRROR_RESYNC_PARALLEL >= 1, "a resync copies at least one region at a time");
-export { loadMirrorState };

@@ -8,7 +8,8 @@
 import assert from "node:assert/strict";
 import { RemoteDevice } from "../../src/client/remote_device.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
-import { runDst, startDst, startExport } from "../helpers/spawn.ts";
+import { memberName, startArray, waitForMirror } from "../helpers/array.ts";
+import { runDst, startExport } from "../helpers/spawn.ts";
 
 const MiB = 1024 * 1024;
 const quiet = { debug() {}, info() {}, warn() {}, error() {} };
@@ -58,31 +59,16 @@ Deno.test("a mirror leg written by someone else while detached gets a full copy"
   const b = await startExport([`${dir}/b.img`, "--create", "8M", "--listen", "127.0.0.1:0"]);
   const legA = `127.0.0.1:${a.address.port}`;
   const legB = `127.0.0.1:${b.address.port}`;
-  const mirror = await startDst(
-    [
-      "array",
-      "mirror",
-      legA,
-      legB,
-      "--source",
-      legA,
-      "--state",
-      `${dir}/state`,
-      "--export",
-      "127.0.0.1:0",
-    ],
-    / on (\S+)\n/,
+  const mirror = await startArray(
+    ["mirror", legA, legB, "--source", legA, "--state", `${dir}/state`, "--export", "127.0.0.1:0"],
   );
-  const arrayAddress = mirror.ready[1]!;
+  const arrayAddress = memberName(mirror.address);
   try {
     const data = randomBytes(8 * MiB);
-    const client = await RemoteDevice.connect(
-      { hostname: "127.0.0.1", port: Number(arrayAddress.split(":")[1]) },
-      { log: quiet },
-    );
+    const client = await RemoteDevice.connect(mirror.address, { log: quiet });
     await client.write(0, data);
     await client.flush();
-    await waitInSync(arrayAddress);
+    await waitForMirror(mirror.address);
     assert.equal((await runDst(["array", "detach", arrayAddress, legB])).code, 0);
 
     // Someone else writes to B while it is out.
@@ -93,7 +79,7 @@ Deno.test("a mirror leg written by someone else while detached gets a full copy"
     const attached = await runDst(["array", "attach", arrayAddress, legB]);
     assert.equal(attached.code, 0, attached.stderr);
     assert.match(attached.stdout, /resyncing 8 of 8 regions/, "every region is copied");
-    await waitInSync(arrayAddress);
+    await waitForMirror(mirror.address);
     await client.close();
     assert.match(mirror.log(), /written by someone else/);
     const imageB = await Deno.readFile(`${dir}/b.img`);
@@ -119,20 +105,8 @@ Deno.test("a mirror without state, or with state for other legs, is refused with
     assert.equal(none.code, 1);
     assert.match(none.stderr, /No mirror state in .*--source MEMBER/);
 
-    const made = await startDst(
-      [
-        "array",
-        "mirror",
-        legA!,
-        legB!,
-        "--source",
-        legA!,
-        "--state",
-        state,
-        "--export",
-        "127.0.0.1:0",
-      ],
-      / on (\S+)\n/,
+    const made = await startArray(
+      ["mirror", legA!, legB!, "--source", legA!, "--state", state, "--export", "127.0.0.1:0"],
     );
     await made.stop();
 
@@ -146,16 +120,3 @@ Deno.test("a mirror without state, or with state for other legs, is refused with
     await Deno.remove(dir, { recursive: true });
   }
 });
-
-async function waitInSync(address: string): Promise<void> {
-  const until = performance.now() + 20_000;
-  for (;;) {
-    const { stdout } = await runDst(["status", address, "--json"]);
-    const members = JSON.parse(stdout)[0]?.status?.array?.members ?? [];
-    if (members.length > 0 && members.every((m: { state: string }) => m.state === "in-sync")) {
-      return;
-    }
-    if (performance.now() > until) throw new Error(`mirror not in sync: ${stdout}`);
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
-}
