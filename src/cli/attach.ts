@@ -94,6 +94,8 @@ export async function attachCommand(argv: string[]): Promise<number> {
     await remote.close();
     throw error;
   }
+  // Listening for signals before the ready line: a SIGTERM right after it is a clean stop.
+  const stopping = untilSignal();
   const info = remote.info;
   console.log(
     `dst attach: ${formatHostPort(target)} (${
@@ -107,7 +109,7 @@ export async function attachCommand(argv: string[]): Promise<number> {
       kernel = await attachKernelDevice(kernelPath, listen, name);
       console.log(`dst attach: ${kernelPath} is ready`);
     }
-    const signal = await untilSignal();
+    const signal = await stopping;
     log.info(`${signal}: detaching; finishing what is in flight`);
   } finally {
     if (kernel !== null) await kernel.detach();

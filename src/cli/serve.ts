@@ -52,6 +52,8 @@ export async function serveUntilSignal(device: BlockDevice, options: ServeOption
     await exporter?.shutdown();
     throw error;
   }
+  // Listening for signals before the ready line: a SIGTERM right after it is a clean stop.
+  const stopping = untilSignal();
   if (exporter !== null) {
     console.log(
       `dst ${options.command}: serving ${options.label} (${options.details}) on ${
@@ -67,7 +69,7 @@ export async function serveUntilSignal(device: BlockDevice, options: ServeOption
         `as NBD at ${nbd.uri}`,
     );
   }
-  const signal = await untilSignal();
+  const signal = await stopping;
   options.log.info(`${signal}: no new clients; finishing what is in flight`);
   await Promise.all([exporter?.shutdown(), nbd?.shutdown()]);
 }
