@@ -7,37 +7,12 @@
 
 import assert from "node:assert/strict";
 import { assertSameBytes } from "../helpers/bytes.ts";
+import { withFuseDisk } from "../helpers/fuse_disk.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import { startAttach, startExport } from "../helpers/spawn.ts";
-import { missing, spawnTool, tool, toolOk } from "../helpers/tools.ts";
+import { missing, tool, toolOk } from "../helpers/tools.ts";
 
 const MiB = 1024 * 1024;
-
-/** Mounts `uri` as the file `mountpoint/disk` with nbdfuse, runs `body`, unmounts. */
-async function withFuseDisk(
-  uri: string,
-  mountpoint: string,
-  body: (disk: string) => Promise<void>,
-): Promise<void> {
-  await Deno.mkdir(mountpoint, { recursive: true });
-  const fuse = spawnTool("nbdfuse", [`${mountpoint}/disk`, uri]);
-  try {
-    for (let i = 0;; i++) {
-      try {
-        if ((await Deno.stat(`${mountpoint}/disk`)).size > 0) break;
-      } catch {
-        // not mounted yet
-      }
-      if (i > 200) throw new Error("nbdfuse did not expose the disk within 10 s");
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
-    await body(`${mountpoint}/disk`);
-  } finally {
-    const unmounted = await tool("fusermount3", ["-u", mountpoint]);
-    if (unmounted.code !== 0) await tool("umount", [mountpoint]);
-    await fuse.status;
-  }
-}
 
 Deno.test({
   name:
