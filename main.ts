@@ -1,4 +1,4 @@
-#!/usr/bin/env -S deno run -A
+#!/usr/bin/env -S deno run -A --unstable-net
 /**
  * dst: distributed block storage. This file wires the real world (arguments,
  * stdout, exit codes) to the subcommands; all logic lives under src/.
@@ -14,6 +14,7 @@ import { exportCommand } from "./src/cli/export.ts";
 import { statusCommand } from "./src/cli/status.ts";
 import { AssertionError } from "./src/lib/assert.ts";
 import { DstError, UsageError } from "./src/lib/errors.ts";
+import { isNbdThread, serveNbdThread } from "./src/server/nbd_threads.ts";
 
 export const VERSION = "0.1.0";
 
@@ -53,7 +54,9 @@ async function main(argv: string[]): Promise<number> {
   return await run(rest);
 }
 
-if (import.meta.main) {
+if (isNbdThread()) {
+  serveNbdThread(); // a worker of `dst export --nbd` (src/server/nbd_threads.ts), not the CLI
+} else if (import.meta.main) {
   let code: number;
   try {
     code = await main(Deno.args);

@@ -26,6 +26,14 @@ export const IN_FLIGHT_BYTES_PER_CONNECTION_MAX = 64 * MiB;
 /** Clients one export serves at once; each costs a few MiB of buffers. */
 export const CLIENTS_PER_EXPORT_MAX = 64;
 
+/**
+ * Threads that serve `dst export --nbd` (nbd_threads.ts). One event loop reads about
+ * 0.8x of nbdkit's sequential rate here, four match it; four because nbdcopy opens four
+ * connections, and the kernel places each on a thread by its address.
+ */
+export const NBD_THREADS_DEFAULT = 4;
+export const NBD_THREADS_MAX = 64;
+
 /** A STATUS reply is a small JSON document; anything larger is a bug or an attack. */
 export const STATUS_PAYLOAD_BYTES_MAX = 64 * KiB;
 

@@ -1,18 +1,18 @@
 /** `dst export PATH`: serves an image file or block device over the DST protocol. */
 
-import { EXPORT_PORT_DEFAULT } from "../constants.ts";
+import { EXPORT_PORT_DEFAULT, NBD_THREADS_DEFAULT, NBD_THREADS_MAX } from "../constants.ts";
 import { FileDevice } from "../device/file_device.ts";
 import { parseHostPort } from "../lib/address.ts";
 import { UsageError } from "../lib/errors.ts";
 import { logger } from "../lib/log.ts";
-import { formatBytes, parseSize } from "../lib/units.ts";
+import { formatBytes, parseCount, parseSize } from "../lib/units.ts";
 import { defaultExportStateDir, PersistedGeneration } from "../server/write_generation.ts";
 import { parseCommand, stringOption } from "./args.ts";
 import { NBD_PORT_DEFAULT } from "./attach.ts";
 import { serveUntilSignal } from "./serve.ts";
 
 export const EXPORT_HELP =
-  `Usage: dst export PATH [--listen [HOST]:PORT] [--read-only] [--create SIZE] [--nbd [HOST]:PORT] [--state DIR]
+  `Usage: dst export PATH [--listen [HOST]:PORT] [--read-only] [--create SIZE] [--nbd [HOST]:PORT] [--nbd-threads N] [--state DIR]
 
 Serves PATH (an image file or a block device) to DST clients.
 
@@ -20,6 +20,8 @@ Serves PATH (an image file or a block device) to DST clients.
   --read-only           refuse every write, discard and write-zeroes
   --create SIZE         create PATH as a sparse image of SIZE (e.g. 1G), or grow it to SIZE
   --nbd [HOST]:PORT     also serve PATH over NBD (default host 127.0.0.1, port ${NBD_PORT_DEFAULT})
+  --nbd-threads N       threads serving NBD, 1 to ${NBD_THREADS_MAX} (default ${NBD_THREADS_DEFAULT}); the kernel
+                        spreads NBD connections among them
   --state DIR           where to keep the export's write generation (default
                         $XDG_STATE_HOME/dst/exports or ~/.local/state/dst/exports)
 
@@ -31,6 +33,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
     "read-only": { type: "boolean" },
     create: { type: "string" },
     nbd: { type: "string" },
+    "nbd-threads": { type: "string" },
     state: { type: "string" },
   });
   if (parsed.values.help) {
@@ -59,6 +62,13 @@ export async function exportCommand(argv: string[]): Promise<number> {
   const nbdListen = nbdText === undefined
     ? null
     : parseHostPort(nbdText, "127.0.0.1", NBD_PORT_DEFAULT);
+  const threadsText = stringOption(parsed, "nbd-threads");
+  if (threadsText !== undefined && nbdListen === null) {
+    throw new UsageError("dst export: --nbd-threads goes with --nbd [HOST]:PORT");
+  }
+  const nbdThreads = threadsText === undefined
+    ? NBD_THREADS_DEFAULT
+    : parseCount(threadsText, "--nbd-threads", 1, NBD_THREADS_MAX);
 
   const log = logger("export");
   const device = await FileDevice.open(path, { readOnly, createBytes });
@@ -71,6 +81,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
     await serveUntilSignal(device, {
       listen,
       nbd: nbdListen,
+      nbdThreads: { path, threads: nbdThreads },
       generation,
       label: path,
       details:

@@ -1,12 +1,16 @@
 /**
- * How to start this same program again as a child process: `deno run -A <main module>`
- * when running as a script or bundle, or the binary alone when compiled.
+ * How to start this same program again as a child process: `deno run -A
+ * --unstable-net <main module>` when running as a script or bundle, or the binary
+ * alone when compiled. --unstable-net lets NBD threads share a port (nbd_threads.ts).
  */
+
+/** What `deno run` needs for this program: all permissions, and ports shared between threads. */
+export const DENO_RUN_ARGS = ["run", "-A", "--unstable-net"];
 
 export function selfCommand(): { command: string; args: string[] } {
   const compiled = Deno.mainModule.includes("/deno-compile-");
   if (compiled) return { command: Deno.execPath(), args: [] };
-  return { command: Deno.execPath(), args: ["run", "-A", Deno.mainModule] };
+  return { command: Deno.execPath(), args: [...DENO_RUN_ARGS, Deno.mainModule] };
 }
 
 /** Reads a child's stdout until a line matches, and returns the match (the rest is passed through). */

@@ -10,6 +10,7 @@ import type { Logger } from "../lib/log.ts";
 import { logger } from "../lib/log.ts";
 import { NbdServer } from "../nbd/mod.ts";
 import { Exporter, type ExportOwner } from "../server/exporter.ts";
+import { NbdThreads } from "../server/nbd_threads.ts";
 import type { WriteGeneration } from "../server/write_generation.ts";
 import { untilSignal } from "./signals.ts";
 
@@ -17,6 +18,11 @@ export interface ServeOptions {
   /** DST listening address, or null to serve over NBD only. */
   listen: HostPort | null;
   nbd: HostPort | null;
+  /**
+   * When `device` is an image file that other threads may open too: its path and how
+   * many threads serve NBD (nbd_threads.ts). Otherwise NBD is served by this thread.
+   */
+  nbdThreads?: { path: string; threads: number };
   generation: WriteGeneration;
   owner?: ExportOwner;
   /** What the startup lines call the device ("/dev/shm/a.img", "mirror of 2 legs"). */
@@ -30,26 +36,21 @@ export interface ServeOptions {
 /** Serves `device` until SIGINT/SIGTERM, then finishes what is in flight. Closes nothing. */
 export async function serveUntilSignal(device: BlockDevice, options: ServeOptions): Promise<void> {
   let exporter: Exporter | null = null;
-  let nbd: NbdServer | null = null;
+  let nbd: NbdServer | NbdThreads | null = null;
   try {
+    if (options.nbd !== null) nbd = await startNbd(device, options.nbd, options);
     if (options.listen !== null) {
+      const threads = nbd instanceof NbdThreads ? nbd : null;
       exporter = Exporter.start(device, {
         listen: options.listen,
         log: options.log,
         generation: options.generation,
         owner: options.owner,
-      });
-    }
-    if (options.nbd !== null) {
-      nbd = await NbdServer.start(device, {
-        listen: { tcp: options.nbd },
-        name: "",
-        description: `DST ${options.label}`,
-        log: logger("nbd"),
+        stats: threads === null ? undefined : () => threads.stats(),
       });
     }
   } catch (error) {
-    await exporter?.shutdown();
+    await nbd?.shutdown();
     throw error;
   }
   // Listening for signals before the ready line: a SIGTERM right after it is a clean stop.
@@ -72,4 +73,32 @@ export async function serveUntilSignal(device: BlockDevice, options: ServeOption
   const signal = await stopping;
   options.log.info(`${signal}: no new clients; finishing what is in flight`);
   await Promise.all([exporter?.shutdown(), nbd?.shutdown()]);
+}
+
+/** NBD clients' writes start a write generation too: to a mirror that is "someone else wrote". */
+function startNbd(
+  device: BlockDevice,
+  address: HostPort,
+  options: ServeOptions,
+): Promise<NbdServer | NbdThreads> {
+  const description = `DST ${options.label}`;
+  const startWriting = () => options.generation.next().then(() => {});
+  if (options.nbdThreads !== undefined) {
+    return NbdThreads.start({
+      path: options.nbdThreads.path,
+      device,
+      address,
+      threads: options.nbdThreads.threads,
+      description,
+      startWriting,
+      log: options.log,
+    });
+  }
+  return NbdServer.start(device, {
+    listen: { tcp: address },
+    name: "",
+    description,
+    log: logger("nbd"),
+    startWriting,
+  });
 }

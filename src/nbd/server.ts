@@ -26,6 +26,8 @@ export interface NbdServerOptions {
   name: string;
   description: string;
   log?: Logger;
+  /** Starts the export's write generation; each connection calls it before its first write. */
+  startWriting?: () => Promise<void>;
 }
 
 export class NbdServer {
@@ -37,7 +39,7 @@ export class NbdServer {
   private constructor(
     readonly device: BlockDevice,
     readonly listener: Deno.Listener,
-    readonly options: NbdServerOptions,
+    readonly options: Omit<NbdServerOptions, "listen">,
   ) {
     this.#log = options.log ?? logger("nbd");
     this.#exported = {
@@ -58,6 +60,15 @@ export class NbdServer {
     const listener = "tcp" in options.listen
       ? listenTcp(options.listen.tcp, "--nbd or --listen")
       : await listenUnix(options.listen.unix);
+    return NbdServer.serve(device, listener, options);
+  }
+
+  /** Serves on a listener opened by the caller (nbd_threads.ts opens one per thread). */
+  static serve(
+    device: BlockDevice,
+    listener: Deno.Listener,
+    options: Omit<NbdServerOptions, "listen">,
+  ): NbdServer {
     return new NbdServer(device, listener, options);
   }
 
@@ -91,6 +102,7 @@ export class NbdServer {
       pool: this.#pool,
       log: this.#log,
       structuredReplies: negotiated.structuredReplies,
+      startWriting: this.device.info.readOnly ? null : this.options.startWriting ?? null,
     });
   }
 }

@@ -21,6 +21,7 @@ import {
 } from "../constants.ts";
 import type { BlockDevice } from "../device/block_device.ts";
 import type { BufferPool } from "../lib/buffer_pool.ts";
+import { FirstWriteGate } from "../server/first_write_gate.ts";
 import type { Logger } from "../lib/log.ts";
 import type { ByteConn } from "../transport/byte_conn.ts";
 import { CLOSE, RequestLoop } from "../transport/request_loop.ts";
@@ -53,6 +54,8 @@ export interface NbdContext {
   readonly pool: BufferPool;
   readonly log: Logger;
   readonly structuredReplies: boolean;
+  /** Starts the export's write generation before this connection's first write; null: nothing to start. */
+  readonly startWriting: (() => Promise<void>) | null;
 }
 
 /** The flags each command accepts; FAST_ZERO and DF are not advertised, so they are invalid. */
@@ -74,6 +77,7 @@ export class NbdConnection extends RequestLoop {
   #rejectionsLogged = 0;
   readonly #header = new Uint8Array(28); // large enough for any reply header
   readonly #headerView = new DataView(this.#header.buffer);
+  readonly #writes: FirstWriteGate;
 
   constructor(conn: ByteConn, peer: string, readonly ctx: NbdContext) {
     super(conn, peer, ctx.log, {
@@ -83,6 +87,7 @@ export class NbdConnection extends RequestLoop {
       frameBytesMax: R.SIZE + BLOCK_SIZE_MAX,
       headerBytes: R.SIZE,
     });
+    this.#writes = new FirstWriteGate(ctx.startWriting);
   }
 
   protected dispatchArrived(): number {
@@ -199,18 +204,22 @@ export class NbdConnection extends RequestLoop {
       case Cmd.WRITE: {
         const slab = this.receive.lease();
         const data = this.receive.take(r.length);
-        this.#settle(r, device.write(r.offset, data, { fua }), () => this.receive.release(slab));
+        this.#settle(
+          r,
+          this.#writes.run(() => device.write(r.offset, data, { fua })),
+          () => this.receive.release(slab),
+        );
         return;
       }
       case Cmd.FLUSH:
         this.#settle(r, device.flush());
         return;
       case Cmd.TRIM:
-        this.#settle(r, device.discard(r.offset, r.length, { fua }));
+        this.#settle(r, this.#writes.run(() => device.discard(r.offset, r.length, { fua })));
         return;
       case Cmd.WRITE_ZEROES:
         // NO_HOLE needs nothing: zeroes are always written, never punched as holes.
-        this.#settle(r, device.writeZeroes(r.offset, r.length, { fua }));
+        this.#settle(r, this.#writes.run(() => device.writeZeroes(r.offset, r.length, { fua })));
         return;
     }
   }

@@ -34,6 +34,7 @@ import {
 } from "../protocol/mod.ts";
 import type { ByteConn } from "../transport/byte_conn.ts";
 import { CLOSE, RequestLoop } from "../transport/request_loop.ts";
+import { FirstWriteGate } from "./first_write_gate.ts";
 
 /** What a connection needs from its export. */
 export interface ExportContext {
@@ -57,9 +58,7 @@ export class ExportConnection extends RequestLoop {
   #rejectionsLogged = 0;
   readonly #replyHeader = new Uint8Array(ReplyLayout.SIZE);
   readonly #replyView = new DataView(this.#replyHeader.buffer);
-  /** Resolves once this connection may write; null once it has resolved. */
-  #writing: Promise<void> | null = null;
-  #mayWrite: boolean;
+  readonly #writes: FirstWriteGate;
 
   constructor(conn: ByteConn, peer: string, readonly ctx: ExportContext) {
     super(conn, peer, ctx.log, {
@@ -69,16 +68,7 @@ export class ExportConnection extends RequestLoop {
       frameBytesMax: RequestLayout.SIZE + PAYLOAD_BYTES_MAX,
       headerBytes: RequestLayout.SIZE,
     });
-    this.#mayWrite = ctx.startWriting === null;
-  }
-
-  /** Runs a device call that changes data, after the write generation has started. */
-  #mutate(run: () => Promise<void>): Promise<void> {
-    if (this.#mayWrite) return run();
-    this.#writing ??= this.ctx.startWriting!().then(() => {
-      this.#mayWrite = true;
-    });
-    return this.#writing.then(run);
+    this.#writes = new FirstWriteGate(ctx.startWriting);
   }
 
   protected dispatchArrived(): number {
@@ -174,7 +164,7 @@ export class ExportConnection extends RequestLoop {
         const data = this.receive.take(h.payloadLength);
         this.#settle(
           h,
-          this.#mutate(() => device.write(h.offset, data, flags)),
+          this.#writes.run(() => device.write(h.offset, data, flags)),
           () => this.receive.release(slab),
         );
         return;
@@ -183,10 +173,10 @@ export class ExportConnection extends RequestLoop {
         this.#settle(h, device.flush());
         return;
       case Command.DISCARD:
-        this.#settle(h, this.#mutate(() => device.discard(h.offset, h.length, flags)));
+        this.#settle(h, this.#writes.run(() => device.discard(h.offset, h.length, flags)));
         return;
       case Command.WRITE_ZEROES:
-        this.#settle(h, this.#mutate(() => device.writeZeroes(h.offset, h.length, flags)));
+        this.#settle(h, this.#writes.run(() => device.writeZeroes(h.offset, h.length, flags)));
         return;
       case Command.INFO: {
         const info = device.info;

@@ -6,7 +6,7 @@
  */
 
 import { CLIENTS_PER_EXPORT_MAX, PAYLOAD_BYTES_MAX } from "../constants.ts";
-import type { BlockDevice } from "../device/block_device.ts";
+import type { BlockDevice, DeviceStats } from "../device/block_device.ts";
 import { formatHostPort, type HostPort } from "../lib/address.ts";
 import { BufferPool } from "../lib/buffer_pool.ts";
 import { type Clock, systemClock } from "../lib/clock.ts";
@@ -45,6 +45,8 @@ export interface ExportStatus {
 
 export interface ExporterOptions {
   listen: HostPort;
+  /** The device's counters for status (default device.stats(); more when other threads serve it too). */
+  stats?: () => DeviceStats;
   /** The export's write generation (default: one in memory, for exports made in code). */
   generation?: WriteGeneration;
   /**
@@ -70,6 +72,7 @@ export class Exporter {
   readonly #loop: AcceptLoop;
   readonly #generation: WriteGeneration;
   readonly #owner: ExportOwner | null;
+  readonly #stats: () => DeviceStats;
   #protocolErrors = 0;
 
   private constructor(
@@ -82,6 +85,7 @@ export class Exporter {
     this.#startedMs = this.#clock.nowMs();
     this.#generation = options.generation ?? new MemoryGeneration();
     this.#owner = options.owner ?? null;
+    this.#stats = options.stats ?? (() => device.stats());
     this.#loop = new AcceptLoop(
       listener,
       CLIENTS_PER_EXPORT_MAX,
@@ -106,7 +110,7 @@ export class Exporter {
    */
   status(askedByClient = false): ExportStatus {
     const info = this.device.info;
-    const stats = this.device.stats();
+    const stats = this.#stats();
     return {
       kind: "export",
       name: info.name,

@@ -3,15 +3,35 @@
 import { formatHostPort, type HostPort } from "../lib/address.ts";
 import { describeError, DstError } from "../lib/errors.ts";
 
-export function listenTcp(address: HostPort, option: string): Deno.TcpListener {
+/**
+ * Listens on TCP. With `sharedPort`, other listeners of this process (one per NBD
+ * thread) may listen on the same port, and the kernel spreads new connections among
+ * them (SO_REUSEPORT; Deno needs --unstable-net for it, see ReusePortUnavailable).
+ */
+export function listenTcp(address: HostPort, option: string, sharedPort = false): Deno.TcpListener {
   try {
-    return Deno.listen({ hostname: address.hostname, port: address.port });
+    const options: Deno.TcpListenOptions & { reusePort?: boolean } = {
+      hostname: address.hostname,
+      port: address.port,
+    };
+    if (sharedPort) options.reusePort = true;
+    return Deno.listen(options);
   } catch (error) {
+    if (sharedPort && String(error).includes("--unstable-net")) {
+      throw new ReusePortUnavailable();
+    }
     throw new DstError(
       "LISTEN",
       `Cannot listen on ${formatHostPort(address)}: ${describeError(error)}` +
         ` (is another server using that port? pick another with ${option})`,
     );
+  }
+}
+
+/** This Deno was started without --unstable-net, so a port cannot be shared between threads. */
+export class ReusePortUnavailable extends Error {
+  constructor() {
+    super("sharing a port between threads needs Deno's --unstable-net flag");
   }
 }
 

@@ -5,6 +5,7 @@
  */
 
 import { type HostPort, parseHostPort } from "../../src/lib/address.ts";
+import { DENO_RUN_ARGS } from "../../src/cli/self.ts";
 
 export const BUNDLE = new URL("../../dist/dst.js", import.meta.url).pathname;
 
@@ -64,7 +65,7 @@ export async function startAttach(args: string[]): Promise<RunningAttach> {
 export async function startDst(args: string[], ready: RegExp): Promise<RunningDst> {
   await ensureBundle();
   const process = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", BUNDLE, ...args],
+    args: [...DENO_RUN_ARGS, BUNDLE, ...args],
     env: { XDG_STATE_HOME: TEST_STATE_HOME },
     stdout: "piped",
     stderr: "piped",
@@ -151,7 +152,7 @@ export async function runDst(
 ): Promise<{ code: number; stdout: string; stderr: string }> {
   await ensureBundle();
   const output = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", BUNDLE, ...args],
+    args: [...DENO_RUN_ARGS, BUNDLE, ...args],
     env: { XDG_STATE_HOME: TEST_STATE_HOME },
     stdout: "piped",
     stderr: "piped",

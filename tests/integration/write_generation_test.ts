@@ -1,7 +1,8 @@
 /**
  * Write generations and mirror state, with the real CLI: an export raises its write
  * generation, durably, when a connection starts writing; a mirror leg that someone
- * else wrote to while it was detached gets a full copy; a mirror state folder that
+ * else wrote to while it was detached (over DST or over the export's NBD) gets a
+ * full copy; a mirror state folder that
  * is missing or is for other legs is refused with what to do.
  */
 
@@ -9,7 +10,8 @@ import assert from "node:assert/strict";
 import { RemoteDevice } from "../../src/client/remote_device.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import { memberName, startArray, waitForMirror } from "../helpers/array.ts";
-import { runDst, startExport } from "../helpers/spawn.ts";
+import { runDst, type RunningExport, startExport } from "../helpers/spawn.ts";
+import { missing, toolOk } from "../helpers/tools.ts";
 
 const MiB = 1024 * 1024;
 const quiet = { debug() {}, info() {}, warn() {}, error() {} };
@@ -53,10 +55,34 @@ Deno.test("an export's write generation goes up once per writing connection and 
   }
 });
 
-Deno.test("a mirror leg written by someone else while detached gets a full copy", async () => {
+/** Writes 4 KiB of 0xee at 5 MiB into an export from outside any mirror. */
+type Intruder = (b: RunningExport) => Promise<void>;
+
+const INTRUDERS: Array<[string, Intruder]> = [
+  ["a DST client", async (b) => {
+    const intruder = await RemoteDevice.connect(b.address, { log: quiet });
+    await intruder.write(5 * MiB, new Uint8Array(4096).fill(0xee));
+    await intruder.close();
+  }],
+  ["an NBD client of the leg's export --nbd", async (b) => {
+    await toolOk("nbdsh", ["-u", b.nbdUri!, "-c", `h.pwrite(b"\\xee" * 4096, ${5 * MiB})`]);
+  }],
+];
+
+for (const [who, intrude] of INTRUDERS) {
+  Deno.test({
+    name: `a mirror leg written by ${who} while detached gets a full copy`,
+    ignore: who.includes("NBD") && missing("nbdsh"),
+    fn: () => someoneElseWrites(intrude),
+  });
+}
+
+async function someoneElseWrites(intrude: Intruder): Promise<void> {
   const dir = await Deno.makeTempDir({ prefix: "dst-generation-" });
   const a = await startExport([`${dir}/a.img`, "--create", "8M", "--listen", "127.0.0.1:0"]);
-  const b = await startExport([`${dir}/b.img`, "--create", "8M", "--listen", "127.0.0.1:0"]);
+  const b = await startExport(
+    [`${dir}/b.img`, "--create", "8M", "--listen", "127.0.0.1:0", "--nbd", "127.0.0.1:0"],
+  );
   const legA = `127.0.0.1:${a.address.port}`;
   const legB = `127.0.0.1:${b.address.port}`;
   const mirror = await startArray(
@@ -71,10 +97,7 @@ Deno.test("a mirror leg written by someone else while detached gets a full copy"
     await waitForMirror(mirror.address);
     assert.equal((await runDst(["array", "detach", arrayAddress, legB])).code, 0);
 
-    // Someone else writes to B while it is out.
-    const intruder = await RemoteDevice.connect(b.address, { log: quiet });
-    await intruder.write(5 * MiB, new Uint8Array(4096).fill(0xee));
-    await intruder.close();
+    await intrude(b); // someone else writes to B while it is out
 
     const attached = await runDst(["array", "attach", arrayAddress, legB]);
     assert.equal(attached.code, 0, attached.stderr);
@@ -89,7 +112,7 @@ Deno.test("a mirror leg written by someone else while detached gets a full copy"
     await Promise.all([a.stop("SIGKILL"), b.stop("SIGKILL")]);
     await Deno.remove(dir, { recursive: true });
   }
-});
+}
 
 Deno.test("a mirror without state, or with state for other legs, is refused with what to do", async () => {
   const dir = await Deno.makeTempDir({ prefix: "dst-generation-" });

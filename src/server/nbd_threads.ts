@@ -1,0 +1,289 @@
+/**
+ * `dst export --nbd` from several threads. One event loop tops out below what the
+ * reference NBD servers reach on sequential reads: the socket writes dominate (on
+ * loopback a send also runs the receiver's side of TCP), and they all run on one
+ * thread. So an image is served by N threads: this one and N-1 workers, each with its
+ * own descriptor of the same file and its own listener on the same port
+ * (SO_REUSEPORT), and the kernel spreads new connections among them by address.
+ *
+ * Sharing one image is safe because a FileDevice keeps no state of its own: a write
+ * is a pwrite into the one page cache, so a read on any thread sees every completed
+ * write, and fdatasync on any descriptor flushes the whole file, so CAN_MULTI_CONN
+ * stays true across threads. What is not shared goes through messages: a worker's
+ * connection asks this thread to start the write generation (one file, kept here),
+ * and each worker publishes its device counters in a shared array for `dst status`.
+ *
+ * A worker runs this same program (Deno.mainModule, as script, bundle or binary);
+ * main.ts sees the thread's name and calls serveNbdThread() instead of the CLI.
+ */
+
+import { type BlockDevice, type DeviceStats, emptyStats } from "../device/block_device.ts";
+import { FileDevice } from "../device/file_device.ts";
+import type { HostPort } from "../lib/address.ts";
+import { describeError, DeviceError, DstError } from "../lib/errors.ts";
+import { type Logger, logger } from "../lib/log.ts";
+import { NbdServer } from "../nbd/mod.ts";
+import { listenTcp, ReusePortUnavailable } from "../transport/listen.ts";
+
+/** The name a worker thread is started with; main.ts checks it. */
+export const NBD_THREAD_NAME = "dst-nbd-thread";
+
+const STAT_FIELDS = Object.keys(emptyStats()) as (keyof DeviceStats)[];
+/** How often a worker copies its counters into the shared array: `dst status` lags by at most this. */
+const STATS_PUBLISH_MS = 250;
+
+type ToWorker =
+  | {
+    kind: "start";
+    index: number;
+    path: string;
+    readOnly: boolean;
+    address: HostPort;
+    description: string;
+    stats: SharedArrayBuffer;
+  }
+  | { kind: "writing"; id: number; error: string | null }
+  | { kind: "stop" };
+
+type FromWorker =
+  | { kind: "ready" }
+  | { kind: "failed"; message: string }
+  | { kind: "startWriting"; id: number }
+  | { kind: "stopped" };
+
+export interface NbdThreadsOptions {
+  /** The image's path: each worker opens it itself. */
+  path: string;
+  /** This thread's device of that image. */
+  device: BlockDevice;
+  address: HostPort;
+  threads: number;
+  description: string;
+  startWriting: () => Promise<void>;
+  log: Logger;
+}
+
+export class NbdThreads {
+  private constructor(
+    readonly server: NbdServer,
+    readonly workers: NbdWorker[],
+    readonly device: BlockDevice,
+    readonly sharedStats: Float64Array,
+  ) {}
+
+  /** Listens and starts the workers; resolves once every thread serves. */
+  static async start(options: NbdThreadsOptions): Promise<NbdThreads> {
+    const { address, log } = options;
+    let threads = options.threads;
+    let listener: Deno.TcpListener;
+    try {
+      listener = listenTcp(address, "--nbd", threads > 1);
+    } catch (error) {
+      if (!(error instanceof ReusePortUnavailable)) throw error;
+      log.warn(
+        `NBD is served by one thread: ${error.message} (dist/dst.js and the deno tasks pass it)`,
+      );
+      threads = 1;
+      listener = listenTcp(address, "--nbd");
+    }
+    const server = NbdServer.serve(options.device, listener, {
+      name: "",
+      description: options.description,
+      log: logger("nbd"),
+      startWriting: options.startWriting,
+    });
+    const sharedStats = new Float64Array(
+      new SharedArrayBuffer(8 * STAT_FIELDS.length * (threads - 1)),
+    );
+    const workers: NbdWorker[] = [];
+    for (let index = 1; index < threads; index++) {
+      workers.push(new NbdWorker(index, options.startWriting, log));
+    }
+    const port = listener.addr.port;
+    const started = await Promise.allSettled(workers.map((worker) =>
+      worker.start({
+        kind: "start",
+        index: worker.index,
+        path: options.path,
+        readOnly: options.device.info.readOnly,
+        address: { hostname: address.hostname, port },
+        description: options.description,
+        stats: sharedStats.buffer as SharedArrayBuffer,
+      })
+    ));
+    const failure = started.find((result) => result.status === "rejected");
+    if (failure !== undefined) {
+      await Promise.all([server.shutdown(), ...workers.map((worker) => worker.stop())]);
+      throw (failure as PromiseRejectedResult).reason;
+    }
+    if (threads > 1) log.info(`NBD is served by ${threads} threads on port ${port}`);
+    return new NbdThreads(server, workers, options.device, sharedStats);
+  }
+
+  get uri(): string {
+    return this.server.uri;
+  }
+
+  /** The device's counters over every thread (the workers' as of their last publish). */
+  stats(): DeviceStats {
+    const total = this.device.stats();
+    for (let i = 0; i < this.sharedStats.length; i++) {
+      total[STAT_FIELDS[i % STAT_FIELDS.length]!] += this.sharedStats[i]!;
+    }
+    return total;
+  }
+
+  /** Stops accepting on every thread and lets each finish what it has in flight. */
+  async shutdown(): Promise<void> {
+    await Promise.all([this.server.shutdown(), ...this.workers.map((worker) => worker.stop())]);
+  }
+}
+
+/** This thread's side of one worker. */
+class NbdWorker {
+  readonly #worker: Worker;
+  #ready = Promise.withResolvers<void>();
+  #stopped = Promise.withResolvers<void>();
+  #running = false;
+
+  constructor(
+    readonly index: number,
+    startWriting: () => Promise<void>,
+    readonly log: Logger,
+  ) {
+    this.#worker = new Worker(Deno.mainModule, { type: "module", name: NBD_THREAD_NAME });
+    this.#worker.onmessage = (event: MessageEvent<FromWorker>) => {
+      const message = event.data;
+      switch (message.kind) {
+        case "ready":
+          this.#running = true;
+          this.#ready.resolve();
+          return;
+        case "failed":
+          this.#ready.reject(
+            new DstError("NBD", `NBD thread ${index} could not start: ${message.message}`),
+          );
+          return;
+        case "startWriting":
+          startWriting().then(
+            () => this.#post({ kind: "writing", id: message.id, error: null }),
+            (error) => this.#post({ kind: "writing", id: message.id, error: describeError(error) }),
+          );
+          return;
+        case "stopped":
+          this.#stopped.resolve();
+          return;
+      }
+    };
+    this.#worker.onerror = (event: ErrorEvent) => {
+      event.preventDefault();
+      const reason = `NBD thread ${index} failed: ${event.message}`;
+      log.error(`${reason}; its clients were disconnected, the other threads go on`);
+      this.#ready.reject(new DstError("NBD", reason));
+      this.#stopped.resolve();
+    };
+  }
+
+  start(message: ToWorker): Promise<void> {
+    this.#post(message);
+    return this.#ready.promise;
+  }
+
+  async stop(): Promise<void> {
+    if (this.#running) {
+      this.#post({ kind: "stop" });
+      await this.#stopped.promise;
+    }
+    this.#worker.terminate();
+  }
+
+  #post(message: ToWorker): void {
+    this.#worker.postMessage(message);
+  }
+}
+
+/** True in a worker started by NbdThreads. */
+export function isNbdThread(): boolean {
+  return (globalThis as { name?: unknown }).name === NBD_THREAD_NAME;
+}
+
+/** A worker's whole life: open the image, serve NBD on the shared port, stop when told. */
+export function serveNbdThread(): void {
+  const scope = globalThis as unknown as {
+    onmessage: ((event: MessageEvent<ToWorker>) => void) | null;
+    postMessage(message: FromWorker): void;
+  };
+  let served: { server: NbdServer; device: FileDevice; publish: () => void } | null = null;
+  let timer: ReturnType<typeof setInterval> | undefined;
+  const waiting = new Map<number, PromiseWithResolvers<void>>();
+  let nextId = 0;
+
+  const startWriting = (): Promise<void> => {
+    const id = nextId++;
+    const pending = Promise.withResolvers<void>();
+    waiting.set(id, pending);
+    scope.postMessage({ kind: "startWriting", id });
+    return pending.promise;
+  };
+
+  const start = async (message: Extract<ToWorker, { kind: "start" }>) => {
+    let device: FileDevice | null = null;
+    try {
+      device = await FileDevice.open(message.path, { readOnly: message.readOnly });
+      const listener = listenTcp(message.address, "--nbd", true);
+      const server = NbdServer.serve(device, listener, {
+        name: "",
+        description: message.description,
+        log: logger(`nbd#${message.index}`),
+        startWriting,
+      });
+      const shared = new Float64Array(message.stats);
+      const base = (message.index - 1) * STAT_FIELDS.length;
+      const open = device;
+      const publish = () => {
+        const stats = open.stats();
+        STAT_FIELDS.forEach((field, i) => shared[base + i] = stats[field]);
+      };
+      served = { server, device, publish };
+      timer = setInterval(publish, STATS_PUBLISH_MS);
+      scope.postMessage({ kind: "ready" });
+    } catch (error) {
+      await device?.close();
+      scope.postMessage({ kind: "failed", message: describeError(error) });
+    }
+  };
+
+  const stop = async () => {
+    clearInterval(timer);
+    if (served !== null) {
+      await served.server.shutdown();
+      if (!served.device.info.readOnly) await served.device.flush();
+      served.publish();
+      await served.device.close();
+    }
+    scope.postMessage({ kind: "stopped" });
+  };
+
+  scope.onmessage = (event) => {
+    const message = event.data;
+    switch (message.kind) {
+      case "start":
+        void start(message);
+        return;
+      case "writing": {
+        const pending = waiting.get(message.id);
+        waiting.delete(message.id);
+        if (message.error === null) pending?.resolve();
+        else {
+          pending?.reject(
+            new DeviceError("EIO", `cannot start a write generation: ${message.error}`),
+          );
+        }
+        return;
+      }
+      case "stop":
+        void stop();
+        return;
+    }
+  };
+}

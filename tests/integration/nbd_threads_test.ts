@@ -1,0 +1,123 @@
+/**
+ * `dst export --nbd` served by several threads (src/server/nbd_threads.ts), with real
+ * clients: nbdcopy's four connections land on more than one thread, what one thread
+ * wrote every other reads, the image file holds exactly the data, `dst status`
+ * counts the traffic of every thread, NBD writes start a write generation (reads do
+ * not), and SIGTERM stops every thread cleanly.
+ */
+
+import assert from "node:assert/strict";
+import { assertSameBytes } from "../helpers/bytes.ts";
+import { randomBytes } from "../helpers/random_bytes.ts";
+import { newDisk, runDst, type RunningExport, withExport } from "../helpers/spawn.ts";
+import { missing, toolOk } from "../helpers/tools.ts";
+
+const MiB = 1024 * 1024;
+const IMAGE_BYTES = 64 * MiB;
+
+interface ExportCounters {
+  readBytes: number;
+  writtenBytes: number;
+  writeGeneration: number;
+}
+
+async function counters(server: RunningExport): Promise<ExportCounters> {
+  const result = await runDst(["status", `127.0.0.1:${server.address.port}`, "--json"]);
+  assert.equal(result.code, 0, result.stderr);
+  const [only] = JSON.parse(result.stdout) as Array<{ status: ExportCounters }>;
+  return only!.status;
+}
+
+/** Status until `done` holds: workers publish their counters every 250 ms. */
+async function countersWhen(
+  server: RunningExport,
+  done: (c: ExportCounters) => boolean,
+): Promise<ExportCounters> {
+  for (let i = 0;; i++) {
+    const c = await counters(server);
+    if (done(c) || i === 40) return c;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
+/** The log components that accepted NBD clients: "nbd" (this thread), "nbd#1"... (workers). */
+function threadsThatServed(log: string): Set<string> {
+  return new Set([...log.matchAll(/ (nbd(?:#\d+)?): \S+: client connected/g)].map((m) => m[1]!));
+}
+
+/** nbdsh code: `count` connections one after another, each writing 4 KiB at its own offset. */
+function separateWriters(uri: string, count: number): string {
+  return [
+    `for i in range(${count}):`,
+    `    h = nbd.NBD()`,
+    `    h.connect_uri("${uri}")`,
+    `    h.pwrite(bytes([i + 1]) * 4096, i * 4096)`,
+    `    h.shutdown()`,
+  ].join("\n");
+}
+
+Deno.test({
+  name:
+    "export --nbd on 4 threads: nbdcopy's connections spread over them, data and status are whole",
+  ignore: missing("nbdcopy", "nbdsh"),
+  fn: () =>
+    withExport(
+      "dst-nbd-threads-",
+      (dir) => [...newDisk(String(IMAGE_BYTES))(dir), "--nbd", "127.0.0.1:0", "--nbd-threads", "4"],
+      async (server, dir) => {
+        const uri = server.nbdUri!;
+        assert.match(server.log(), /NBD is served by 4 threads/);
+        const before = await counters(server);
+
+        // Reads alone start no write generation.
+        await toolOk("nbdcopy", [uri, `${dir}/empty.bin`]);
+        const afterRead = await countersWhen(server, (c) => c.readBytes >= IMAGE_BYTES);
+        assert.equal(afterRead.writeGeneration, before.writeGeneration, "reads start nothing");
+        assert.ok(
+          afterRead.readBytes >= IMAGE_BYTES,
+          `status counts every thread's reads: ${JSON.stringify(afterRead)}`,
+        );
+
+        const source = randomBytes(IMAGE_BYTES);
+        await Deno.writeFile(`${dir}/source.bin`, source);
+        await toolOk("nbdcopy", [`${dir}/source.bin`, uri]);
+        await toolOk("nbdcopy", [uri, `${dir}/back.bin`]);
+        assertSameBytes(await Deno.readFile(`${dir}/back.bin`), source, "read back over NBD");
+        assertSameBytes(await Deno.readFile(`${dir}/disk.img`), source, "the image file");
+        const afterCopy = await countersWhen(server, (c) => c.writtenBytes >= IMAGE_BYTES);
+
+        // Each writing connection starts a generation, on whichever thread it lands.
+        const writers = 8;
+        await toolOk("nbdsh", ["-c", separateWriters(uri, writers)]);
+        const written = IMAGE_BYTES + writers * 4096;
+        const after = await countersWhen(server, (c) => c.writtenBytes >= written);
+        assert.equal(after.writtenBytes, written, "status counts every thread's writes");
+        const copyGenerations = afterCopy.writeGeneration - before.writeGeneration;
+        assert.ok(copyGenerations >= 1, "nbdcopy's writes started a generation");
+        assert.equal(after.writeGeneration, afterCopy.writeGeneration + writers);
+
+        // 8 writers and nbdcopy's connections over 4 listeners: all on one thread is 1 in 4^9.
+        const served = threadsThatServed(server.log());
+        assert.ok(served.size >= 2, `connections all on one thread: ${[...served].join(", ")}`);
+
+        const stopped = await server.stop("SIGTERM");
+        assert.equal(stopped.code, 0, server.log());
+        assert.match(server.log(), /stopped cleanly/);
+      },
+    ),
+});
+
+Deno.test("--nbd-threads is checked: a count from 1 to 64, and only with --nbd", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "dst-nbd-threads-" });
+  try {
+    const image = [`${dir}/disk.img`, "--create", "1M", "--listen", "127.0.0.1:0"];
+    const zero = await runDst(["export", ...image, "--nbd", "127.0.0.1:0", "--nbd-threads", "0"]);
+    assert.equal(zero.code, 2);
+    assert.match(zero.stderr, /--nbd-threads must be a whole number from 1 to 64, not "0"/);
+    const alone = await runDst(["export", ...image, "--nbd-threads", "2"]);
+    assert.equal(alone.code, 2);
+    assert.match(alone.stderr, /--nbd-threads goes with --nbd/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
