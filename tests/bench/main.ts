@@ -13,7 +13,7 @@ import { RemoteDevice } from "../../src/client/remote_device.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import { startExport } from "../helpers/spawn.ts";
 import { benchArray, printArrayBench } from "./array_bench.ts";
-import { benchNbdPeers } from "./nbd_peers.ts";
+import { benchNbdPeers, printNbdPeers } from "./nbd_peers.ts";
 
 const MiB = 1024 * 1024;
 const IMAGE_BYTES = 1024 * MiB;
@@ -143,18 +143,7 @@ async function main(): Promise<void> {
     );
   }
 
-  for (const { title, rows } of await benchNbdPeers()) {
-    console.log(`\n${title} (same clients and /dev/shm; nbdcopy: median of 3, fio: 3 s)\n`);
-    console.log("| measurement | DST | nbdkit | DST / nbdkit |");
-    console.log("|---|--:|--:|--:|");
-    for (const row of rows) {
-      const format = (value: number) => `${Math.round(value).toLocaleString("en")} ${row.unit}`;
-      const ratio = (row.dst / row.nbdkit).toFixed(2);
-      console.log(
-        `| ${row.measurement} | ${format(row.dst)} | ${format(row.nbdkit)} | ${ratio}x |`,
-      );
-    }
-  }
+  printNbdPeers(await benchNbdPeers());
 
   printArrayBench(await benchArray());
 }
