@@ -9,6 +9,7 @@ import { describeError, DstError } from "../lib/errors.ts";
  * them (SO_REUSEPORT; Deno needs --unstable-net for it, see ReusePortUnavailable).
  */
 export function listenTcp(address: HostPort, option: string, sharedPort = false): Deno.TcpListener {
+  if (sharedPort && !portSharingAvailable()) throw new ReusePortUnavailable();
   try {
     const options: Deno.TcpListenOptions & { reusePort?: boolean } = {
       hostname: address.hostname,
@@ -17,15 +18,21 @@ export function listenTcp(address: HostPort, option: string, sharedPort = false)
     if (sharedPort) options.reusePort = true;
     return Deno.listen(options);
   } catch (error) {
-    if (sharedPort && String(error).includes("--unstable-net")) {
-      throw new ReusePortUnavailable();
-    }
     throw new DstError(
       "LISTEN",
       `Cannot listen on ${formatHostPort(address)}: ${describeError(error)}` +
         ` (is another server using that port? pick another with ${option})`,
     );
   }
+}
+
+/**
+ * Whether this Deno was started with --unstable-net. Asking for reusePort without it
+ * ends the process (exit 70) instead of throwing, so it must be known beforehand; the
+ * flag's other APIs (Deno.listenDatagram) exist only with it.
+ */
+function portSharingAvailable(): boolean {
+  return typeof (Deno as { listenDatagram?: unknown }).listenDatagram === "function";
 }
 
 /** This Deno was started without --unstable-net, so a port cannot be shared between threads. */

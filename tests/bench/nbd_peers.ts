@@ -1,7 +1,7 @@
 /**
  * The NBD part of `deno task bench`: DST against nbdkit, side by side in one run, with
  * the same clients. nbdcopy for sequential (1 GiB, median of 5), fio's nbd engine for
- * 4 KiB random at 32 and at 1 in flight (3 s each, median of 3). Both servers of a
+ * 4 KiB random at 32 and at 1 in flight (3 s each, median of 5). Both servers of a
  * pairing run at once and the runs alternate between them, so the machine's drift
  * falls on both alike. Every image is written once before timing: the first write into a sparse tmpfs file measures page allocation
  * (3-4 s per GiB here, for nbdkit and DST alike), not the server. Two pairings:
@@ -24,7 +24,7 @@ const IMAGE_BYTES = 1024 * MiB;
 const FIO_SECONDS = 3;
 /** Runs of each measurement on each server, the median reported: nbdcopy's are short and vary most. */
 const COPY_RUNS = 5;
-const FIO_RUNS = 3;
+const FIO_RUNS = 5;
 
 export interface PeerRow {
   measurement: string;

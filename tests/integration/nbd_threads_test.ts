@@ -9,7 +9,15 @@
 import assert from "node:assert/strict";
 import { assertSameBytes } from "../helpers/bytes.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
-import { newDisk, runDst, type RunningExport, withExport } from "../helpers/spawn.ts";
+import {
+  BUNDLE,
+  newDisk,
+  runDst,
+  type RunningExport,
+  serving,
+  TEST_STATE_HOME,
+  withExport,
+} from "../helpers/spawn.ts";
 import { missing, toolOk } from "../helpers/tools.ts";
 
 const MiB = 1024 * 1024;
@@ -120,4 +128,27 @@ Deno.test("--nbd-threads is checked: a count from 1 to 64, and only with --nbd",
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test({
+  name: "without --unstable-net the export serves NBD from one thread, and says so",
+  ignore: missing("nbdinfo"),
+  fn: async () => {
+    const dir = await Deno.makeTempDir({ prefix: "dst-nbd-threads-" });
+    const process = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", BUNDLE, "export", ...newDisk("1M")(dir), "--nbd", "127.0.0.1:0"],
+      env: { XDG_STATE_HOME: TEST_STATE_HOME },
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    const server = await serving(process, "dst export", / at (nbd\S+)\n/);
+    try {
+      assert.match(server.log(), /NBD is served by one thread: .*--unstable-net/);
+      const size = await toolOk("nbdinfo", ["--size", server.ready[1]!]);
+      assert.equal(size.trim(), String(MiB));
+    } finally {
+      assert.equal((await server.stop("SIGTERM")).code, 0, server.log());
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
 });
