@@ -1,3 +1,8 @@
 /** The NBD server of any BlockDevice: handshake.ts, transmission.ts, server.ts. */
 
-export { type NbdListen, NbdServer, type NbdServerOptions } from "./server.ts";
+export {
+  NBD_POOL_RETAINED_BYTES,
+  type NbdListen,
+  NbdServer,
+  type NbdServerOptions,
+} from "./server.ts";

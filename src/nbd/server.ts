@@ -12,11 +12,14 @@ import type { BlockDevice } from "../device/block_device.ts";
 import { formatHostPort, type HostPort } from "../lib/address.ts";
 import { BufferPool } from "../lib/buffer_pool.ts";
 import { type Logger, logger } from "../lib/log.ts";
-import { AcceptLoop } from "../transport/accept_loop.ts";
+import { AcceptLoop, type ClientSlots, clientSlots } from "../transport/accept_loop.ts";
 import { listenTcp, listenUnix } from "../transport/listen.ts";
 import { type NbdExport, negotiate } from "./handshake.ts";
 import { NbdConnection } from "./transmission.ts";
 import { TransmissionFlag } from "./wire.ts";
+
+/** Free buffers a server keeps for reuse: four of the largest request. */
+export const NBD_POOL_RETAINED_BYTES = 4 * PAYLOAD_BYTES_MAX;
 
 export type NbdListen = { tcp: HostPort } | { unix: string };
 
@@ -28,11 +31,15 @@ export interface NbdServerOptions {
   log?: Logger;
   /** Starts the export's write generation; each connection calls it before its first write. */
   startWriting?: () => Promise<void>;
+  /** The client limit, when several servers (threads) share one (default: 64 of its own). */
+  clientSlots?: ClientSlots;
+  /** Free buffers kept for reuse (default 4 of the largest request), split when threads share. */
+  retainedBytesMax?: number;
 }
 
 export class NbdServer {
   readonly #loop: AcceptLoop;
-  readonly #pool = new BufferPool(4 * PAYLOAD_BYTES_MAX);
+  readonly #pool: BufferPool;
   readonly #log: Logger;
   readonly #exported: NbdExport;
 
@@ -42,6 +49,7 @@ export class NbdServer {
     readonly options: Omit<NbdServerOptions, "listen">,
   ) {
     this.#log = options.log ?? logger("nbd");
+    this.#pool = new BufferPool(options.retainedBytesMax ?? NBD_POOL_RETAINED_BYTES);
     this.#exported = {
       name: options.name,
       description: options.description,
@@ -50,7 +58,7 @@ export class NbdServer {
     };
     this.#loop = new AcceptLoop(
       listener,
-      CLIENTS_PER_EXPORT_MAX,
+      options.clientSlots ?? clientSlots(CLIENTS_PER_EXPORT_MAX),
       (conn, peer, admitted) => this.#session(conn, peer, admitted),
       this.#log,
     );

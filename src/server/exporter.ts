@@ -12,7 +12,7 @@ import { BufferPool } from "../lib/buffer_pool.ts";
 import { type Clock, systemClock } from "../lib/clock.ts";
 import { type Logger, logger } from "../lib/log.ts";
 import { HelloStatus } from "../protocol/mod.ts";
-import { AcceptLoop } from "../transport/accept_loop.ts";
+import { AcceptLoop, clientSlots } from "../transport/accept_loop.ts";
 import { listenTcp } from "../transport/listen.ts";
 import { ExportConnection } from "./export_connection.ts";
 import { acceptHandshake } from "./handshake.ts";
@@ -88,7 +88,7 @@ export class Exporter {
     this.#stats = options.stats ?? (() => device.stats());
     this.#loop = new AcceptLoop(
       listener,
-      CLIENTS_PER_EXPORT_MAX,
+      clientSlots(CLIENTS_PER_EXPORT_MAX),
       (conn, peer, admitted) => this.#session(conn, peer, admitted),
       this.#log,
     );

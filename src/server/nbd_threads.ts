@@ -10,8 +10,14 @@
  * is a pwrite into the one page cache, so a read on any thread sees every completed
  * write, and fdatasync on any descriptor flushes the whole file, so CAN_MULTI_CONN
  * stays true across threads. What is not shared goes through messages: a worker's
- * connection asks this thread to start the write generation (one file, kept here),
- * and each worker publishes its device counters in a shared array for `dst status`.
+ * connection asks this thread to start the write generation (one file, kept here).
+ * Shared memory holds the client limit's one count (64 for all threads together) and
+ * each worker's device counters for `dst status`; the buffers kept for reuse are
+ * split among the threads, so memory stays bounded as with one.
+ *
+ * A shared port lets any later listener of the same user that shares too take some
+ * of the clients, so the port is first checked with a plain listen: a second export
+ * given the same --nbd fails to start, as it did with one thread.
  *
  * A worker runs this same program (Deno.mainModule, as script, bundle or binary);
  * main.ts sees the thread's name and calls serveNbdThread() instead of the CLI.
@@ -22,7 +28,9 @@ import { FileDevice } from "../device/file_device.ts";
 import type { HostPort } from "../lib/address.ts";
 import { describeError, DeviceError, DstError } from "../lib/errors.ts";
 import { type Logger, logger } from "../lib/log.ts";
-import { NbdServer } from "../nbd/mod.ts";
+import { CLIENTS_PER_EXPORT_MAX } from "../constants.ts";
+import { NBD_POOL_RETAINED_BYTES, NbdServer } from "../nbd/mod.ts";
+import { clientSlots } from "../transport/accept_loop.ts";
 import { listenTcp, ReusePortUnavailable } from "../transport/listen.ts";
 
 /** The name a worker thread is started with; main.ts checks it. */
@@ -31,6 +39,8 @@ export const NBD_THREAD_NAME = "dst-nbd-thread";
 const STAT_FIELDS = Object.keys(emptyStats()) as (keyof DeviceStats)[];
 /** How often a worker copies its counters into the shared array: `dst status` lags by at most this. */
 const STATS_PUBLISH_MS = 250;
+/** A worker loads this whole program and opens the image; far less than this here. */
+const NBD_THREAD_START_MS = 10_000;
 
 type ToWorker =
   | {
@@ -40,7 +50,12 @@ type ToWorker =
     readOnly: boolean;
     address: HostPort;
     description: string;
+    /** What the image must still be: a path renamed over meanwhile is refused. */
+    exportId: string;
+    sizeBytes: number;
     stats: SharedArrayBuffer;
+    clients: SharedArrayBuffer;
+    retainedBytesMax: number;
   }
   | { kind: "writing"; id: number; error: string | null }
   | { kind: "stop" };
@@ -49,7 +64,7 @@ type FromWorker =
   | { kind: "ready" }
   | { kind: "failed"; message: string }
   | { kind: "startWriting"; id: number }
-  | { kind: "stopped" };
+  | { kind: "stopped"; error: string | null };
 
 export interface NbdThreadsOptions {
   /** The image's path: each worker opens it itself. */
@@ -77,6 +92,12 @@ export class NbdThreads {
     let threads = options.threads;
     let listener: Deno.TcpListener;
     try {
+      if (threads > 1 && address.port !== 0) {
+        // A shared port admits any later listener of this user that shares too (another
+        // export given the same --nbd would get some of our clients): so first make sure
+        // nobody listens there, with a plain listen that fails as it always did.
+        listenTcp(address, "--nbd").close();
+      }
       listener = listenTcp(address, "--nbd", threads > 1);
     } catch (error) {
       if (!(error instanceof ReusePortUnavailable)) throw error;
@@ -86,11 +107,16 @@ export class NbdThreads {
       threads = 1;
       listener = listenTcp(address, "--nbd");
     }
+    // One client limit for all threads, and the buffers kept for reuse split among them.
+    const clients = new SharedArrayBuffer(4);
+    const retainedBytesMax = Math.floor(NBD_POOL_RETAINED_BYTES / threads);
     const server = NbdServer.serve(options.device, listener, {
       name: "",
       description: options.description,
       log: logger("nbd"),
       startWriting: options.startWriting,
+      clientSlots: clientSlots(CLIENTS_PER_EXPORT_MAX, new Int32Array(clients)),
+      retainedBytesMax,
     });
     const sharedStats = new Float64Array(
       new SharedArrayBuffer(8 * STAT_FIELDS.length * (threads - 1)),
@@ -108,12 +134,16 @@ export class NbdThreads {
         readOnly: options.device.info.readOnly,
         address: { hostname: address.hostname, port },
         description: options.description,
+        exportId: options.device.info.id,
+        sizeBytes: options.device.info.sizeBytes,
         stats: sharedStats.buffer as SharedArrayBuffer,
+        clients,
+        retainedBytesMax,
       })
     ));
     const failure = started.find((result) => result.status === "rejected");
     if (failure !== undefined) {
-      await Promise.all([server.shutdown(), ...workers.map((worker) => worker.stop())]);
+      await Promise.allSettled([server.shutdown(), ...workers.map((worker) => worker.stop())]);
       throw (failure as PromiseRejectedResult).reason;
     }
     if (threads > 1) log.info(`NBD is served by ${threads} threads on port ${port}`);
@@ -135,7 +165,14 @@ export class NbdThreads {
 
   /** Stops accepting on every thread and lets each finish what it has in flight. */
   async shutdown(): Promise<void> {
-    await Promise.all([this.server.shutdown(), ...this.workers.map((worker) => worker.stop())]);
+    const [, ...errors] = await Promise.all([
+      this.server.shutdown(),
+      ...this.workers.map((worker) => worker.stop()),
+    ]);
+    const failed = errors.filter((error) => error !== null);
+    if (failed.length > 0) {
+      throw new DstError("NBD", `NBD threads stopped badly: ${failed.join("; ")}`);
+    }
   }
 }
 
@@ -143,7 +180,8 @@ export class NbdThreads {
 class NbdWorker {
   readonly #worker: Worker;
   #ready = Promise.withResolvers<void>();
-  #stopped = Promise.withResolvers<void>();
+  /** Resolves with what went wrong while it stopped, or null. */
+  #stopped = Promise.withResolvers<string | null>();
   #running = false;
 
   constructor(
@@ -171,7 +209,8 @@ class NbdWorker {
           );
           return;
         case "stopped":
-          this.#stopped.resolve();
+          if (message.error !== null) log.error(`NBD thread ${index}: ${message.error}`);
+          this.#stopped.resolve(message.error);
           return;
       }
     };
@@ -180,21 +219,43 @@ class NbdWorker {
       const reason = `NBD thread ${index} failed: ${event.message}`;
       log.error(`${reason}; its clients were disconnected, the other threads go on`);
       this.#ready.reject(new DstError("NBD", reason));
-      this.#stopped.resolve();
+      this.#stopped.resolve(null); // already logged
     };
   }
 
-  start(message: ToWorker): Promise<void> {
+  /** Resolves once the worker serves; rejects if it cannot, or has not within NBD_THREAD_START_MS. */
+  async start(message: ToWorker): Promise<void> {
     this.#post(message);
-    return this.#ready.promise;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const late = new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () =>
+          reject(
+            new DstError(
+              "NBD",
+              `NBD thread ${this.index} did not start within ${NBD_THREAD_START_MS} ms ` +
+                `(give --nbd-threads 1 to serve NBD from one thread)`,
+            ),
+          ),
+        NBD_THREAD_START_MS,
+      );
+    });
+    try {
+      await Promise.race([this.#ready.promise, late]);
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
-  async stop(): Promise<void> {
+  /** Stops it; resolves with what went wrong while it stopped (a failed flush), or null. */
+  async stop(): Promise<string | null> {
+    let error: string | null = null;
     if (this.#running) {
       this.#post({ kind: "stop" });
-      await this.#stopped.promise;
+      error = await this.#stopped.promise;
     }
     this.#worker.terminate();
+    return error;
   }
 
   #post(message: ToWorker): void {
@@ -230,12 +291,20 @@ export function serveNbdThread(): void {
     let device: FileDevice | null = null;
     try {
       device = await FileDevice.open(message.path, { readOnly: message.readOnly });
+      if (device.info.id !== message.exportId || device.info.sizeBytes !== message.sizeBytes) {
+        throw new DstError(
+          "NBD",
+          `${message.path} is no longer the image the export opened (renamed over, or resized)`,
+        );
+      }
       const listener = listenTcp(message.address, "--nbd", true);
       const server = NbdServer.serve(device, listener, {
         name: "",
         description: message.description,
         log: logger(`nbd#${message.index}`),
         startWriting,
+        clientSlots: clientSlots(CLIENTS_PER_EXPORT_MAX, new Int32Array(message.clients)),
+        retainedBytesMax: message.retainedBytesMax,
       });
       const shared = new Float64Array(message.stats);
       const base = (message.index - 1) * STAT_FIELDS.length;
@@ -255,13 +324,21 @@ export function serveNbdThread(): void {
 
   const stop = async () => {
     clearInterval(timer);
+    let error: string | null = null;
     if (served !== null) {
-      await served.server.shutdown();
-      if (!served.device.info.readOnly) await served.device.flush();
-      served.publish();
-      await served.device.close();
+      try {
+        await served.server.shutdown();
+        if (!served.device.info.readOnly) await served.device.flush();
+      } catch (failure) {
+        error = describeError(failure);
+      } finally {
+        served.publish();
+        await served.device.close().catch((failure) => {
+          error ??= describeError(failure);
+        });
+      }
     }
-    scope.postMessage({ kind: "stopped" });
+    scope.postMessage({ kind: "stopped", error });
   };
 
   scope.onmessage = (event) => {

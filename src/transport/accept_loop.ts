@@ -22,17 +22,41 @@ export type Session = (
   admitted: boolean,
 ) => Promise<RequestLoop | null>;
 
+/**
+ * The client limit's count. Handshaking clients count too, and a client past the limit
+ * holds a place while it is told "busy", so enter() and leave() always pair.
+ */
+export interface ClientSlots {
+  readonly max: number;
+  /** Counts a client in; false when it is past the limit. */
+  enter(): boolean;
+  leave(): void;
+}
+
+/**
+ * A limit of `max` clients. With `shared` (an Int32Array of one over a
+ * SharedArrayBuffer), every thread given the same array counts against one limit:
+ * the NBD threads of one export hold at most `max` clients together.
+ */
+export function clientSlots(max: number, shared?: Int32Array): ClientSlots {
+  const count = shared ?? new Int32Array(1);
+  return {
+    max,
+    enter: () => Atomics.add(count, 0, 1) < max,
+    leave: () => void Atomics.sub(count, 0, 1),
+  };
+}
+
 export class AcceptLoop {
   readonly #loops = new Set<RequestLoop>();
   readonly #serving = new Set<Promise<void>>();
   readonly #accepting: Promise<void>;
-  #admitted = 0;
   #unixClients = 0;
   #stopping = false;
 
   constructor(
     readonly listener: Deno.Listener,
-    readonly clientsMax: number,
+    readonly slots: ClientSlots,
     readonly session: Session,
     readonly log: Logger,
   ) {
@@ -81,12 +105,12 @@ export class AcceptLoop {
 
   async #serve(conn: Deno.Conn): Promise<void> {
     const peer = this.#peerName(conn);
-    this.#admitted += 1;
+    const admitted = this.slots.enter();
     try {
       if ("setNoDelay" in conn) (conn as Deno.TcpConn).setNoDelay(true);
       let loop: RequestLoop | null;
       try {
-        loop = await this.session(conn, peer, this.#admitted <= this.clientsMax);
+        loop = await this.session(conn, peer, admitted);
       } catch (error) {
         this.log.warn(`${peer}: handshake failed: ${describeError(error)}`);
         loop = null;
@@ -104,7 +128,7 @@ export class AcceptLoop {
         this.log.info(`${peer}: client left (${this.#loops.size} now)`);
       }
     } finally {
-      this.#admitted -= 1;
+      this.slots.leave();
     }
   }
 

@@ -146,7 +146,9 @@ export function newDisk(size: string): (dir: string) => string[] {
   return (dir) => [`${dir}/disk.img`, "--create", size, "--listen", "127.0.0.1:0"];
 }
 
-/** Runs `dst ARGS...` to completion and returns its exit code and output. */
+const RUN_TIMEOUT_MS = 60_000;
+
+/** Runs `dst ARGS...` to completion (killed after a minute) and returns its exit code and output. */
 export async function runDst(
   args: string[],
 ): Promise<{ code: number; stdout: string; stderr: string }> {
@@ -156,6 +158,8 @@ export async function runDst(
     env: { XDG_STATE_HOME: TEST_STATE_HOME },
     stdout: "piped",
     stderr: "piped",
+    // A command that should end but serves instead fails its test rather than hanging the suite.
+    signal: AbortSignal.timeout(RUN_TIMEOUT_MS),
   }).output();
   const decoder = new TextDecoder();
   return {

@@ -152,3 +152,47 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "the NBD threads of one export share one client limit and one port",
+  ignore: missing("nbdsh"),
+  fn: () =>
+    withExport(
+      "dst-nbd-threads-",
+      (dir) => [...newDisk("1M")(dir), "--nbd", "127.0.0.1:0", "--nbd-threads", "4"],
+      async (server, dir) => {
+        const uri = server.nbdUri!;
+        // 64 clients held open over 4 threads; the 65th is turned away by whichever thread.
+        const out = await toolOk("nbdsh", ["-c", fillClientLimit(uri, 64)]);
+        assert.equal(out.trim(), "64 connected, the next refused");
+        assert.match(server.log(), /NBD client refused: 64 clients already/);
+
+        // Another export cannot take over the port, as it could not with one thread.
+        const port = new URL(uri).port;
+        const second = await runDst(
+          ["export", `${dir}/other.img`, "--create", "1M", "--nbd", `127.0.0.1:${port}`],
+        );
+        assert.equal(second.code, 1);
+        assert.match(second.stderr, /Cannot listen on 127\.0\.0\.1:\d+: .*pick another with --nbd/);
+        const size = await toolOk("nbdinfo", ["--size", uri]);
+        assert.equal(size.trim(), String(MiB), "the first export still serves its port");
+      },
+    ),
+});
+
+/** nbdsh code: opens `count` connections and keeps them, then checks that one more is refused. */
+function fillClientLimit(uri: string, count: number): string {
+  return [
+    `held = []`,
+    `for i in range(${count}):`,
+    `    c = nbd.NBD()`,
+    `    c.connect_uri("${uri}")`,
+    `    held.append(c)`,
+    `try:`,
+    `    extra = nbd.NBD()`,
+    `    extra.connect_uri("${uri}")`,
+    `    print("the next one connected too")`,
+    `except nbd.Error:`,
+    `    print(f"{len(held)} connected, the next refused")`,
+  ].join("\n");
+}
