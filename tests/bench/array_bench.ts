@@ -105,6 +105,31 @@ export async function benchArray(): Promise<ArrayBench> {
   }
 }
 
+/** A row of MiB/s against MiB/s, met when the ratio is at least `atLeast`. */
+function throughputRow(
+  measurement: string,
+  result: number,
+  baseline: number,
+  atLeast: number,
+): ArrayRow {
+  const ratio = result / baseline;
+  const mib = (value: number) => {
+    const digits = value < 100 ? 1 : 0;
+    return `${
+      value.toLocaleString("en", { minimumFractionDigits: digits, maximumFractionDigits: digits })
+    } MiB/s`;
+  };
+  return {
+    measurement,
+    result: mib(result),
+    baseline: mib(baseline),
+    ratio,
+    ratioText: `${ratio.toFixed(2)}x`,
+    bar: `>= ${atLeast.toFixed(2)}x`,
+    met: ratio >= atLeast,
+  };
+}
+
 export function printArrayBench({ rows, notes }: ArrayBench): void {
   console.log(
     `\n\`dst array mirror\` (2 legs) against its baseline; throughput is the median of ${RUNS} runs\n`,
@@ -165,21 +190,16 @@ async function benchLocalMirror(
     await waitForMirror(address, { clean: false });
     const partial = await resyncFromLog(mirror, b, 2);
 
-    const mib = (value: number) => `${Math.round(value).toLocaleString("en")} MiB/s`;
-    const writeRatio = mirrored / single;
     const resyncRatio = partial.ms / full.ms;
     return {
-      write: {
-        measurement: `sequential write, 1 MiB, ${WRITE_DEPTH} in flight, ${
+      write: throughputRow(
+        `sequential write, 1 MiB, ${WRITE_DEPTH} in flight, ${
           LOCAL_IMAGE_BYTES / MiB
         } MiB: mirror vs one export`,
-        result: mib(mirrored),
-        baseline: mib(single),
-        ratio: writeRatio,
-        ratioText: `${writeRatio.toFixed(2)}x`,
-        bar: ">= 0.70x",
-        met: writeRatio >= 0.7,
-      },
+        mirrored,
+        single,
+        0.7,
+      ),
       resync: {
         measurement: `resync after writes to ${
           Math.round(DIRTY_FRACTION * 100)
@@ -252,32 +272,21 @@ async function benchShapedLegs(
         () => throughput(address, "write", SHAPED_IMAGE_BYTES, WRITE_DEPTH),
       );
 
-      const mib = (value: number) => `${value.toFixed(1)} MiB/s`;
       const over = `${SHAPED_IMAGE_BYTES / MiB} MiB, legs behind ${LINK_RATE}/s links`;
-      const writeRatio = written.result / singleWrite;
-      const readRatio = read.result / singleRead;
       const readTotal = read.perLeg.reduce((sum, bytes) => sum + bytes, 0);
       return {
-        write: {
-          measurement:
-            `sequential write, 1 MiB, ${WRITE_DEPTH} in flight, ${over}: mirror vs one leg`,
-          result: mib(written.result),
-          baseline: mib(singleWrite),
-          ratio: writeRatio,
-          ratioText: `${writeRatio.toFixed(2)}x`,
-          bar: ">= 0.70x",
-          met: writeRatio >= 0.7,
-        },
-        read: {
-          measurement:
-            `sequential read, 1 MiB, ${READ_DEPTH} in flight, ${over}: mirror vs one leg`,
-          result: mib(read.result),
-          baseline: mib(singleRead),
-          ratio: readRatio,
-          ratioText: `${readRatio.toFixed(2)}x`,
-          bar: ">= 1.70x",
-          met: readRatio >= 1.7,
-        },
+        write: throughputRow(
+          `sequential write, 1 MiB, ${WRITE_DEPTH} in flight, ${over}: mirror vs one leg`,
+          written.result,
+          singleWrite,
+          0.7,
+        ),
+        read: throughputRow(
+          `sequential read, 1 MiB, ${READ_DEPTH} in flight, ${over}: mirror vs one leg`,
+          read.result,
+          singleRead,
+          1.7,
+        ),
         notes: [
           `shaped writes: the legs received ${
             written.perLeg.map((bytes, i) => `${(bytes / MiB).toFixed(0)} MiB (leg ${i + 1})`)
