@@ -41,11 +41,17 @@ import {
   type RunningDst,
   type RunningExport,
   serving,
-  startDst,
   startExport,
   TEST_STATE_HOME,
 } from "../helpers/spawn.ts";
 import { tool } from "../helpers/tools.ts";
+import {
+  allInSync,
+  allInSyncAndClean,
+  type RunningArray,
+  startNewMirror,
+  waitForMirror,
+} from "../helpers/array.ts";
 
 const MiB = 1024 * 1024;
 const RUNS = 3;
@@ -155,7 +161,7 @@ async function benchLocalMirror(
   const images = [`${dir}/a.img`, `${dir}/b.img`];
   for (const image of images) await fillImage(image, LOCAL_IMAGE_BYTES);
   const legs: RunningExport[] = [];
-  let mirror: RunningDst | null = null;
+  let mirror: RunningArray | null = null;
   try {
     for (const image of images) {
       legs.push(await startExport([image, "--listen", "127.0.0.1:0"]));
@@ -165,16 +171,16 @@ async function benchLocalMirror(
     const single = await throughput(legs[0]!.address, "write", LOCAL_IMAGE_BYTES, WRITE_DEPTH);
 
     // A new mirror: its initial copy of A to B is row 4's full resync.
-    mirror = await startMirror([a, b], a, `${dir}/state-local`);
-    const address = mirrorAddress(mirror);
-    await waitForMirror(address, { clean: false });
+    mirror = await startNewMirror([a, b], `${dir}/state-local`);
+    const address = mirror.address;
+    await waitForMirror(address, allInSync, SYNC_TIMEOUT_MS);
     const full = await resyncFromLog(mirror, b, 1);
 
     const mirrored = await throughput(address, "write", LOCAL_IMAGE_BYTES, WRITE_DEPTH);
 
     // 1%: with every mark swept (else B would take the last writes' regions along),
     // detach B, write one block into 1% of the regions, attach B.
-    const status = await waitForMirror(address, { clean: true });
+    const status = await waitForMirror(address, allInSyncAndClean, SYNC_TIMEOUT_MS);
     const regions = Math.ceil(status.sizeBytes / status.regionBytes);
     await dstOk(["array", "detach", formatHostPort(address), b]);
     const dirty = Math.max(1, Math.round(regions * DIRTY_FRACTION));
@@ -187,7 +193,7 @@ async function benchLocalMirror(
       await device.flush();
     });
     await dstOk(["array", "attach", formatHostPort(address), b]);
-    await waitForMirror(address, { clean: false });
+    await waitForMirror(address, allInSync, SYNC_TIMEOUT_MS);
     const partial = await resyncFromLog(mirror, b, 2);
 
     const resyncRatio = partial.ms / full.ms;
@@ -257,10 +263,10 @@ async function benchShapedLegs(
     const singleWrite = await throughput(one, "write", SHAPED_IMAGE_BYTES, WRITE_DEPTH);
     const singleRead = await throughput(one, "read", SHAPED_IMAGE_BYTES, READ_DEPTH);
 
-    const mirror = await startMirror(legs, legs[0]!, `${dir}/state-shaped`);
+    const mirror = await startNewMirror(legs, `${dir}/state-shaped`);
     try {
-      const address = mirrorAddress(mirror);
-      await waitForMirror(address, { clean: false });
+      const address = mirror.address;
+      await waitForMirror(address, allInSync, SYNC_TIMEOUT_MS);
       const read = await perLegBytes(
         legs,
         "readBytes",
@@ -417,67 +423,6 @@ async function perLegBytes<T>(
 }
 
 // --- shared ------------------------------------------------------------------------------
-
-interface MirrorMember {
-  name: string;
-  state: string;
-  dirtyRegions: number;
-}
-
-interface MirrorStatusDoc {
-  sizeBytes: number;
-  regionBytes: number;
-  members: MirrorMember[];
-}
-
-function startMirror(legs: string[], source: string, stateDir: string): Promise<RunningDst> {
-  return startDst(
-    [
-      "array",
-      "mirror",
-      ...legs,
-      "--source",
-      source,
-      "--export",
-      "127.0.0.1:0",
-      "--state",
-      stateDir,
-    ],
-    / on (\S+)\n/,
-  );
-}
-
-function mirrorAddress(mirror: RunningDst): HostPort {
-  return parseHostPort(mirror.ready[1]!, "127.0.0.1");
-}
-
-/**
- * Polls the mirror's status until every leg is in sync (and, with `clean`, no region
- * is marked for any leg: the sweep has caught up with the last writes).
- */
-async function waitForMirror(
-  address: HostPort,
-  { clean }: { clean: boolean },
-): Promise<MirrorStatusDoc> {
-  return await withDevice(address, async (device) => {
-    const deadline = performance.now() + SYNC_TIMEOUT_MS;
-    for (;;) {
-      const status = ((await device.queryStatus()) as { array: MirrorStatusDoc }).array;
-      const done = status.members.every((m) =>
-        m.state === "in-sync" && (!clean || m.dirtyRegions === 0)
-      );
-      if (done) return status;
-      if (performance.now() > deadline) {
-        throw new Error(
-          `the mirror at ${formatHostPort(address)} is not ${
-            clean ? "in sync and clean" : "in sync"
-          } after ${SYNC_TIMEOUT_MS / 1000} s: ${JSON.stringify(status.members)}`,
-        );
-      }
-      await sleep(20);
-    }
-  });
-}
 
 interface Resync {
   /** From the "resync of LEG" line to the "leg LEG is in sync" line, by their timestamps. */

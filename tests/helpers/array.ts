@@ -32,6 +32,29 @@ export async function startArray(args: string[]): Promise<RunningArray> {
   };
 }
 
+/**
+ * A new mirror of `legs` that serves DST on a free port: the first leg is the source
+ * (its data is copied to the others) and the state goes to `stateDir`. `extra` adds
+ * options (--nbd, client options...).
+ */
+export function startNewMirror(
+  legs: string[],
+  stateDir: string,
+  ...extra: string[]
+): Promise<RunningArray> {
+  return startArray([
+    "mirror",
+    ...legs,
+    "--source",
+    legs[0]!,
+    "--state",
+    stateDir,
+    "--export",
+    "127.0.0.1:0",
+    ...extra,
+  ]);
+}
+
 /** "127.0.0.1:PORT": how a member or an array is named on a command line. */
 export function memberName(address: HostPort): string {
   return formatHostPort(address);
@@ -71,6 +94,10 @@ export async function mirrorStatusCli(address: HostPort): Promise<MirrorStatus> 
 
 export const allInSync = (status: MirrorStatus): boolean =>
   status.members.every((member) => member.state === "in-sync");
+
+/** Every leg in sync, and every mark swept (regions idle long enough to be cleared). */
+export const allInSyncAndClean = (status: MirrorStatus): boolean =>
+  allInSync(status) && status.members.every((member) => member.dirtyRegions === 0);
 
 /**
  * Polls the mirror's status until `predicate` holds (by default: every leg in sync)

@@ -8,7 +8,13 @@
  */
 
 import assert from "node:assert/strict";
-import { allInSync, leg, memberName, startArray, waitForMirror } from "../helpers/array.ts";
+import {
+  allInSyncAndClean,
+  leg,
+  memberName,
+  startNewMirror,
+  waitForMirror,
+} from "../helpers/array.ts";
 import { assertSameBytes } from "../helpers/bytes.ts";
 import { withFuseDisk } from "../helpers/fuse_disk.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
@@ -73,19 +79,7 @@ Deno.test({
       running.push(b);
       const nameA = memberName(a.address);
       const nameB = memberName(b.address);
-      const mirror = await startArray([
-        "mirror",
-        nameA,
-        nameB,
-        "--source",
-        nameA,
-        "--state",
-        `${dir}/state`,
-        "--export",
-        "127.0.0.1:0",
-        "--nbd",
-        "127.0.0.1:0",
-      ]);
+      const mirror = await startNewMirror([nameA, nameB], `${dir}/state`, "--nbd", "127.0.0.1:0");
       running.push(mirror);
       const mirrorName = memberName(mirror.address);
       assert.ok(mirror.nbdUri !== null, mirror.line);
@@ -104,7 +98,7 @@ Deno.test({
       // so that what B has missed at the attach is what changed after the detach.
       const synced = await waitForMirror(
         mirror.address,
-        (s) => allInSync(s) && s.members.every((m) => m.dirtyRegions === 0),
+        allInSyncAndClean,
       );
       assert.equal(synced.resyncedBytes, SIZE, "B's first copy was a full one");
 

@@ -10,11 +10,13 @@ import assert from "node:assert/strict";
 import { RemoteDevice } from "../../src/client/remote_device.ts";
 import {
   allInSync,
+  allInSyncAndClean,
   leg,
   memberName,
   mirrorStatus,
   mirrorStatusCli,
   startArray,
+  startNewMirror,
   waitForMirror,
 } from "../helpers/array.ts";
 import { assertSameBytes, concat, settleAll } from "../helpers/bytes.ts";
@@ -214,18 +216,7 @@ Deno.test("mirror: a random workload during and after the first copy leaves both
     const nameA = memberName(a.address);
     const nameB = memberName(b.address);
     const array = track(
-      await startArray([
-        "mirror",
-        nameA,
-        nameB,
-        "--source",
-        nameA,
-        "--export",
-        "127.0.0.1:0",
-        ...FAST_FAIL,
-        "--state",
-        `${dir}/state`,
-      ]),
+      await startNewMirror([nameA, nameB], `${dir}/state`, ...FAST_FAIL),
     );
     assert.match(array.line, /serving mirror of 2 legs /);
 
@@ -261,18 +252,7 @@ Deno.test("mirror: a leg killed mid-workload goes out of sync, writes go on, and
     const nameA = memberName(a.address);
     const nameB = memberName(b.address);
     const array = track(
-      await startArray([
-        "mirror",
-        nameA,
-        nameB,
-        "--source",
-        nameA,
-        "--state",
-        `${dir}/state`,
-        "--export",
-        "127.0.0.1:0",
-        ...FAST_FAIL,
-      ]),
+      await startNewMirror([nameA, nameB], `${dir}/state`, ...FAST_FAIL),
     );
     const synced = await waitForMirror(array.address);
     assert.equal(synced.resyncedBytes, size, "the first copy was a full one");
@@ -468,18 +448,7 @@ Deno.test("mirror: a detached leg keeps the data as of the detach; attached agai
     const nameA = memberName(a.address);
     const nameB = memberName(b.address);
     const array = track(
-      await startArray([
-        "mirror",
-        nameA,
-        nameB,
-        "--source",
-        nameA,
-        "--state",
-        `${dir}/state`,
-        "--export",
-        "127.0.0.1:0",
-        ...FAST_FAIL,
-      ]),
+      await startNewMirror([nameA, nameB], `${dir}/state`, ...FAST_FAIL),
     );
     const arrayName = memberName(array.address);
     const client = await connect(array.address);
@@ -487,7 +456,7 @@ Deno.test("mirror: a detached leg keeps the data as of the detach; attached agai
     // In sync, and the marks of the last writes cleared (lazily, once their regions are idle).
     const synced = await waitForMirror(
       array.address,
-      (s) => allInSync(s) && s.members.every((m) => m.dirtyRegions === 0),
+      allInSyncAndClean,
     );
     assertSameBytes(await Deno.readFile(`${dir}/b.img`), model, "B after the first sync");
 
@@ -565,20 +534,7 @@ Deno.test({
       const nameL = memberName(linear.address);
       const nameZ = memberName(z.address);
       const mirror = track(
-        await startArray([
-          "mirror",
-          nameL,
-          nameZ,
-          "--source",
-          nameL,
-          "--state",
-          `${dir}/state`,
-          "--export",
-          "127.0.0.1:0",
-          "--nbd",
-          "127.0.0.1:0",
-          ...FAST_FAIL,
-        ]),
+        await startNewMirror([nameL, nameZ], `${dir}/state`, "--nbd", "127.0.0.1:0", ...FAST_FAIL),
       );
       assert.ok(mirror.nbdUri !== null, mirror.line);
       assert.match(mirror.nbdUri, /^nbd:\/\/127\.0\.0\.1:\d+/);

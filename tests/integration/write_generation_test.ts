@@ -9,7 +9,7 @@
 import assert from "node:assert/strict";
 import { RemoteDevice } from "../../src/client/remote_device.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
-import { memberName, startArray, waitForMirror } from "../helpers/array.ts";
+import { memberName, startNewMirror, waitForMirror } from "../helpers/array.ts";
 import { runDst, type RunningExport, startExport } from "../helpers/spawn.ts";
 import { missing, toolOk } from "../helpers/tools.ts";
 
@@ -85,9 +85,7 @@ async function someoneElseWrites(intrude: Intruder): Promise<void> {
   );
   const legA = `127.0.0.1:${a.address.port}`;
   const legB = `127.0.0.1:${b.address.port}`;
-  const mirror = await startArray(
-    ["mirror", legA, legB, "--source", legA, "--state", `${dir}/state`, "--export", "127.0.0.1:0"],
-  );
+  const mirror = await startNewMirror([legA, legB], `${dir}/state`);
   const arrayAddress = memberName(mirror.address);
   try {
     const data = randomBytes(8 * MiB);
@@ -128,9 +126,7 @@ Deno.test("a mirror without state, or with state for other legs, is refused with
     assert.equal(none.code, 1);
     assert.match(none.stderr, /No mirror state in .*--source MEMBER/);
 
-    const made = await startArray(
-      ["mirror", legA!, legB!, "--source", legA!, "--state", state, "--export", "127.0.0.1:0"],
-    );
+    const made = await startNewMirror([legA!, legB!], state);
     await made.stop();
 
     const other = await runDst(
