@@ -32,6 +32,7 @@ export const CLIENTS_PER_EXPORT_MAX = 64;
  * connections, and the kernel places each on a thread by its address.
  */
 export const NBD_THREADS_DEFAULT = 4;
+/** More threads than clients (64) could never all be busy; each idle one still costs ~15 MB. */
 export const NBD_THREADS_MAX = 64;
 
 /** A STATUS reply is a small JSON document; anything larger is a bug or an attack. */

@@ -75,18 +75,6 @@ export async function dialExport(
       const why = HELLO_STATUS_TEXT[hello.status] ?? `status ${hello.status}`;
       throw new DstError("HANDSHAKE", `${where} refused the connection: ${why}`);
     }
-    if (hello.version !== PROTOCOL_VERSION) {
-      throw new DstError(
-        "HANDSHAKE",
-        `${where} chose protocol version ${hello.version}, which this dst does not speak`,
-      );
-    }
-    if (hello.authMethod !== AUTH_NONE || hello.protection !== PROTECTION_NONE) {
-      throw new DstError(
-        "HANDSHAKE",
-        `${where} chose an authentication or protection this dst did not offer`,
-      );
-    }
     return { conn, hello };
   } catch (error) {
     closeQuietly(conn);

@@ -203,7 +203,7 @@ export class RemoteDevice implements BlockDevice {
     address: HostPort,
     options: RemoteDeviceOptions = {},
   ): Promise<RemoteDevice> {
-    const { conn, hello } = await dialExport(address, options.dial, options.writer ?? false);
+    const { conn, hello } = await dialExport(address, options.dial, options.writer);
     return new RemoteDevice(address, hello, conn, options);
   }
 
@@ -293,23 +293,22 @@ export class RemoteDevice implements BlockDevice {
   }
 
   /** The export's STATUS document. */
-  async queryStatus(): Promise<unknown> {
-    const payload = await this.#submit(Command.STATUS, 0, 0, 0, null, null);
-    try {
-      return JSON.parse(new TextDecoder().decode(payload!));
-    } catch {
-      throw new ProtocolError(`${this.#where}: STATUS reply is not JSON`);
-    }
+  queryStatus(): Promise<unknown> {
+    return this.#jsonCall(Command.STATUS, null);
   }
 
   /** Sends a CONTROL request (an array's detach or attach) and returns the JSON answer. */
-  async control(request: unknown): Promise<unknown> {
-    const bytes = new TextEncoder().encode(JSON.stringify(request));
-    const payload = await this.#submit(Command.CONTROL, 0, 0, 0, bytes, null);
+  control(request: unknown): Promise<unknown> {
+    return this.#jsonCall(Command.CONTROL, new TextEncoder().encode(JSON.stringify(request)));
+  }
+
+  /** A command whose reply is a JSON document (STATUS, CONTROL). */
+  async #jsonCall(command: Command, body: Uint8Array | null): Promise<unknown> {
+    const payload = await this.#submit(command, 0, 0, 0, body, null);
     try {
       return JSON.parse(new TextDecoder().decode(payload!));
     } catch {
-      throw new ProtocolError(`${this.#where}: CONTROL reply is not JSON`);
+      throw new ProtocolError(`${this.#where}: ${COMMAND_NAMES[command]} reply is not JSON`);
     }
   }
 

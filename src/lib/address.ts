@@ -16,10 +16,10 @@ export function parseHostPort(text: string, defaultHost: string, defaultPort?: n
     new UsageError(`Cannot read address "${text}": ${why} (write HOST:PORT, e.g. 127.0.0.1:1025)`);
   let host: string;
   let portText: string | undefined;
-  if (text.startsWith("[]")) throw bad("the brackets hold no host");
-  const bracketed = /^\[([^\]]+)\](?::(.*))?$/.exec(text);
+  const bracketed = /^\[([^\]]*)\](?::(.*))?$/.exec(text);
   if (bracketed !== null) {
     host = bracketed[1]!;
+    if (host === "") throw bad("the brackets hold no host");
     portText = bracketed[2];
   } else if (/^\d+$/.test(text)) {
     host = "";

@@ -3,6 +3,7 @@
  * levels (framing errors as strings, invalid requests as error codes).
  */
 
+import { pattern } from "../../tests/helpers/bytes.ts";
 import assert from "node:assert/strict";
 import { PAYLOAD_BYTES_MAX, RANGE_BYTES_MAX, STATUS_PAYLOAD_BYTES_MAX } from "../constants.ts";
 import {
@@ -49,10 +50,6 @@ import {
 
 const SAFE_MAX = Number.MAX_SAFE_INTEGER; // 2^53 - 1
 const ABOVE_2_32 = 2 ** 32 + 12345;
-
-function bytesOf(length: number, first: number): Uint8Array {
-  return Uint8Array.from({ length }, (_, i) => (first + i) & 0xff);
-}
 
 function viewOf(bytes: Uint8Array): DataView {
   return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
@@ -109,7 +106,7 @@ const clientHello: ClientHello = {
   features: 0xdeadbeef,
   authMethods: AUTH_NONE | 4,
   protections: PROTECTION_NONE | 2,
-  nonce: bytesOf(16, 100),
+  nonce: pattern(100, 16),
 };
 
 Deno.test("encodeClientHello() writes 32 little-endian bytes at the documented offsets", () => {
@@ -173,8 +170,8 @@ const serverHello: ServerHello = {
   exportFlags: ExportFlag.READ_ONLY,
   payloadBytesMax: PAYLOAD_BYTES_MAX,
   inFlightMax: 128,
-  exportId: bytesOf(16, 1),
-  nonce: bytesOf(16, 200),
+  exportId: pattern(1, 16),
+  nonce: pattern(200, 16),
   writeGeneration: ABOVE_2_32 + 7,
 };
 

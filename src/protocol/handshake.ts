@@ -5,11 +5,14 @@
 
 import { PAYLOAD_BYTES_MAX } from "../constants.ts";
 import {
+  AUTH_NONE,
   ClientHelloLayout as C,
   EXPORT_ID_BYTES,
   MAGIC_CLIENT_HELLO,
   MAGIC_SERVER_HELLO,
   NONCE_BYTES,
+  PROTECTION_NONE,
+  PROTOCOL_VERSION,
   ServerHelloLayout as S,
 } from "./wire.ts";
 import { getU64, setU64 } from "./u64.ts";
@@ -113,6 +116,12 @@ export function decodeServerHello(bytes: Uint8Array): ServerHello | string {
     writeGeneration: getU64(view, S.writeGeneration),
   };
   if (hello.status !== 0) return hello; // the other fields mean nothing; the caller reports status
+  if (hello.version !== PROTOCOL_VERSION) {
+    return `server hello: chose protocol version ${hello.version}, which this dst does not speak`;
+  }
+  if (hello.authMethod !== AUTH_NONE || hello.protection !== PROTECTION_NONE) {
+    return "server hello: chose an authentication or protection this dst did not offer";
+  }
   if (hello.sizeBytes < 0) return "server hello: export size is not below 2^53";
   if (hello.writeGeneration < 0) return "server hello: write generation is not below 2^53";
   if (hello.blockSize === 0 || (hello.blockSize & (hello.blockSize - 1)) !== 0) {

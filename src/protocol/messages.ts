@@ -92,6 +92,13 @@ export function decodeRequestHeader(view: DataView, at: number): RequestHeader |
  * Checks everything about a request that does not depend on the export (its size
  * and read-only bit are checked by the server). Returns null when it is valid.
  */
+/** The payload a request may carry: WRITE its `length`, CONTROL a JSON command, the rest none. */
+function requestPayloadRange(h: RequestHeader): [number, number] {
+  if (h.command === Command.WRITE) return [h.length, h.length];
+  if (h.command === Command.CONTROL) return [1, CONTROL_PAYLOAD_BYTES_MAX];
+  return [0, 0];
+}
+
 export function validateRequest(h: RequestHeader): RequestRejection | null {
   const name = COMMAND_NAMES[h.command];
   if (name === undefined) {
@@ -104,18 +111,12 @@ export function validateRequest(h: RequestHeader): RequestRejection | null {
       reason: `${name}: flags 0x${badFlags.toString(16)} not allowed`,
     };
   }
-  const expectedPayload = h.command === Command.WRITE ? h.length : 0;
-  if (h.command === Command.CONTROL) {
-    if (h.payloadLength === 0 || h.payloadLength > CONTROL_PAYLOAD_BYTES_MAX) {
-      return {
-        error: WireError.EINVAL,
-        reason: `${name}: payload length ${h.payloadLength} not in 1..${CONTROL_PAYLOAD_BYTES_MAX}`,
-      };
-    }
-  } else if (h.payloadLength !== expectedPayload) {
+  const [payloadMin, payloadMax] = requestPayloadRange(h);
+  if (h.payloadLength < payloadMin || h.payloadLength > payloadMax) {
+    const expected = payloadMin === payloadMax ? `${payloadMin}` : `${payloadMin}..${payloadMax}`;
     return {
       error: WireError.EINVAL,
-      reason: `${name}: payload length ${h.payloadLength}, expected ${expectedPayload}`,
+      reason: `${name}: payload length ${h.payloadLength}, expected ${expected}`,
     };
   }
   switch (h.command) {

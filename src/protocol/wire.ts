@@ -5,6 +5,7 @@
  */
 
 import { assert } from "../lib/assert.ts";
+import { Errno } from "../lib/errno.ts";
 
 export const PROTOCOL_VERSION = 1;
 
@@ -56,16 +57,7 @@ export const FLAGS_ALLOWED: Record<number, number> = {
 };
 
 /** Error codes carry Linux errno values, so NBD (which uses the same) maps one to one. */
-export const WireError = {
-  OK: 0,
-  EPERM: 1,
-  EIO: 5,
-  ENOMEM: 12,
-  EINVAL: 22,
-  ENOSPC: 28,
-  ENOTSUP: 95,
-  ESHUTDOWN: 108,
-} as const;
+export const WireError = { OK: 0, ...Errno } as const;
 export type WireError = typeof WireError[keyof typeof WireError];
 
 export const WIRE_ERROR_NAMES: Record<number, string> = Object.fromEntries(
