@@ -13,12 +13,19 @@ import {
   emptyStats,
   type IoFlags,
 } from "../device/block_device.ts";
-import { sha256Hex } from "./array_id.ts";
+import { sha256Hex } from "../lib/hex.ts";
 
 export interface LinearMemberStatus {
   name: string;
   startBytes: number;
   sizeBytes: number;
+}
+
+/** What a linear array's export adds to its STATUS (`dst status`). */
+export interface LinearStatus {
+  kind: "linear";
+  sizeBytes: number;
+  members: LinearMemberStatus[];
 }
 
 export class LinearDevice implements BlockDevice {
@@ -45,12 +52,16 @@ export class LinearDevice implements BlockDevice {
     return new LinearDevice(members, info, starts);
   }
 
-  memberStatus(): LinearMemberStatus[] {
-    return this.members.map((member, i) => ({
-      name: member.info.name,
-      startBytes: this.#starts[i]!,
-      sizeBytes: member.info.sizeBytes,
-    }));
+  status(): LinearStatus {
+    return {
+      kind: "linear",
+      sizeBytes: this.info.sizeBytes,
+      members: this.members.map((member, i) => ({
+        name: member.info.name,
+        startBytes: this.#starts[i]!,
+        sizeBytes: member.info.sizeBytes,
+      })),
+    };
   }
 
   async read(offset: number, into: Uint8Array): Promise<void> {

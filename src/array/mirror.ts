@@ -39,9 +39,9 @@ import {
 import { RemoteDevice, type RemoteDeviceOptions } from "../client/remote_device.ts";
 import { describeError, DeviceError, DstError } from "../lib/errors.ts";
 import { ensureDir } from "../lib/state_file.ts";
+import { randomId } from "../lib/hex.ts";
 import { formatBytes, formatDuration } from "../lib/units.ts";
 import type { Logger } from "../lib/log.ts";
-import { randomId } from "./array_id.ts";
 import { DirtyBitmap, LEG_SLOTS_MAX } from "./dirty_bitmap.ts";
 import {
   bitmapPath,
@@ -384,16 +384,11 @@ export class MirrorDevice implements BlockDevice {
         this.#stats.errors += 1;
         throw new DeviceError("EIO", `${this.info.name}: no in-sync leg left to read from`);
       }
-      leg.inFlight += 1;
-      try {
-        await leg.device!.read(offset, into);
+      // A failed leg goes out of sync, and the next in-sync leg is tried.
+      if (await this.#onLeg(leg, (d) => d.read(offset, into))) {
         this.#stats.reads += 1;
         this.#stats.readBytes += into.length;
         return;
-      } catch (error) {
-        this.#legFailed(leg, error); // and try the next in-sync leg
-      } finally {
-        leg.inFlight -= 1;
       }
     }
   }

@@ -6,7 +6,7 @@
 
 import { DstError } from "../lib/errors.ts";
 import { ensureDir, readStateFile, stateRoot, writeStateFile } from "../lib/state_file.ts";
-import { sha256Hex } from "./array_id.ts";
+import { sha256Hex } from "../lib/hex.ts";
 import { LEG_SLOTS_MAX } from "./dirty_bitmap.ts";
 
 export const STATE_VERSION = 1;

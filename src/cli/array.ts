@@ -11,7 +11,7 @@ import { openMember } from "../array/members.ts";
 import { MirrorDevice } from "../array/mirror.ts";
 import { defaultMirrorStateDir } from "../array/mirror_state.ts";
 import { parseHostPort } from "../lib/address.ts";
-import { DstError, UsageError } from "../lib/errors.ts";
+import { describeError, DstError, UsageError } from "../lib/errors.ts";
 import { logger } from "../lib/log.ts";
 import { formatBytes, parseSize } from "../lib/units.ts";
 import { defaultExportStateDir, PersistedGeneration } from "../server/write_generation.ts";
@@ -122,11 +122,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
         nbd,
         generation: PersistedGeneration.open(defaultExportStateDir(), device.info.id),
         owner: {
-          status: () => ({
-            kind: "linear",
-            sizeBytes: device.info.sizeBytes,
-            members: device.memberStatus(),
-          }),
+          status: () => device.status(),
           control: () =>
             Promise.resolve({ ok: false, error: "a linear array's members are fixed" }),
         },
@@ -189,7 +185,7 @@ async function mirrorControl(mirror: MirrorDevice, request: unknown): Promise<un
     if (op === "detach") return { ok: true, message: await mirror.detach(leg) };
     if (op === "attach") return { ok: true, message: await mirror.attach(leg) };
   } catch (error) {
-    return { ok: false, error: error instanceof Error ? error.message : String(error) };
+    return { ok: false, error: describeError(error) };
   }
   return { ok: false, error: `unknown op ${JSON.stringify(op)}: detach or attach` };
 }

@@ -1,5 +1,7 @@
 /** `dst status HOST:PORT...`: what each export (or array) is doing. */
 
+import type { LinearStatus } from "../array/linear.ts";
+import type { MirrorStatus } from "../array/mirror.ts";
 import { RemoteDevice } from "../client/remote_device.ts";
 import { EXPORT_PORT_DEFAULT } from "../constants.ts";
 import { formatHostPort, parseHostPort } from "../lib/address.ts";
@@ -112,48 +114,26 @@ export function renderStatus(rows: Row[]): string {
   ].join("\n\n");
 }
 
-/** What an array's export adds to its STATUS: mirror.ts's MirrorStatus, or a linear array's members. */
-interface ArrayStatus {
-  kind: "mirror" | "linear";
-  sizeBytes: number;
-  regionBytes?: number;
-  members: Array<{
-    name: string;
-    state?: string;
-    startBytes?: number;
-    sizeBytes?: number;
-    dirtyRegions?: number;
-    inFlight?: number;
-    errors?: number;
-    reason?: string;
-    resync?: {
-      regionsDone: number;
-      regionsTotal: number;
-      bytesPerSecond: number;
-      etaMs: number | null;
-    };
-  }>;
-}
+/** What an array's export adds to its STATUS. */
+type ArrayStatus = MirrorStatus | LinearStatus;
 
 function renderArray(address: string, array: ArrayStatus): string {
   if (array.kind === "linear") {
     return `${address}: linear array, ${formatBytes(array.sizeBytes)}\n` + formatTable(
       ["MEMBER", "START", "SIZE"],
-      array.members.map((
-        m,
-      ) => [m.name, formatBytes(m.startBytes ?? 0), formatBytes(m.sizeBytes ?? 0)]),
+      array.members.map((m) => [m.name, formatBytes(m.startBytes), formatBytes(m.sizeBytes)]),
     );
   }
   const degraded = array.members.some((m) => m.state !== "in-sync" && m.state !== "detached");
   return `${address}: mirror, ${formatBytes(array.sizeBytes)}, regions of ${
-    formatBytes(array.regionBytes ?? 0)
+    formatBytes(array.regionBytes)
   }${degraded ? " (degraded)" : ""}\n` + formatTable(
     ["LEG", "STATE", "DIRTY REGIONS", "IN FLIGHT", "ERRORS", "NOTE"],
     array.members.map((m) => {
       const r = m.resync;
       const state = m.state === "resyncing" && r !== undefined
         ? `resyncing ${Math.floor((100 * r.regionsDone) / Math.max(r.regionsTotal, 1))}%`
-        : m.state ?? "";
+        : m.state;
       const note = r !== undefined
         ? `${r.regionsDone}/${r.regionsTotal} regions, ${formatBytes(r.bytesPerSecond)}/s` +
           (r.etaMs === null ? "" : `, ${formatDuration(r.etaMs)} left`)
@@ -161,9 +141,9 @@ function renderArray(address: string, array: ArrayStatus): string {
       return [
         m.name,
         state,
-        String(m.dirtyRegions ?? 0),
-        String(m.inFlight ?? 0),
-        String(m.errors ?? 0),
+        String(m.dirtyRegions),
+        String(m.inFlight),
+        String(m.errors),
         note,
       ];
     }),

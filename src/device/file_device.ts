@@ -26,7 +26,7 @@ import {
   type IoFlags,
 } from "./block_device.ts";
 import { BLOCK_SIZE_DEFAULT } from "../constants.ts";
-import { bytesToHex } from "../lib/hex.ts";
+import { sha256Hex } from "../lib/hex.ts";
 
 const ZERO_CHUNK_BYTES = 1024 * 1024;
 
@@ -244,6 +244,5 @@ async function stableId(path: string): Promise<string> {
   const real = await Deno.realPath(path);
   const stat = await Deno.stat(real);
   const text = `${real}\0${stat.dev}\0${stat.ino ?? 0}`;
-  const digest = await crypto.subtle.digest({ name: "SHA-256" }, new TextEncoder().encode(text));
-  return bytesToHex(new Uint8Array(digest).subarray(0, 16));
+  return (await sha256Hex(text)).slice(0, 32);
 }

@@ -12,3 +12,14 @@ export function hexToBytes(hex: string): Uint8Array {
   }
   return bytes;
 }
+
+/** The SHA-256 digest of `text` (UTF-8) as 64 hex digits; ids take the first 32. */
+export async function sha256Hex(text: string): Promise<string> {
+  const digest = await crypto.subtle.digest({ name: "SHA-256" }, new TextEncoder().encode(text));
+  return bytesToHex(new Uint8Array(digest));
+}
+
+/** A fresh random id of 32 hex digits, like an export id (a new mirror). */
+export function randomId(): string {
+  return bytesToHex(crypto.getRandomValues(new Uint8Array(16)));
+}
