@@ -77,11 +77,6 @@ export class DirtyBitmap {
     return (this.#bytes[region]! & (1 << slot)) !== 0;
   }
 
-  /** The legs (as a mask) marked in `region`. */
-  maskOf(region: number): number {
-    return this.#bytes[region]!;
-  }
-
   /** How many regions are marked for `slot`. */
   count(slot: number): number {
     const bit = 1 << slot;

@@ -23,19 +23,19 @@ export interface OpenedMember {
   generation: number;
 }
 
-export function isLocalMember(name: string): boolean {
+function isLocalMember(name: string): boolean {
   return name.startsWith("/") || name.startsWith(".") || existsSync(name);
 }
 
 export async function openMember(
   name: string,
   client: RemoteDeviceOptions,
-  exportsStateDir: string = defaultExportStateDir(),
 ): Promise<OpenedMember> {
   if (isLocalMember(name)) {
     const device = await FileDevice.open(name, { readOnly: false });
     try {
-      const generation = await PersistedGeneration.open(exportsStateDir, device.info.id).next();
+      const generation = await PersistedGeneration.open(defaultExportStateDir(), device.info.id)
+        .next();
       return { device, generation };
     } catch (error) {
       await device.close();

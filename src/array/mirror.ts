@@ -95,8 +95,6 @@ export interface MirrorOptions {
   regionBytes: number;
   client: RemoteDeviceOptions;
   log: Logger;
-  /** Where local members' write generations live (default: dst export's folder). */
-  exportsStateDir?: string;
 }
 
 interface Leg {
@@ -112,6 +110,31 @@ interface Leg {
   /** A connect attempt or resync is under way: the supervisor leaves the leg alone. */
   busy: boolean;
   lastFailureMs: number;
+}
+
+/** Why a device cannot be a leg of a mirror of `sizeBytes` ("is read-only"), or null. */
+function checkFit(info: DeviceInfo, sizeBytes: number): string | null {
+  if (info.sizeBytes < sizeBytes) {
+    return `is ${info.sizeBytes} bytes, smaller than the mirror's ${sizeBytes}`;
+  }
+  if (info.readOnly) return "is read-only";
+  return null;
+}
+
+/** A leg as its record says, not yet doing anything. */
+function newLeg(record: LegRecord, device: BlockDevice | null, reason: string | null): Leg {
+  return {
+    record,
+    device,
+    mode: record.state,
+    inFlight: 0,
+    errors: 0,
+    reason,
+    pending: null,
+    resync: null,
+    busy: false,
+    lastFailureMs: 0,
+  };
 }
 
 interface ResyncRun {
@@ -205,11 +228,7 @@ export class MirrorDevice implements BlockDevice {
       // A detached leg is not opened: opening starts a write generation, and it is a snapshot.
       if (detached.has(name)) return new Error("detached");
       try {
-        return await openMember(
-          name,
-          { ...options.client },
-          options.exportsStateDir,
-        );
+        return await openMember(name, options.client);
       } catch (error) {
         return error instanceof Error ? error : new Error(String(error));
       }
@@ -278,18 +297,7 @@ export class MirrorDevice implements BlockDevice {
       }
     }
 
-    const legs: Leg[] = state.legs.map((record) => ({
-      record,
-      device: null,
-      mode: record.state === "in-sync" ? "in-sync" : record.state,
-      inFlight: 0,
-      errors: 0,
-      reason: null,
-      pending: null,
-      resync: null,
-      busy: false,
-      lastFailureMs: 0,
-    }));
+    const legs = state.legs.map((record) => newLeg(record, null, null));
     for (const leg of legs) {
       const member = opened[members.indexOf(leg.record.name)]!;
       if (leg.mode === "detached") continue;
@@ -308,8 +316,8 @@ export class MirrorDevice implements BlockDevice {
         continue;
       }
       leg.device = member.device;
+      // A new mirror's records hold the generations it was made with already.
       if (!fresh) MirrorDevice.#checkGeneration(leg, member.generation, bitmap, log);
-      leg.record.generation = member.generation;
     }
 
     // After a crash, in-sync legs may differ where the bitmap is marked: the first
@@ -355,19 +363,20 @@ export class MirrorDevice implements BlockDevice {
       return `is a different export now (id ${info.id}, was ${record.exportId}); ` +
         "detach it and attach the new one, or start over with --source";
     }
-    if (info.sizeBytes < sizeBytes) {
-      return `is ${info.sizeBytes} bytes, smaller than the mirror's ${sizeBytes}`;
-    }
-    if (info.readOnly) return "is read-only";
-    return null;
+    return checkFit(info, sizeBytes);
   }
 
-  /** A leg whose generation is not one past ours was written by someone else: full copy. */
+  /**
+   * Takes a leg's write generation as of a new connection into its record. A leg
+   * whose generation is not one past ours was written by someone else: full copy.
+   */
   static #checkGeneration(leg: Leg, generation: number, bitmap: DirtyBitmap, log: Logger): void {
-    if (generation === leg.record.generation + 1) return;
+    const expected = leg.record.generation + 1;
+    leg.record.generation = generation;
+    if (generation === expected) return;
     log.warn(
       `leg ${leg.record.name} was written by someone else while away (write generation ` +
-        `${generation}, expected ${leg.record.generation + 1}); it gets a full copy`,
+        `${generation}, expected ${expected}); it gets a full copy`,
     );
     void bitmap.markAll(1 << leg.record.slot).catch(() => {});
     if (leg.mode === "in-sync" || leg.mode === "resyncing") leg.mode = "out-of-sync";
@@ -421,12 +430,7 @@ export class MirrorDevice implements BlockDevice {
   }
 
   async flush(): Promise<void> {
-    const targets = this.#legs.filter((l) => l.mode === "in-sync" || l.mode === "resyncing");
-    const ok = await Promise.all(targets.map((leg) => this.#onLeg(leg, (d) => d.flush())));
-    if (!targets.some((leg, i) => ok[i] && leg.mode === "in-sync")) {
-      this.#stats.errors += 1;
-      throw new DeviceError("EIO", `${this.info.name}: no in-sync leg took the flush`);
-    }
+    await this.#onWriteLegs("flush", (d) => d.flush());
     this.#stats.flushes += 1;
   }
 
@@ -454,15 +458,20 @@ export class MirrorDevice implements BlockDevice {
           `${this.info.name}: cannot record the write in the bitmap: ${describeError(error)}`,
         );
       });
-      const targets = this.#legs.filter((l) => l.mode === "in-sync" || l.mode === "resyncing");
-      const ok = await Promise.all(targets.map((leg) => this.#onLeg(leg, op)));
-      if (!targets.some((leg, i) => ok[i] && leg.mode === "in-sync")) {
-        this.#stats.errors += 1;
-        throw new DeviceError("EIO", `${this.info.name}: no in-sync leg took the ${what}`);
-      }
+      await this.#onWriteLegs(what, op);
       count();
     } finally {
       this.#regions.exitWrite(first, last);
+    }
+  }
+
+  /** Runs `op` on every leg that takes writes; it fails unless an in-sync leg took it. */
+  async #onWriteLegs(what: string, op: (device: BlockDevice) => Promise<void>): Promise<void> {
+    const targets = this.#legs.filter((l) => l.mode === "in-sync" || l.mode === "resyncing");
+    const ok = await Promise.all(targets.map((leg) => this.#onLeg(leg, op)));
+    if (!targets.some((leg, i) => ok[i] && leg.mode === "in-sync")) {
+      this.#stats.errors += 1;
+      throw new DeviceError("EIO", `${this.info.name}: no in-sync leg took the ${what}`);
     }
   }
 
@@ -523,7 +532,6 @@ export class MirrorDevice implements BlockDevice {
     device.setReconnectListener((generation) => {
       if (leg.device !== device || leg.mode === "detached") return;
       MirrorDevice.#checkGeneration(leg, generation, this.#bitmap, this.#log);
-      leg.record.generation = generation;
       this.#save();
     });
   }
@@ -553,11 +561,7 @@ export class MirrorDevice implements BlockDevice {
   async #reopen(leg: Leg): Promise<void> {
     leg.busy = true;
     try {
-      const member = await openMember(
-        leg.record.name,
-        { ...this.#options.client },
-        this.#options.exportsStateDir,
-      );
+      const member = await openMember(leg.record.name, this.#options.client);
       const refusal = MirrorDevice.#checkIdentity(leg.record, member, this.info.sizeBytes);
       if (refusal !== null) {
         await member.device.close();
@@ -571,7 +575,6 @@ export class MirrorDevice implements BlockDevice {
         return;
       }
       MirrorDevice.#checkGeneration(leg, member.generation, this.#bitmap, this.#log);
-      leg.record.generation = member.generation;
       leg.device = member.device;
       this.#watch(leg);
       this.#save();
@@ -764,22 +767,17 @@ export class MirrorDevice implements BlockDevice {
     if (leg !== undefined && leg.mode !== "detached") {
       throw new DstError("USAGE", `${name} is a leg already (${leg.mode})`);
     }
-    const member = await openMember(
-      name,
-      { ...this.#options.client },
-      this.#options.exportsStateDir,
-    );
+    const member = await openMember(name, this.#options.client);
     const info = member.device.info;
     if (leg === undefined) {
       const used = new Set(this.#legs.map((l) => l.record.slot));
       const slot = [...Array(LEG_SLOTS_MAX).keys()].find((s) => !used.has(s));
+      const unfit = checkFit(info, this.info.sizeBytes);
       const refusal = slot === undefined
         ? `the mirror has ${LEG_SLOTS_MAX} legs already`
-        : info.sizeBytes < this.info.sizeBytes
-        ? `${name} is ${info.sizeBytes} bytes, smaller than the mirror's ${this.info.sizeBytes}`
-        : info.readOnly
-        ? `${name} is read-only`
-        : null;
+        : unfit === null
+        ? null
+        : `${name} ${unfit}`;
       if (refusal !== null) {
         await member.device.close();
         throw new DstError("USAGE", refusal);
@@ -793,18 +791,7 @@ export class MirrorDevice implements BlockDevice {
         state: "out-of-sync",
       };
       this.#state.legs.push(record);
-      leg = {
-        record,
-        device: member.device,
-        mode: "out-of-sync",
-        inFlight: 0,
-        errors: 0,
-        reason: "new leg",
-        pending: null,
-        resync: null,
-        busy: false,
-        lastFailureMs: 0,
-      };
+      leg = newLeg(record, member.device, "new leg");
       this.#legs.push(leg);
     } else {
       const refusal = MirrorDevice.#checkIdentity(leg.record, member, this.info.sizeBytes);
@@ -814,7 +801,6 @@ export class MirrorDevice implements BlockDevice {
       }
       leg.mode = "out-of-sync";
       MirrorDevice.#checkGeneration(leg, member.generation, this.#bitmap, this.#log);
-      leg.record.generation = member.generation;
       leg.device = member.device;
     }
     this.#watch(leg);
@@ -862,11 +848,8 @@ export class MirrorDevice implements BlockDevice {
 
   #save(): void {
     for (const leg of this.#legs) {
-      leg.record.state = leg.mode === "in-sync"
-        ? "in-sync"
-        : leg.mode === "detached"
-        ? "detached"
-        : "out-of-sync";
+      // A resync under way starts over after a restart.
+      leg.record.state = leg.mode === "resyncing" ? "out-of-sync" : leg.mode;
     }
     try {
       saveMirrorState(this.#options.stateDir, this.#state);

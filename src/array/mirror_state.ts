@@ -40,7 +40,7 @@ export async function defaultMirrorStateDir(members: string[]): Promise<string> 
   return `${stateRoot()}/arrays/mirror-${digest.slice(0, 16)}`;
 }
 
-export function statePath(dir: string): string {
+function statePath(dir: string): string {
   return `${dir}/state.json`;
 }
 

@@ -63,7 +63,7 @@ export function writeStateFile(path: string, text: string): void {
 }
 
 /** Makes a rename or a new file in `dir` durable. */
-export function syncDir(dir: string): void {
+function syncDir(dir: string): void {
   const fd = fs.openSync(dir, "r");
   try {
     fs.fsyncSync(fd);
