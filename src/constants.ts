@@ -80,6 +80,15 @@ export const HANDSHAKE_TIMEOUT_MS = 10_000;
 /** A mirror's dirty-tracking region: small enough that a resync copies little, large enough that the bitmap stays small (1 TiB = 1 MiB of bitmap). */
 export const MIRROR_REGION_BYTES_DEFAULT = 1 * MiB;
 
+/**
+ * The range of `--region`. Smaller regions grow the bitmap, one byte each (1 TiB in
+ * 64 KiB regions is 16 MiB of it); larger ones make a resync copy a whole region for
+ * any small write it missed, and each of a resync's parallel copies holds a region
+ * in memory (4 x 64 MiB).
+ */
+export const MIRROR_REGION_BYTES_MIN = 64 * KiB;
+export const MIRROR_REGION_BYTES_MAX = 64 * MiB;
+
 /** A region idle this long has its dirty marks cleared (so a busy region is not persisted per write). */
 export const MIRROR_CLEAR_DELAY_MS = 1000;
 
@@ -100,3 +109,5 @@ assert(RANGE_BYTES_MAX < 2 ** 32, "range lengths travel as u32");
 assert(PAYLOAD_BYTES_MAX < 2 ** 32, "payload lengths travel as u32");
 assert(RECONNECT_DELAY_MS_MAX < CLIENT_TIMEOUT_MS_DEFAULT, "a reconnect try fits in one timeout");
 assert(MIRROR_RESYNC_PARALLEL >= 1, "a resync copies at least one region at a time");
+assert(MIRROR_REGION_BYTES_MIN <= MIRROR_REGION_BYTES_DEFAULT, "--region accepts the default");
+assert(MIRROR_REGION_BYTES_DEFAULT <= MIRROR_REGION_BYTES_MAX, "--region accepts the default");

@@ -4,7 +4,12 @@
  */
 
 import { RemoteDevice } from "../client/remote_device.ts";
-import { EXPORT_PORT_DEFAULT, MIRROR_REGION_BYTES_DEFAULT } from "../constants.ts";
+import {
+  EXPORT_PORT_DEFAULT,
+  MIRROR_REGION_BYTES_DEFAULT,
+  MIRROR_REGION_BYTES_MAX,
+  MIRROR_REGION_BYTES_MIN,
+} from "../constants.ts";
 import type { BlockDevice } from "../device/block_device.ts";
 import { LinearDevice } from "../array/linear.ts";
 import { openMember } from "../array/members.ts";
@@ -143,7 +148,8 @@ export async function arrayCommand(argv: string[]): Promise<number> {
   const regionBytes = regionText === undefined
     ? MIRROR_REGION_BYTES_DEFAULT
     : parseSize(regionText, "--region");
-  if (regionBytes < 65536 || regionBytes > 64 * 1024 * 1024 || (regionBytes & (regionBytes - 1))) {
+  const inRange = regionBytes >= MIRROR_REGION_BYTES_MIN && regionBytes <= MIRROR_REGION_BYTES_MAX;
+  if (!inRange || (regionBytes & (regionBytes - 1))) {
     throw new UsageError("dst array mirror: --region is a power of two from 64K to 64M");
   }
   const stateDir = stringOption(parsed, "state") ?? await defaultMirrorStateDir(members);

@@ -120,11 +120,11 @@ export class FileDevice implements BlockDevice {
   }
 
   discard(offset: number, length: number, flags?: IoFlags): Promise<void> {
-    return this.#zeroRange("discard", offset, length, flags);
+    return this.#zeroRange("discard", "discards", offset, length, flags);
   }
 
   writeZeroes(offset: number, length: number, flags?: IoFlags): Promise<void> {
-    return this.#zeroRange("write zeroes to", offset, length, flags);
+    return this.#zeroRange("write zeroes to", "zeroes", offset, length, flags);
   }
 
   stats(): DeviceStats {
@@ -143,9 +143,18 @@ export class FileDevice implements BlockDevice {
     return this.#closing;
   }
 
-  #zeroRange(what: string, offset: number, length: number, flags?: IoFlags): Promise<void> {
+  /** Writes zeroes over a range (a discard too); `counter` is the stat it counts in. */
+  #zeroRange(
+    what: string,
+    counter: "discards" | "zeroes",
+    offset: number,
+    length: number,
+    flags?: IoFlags,
+  ): Promise<void> {
     if (flags?.preflush) {
-      return this.#sync().then(() => this.#zeroRange(what, offset, length, { fua: flags.fua }));
+      return this.#sync().then(() =>
+        this.#zeroRange(what, counter, offset, length, { fua: flags.fua })
+      );
     }
     try {
       checkWritable(this.info, what);
@@ -157,8 +166,7 @@ export class FileDevice implements BlockDevice {
           this.#zeroes.subarray(0, Math.min(ZERO_CHUNK_BYTES, length - done)),
         );
       }
-      if (what === "discard") this.#stats.discards += 1;
-      else this.#stats.zeroes += 1;
+      this.#stats[counter] += 1;
     } catch (error) {
       return this.#fail(error, what, offset, length);
     }

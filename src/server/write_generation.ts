@@ -26,7 +26,6 @@ export function defaultExportStateDir(): string {
 /** A generation kept in `DIR/<exportId>.json`. */
 export class PersistedGeneration implements WriteGeneration {
   #current: number;
-  #chain: Promise<unknown> = Promise.resolve();
 
   private constructor(readonly path: string, current: number) {
     this.#current = current;
@@ -57,15 +56,15 @@ export class PersistedGeneration implements WriteGeneration {
   }
 
   next(): Promise<number> {
-    // One at a time, so the file never goes backwards.
-    const step = this.#chain.then(() => {
-      const value = this.#current + 1;
+    // writeStateFile is synchronous, so calls cannot interleave: the file never goes backwards.
+    const value = this.#current + 1;
+    try {
       writeStateFile(this.path, JSON.stringify({ writeGeneration: value }) + "\n");
-      this.#current = value;
-      return value;
-    });
-    this.#chain = step.catch(() => {});
-    return step;
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    this.#current = value;
+    return Promise.resolve(value);
   }
 }
 
