@@ -27,6 +27,12 @@ export class DirtyBitmap {
   readonly #fd: number;
   #changedFirst = Infinity;
   #changedLast = -1;
+  /**
+   * A change may not be on stable storage yet: one not written out, or one whose
+   * write or fdatasync failed. True at open too: a process that crashed may have
+   * left its last writes to the file unsynced.
+   */
+  #syncNeeded = true;
   /** A flush not yet started: it will carry every change made so far. */
   #scheduled: Promise<void> | null = null;
   #running: Promise<void> | null = null;
@@ -113,9 +119,14 @@ export class DirtyBitmap {
     this.#noteChange(region);
   }
 
-  /** Writes every change so far and fdatasyncs; concurrent callers share one. */
+  /**
+   * Writes every change so far and fdatasyncs; concurrent callers share one. With
+   * nothing changed since the last flush that succeeded, and none running, there is
+   * nothing to make durable (the sweeper calls this every time regions go idle).
+   */
   flush(): Promise<void> {
     if (this.#scheduled !== null) return this.#scheduled;
+    if (!this.#syncNeeded && this.#running === null && !this.#closed) return Promise.resolve();
     const run = async () => {
       await (this.#running ?? Promise.resolve()).catch(() => {});
       this.#scheduled = null; // changes from here on need the next flush
@@ -139,6 +150,7 @@ export class DirtyBitmap {
   }
 
   #noteChange(region: number): void {
+    this.#syncNeeded = true;
     if (region < this.#changedFirst) this.#changedFirst = region;
     if (region > this.#changedLast) this.#changedLast = region;
   }
@@ -149,6 +161,7 @@ export class DirtyBitmap {
     const last = this.#changedLast;
     this.#changedFirst = Infinity;
     this.#changedLast = -1;
+    this.#syncNeeded = false; // until a change or a failure from here on
     if (last >= first) {
       try {
         fs.writeSync(this.#fd, this.#bytes, first, last - first + 1, first);
@@ -158,8 +171,13 @@ export class DirtyBitmap {
         throw new DstError("STATE", `Cannot write the mirror bitmap ${this.path}: ${error}`);
       }
     }
-    await new Promise<void>((resolve, reject) =>
-      fs.fdatasync(this.#fd, (error) => error ? reject(error) : resolve())
-    );
+    try {
+      await new Promise<void>((resolve, reject) =>
+        fs.fdatasync(this.#fd, (error) => error ? reject(error) : resolve())
+      );
+    } catch (error) {
+      this.#syncNeeded = true;
+      throw error;
+    }
   }
 }
