@@ -24,6 +24,7 @@ import type { BufferPool } from "../lib/buffer_pool.ts";
 import { FirstWriteGate } from "../server/first_write_gate.ts";
 import type { Logger } from "../lib/log.ts";
 import type { ByteConn } from "../transport/byte_conn.ts";
+import type { Slab } from "../transport/receive_buffer.ts";
 import { CLOSE, RequestLoop } from "../transport/request_loop.ts";
 import {
   BLOCK_SIZE_MAX,
@@ -68,13 +69,11 @@ const FLAGS_ALLOWED: Record<number, number> = {
   [Cmd.WRITE_ZEROES]: CmdFlag.FUA | CmdFlag.NO_HOLE,
 };
 
-const REJECTIONS_LOGGED_MAX = 5;
 /** A structured OFFSET_DATA header (20 + 8 bytes) is the largest reply header before read data. */
 const READ_HEADROOM = 28;
 const TWO_32 = 2 ** 32;
 
 export class NbdConnection extends RequestLoop {
-  #rejectionsLogged = 0;
   readonly #header = new Uint8Array(28); // large enough for any reply header
   readonly #headerView = new DataView(this.#header.buffer);
   readonly #writes: FirstWriteGate;
@@ -171,13 +170,7 @@ export class NbdConnection extends RequestLoop {
   }
 
   #reject(r: NbdRequest, error: number, reason: string): void {
-    if (this.#rejectionsLogged < REJECTIONS_LOGGED_MAX) {
-      this.#rejectionsLogged += 1;
-      const more = this.#rejectionsLogged === REJECTIONS_LOGGED_MAX
-        ? " (further ones only counted)"
-        : "";
-      this.log.warn(`${this.peer}: refused NBD request: ${reason}${more}`);
-    }
+    this.logRejection(`refused NBD request: ${reason}`);
     this.begin(payloadBytes(r));
     this.#replyError(r, error, reason);
   }
@@ -204,11 +197,7 @@ export class NbdConnection extends RequestLoop {
       case Cmd.WRITE: {
         const slab = this.receive.lease();
         const data = this.receive.take(r.length);
-        this.#settle(
-          r,
-          this.#writes.run(() => device.write(r.offset, data, { fua })),
-          () => this.receive.release(slab),
-        );
+        this.#settle(r, this.#writes.run(() => device.write(r.offset, data, { fua })), slab);
         return;
       }
       case Cmd.FLUSH:
@@ -224,14 +213,14 @@ export class NbdConnection extends RequestLoop {
     }
   }
 
-  /** A device call answered with a simple reply. */
-  #settle(r: NbdRequest, done: Promise<void>, release?: () => void): void {
+  /** A device call answered with a simple reply; `leased` holds a WRITE's payload until it ends. */
+  #settle(r: NbdRequest, done: Promise<void>, leased: Slab | null = null): void {
     this.complete(
       done,
       `NBD ${CMD_NAMES[r.type]}`,
       () => this.#replySimple(r, NbdError.OK),
       (errno, message) => this.#replyError(r, errno, message),
-      release,
+      leased,
     );
   }
 

@@ -33,6 +33,7 @@ import {
   WireError,
 } from "../protocol/mod.ts";
 import type { ByteConn } from "../transport/byte_conn.ts";
+import type { Slab } from "../transport/receive_buffer.ts";
 import { CLOSE, RequestLoop } from "../transport/request_loop.ts";
 import { FirstWriteGate } from "./first_write_gate.ts";
 
@@ -51,11 +52,7 @@ export interface ExportContext {
   readonly control: ((request: unknown) => Promise<unknown>) | null;
 }
 
-/** Rejections logged per connection before the rest are only counted (a flood stays one screen). */
-const REJECTIONS_LOGGED_MAX = 5;
-
 export class ExportConnection extends RequestLoop {
-  #rejectionsLogged = 0;
   readonly #replyHeader = new Uint8Array(ReplyLayout.SIZE);
   readonly #replyView = new DataView(this.#replyHeader.buffer);
   readonly #writes: FirstWriteGate;
@@ -116,13 +113,7 @@ export class ExportConnection extends RequestLoop {
 
   #reject(h: RequestHeader, rejection: RequestRejection): void {
     this.ctx.countError();
-    if (this.#rejectionsLogged < REJECTIONS_LOGGED_MAX) {
-      this.#rejectionsLogged += 1;
-      const more = this.#rejectionsLogged === REJECTIONS_LOGGED_MAX
-        ? " (further ones only counted)"
-        : "";
-      this.ctx.log.warn(`${this.peer}: refused request ${h.txId}: ${rejection.reason}${more}`);
-    }
+    this.logRejection(`refused request ${h.txId}: ${rejection.reason}`);
     this.begin(payloadBytes(h));
     this.#reply(h, rejection.error);
   }
@@ -162,11 +153,7 @@ export class ExportConnection extends RequestLoop {
       case Command.WRITE: {
         const slab = this.receive.lease();
         const data = this.receive.take(h.payloadLength);
-        this.#settle(
-          h,
-          this.#writes.run(() => device.write(h.offset, data, flags)),
-          () => this.receive.release(slab),
-        );
+        this.#settle(h, this.#writes.run(() => device.write(h.offset, data, flags)), slab);
         return;
       }
       case Command.FLUSH:
@@ -226,15 +213,15 @@ export class ExportConnection extends RequestLoop {
     });
   }
 
-  /** A device call whose reply carries no payload. */
-  #settle(h: RequestHeader, done: Promise<void>, release?: () => void): void {
+  /** A device call whose reply carries no payload; `leased` holds a WRITE's payload until it ends. */
+  #settle(h: RequestHeader, done: Promise<void>, leased: Slab | null = null): void {
     const what = COMMAND_NAMES[h.command]!;
     this.complete(
       done,
       what,
       () => this.#reply(h, WireError.OK),
       (errno) => this.#reply(h, errno),
-      release,
+      leased,
     );
   }
 

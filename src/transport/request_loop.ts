@@ -21,7 +21,7 @@ import { describeError } from "../lib/errors.ts";
 import type { Logger } from "../lib/log.ts";
 import { type ByteConn, closeQuietly } from "./byte_conn.ts";
 import { FrameSender } from "./frame_sender.ts";
-import { ReceiveBuffer } from "./receive_buffer.ts";
+import { ReceiveBuffer, type Slab } from "./receive_buffer.ts";
 
 export interface RequestLoopLimits {
   inFlightMax: number;
@@ -36,11 +36,15 @@ export interface RequestLoopLimits {
 /** A frame that cannot be trusted: the connection closes with this log line. */
 export const CLOSE = -1;
 
+/** Rejections logged per connection before the rest are only counted (a flood stays one screen). */
+const REJECTIONS_LOGGED_MAX = 5;
+
 export abstract class RequestLoop {
   protected readonly receive: ReceiveBuffer;
   protected readonly sender: FrameSender;
   #inFlight = 0;
   #inFlightBytes = 0;
+  #rejectionsLogged = 0;
   #stopping = false;
   #idleWaiters: Array<() => void> = [];
 
@@ -113,24 +117,37 @@ export abstract class RequestLoop {
   }
 
   /**
-   * Finishes a dispatched device call: `release` frees what the request held (a leased
-   * payload), then `succeed()` runs, or, after one log line, `fail(errno, message)` with
-   * the error as the Linux errno both protocols carry.
+   * Logs a refused request, `${peer}: ${what}`, while fewer than REJECTIONS_LOGGED_MAX
+   * were; the last one logged says that further ones are only counted.
+   */
+  protected logRejection(what: string): void {
+    if (this.#rejectionsLogged >= REJECTIONS_LOGGED_MAX) return;
+    this.#rejectionsLogged += 1;
+    const more = this.#rejectionsLogged === REJECTIONS_LOGGED_MAX
+      ? " (further ones only counted)"
+      : "";
+    this.log.warn(`${this.peer}: ${what}${more}`);
+  }
+
+  /**
+   * Finishes a dispatched device call: a `leased` slab (a WRITE's payload) is released,
+   * then `succeed()` runs, or, after one log line, `fail(errno, message)` with the error
+   * as the Linux errno both protocols carry.
    */
   protected complete(
     done: Promise<void>,
     what: string,
     succeed: () => void,
     fail: (errno: number, message: string) => void,
-    release?: () => void,
+    leased: Slab | null = null,
   ): void {
     done.then(
       () => {
-        release?.();
+        if (leased !== null) this.receive.release(leased);
         succeed();
       },
       (error) => {
-        release?.();
+        if (leased !== null) this.receive.release(leased);
         const message = describeError(error);
         this.log.warn(`${this.peer}: ${what} failed: ${message}`);
         fail(errnoOf(error), message);
