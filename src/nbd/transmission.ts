@@ -32,12 +32,15 @@ import {
   CMD_NAMES,
   CmdFlag,
   NbdError,
+  OffsetDataLayout,
   REPLY_FLAG_DONE,
   ReplyType,
   REQUEST_MAGIC,
   RequestLayout as R,
   SIMPLE_REPLY_MAGIC,
+  SimpleReplyLayout as Simple,
   STRUCTURED_REPLY_MAGIC,
+  StructuredReplyLayout as Chunk,
 } from "./wire.ts";
 
 interface NbdRequest {
@@ -69,13 +72,21 @@ const FLAGS_ALLOWED: Record<number, number> = {
   [Cmd.WRITE_ZEROES]: CmdFlag.FUA | CmdFlag.NO_HOLE,
 };
 
-/** A structured OFFSET_DATA header (20 + 8 bytes) is the largest reply header before read data. */
-const READ_HEADROOM = 28;
+/** A structured OFFSET_DATA header (chunk header and offset) is the largest reply header before read data. */
+const READ_HEADROOM = Chunk.SIZE + OffsetDataLayout.data;
 const TWO_32 = 2 ** 32;
 
+/** What a failed device call's log line names, per command: built once, not per request. */
+const FAILED_WHAT: Record<number, string> = Object.fromEntries(
+  Object.entries(CMD_NAMES).map(([code, name]) => [code, `NBD ${name}`]),
+);
+
 export class NbdConnection extends RequestLoop {
-  readonly #header = new Uint8Array(28); // large enough for any reply header
+  /** Where reply headers are encoded: large enough for any, including a READ's headroom. */
+  readonly #header = new Uint8Array(READ_HEADROOM);
   readonly #headerView = new DataView(this.#header.buffer);
+  readonly #simpleHeader = this.#header.subarray(0, Simple.SIZE);
+  readonly #chunkHeader = this.#header.subarray(0, Chunk.SIZE);
   readonly #writes: FirstWriteGate;
 
   constructor(conn: ByteConn, peer: string, readonly ctx: NbdContext) {
@@ -217,37 +228,33 @@ export class NbdConnection extends RequestLoop {
   #settle(r: NbdRequest, done: Promise<void>, leased: Slab | null = null): void {
     this.complete(
       done,
-      `NBD ${CMD_NAMES[r.type]}`,
+      FAILED_WHAT[r.type]!,
       () => this.#replySimple(r, NbdError.OK),
       (errno, message) => this.#replyError(r, errno, message),
       leased,
     );
   }
 
-  /** `buffer` holds the data after READ_HEADROOM bytes; the header is written just before it. */
+  /**
+   * `buffer` holds the data after READ_HEADROOM bytes. The reply header is encoded as any
+   * other, then copied just before the data, so header and data leave in one write.
+   */
   #replyRead(r: NbdRequest, buffer: Uint8Array): void {
-    const release = () => this.ctx.pool.give(buffer);
-    const length = buffer.length - READ_HEADROOM;
-    const view = new DataView(buffer.buffer, buffer.byteOffset, READ_HEADROOM);
-    let start: number;
-    if (!this.ctx.structuredReplies) {
-      start = READ_HEADROOM - 16;
-      view.setUint32(start, SIMPLE_REPLY_MAGIC);
-      view.setUint32(start + 4, NbdError.OK);
-      view.setUint32(start + 8, r.cookieHigh);
-      view.setUint32(start + 12, r.cookieLow);
+    let header: Uint8Array;
+    if (this.ctx.structuredReplies) {
+      const length = buffer.length - READ_HEADROOM;
+      this.#encodeChunk(r, ReplyType.OFFSET_DATA, OffsetDataLayout.data + length);
+      const at = Chunk.SIZE + OffsetDataLayout.offset;
+      this.#headerView.setUint32(at, Math.floor(r.offset / TWO_32));
+      this.#headerView.setUint32(at + 4, r.offset % TWO_32);
+      header = this.#header; // the chunk header and the offset: READ_HEADROOM bytes
     } else {
-      start = 0;
-      view.setUint32(0, STRUCTURED_REPLY_MAGIC);
-      view.setUint16(4, REPLY_FLAG_DONE);
-      view.setUint16(6, ReplyType.OFFSET_DATA);
-      view.setUint32(8, r.cookieHigh);
-      view.setUint32(12, r.cookieLow);
-      view.setUint32(16, 8 + length);
-      view.setUint32(20, Math.floor(r.offset / TWO_32));
-      view.setUint32(24, r.offset % TWO_32);
+      this.#encodeSimple(r, NbdError.OK);
+      header = this.#simpleHeader;
     }
-    this.sender.sendFrame(buffer.subarray(start), release);
+    const start = READ_HEADROOM - header.length;
+    buffer.set(header, start);
+    this.sender.sendFrame(buffer.subarray(start), () => this.ctx.pool.give(buffer));
     this.end(payloadBytes(r));
   }
 
@@ -260,7 +267,7 @@ export class NbdConnection extends RequestLoop {
       view.setUint16(4, text.length);
       payload.set(text, 6);
       this.#encodeChunk(r, ReplyType.ERROR, payload.length);
-      this.sender.send(this.#header.subarray(0, 20), payload);
+      this.sender.send(this.#chunkHeader, payload);
       this.end(payloadBytes(r));
       return;
     }
@@ -269,26 +276,26 @@ export class NbdConnection extends RequestLoop {
 
   #replySimple(r: NbdRequest, error: number): void {
     this.#encodeSimple(r, error);
-    this.sender.send(this.#header.subarray(0, 16));
+    this.sender.send(this.#simpleHeader);
     this.end(payloadBytes(r));
   }
 
   #encodeSimple(r: NbdRequest, error: number): void {
     const v = this.#headerView;
-    v.setUint32(0, SIMPLE_REPLY_MAGIC);
-    v.setUint32(4, error);
-    v.setUint32(8, r.cookieHigh);
-    v.setUint32(12, r.cookieLow);
+    v.setUint32(Simple.magic, SIMPLE_REPLY_MAGIC);
+    v.setUint32(Simple.error, error);
+    v.setUint32(Simple.cookie, r.cookieHigh);
+    v.setUint32(Simple.cookie + 4, r.cookieLow);
   }
 
   #encodeChunk(r: NbdRequest, type: number, length: number): void {
     const v = this.#headerView;
-    v.setUint32(0, STRUCTURED_REPLY_MAGIC);
-    v.setUint16(4, REPLY_FLAG_DONE);
-    v.setUint16(6, type);
-    v.setUint32(8, r.cookieHigh);
-    v.setUint32(12, r.cookieLow);
-    v.setUint32(16, length);
+    v.setUint32(Chunk.magic, STRUCTURED_REPLY_MAGIC);
+    v.setUint16(Chunk.flags, REPLY_FLAG_DONE);
+    v.setUint16(Chunk.type, type);
+    v.setUint32(Chunk.cookie, r.cookieHigh);
+    v.setUint32(Chunk.cookie + 4, r.cookieLow);
+    v.setUint32(Chunk.length, length);
   }
 }
 

@@ -116,6 +116,9 @@ export const StructuredReplyLayout = {
   SIZE: 20,
 } as const;
 
+/** An OFFSET_DATA chunk's payload: offset u64, then the data. */
+export const OffsetDataLayout = { offset: 0, data: 8 } as const;
+
 /** The block sizes this server advertises: any alignment works, 4 KiB is best, 32 MiB at most. */
 export const BLOCK_SIZE_MIN = 1;
 export const BLOCK_SIZE_PREFERRED = 4096;

@@ -132,17 +132,7 @@ export class ExportConnection extends RequestLoop {
         this.complete(
           device.read(h.offset, buffer.subarray(ReplyLayout.SIZE)),
           "READ",
-          () => {
-            const view = new DataView(buffer.buffer, buffer.byteOffset, ReplyLayout.SIZE);
-            encodeReplyHeader(view, 0, {
-              command: h.command,
-              txId: h.txId,
-              error: WireError.OK,
-              payloadLength: h.length,
-            });
-            this.sender.sendFrame(buffer, () => this.ctx.pool.give(buffer));
-            this.end(payloadBytes(h));
-          },
+          () => this.#replyRead(h, buffer),
           (errno) => {
             this.ctx.pool.give(buffer);
             this.#reply(h, errno);
@@ -226,14 +216,29 @@ export class ExportConnection extends RequestLoop {
   }
 
   #reply(h: RequestHeader, error: number, payload?: Uint8Array): void {
+    this.#encodeReply(h, error, payload?.length ?? 0);
+    this.sender.send(this.#replyHeader, payload);
+    this.end(payloadBytes(h));
+  }
+
+  /**
+   * `buffer` holds the data after ReplyLayout.SIZE bytes. The reply header is encoded as
+   * any other, then copied in front of the data, so header and data leave in one write.
+   */
+  #replyRead(h: RequestHeader, buffer: Uint8Array): void {
+    this.#encodeReply(h, WireError.OK, h.length);
+    buffer.set(this.#replyHeader);
+    this.sender.sendFrame(buffer, () => this.ctx.pool.give(buffer));
+    this.end(payloadBytes(h));
+  }
+
+  #encodeReply(h: RequestHeader, error: number, payloadLength: number): void {
     encodeReplyHeader(this.#replyView, 0, {
       command: h.command,
       txId: h.txId,
       error,
-      payloadLength: payload?.length ?? 0,
+      payloadLength,
     });
-    this.sender.send(this.#replyHeader, payload);
-    this.end(payloadBytes(h));
   }
 }
 
