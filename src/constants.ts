@@ -27,6 +27,12 @@ export const IN_FLIGHT_BYTES_PER_CONNECTION_MAX = 64 * MiB;
 export const CLIENTS_PER_EXPORT_MAX = 64;
 
 /**
+ * Free read buffers a server (DST or NBD) keeps for reuse: four of the largest request.
+ * The NBD threads of one export split it among them.
+ */
+export const POOL_RETAINED_BYTES_MAX = 4 * PAYLOAD_BYTES_MAX;
+
+/**
  * Threads that serve `dst export --nbd` (nbd_threads.ts). One event loop reads about
  * 0.8x of nbdkit's sequential rate here, four match it; four because nbdcopy opens four
  * connections, and the kernel places each on a thread by its address.
@@ -55,6 +61,9 @@ export const SEND_QUEUE_BYTES_MAX = 16 * MiB;
 
 /** The default port of `dst export`, as in the original DST examples. */
 export const EXPORT_PORT_DEFAULT = 1025;
+
+/** The default NBD port of `dst attach --listen`, `dst export --nbd` and `dst array --nbd`: NBD's registered port. */
+export const NBD_PORT_DEFAULT = 10809;
 
 /** The block size an export advertises: the page size, which every client handles well. */
 export const BLOCK_SIZE_DEFAULT = 4096;

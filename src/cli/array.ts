@@ -9,6 +9,7 @@ import {
   MIRROR_REGION_BYTES_DEFAULT,
   MIRROR_REGION_BYTES_MAX,
   MIRROR_REGION_BYTES_MIN,
+  NBD_PORT_DEFAULT,
 } from "../constants.ts";
 import type { BlockDevice } from "../device/block_device.ts";
 import { LinearDevice } from "../array/linear.ts";
@@ -27,7 +28,6 @@ import {
   parseCommand,
   stringOption,
 } from "./args.ts";
-import { NBD_PORT_DEFAULT } from "./attach.ts";
 import { serveUntilSignal } from "./serve.ts";
 
 export const ARRAY_HELP =

@@ -6,7 +6,7 @@
  */
 
 import { RemoteDevice } from "../client/remote_device.ts";
-import { EXPORT_PORT_DEFAULT } from "../constants.ts";
+import { EXPORT_PORT_DEFAULT, NBD_PORT_DEFAULT } from "../constants.ts";
 import { formatHostPort, parseHostPort } from "../lib/address.ts";
 import { DstError, UsageError } from "../lib/errors.ts";
 import { logger } from "../lib/log.ts";
@@ -22,7 +22,6 @@ import {
 import { attachKernelDevice, checkKernelDevice, type KernelDevice } from "./kernel_nbd.ts";
 import { untilSignal } from "./signals.ts";
 
-export const NBD_PORT_DEFAULT = 10809;
 /** The kernel's NBD driver gives up on a request after 30 s by default. */
 const KERNEL_TIMEOUT_MS = 30_000;
 

@@ -1,6 +1,11 @@
 /** `dst export PATH`: serves an image file or block device over the DST protocol. */
 
-import { EXPORT_PORT_DEFAULT, NBD_THREADS_DEFAULT, NBD_THREADS_MAX } from "../constants.ts";
+import {
+  EXPORT_PORT_DEFAULT,
+  NBD_PORT_DEFAULT,
+  NBD_THREADS_DEFAULT,
+  NBD_THREADS_MAX,
+} from "../constants.ts";
 import { FileDevice } from "../device/file_device.ts";
 import { parseHostPort } from "../lib/address.ts";
 import { UsageError } from "../lib/errors.ts";
@@ -8,7 +13,6 @@ import { logger } from "../lib/log.ts";
 import { formatBytes, parseCount, parseSize } from "../lib/units.ts";
 import { defaultExportStateDir, PersistedGeneration } from "../server/write_generation.ts";
 import { parseCommand, stringOption } from "./args.ts";
-import { NBD_PORT_DEFAULT } from "./attach.ts";
 import { serveUntilSignal } from "./serve.ts";
 
 export const EXPORT_HELP =

@@ -7,7 +7,7 @@
  * on all of them. FAST_ZERO is not: zeroing here is not faster than writing.
  */
 
-import { CLIENTS_PER_EXPORT_MAX, PAYLOAD_BYTES_MAX } from "../constants.ts";
+import { CLIENTS_PER_EXPORT_MAX, POOL_RETAINED_BYTES_MAX } from "../constants.ts";
 import type { BlockDevice } from "../device/block_device.ts";
 import { formatHostPort, type HostPort } from "../lib/address.ts";
 import { BufferPool } from "../lib/buffer_pool.ts";
@@ -17,9 +17,6 @@ import { listenTcp, listenUnix } from "../transport/listen.ts";
 import { type NbdExport, negotiate } from "./handshake.ts";
 import { NbdConnection } from "./transmission.ts";
 import { TransmissionFlag } from "./wire.ts";
-
-/** Free buffers a server keeps for reuse: four of the largest request. */
-export const NBD_POOL_RETAINED_BYTES = 4 * PAYLOAD_BYTES_MAX;
 
 export type NbdListen = { tcp: HostPort } | { unix: string };
 
@@ -49,7 +46,7 @@ export class NbdServer {
     readonly options: Omit<NbdServerOptions, "listen">,
   ) {
     this.#log = options.log ?? logger("nbd");
-    this.#pool = new BufferPool(options.retainedBytesMax ?? NBD_POOL_RETAINED_BYTES);
+    this.#pool = new BufferPool(options.retainedBytesMax ?? POOL_RETAINED_BYTES_MAX);
     this.#exported = {
       name: options.name,
       description: options.description,
@@ -100,7 +97,7 @@ export class NbdServer {
 
   async #session(conn: Deno.Conn, peer: string, admitted: boolean): Promise<NbdConnection | null> {
     if (!admitted) {
-      this.#log.warn(`${peer}: NBD client refused: ${CLIENTS_PER_EXPORT_MAX} clients already`);
+      this.#log.warn(`${peer}: NBD client refused: ${this.#loop.slots.max} clients already`);
       return null;
     }
     const negotiated = await negotiate(conn, this.#exported, peer, this.#log);

@@ -5,7 +5,7 @@
  * and close.
  */
 
-import { CLIENTS_PER_EXPORT_MAX, PAYLOAD_BYTES_MAX } from "../constants.ts";
+import { CLIENTS_PER_EXPORT_MAX, POOL_RETAINED_BYTES_MAX } from "../constants.ts";
 import type { BlockDevice, DeviceStats } from "../device/block_device.ts";
 import { formatHostPort, type HostPort } from "../lib/address.ts";
 import { BufferPool } from "../lib/buffer_pool.ts";
@@ -65,7 +65,7 @@ export interface ExportOwner {
 }
 
 export class Exporter {
-  readonly #pool = new BufferPool(4 * PAYLOAD_BYTES_MAX);
+  readonly #pool = new BufferPool(POOL_RETAINED_BYTES_MAX);
   readonly #clock: Clock;
   readonly #log: Logger;
   readonly #startedMs: number;

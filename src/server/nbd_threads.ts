@@ -28,8 +28,8 @@ import { FileDevice } from "../device/file_device.ts";
 import type { HostPort } from "../lib/address.ts";
 import { describeError, DeviceError, DstError } from "../lib/errors.ts";
 import { type Logger, logger } from "../lib/log.ts";
-import { CLIENTS_PER_EXPORT_MAX } from "../constants.ts";
-import { NBD_POOL_RETAINED_BYTES, NbdServer } from "../nbd/mod.ts";
+import { CLIENTS_PER_EXPORT_MAX, POOL_RETAINED_BYTES_MAX } from "../constants.ts";
+import { NbdServer } from "../nbd/mod.ts";
 import { clientSlots } from "../transport/accept_loop.ts";
 import { listenTcp, ReusePortUnavailable } from "../transport/listen.ts";
 
@@ -109,7 +109,7 @@ export class NbdThreads {
     }
     // One client limit for all threads, and the buffers kept for reuse split among them.
     const clients = new SharedArrayBuffer(4);
-    const retainedBytesMax = Math.floor(NBD_POOL_RETAINED_BYTES / threads);
+    const retainedBytesMax = Math.floor(POOL_RETAINED_BYTES_MAX / threads);
     const server = NbdServer.serve(options.device, listener, {
       name: "",
       description: options.description,
