@@ -8,7 +8,7 @@
 import { RemoteDevice } from "../client/remote_device.ts";
 import { EXPORT_PORT_DEFAULT, NBD_PORT_DEFAULT } from "../constants.ts";
 import { formatHostPort, parseHostPort } from "../lib/address.ts";
-import { DstError, UsageError } from "../lib/errors.ts";
+import { describeError, DstError, UsageError } from "../lib/errors.ts";
 import { logger } from "../lib/log.ts";
 import { formatBytes } from "../lib/units.ts";
 import { type NbdListen, NbdServer } from "../nbd/mod.ts";
@@ -113,7 +113,7 @@ export async function attachCommand(argv: string[]): Promise<number> {
   } finally {
     if (kernel !== null) await kernel.detach();
     await nbd.shutdown();
-    await remote.flush().catch((error) => log.error(`final flush failed: ${error.message}`));
+    await remote.flush().catch((error) => log.error(`final flush failed: ${describeError(error)}`));
     await remote.close();
   }
   log.info("detached cleanly");

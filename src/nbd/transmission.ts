@@ -62,11 +62,13 @@ export interface NbdContext {
   readonly startWriting: (() => Promise<void>) | null;
 }
 
-/** The flags each command accepts; FAST_ZERO and DF are not advertised, so they are invalid. */
+/**
+ * The flags each command accepts; FAST_ZERO and DF are not advertised, so they are
+ * invalid. DISC is not here: it ends the connection before any validation.
+ */
 const FLAGS_ALLOWED: Record<number, number> = {
   [Cmd.READ]: 0,
   [Cmd.WRITE]: CmdFlag.FUA,
-  [Cmd.DISC]: 0,
   [Cmd.FLUSH]: 0,
   [Cmd.TRIM]: CmdFlag.FUA,
   [Cmd.WRITE_ZEROES]: CmdFlag.FUA | CmdFlag.NO_HOLE,

@@ -46,7 +46,8 @@ export async function acceptHandshake(
   try {
     // The magic first: a client speaking something else is told so at once, not after a timeout.
     await readExact(conn, helloBytes.subarray(0, 4));
-    if (new DataView(helloBytes.buffer).getUint32(0, true) !== MAGIC_CLIENT_HELLO) {
+    const magic = new DataView(helloBytes.buffer).getUint32(ClientHelloLayout.magic, true);
+    if (magic !== MAGIC_CLIENT_HELLO) {
       return "not a DST client (bad client hello magic)";
     }
     await readExact(conn, helloBytes.subarray(4));

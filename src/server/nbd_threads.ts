@@ -187,7 +187,7 @@ class NbdWorker {
   constructor(
     readonly index: number,
     startWriting: () => Promise<void>,
-    readonly log: Logger,
+    log: Logger,
   ) {
     this.#worker = new Worker(Deno.mainModule, { type: "module", name: NBD_THREAD_NAME });
     this.#worker.onmessage = (event: MessageEvent<FromWorker>) => {

@@ -43,9 +43,11 @@ export class ReusePortUnavailable extends Error {
 }
 
 /**
- * Listens on a Unix socket readable and writable by this user only: the socket is
- * made inside a directory only this user can enter, then set to mode 0600. A stale
- * socket file left by a crashed process is replaced; any other file is refused.
+ * Listens on a Unix socket, then sets it to mode 0600 so only this user can connect.
+ * The directory is the caller's: it is neither made nor checked here, and until the
+ * chmod the socket has the umask's mode, so a socket private from the start needs a
+ * directory only this user can enter (`dst attach` makes one for its default path).
+ * A stale socket file left by a crashed process is replaced; any other file is refused.
  */
 export async function listenUnix(path: string): Promise<Deno.UnixListener> {
   const dir = path.slice(0, path.lastIndexOf("/")) || "/";
