@@ -68,14 +68,34 @@ export const NBD_PORT_DEFAULT = 10809;
 /** The block size an export advertises: the page size, which every client handles well. */
 export const BLOCK_SIZE_DEFAULT = 4096;
 
-/** Client defaults. Together they ride out an outage of timeout x (retries + 1) = 20 s. */
+/**
+ * Client defaults. A link is dead when nothing arrived for the timeout while requests
+ * were outstanding and a ping went unanswered; a request fails after the link was
+ * found dead, or stayed down, retries + 1 times: a whole outage of 20 s is ridden out.
+ */
 export const CLIENT_TIMEOUT_MS_DEFAULT = 5_000;
 export const CLIENT_RETRIES_DEFAULT = 3;
 export const CLIENT_PING_MS_DEFAULT = 2_000;
+
+/**
+ * An export frees the writer lease of a holder whose connections delivered nothing for
+ * this long (a client that vanished without closing, behind a partition). Live
+ * clients always send within --ping, which is capped well below it.
+ */
+export const LEASE_IDLE_MS = 30_000;
+/** How often an export looks for silent lease holders: freed within LEASE_IDLE_MS + this. */
+export const LEASE_IDLE_CHECK_MS = 2_000;
+/** The longest --ping: a live holder must never look silent to its export. */
+export const CLIENT_PING_MS_MAX = LEASE_IDLE_MS / 3;
+
 /** Transactions a client keeps in flight at once (further capped by what the export allows). */
 export const CLIENT_WINDOW_DEFAULT = 64;
-/** Bytes of payload a client keeps in flight at once, so memory stays flat under any load. */
-export const CLIENT_WINDOW_BYTES_MAX = 64 * MiB;
+/**
+ * Bytes of payload a client keeps in flight at once, so memory stays flat under any
+ * load. Below the export's per-connection limit, so the export never stops reading a
+ * DST client's connection for it: a ping always gets through behind the payloads.
+ */
+export const CLIENT_WINDOW_BYTES_MAX = 48 * MiB;
 /** Reconnect backoff: first delay and cap; each try doubles the delay, with +-50% jitter. */
 export const RECONNECT_DELAY_MS_MIN = 50;
 export const RECONNECT_DELAY_MS_MAX = 1_000;
@@ -110,6 +130,15 @@ export const MIRROR_RESYNC_PARALLEL = 4;
 assert(SEND_ZERO_COPY_BYTES_MIN <= SEND_COALESCE_BYTES, "a copied payload must fit a send buffer");
 assert(RECEIVE_SLAB_BYTES >= SEND_COALESCE_BYTES, "a receive slab holds a full coalesced batch");
 assert(CLIENT_WINDOW_BYTES_MAX >= PAYLOAD_BYTES_MAX, "the byte window admits the largest frame");
+assert(
+  CLIENT_WINDOW_BYTES_MAX < IN_FLIGHT_BYTES_PER_CONNECTION_MAX,
+  "a client's window never saturates the export, so its pings are read",
+);
+assert(
+  CLIENT_WINDOW_DEFAULT < IN_FLIGHT_PER_CONNECTION_MAX,
+  "the export has room for a ping beside a full window",
+);
+assert(CLIENT_PING_MS_DEFAULT <= CLIENT_PING_MS_MAX, "the default ping keeps a lease");
 assert(
   IN_FLIGHT_BYTES_PER_CONNECTION_MAX >= PAYLOAD_BYTES_MAX,
   "the export admits the largest frame",

@@ -36,6 +36,7 @@ import {
   emptyStats,
   type IoFlags,
 } from "../device/block_device.ts";
+import { HandshakeRefused } from "../client/dial.ts";
 import { RemoteDevice, type RemoteDeviceOptions } from "../client/remote_device.ts";
 import { describeError, DeviceError, DstError } from "../lib/errors.ts";
 import { ensureDir } from "../lib/state_file.ts";
@@ -47,6 +48,7 @@ import {
   bitmapPath,
   type LegRecord,
   loadMirrorState,
+  loadOrCreateClientId,
   type MirrorState,
   regionCount,
   saveMirrorState,
@@ -199,6 +201,9 @@ export class MirrorDevice implements BlockDevice {
     if (options.source !== undefined && !members.includes(options.source)) {
       throw new DstError("USAGE", `--source ${options.source} is not one of the members`);
     }
+    // One identity for every leg connection, kept in the state: see loadOrCreateClientId.
+    const clientId = loadOrCreateClientId(options.stateDir);
+    options = { ...options, client: { ...options.client, clientId } };
     const previous = options.source === undefined ? loadMirrorState(options.stateDir) : null;
     if (previous === null && options.source === undefined) {
       throw new DstError(
@@ -234,6 +239,17 @@ export class MirrorDevice implements BlockDevice {
       }
     }));
     try {
+      // A leg whose lease another writer holds is not "down": two writers must not share it.
+      const leased = opened.findIndex((o) =>
+        o instanceof HandshakeRefused && o.code === "WRITE_LEASE_HELD"
+      );
+      if (leased >= 0) {
+        throw new DstError(
+          "WRITE_LEASE_HELD",
+          `Leg ${members[leased]}: ${(opened[leased] as Error).message}. Another array or ` +
+            `client writes to it; a mirror never shares a leg with another writer`,
+        );
+      }
       return await MirrorDevice.#assemble(members, opened, previous, options);
     } catch (error) {
       await Promise.allSettled(

@@ -1,12 +1,14 @@
 /**
  * The mirror's state folder, on the array's own node: `state.json` (the legs, each
- * leg's export id and last write generation, which legs are in sync) and `bitmap`
- * (dirty_bitmap.ts). state.json is replaced atomically on every change.
+ * leg's export id and last write generation, which legs are in sync), `bitmap`
+ * (dirty_bitmap.ts) and `client-id`, the mirror's identity towards its legs' exports.
+ * state.json is replaced atomically on every change.
  */
 
 import { DstError } from "../lib/errors.ts";
 import { ensureDir, readStateFile, stateRoot, writeStateFile } from "../lib/state_file.ts";
-import { sha256Hex } from "../lib/hex.ts";
+import { bytesToHex, hexToBytes, sha256Hex } from "../lib/hex.ts";
+import { CLIENT_ID_BYTES } from "../protocol/mod.ts";
 import { LEG_SLOTS_MAX } from "./dirty_bitmap.ts";
 
 export const STATE_VERSION = 1;
@@ -91,4 +93,30 @@ export function saveMirrorState(dir: string, state: MirrorState): void {
 /** Regions of `regionBytes` covering `sizeBytes`. */
 export function regionCount(sizeBytes: number, regionBytes: number): number {
   return Math.ceil(sizeBytes / regionBytes);
+}
+
+/**
+ * The mirror's client identity, made once and kept in its state folder: a restarted
+ * mirror is the same writer to its legs' exports, so it fences its own old
+ * connections and takes its writer lease back at once, while any other mirror is
+ * refused. Written before any leg is opened.
+ */
+export function loadOrCreateClientId(dir: string): Uint8Array {
+  const path = `${dir}/client-id`;
+  const text = readStateFile(path);
+  if (text !== null) {
+    const hex = text.trim();
+    if (!new RegExp(`^[0-9a-f]{${CLIENT_ID_BYTES * 2}}$`).test(hex)) {
+      throw new DstError(
+        "STATE",
+        `${path} is damaged (not ${CLIENT_ID_BYTES * 2} hex digits); remove it only if no ` +
+          `other copy of this mirror runs: the mirror then gets a new identity`,
+      );
+    }
+    return hexToBytes(hex);
+  }
+  const id = crypto.getRandomValues(new Uint8Array(CLIENT_ID_BYTES));
+  ensureDir(dir);
+  writeStateFile(path, bytesToHex(id) + "\n");
+  return id;
 }

@@ -3,6 +3,7 @@
 import { parseArgs } from "node:util";
 import {
   CLIENT_PING_MS_DEFAULT,
+  CLIENT_PING_MS_MAX,
   CLIENT_RETRIES_DEFAULT,
   CLIENT_TIMEOUT_MS_DEFAULT,
 } from "../constants.ts";
@@ -47,9 +48,13 @@ export const CLIENT_OPTIONS: OptionSpec = {
 };
 
 export const CLIENT_OPTIONS_HELP =
-  `  --timeout MS    wait this long for each reply before resending (default ${CLIENT_TIMEOUT_MS_DEFAULT})
-  --retries N     resend this often before reporting an error (default ${CLIENT_RETRIES_DEFAULT})
-  --ping MS       check an idle connection this often (default ${CLIENT_PING_MS_DEFAULT})`;
+  `  --timeout MS    a connection is dead when the export sent nothing for MS while requests
+                  were outstanding and a ping went unanswered; a slow but live export is
+                  never dead (default ${CLIENT_TIMEOUT_MS_DEFAULT})
+  --retries N     dead connections (or MS without one) a request survives before it
+                  fails: an outage of MS x (N + 1) is ridden out (default ${CLIENT_RETRIES_DEFAULT})
+  --ping MS       ping when nothing was sent for MS, so the export knows this client is
+                  alive (default ${CLIENT_PING_MS_DEFAULT}, at most ${CLIENT_PING_MS_MAX})`;
 
 export function clientOptions(parsed: Parsed): RemoteDeviceOptions {
   const options: RemoteDeviceOptions = {};
@@ -58,6 +63,7 @@ export function clientOptions(parsed: Parsed): RemoteDeviceOptions {
   const ping = stringOption(parsed, "ping");
   if (timeout !== undefined) options.timeoutMs = parseCount(timeout, "--timeout", 100, 3_600_000);
   if (retries !== undefined) options.retries = parseCount(retries, "--retries", 0, 1_000);
-  if (ping !== undefined) options.pingMs = parseCount(ping, "--ping", 100, 3_600_000);
+  // A silent lease holder loses its lease (LEASE_IDLE_MS): pings must come well before.
+  if (ping !== undefined) options.pingMs = parseCount(ping, "--ping", 100, CLIENT_PING_MS_MAX);
   return options;
 }

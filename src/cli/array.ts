@@ -126,6 +126,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
         listen,
         nbd,
         generation: PersistedGeneration.open(defaultExportStateDir(), device.info.id),
+        sharedWriters: false,
         owner: {
           status: () => device.status(),
           control: () =>
@@ -165,6 +166,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
       listen,
       nbd,
       generation: PersistedGeneration.open(stateDir, mirror.info.id),
+      sharedWriters: false,
       owner: {
         status: () => mirror.status(),
         control: (request) => mirrorControl(mirror, request),
@@ -207,7 +209,7 @@ async function controlCommand(op: "detach" | "attach", argv: string[]): Promise<
   }
   const [addressText, leg] = parsed.positionals as [string, string];
   const address = parseHostPort(addressText, "127.0.0.1", EXPORT_PORT_DEFAULT);
-  const device = await RemoteDevice.connect(address, { retries: 0 });
+  const device = await RemoteDevice.connect(address, { retries: 0, writer: false });
   let answer: { ok?: boolean; message?: string; error?: string };
   try {
     answer = await device.control({ op, leg }).catch((error) => {

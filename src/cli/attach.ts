@@ -27,7 +27,7 @@ const KERNEL_TIMEOUT_MS = 30_000;
 
 export const ATTACH_HELP =
   `Usage: dst attach HOST:PORT [--socket PATH | --listen [HOST]:PORT] [--device /dev/nbdN]
-                  [--name NAME] [--timeout MS] [--retries N] [--ping MS]
+                  [--name NAME] [--read-only] [--timeout MS] [--retries N] [--ping MS]
 
 Serves the DST export at HOST:PORT as an NBD disk, and prints the NBD URI to use with
 nbdinfo, nbdcopy, qemu-img, nbdfuse or nbd-client.
@@ -37,6 +37,9 @@ nbdinfo, nbdcopy, qemu-img, nbdfuse or nbd-client.
   --listen [HOST]:PORT  serve on TCP instead (default host 127.0.0.1, port ${NBD_PORT_DEFAULT})
   --device /dev/nbdN    also make the kernel block device (needs the nbd module and nbd-client)
   --name NAME           the NBD export name (default: empty, the default export)
+  --read-only           only read: the export's write lease is left to others, and
+                        the disk is read-only. Without it the attach is the export's one
+                        writer, and is refused while another client holds the lease
 ${CLIENT_OPTIONS_HELP}
 
 Example: dst attach 10.0.0.5:1025 --listen :10809   then   nbdinfo nbd://127.0.0.1:10809`;
@@ -47,6 +50,7 @@ export async function attachCommand(argv: string[]): Promise<number> {
     listen: { type: "string" },
     device: { type: "string" },
     name: { type: "string" },
+    "read-only": { type: "boolean" },
     ...CLIENT_OPTIONS,
   });
   if (parsed.values.help) {
@@ -69,7 +73,11 @@ export async function attachCommand(argv: string[]): Promise<number> {
   if (kernelPath !== undefined) await checkKernelDevice(kernelPath); // fail before connecting anything
 
   const log = logger("attach");
-  const options = { ...clientOptions(parsed), log: logger("client") };
+  const options = {
+    ...clientOptions(parsed),
+    writer: parsed.values["read-only"] !== true,
+    log: logger("client"),
+  };
   const remote = await RemoteDevice.connect(target, options);
   const budgetMs = remote.timeoutMs * (remote.retries + 1);
   if (budgetMs >= KERNEL_TIMEOUT_MS) {

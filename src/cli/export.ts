@@ -17,6 +17,7 @@ import { serveUntilSignal } from "./serve.ts";
 
 export const EXPORT_HELP =
   `Usage: dst export PATH [--listen [HOST]:PORT] [--read-only] [--create SIZE] [--nbd [HOST]:PORT] [--nbd-threads N] [--state DIR]
+                   [--shared-writers]
 
 Serves PATH (an image file or a block device) to DST clients.
 
@@ -28,6 +29,10 @@ Serves PATH (an image file or a block device) to DST clients.
                         spreads NBD connections among them
   --state DIR           where to keep the export's write generation (default
                         $XDG_STATE_HOME/dst/exports or ~/.local/state/dst/exports)
+  --shared-writers      let several clients write at once (for writers that coordinate
+                        themselves, as a cluster filesystem does). Without it one client
+                        holds the write lease and others may only read; the NBD port
+                        counts as one writer
 
 Example: dst export /var/lib/dst/disk0.img --create 10G --listen :1025`;
 
@@ -39,6 +44,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
     nbd: { type: "string" },
     "nbd-threads": { type: "string" },
     state: { type: "string" },
+    "shared-writers": { type: "boolean" },
   });
   if (parsed.values.help) {
     console.log(EXPORT_HELP);
@@ -87,6 +93,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
       nbd: nbdListen,
       nbdThreads: { path, threads: nbdThreads },
       generation,
+      sharedWriters: parsed.values["shared-writers"] === true,
       label: path,
       details:
         `${formatBytes(info.sizeBytes)}, ${info.sizeBytes} bytes, block ${info.blockSize}, ` +

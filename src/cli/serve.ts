@@ -12,7 +12,11 @@ import { NbdServer } from "../nbd/mod.ts";
 import { Exporter, type ExportOwner } from "../server/exporter.ts";
 import { NbdThreads } from "../server/nbd_threads.ts";
 import type { WriteGeneration } from "../server/write_generation.ts";
+import { type WriteGrant, WriterLease } from "../server/writer_lease.ts";
 import { untilSignal } from "./signals.ts";
+
+/** The lease identity of an export's own NBD port (DST identities are 32 hex digits). */
+const NBD_PORT_CLIENT = "the export's NBD port";
 
 export interface ServeOptions {
   /** DST listening address, or null to serve over NBD only. */
@@ -24,6 +28,8 @@ export interface ServeOptions {
    */
   nbdThreads?: { path: string; threads: number };
   generation: WriteGeneration;
+  /** --shared-writers: no writer lease, every client may write. */
+  sharedWriters: boolean;
   owner?: ExportOwner;
   /** What the startup lines call the device ("/dev/shm/a.img", "mirror of 2 legs"). */
   label: string;
@@ -37,14 +43,16 @@ export interface ServeOptions {
 export async function serveUntilSignal(device: BlockDevice, options: ServeOptions): Promise<void> {
   let exporter: Exporter | null = null;
   let nbd: NbdServer | NbdThreads | null = null;
+  // One lease for both ports: the NBD port is one more writer that DST clients must wait for.
+  const lease = new WriterLease(options.generation, options.sharedWriters);
   try {
-    if (options.nbd !== null) nbd = await startNbd(device, options.nbd, options);
+    if (options.nbd !== null) nbd = await startNbd(device, options.nbd, lease, options);
     if (options.listen !== null) {
       const threads = nbd instanceof NbdThreads ? nbd : null;
       exporter = Exporter.start(device, {
         listen: options.listen,
         log: options.log,
-        generation: options.generation,
+        lease,
         owner: options.owner,
         stats: threads === null ? undefined : () => threads.stats(),
       });
@@ -75,14 +83,20 @@ export async function serveUntilSignal(device: BlockDevice, options: ServeOption
   await Promise.all([exporter?.shutdown(), nbd?.shutdown()]);
 }
 
-/** NBD clients' writes start a write generation too: to a mirror that is "someone else wrote". */
+/**
+ * NBD clients' writes take the writer lease and start a write generation too: to a
+ * mirror that is "someone else wrote". All NBD connections of the port are one
+ * writer together (nbdcopy opens several), so they share one identity.
+ */
 function startNbd(
   device: BlockDevice,
   address: HostPort,
+  lease: WriterLease,
   options: ServeOptions,
 ): Promise<NbdServer | NbdThreads> {
   const description = `DST ${options.label}`;
-  const startWriting = () => options.generation.next().then(() => {});
+  const acquire = (): Promise<WriteGrant> =>
+    lease.acquire({ key: NBD_PORT_CLIENT, peer: `NBD clients of ${formatHostPort(address)}` });
   if (options.nbdThreads !== undefined) {
     return NbdThreads.start({
       path: options.nbdThreads.path,
@@ -90,7 +104,7 @@ function startNbd(
       address,
       threads: options.nbdThreads.threads,
       description,
-      startWriting,
+      acquire,
       log: options.log,
     });
   }
@@ -99,6 +113,6 @@ function startNbd(
     name: "",
     description,
     log: logger("nbd"),
-    startWriting,
+    acquire,
   });
 }

@@ -60,6 +60,7 @@ async function queryStatus(address: { hostname: string; port: number }): Promise
     timeoutMs: STATUS_TIMEOUT_MS,
     retries: 0,
     pingMs: 60_000,
+    writer: false,
   });
   try {
     return await device.queryStatus() as ExportStatus;

@@ -8,7 +8,9 @@ import { formatHostPort, type HostPort } from "../lib/address.ts";
 import { describeError, DstError } from "../lib/errors.ts";
 import {
   AUTH_NONE,
+  CLIENT_ID_BYTES,
   ClientFeature,
+  decodeRefusalReasonLength,
   decodeServerHello,
   encodeClientHello,
   HELLO_STATUS_TEXT,
@@ -34,15 +36,31 @@ export interface Link {
   hello: ServerHello;
 }
 
+export interface DialOptions {
+  dial?: Dialer;
+  /**
+   * Declares the client a writer: the export grants it the writer lease (or refuses)
+   * and starts a write generation for it at once, reported in the hello.
+   */
+  writer?: boolean;
+  /** The client's identity, the same on each of its connections (default: anonymous, zeros). */
+  clientId?: Uint8Array;
+}
+
+/** The export refused the handshake; `status` is its HelloStatus, the message its reason. */
+export class HandshakeRefused extends DstError {
+  override name = "HandshakeRefused";
+  constructor(readonly status: number, message: string) {
+    super(status === HelloStatus.WRITE_LEASE_HELD ? "WRITE_LEASE_HELD" : "HANDSHAKE", message);
+  }
+}
+
 /**
- * Connects and runs the handshake; the returned hello has status OK. A `writer`
- * declares it will write, so the export starts a write generation for it at once.
+ * Connects and runs the handshake; the returned hello has status OK. A refusal
+ * throws HandshakeRefused with the export's own reason.
  */
-export async function dialExport(
-  address: HostPort,
-  dial: Dialer = tcpDialer,
-  writer = false,
-): Promise<Link> {
+export async function dialExport(address: HostPort, options: DialOptions = {}): Promise<Link> {
+  const dial = options.dial ?? tcpDialer;
   const where = formatHostPort(address);
   let conn: ByteConn;
   try {
@@ -61,10 +79,11 @@ export async function dialExport(
       encodeClientHello({
         versionMin: PROTOCOL_VERSION,
         versionMax: PROTOCOL_VERSION,
-        features: writer ? ClientFeature.WRITER : 0,
+        features: options.writer ? ClientFeature.WRITER : 0,
         authMethods: AUTH_NONE,
         protections: PROTECTION_NONE,
         nonce: crypto.getRandomValues(new Uint8Array(NONCE_BYTES)),
+        clientId: options.clientId ?? new Uint8Array(CLIENT_ID_BYTES),
       }),
     );
     const bytes = new Uint8Array(ServerHelloLayout.SIZE);
@@ -72,8 +91,9 @@ export async function dialExport(
     const hello = decodeServerHello(bytes);
     if (typeof hello === "string") throw new DstError("HANDSHAKE", `${where}: ${hello}`);
     if (hello.status !== HelloStatus.OK) {
-      const why = HELLO_STATUS_TEXT[hello.status] ?? `status ${hello.status}`;
-      throw new DstError("HANDSHAKE", `${where} refused the connection: ${why}`);
+      const why = await readRefusalReason(conn) ??
+        HELLO_STATUS_TEXT[hello.status] ?? `status ${hello.status}`;
+      throw new HandshakeRefused(hello.status, `${where} refused the connection: ${why}`);
     }
     return { conn, hello };
   } catch (error) {
@@ -88,5 +108,20 @@ export async function dialExport(
     );
   } finally {
     clearTimeout(timer);
+  }
+}
+
+/** The reason after a refused hello, or null when the export sent none (it closed). */
+async function readRefusalReason(conn: ByteConn): Promise<string | null> {
+  try {
+    const lengthBytes = new Uint8Array(2);
+    await readExact(conn, lengthBytes);
+    const length = decodeRefusalReasonLength(lengthBytes);
+    if (typeof length === "string") return null;
+    const text = new Uint8Array(length);
+    await readExact(conn, text);
+    return new TextDecoder().decode(text);
+  } catch {
+    return null;
   }
 }

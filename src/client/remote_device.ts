@@ -1,7 +1,7 @@
 /**
  * RemoteDevice: a BlockDevice on a DST export. It turns calls into transactions,
  * keeps a bounded window of them in flight on one connection, and hides outages:
- * a lost connection is re-made with backoff and what was in flight is sent again.
+ * a dead connection is re-made with backoff and what was in flight is sent again.
  * A caller sees an error only when a transaction used up every resend.
  *
  * Transaction states (a transaction is one request frame and its reply):
@@ -9,21 +9,36 @@
  *   submit --> blocked --(earlier overlapping request finished)--+
  *     |                                                          v
  *     +----------------------------------------------------> queued --(window has room,
- *                                                             ^   |     connected)
- *                                  (connection lost: resend) |   v
+ *                                                             ^   |     link up)
+ *                                        (link dead: resend) |   v
  *                                                            +-- sent --(reply)--> done
- *   queued or sent --(deadline passed more than `retries` times)--> failed
+ *   blocked or queued --(no link for a timeout, more than `retries` times)--> failed
  *
- * Each deadline that passes counts one attempt. A sent transaction past its deadline
- * means the connection is not working (TCP loses nothing on a live connection), so
- * the connection is dropped and re-made, and everything sent is resent.
+ * Liveness, not deadlines (protocol README, "Liveness"): a link is dead when nothing
+ * arrived from the export for `timeoutMs` while requests were outstanding and a ping
+ * went unanswered; bytes arriving, or our own backlog draining into the socket, is
+ * life. A slow export (a long fdatasync, a thin link) is never taken for a dead one,
+ * so a request on a live link waits as long as it takes. Each dead link counts one
+ * attempt for what was on it; while there is no link, each `timeoutMs` counts one
+ * attempt for everything waiting, so an outage fails requests after about
+ * timeout x (retries + 1).
+ *
+ * Identity and fencing: every connection carries the client's identity, and the
+ * export fences a client's older connections before it answers a newer one. So once
+ * a new link's handshake is done, nothing sent on an older link can still execute.
+ * A writer also knows its write generation: if a reconnect finds that anyone else
+ * wrote in between (or holds the writer lease), it was fenced, and the writes it had
+ * queued are failed, never resent over the other writer's data.
  *
  * Invariants (checked by #invariants):
  * 1. Overlapping transactions where either writes are never both queued or sent
- *    (overlap_gate.ts), so a resend never reorders writes.
+ *    (overlap_gate.ts), so a resend never reorders writes. A failed transaction keeps
+ *    its place in the gate until the link it was last sent on is fenced (a newer
+ *    handshake completed), so no overlapping write can overtake its late delivery.
  * 2. #sent holds exactly the transactions sent on the current link; with no link it is empty.
  * 3. #sentBytes is the payload bytes of #sent; #sent.size <= window.
- * 4. A transaction settles once; after that it is in no queue, map or gate.
+ * 4. A transaction settles once; after that it is in no queue, map or gate (but a
+ *    failed one in #fenceHeld, which holds only its gate place).
  */
 
 import {
@@ -57,6 +72,7 @@ import { describeError, DeviceError, DstError, ProtocolError } from "../lib/erro
 import { bytesToHex } from "../lib/hex.ts";
 import { type Logger, logger } from "../lib/log.ts";
 import {
+  CLIENT_ID_BYTES,
   Command,
   COMMAND_NAMES,
   decodeInfo,
@@ -69,6 +85,7 @@ import {
   replyPayloadLimit,
   RequestFlag,
   RequestLayout,
+  ServerFeature,
   type ServerHello,
   WIRE_ERROR_NAMES,
 } from "../protocol/mod.ts";
@@ -77,14 +94,18 @@ import { FrameSender } from "../transport/frame_sender.ts";
 import { ReceiveBuffer } from "../transport/receive_buffer.ts";
 import type { Gated } from "./overlap_gate.ts";
 import { OverlapGate } from "./overlap_gate.ts";
-import { type Dialer, dialExport, tcpDialer } from "./dial.ts";
+import { type Dialer, dialExport, HandshakeRefused, tcpDialer } from "./dial.ts";
 
 export interface RemoteDeviceOptions {
-  /** Milliseconds one attempt may wait for its reply. */
+  /**
+   * Milliseconds of silence from the export, while requests are outstanding and a
+   * ping is unanswered, before the link counts as dead (and, with no link, how long
+   * each attempt waits for one).
+   */
   timeoutMs?: number;
-  /** Resends after the first attempt before the caller sees an error. */
+  /** Dead links (or timeouts without one) a request survives before the caller sees an error. */
   retries?: number;
-  /** Idle milliseconds before a ping checks that the export is still there. */
+  /** Milliseconds without sending anything before a ping shows the export we are alive. */
   pingMs?: number;
   /** Transactions in flight at most (capped by what the export allows). */
   window?: number;
@@ -92,12 +113,26 @@ export interface RemoteDeviceOptions {
   clock?: Clock;
   log?: Logger;
   /**
-   * Declares the client a writer: each connection starts a new write generation at
-   * the export, reported in its hello. A mirror's legs need that; other clients
-   * leave it off, and the export starts a generation on their first write instead.
+   * Whether this client writes (default true): each connection then asks for the
+   * export's writer lease and starts a new write generation, reported in its hello.
+   * A client that does not write sees the device as read-only and never holds the
+   * lease (status queries, control commands, read-only attaches).
    */
   writer?: boolean;
+  /**
+   * The client's identity (16 bytes), the same on all its connections, so the export
+   * can fence the old ones; default: a random one for this RemoteDevice. A mirror
+   * keeps its own in its state, so a restarted mirror is the same writer.
+   */
+  clientId?: Uint8Array;
 }
+
+/** Notified when a RemoteDevice made a new link; a mirror uses it to check its legs. */
+export interface ReconnectListener {
+  (writeGeneration: number): void;
+}
+
+type TxState = "blocked" | "queued" | "sent" | "done";
 
 interface Transaction extends Gated {
   readonly id: number;
@@ -111,21 +146,40 @@ interface Transaction extends Gated {
   readonly into: Uint8Array | null;
   /** Payload bytes this transaction moves, for the byte window. */
   readonly windowBytes: number;
+  state: TxState;
   result: Uint8Array | null;
   attempts: number;
+  /** While waiting without a link: when this attempt runs out. */
   deadlineMs: number;
-  settled: boolean;
+  /** The link it was last sent on (its serial), 0 if never sent. */
+  sentOnLink: number;
   resolve(result: Uint8Array | null): void;
   reject(error: Error): void;
 }
 
 interface ActiveLink {
+  /** Counts links from 1; a link with a higher serial was made (and fenced the others) later. */
+  serial: number;
   conn: ByteConn;
   sender: FrameSender;
   receive: ReceiveBuffer;
+  /** When the export was last heard from: bytes arrived, or our backlog drained into the socket. */
+  heardMs: number;
+  /** When we last sent anything on it. */
+  sentMs: number;
+  /** The liveness ping in flight (it bypasses the window), and when it was sent. */
+  probeId: number;
+  probeSentMs: number;
 }
 
 const NO_RANGE = { start: 0, end: 0 };
+const NO_PROBE = 0;
+
+/** WRITE, DISCARD, WRITE_ZEROES: what a fenced writer must not resend. */
+function changesData(command: number): boolean {
+  return command === Command.WRITE || command === Command.DISCARD ||
+    command === Command.WRITE_ZEROES;
+}
 
 export class RemoteDevice implements BlockDevice {
   readonly info: DeviceInfo;
@@ -133,6 +187,7 @@ export class RemoteDevice implements BlockDevice {
   readonly timeoutMs: number;
   readonly retries: number;
   readonly pingMs: number;
+  readonly clientId: Uint8Array;
   readonly #window: number;
   readonly #payloadBytesMax: number;
   readonly #exportId: string;
@@ -141,18 +196,22 @@ export class RemoteDevice implements BlockDevice {
   readonly #log: Logger;
   readonly #where: string;
   readonly #writer: boolean;
-  #onReconnect: ((writeGeneration: number) => void) | null = null;
+  readonly #sharedWriters: boolean;
+  #onReconnect: ReconnectListener | null = null;
   #writeGeneration: number;
 
   readonly #gate = new OverlapGate();
+  /** Every transaction not yet settled, in submission order. */
+  readonly #pending = new Set<Transaction>();
   readonly #sent = new Map<number, Transaction>();
   #queue: Transaction[] = [];
+  /** Failed transactions whose last link is not fenced yet: they keep their gate place (Invariant 1). */
+  #fenceHeld: Transaction[] = [];
   #sentBytes = 0;
   #link: ActiveLink | null = null;
+  #linkSerial = 0;
   #reconnecting = false;
   #nextId = 1;
-  #lastActivityMs: number;
-  #pinging = false;
   #closing = false;
   #fatal: Error | null = null;
   #settledWaiters: Array<() => void> = [];
@@ -162,14 +221,17 @@ export class RemoteDevice implements BlockDevice {
   readonly #stats = emptyStats();
   #reconnects = 0;
   #resends = 0;
+  #fencedWrites = 0;
 
   private constructor(
     address: HostPort,
     hello: ServerHello,
     conn: ByteConn,
     options: RemoteDeviceOptions,
+    clientId: Uint8Array,
   ) {
     this.address = address;
+    this.clientId = clientId;
     this.#where = formatHostPort(address);
     this.timeoutMs = options.timeoutMs ?? CLIENT_TIMEOUT_MS_DEFAULT;
     this.retries = options.retries ?? CLIENT_RETRIES_DEFAULT;
@@ -178,18 +240,18 @@ export class RemoteDevice implements BlockDevice {
     this.#payloadBytesMax = Math.min(hello.payloadBytesMax, PAYLOAD_BYTES_MAX);
     this.#exportId = bytesToHex(hello.exportId);
     this.#dial = options.dial ?? tcpDialer;
-    this.#writer = options.writer ?? false;
+    this.#writer = options.writer ?? true;
+    this.#sharedWriters = (hello.features & ServerFeature.SHARED_WRITERS) !== 0;
     this.#writeGeneration = hello.writeGeneration;
     this.#clock = options.clock ?? systemClock;
     this.#log = options.log ?? logger("client");
     this.info = {
       sizeBytes: hello.sizeBytes,
       blockSize: hello.blockSize,
-      readOnly: (hello.exportFlags & ExportFlag.READ_ONLY) !== 0,
+      readOnly: !this.#writer || (hello.exportFlags & ExportFlag.READ_ONLY) !== 0,
       id: this.#exportId,
       name: this.#where,
     };
-    this.#lastActivityMs = this.#clock.nowMs();
     const tickMs = Math.max(
       20,
       Math.min(250, Math.floor(this.timeoutMs / 4), Math.floor(this.pingMs / 2)),
@@ -198,13 +260,22 @@ export class RemoteDevice implements BlockDevice {
     this.#attach(conn);
   }
 
-  /** Connects to an export; a first connection that fails is an error at once, with the reason. */
+  /**
+   * Connects to an export; a first connection that fails is an error at once, with the
+   * reason (a writer refused because another client holds the lease learns who does).
+   */
   static async connect(
     address: HostPort,
     options: RemoteDeviceOptions = {},
   ): Promise<RemoteDevice> {
-    const { conn, hello } = await dialExport(address, options.dial, options.writer);
-    return new RemoteDevice(address, hello, conn, options);
+    const clientId = options.clientId ?? crypto.getRandomValues(new Uint8Array(CLIENT_ID_BYTES));
+    assert(clientId.length === CLIENT_ID_BYTES, "a client id is 16 bytes");
+    const { conn, hello } = await dialExport(address, {
+      dial: options.dial,
+      writer: options.writer ?? true,
+      clientId,
+    });
+    return new RemoteDevice(address, hello, conn, options, clientId);
   }
 
   get connected(): boolean {
@@ -212,7 +283,7 @@ export class RemoteDevice implements BlockDevice {
   }
 
   /** Called on every reconnect, before anything is resent, with the export's write generation. */
-  setReconnectListener(listener: (writeGeneration: number) => void): void {
+  setReconnectListener(listener: ReconnectListener): void {
     this.#onReconnect = listener;
   }
 
@@ -326,6 +397,7 @@ export class RemoteDevice implements BlockDevice {
     queued: number;
     reconnects: number;
     resends: number;
+    fencedWrites: number;
     connected: boolean;
   } {
     return {
@@ -333,16 +405,19 @@ export class RemoteDevice implements BlockDevice {
       queued: this.#queue.length,
       reconnects: this.#reconnects,
       resends: this.#resends,
+      fencedWrites: this.#fencedWrites,
       connected: this.#link !== null,
     };
   }
 
-  /** Waits for every transaction to settle (each is bounded by its deadline), then disconnects. */
+  /** Waits for every transaction to settle (each is bounded by its retries), then disconnects. */
   async close(): Promise<void> {
     this.#closing = true;
-    while (this.#gate.size > 0 || this.#queue.length > 0 || this.#sent.size > 0) {
+    while (this.#pending.size > 0) {
       await new Promise<void>((resolve) => this.#settledWaiters.push(resolve));
     }
+    // Nothing more will be sent: the gate places of failed writes protect no one now.
+    this.#releaseFenceHeld();
     clearInterval(this.#ticker);
     const link = this.#link;
     this.#link = null;
@@ -421,18 +496,27 @@ export class RemoteDevice implements BlockDevice {
         writes: command !== Command.READ,
         blockers: 0,
         dependents: null,
+        state: "blocked",
         result: null,
         attempts: 0,
-        deadlineMs: 0,
-        settled: false,
+        deadlineMs: this.#clock.nowMs() + this.timeoutMs,
+        sentOnLink: 0,
         resolve,
         reject,
       };
+      this.#pending.add(tx);
       if (!ranged || this.#gate.enter(tx)) this.#enqueue(tx);
     });
   }
 
+  /** The gate's callback: `next` waited for nothing more (a failed one stays failed). */
+  readonly #unblocked = (next: Gated): void => {
+    const tx = next as Transaction;
+    if (tx.state === "blocked") this.#enqueue(tx);
+  };
+
   #enqueue(tx: Transaction): void {
+    tx.state = "queued";
     tx.deadlineMs = this.#clock.nowMs() + this.timeoutMs;
     this.#queue.push(tx);
     this.#pump();
@@ -453,39 +537,98 @@ export class RemoteDevice implements BlockDevice {
   }
 
   #send(link: ActiveLink, tx: Transaction): void {
-    encodeRequestHeader(this.#requestView, 0, {
-      command: tx.command,
-      flags: tx.flags,
-      txId: tx.id,
-      offset: tx.length > 0 ? tx.offset : 0,
-      length: tx.length,
-      payloadLength: tx.payload?.length ?? 0,
-    });
-    tx.deadlineMs = this.#clock.nowMs() + this.timeoutMs;
+    this.#encodeRequest(tx.command, tx.flags, tx.id, tx.offset, tx.length, tx.payload);
+    tx.state = "sent";
+    tx.sentOnLink = link.serial;
     this.#sent.set(tx.id, tx);
     this.#sentBytes += tx.windowBytes;
+    link.sentMs = this.#clock.nowMs();
     link.sender.send(this.#requestHeader, tx.payload ?? undefined);
+  }
+
+  #encodeRequest(
+    command: number,
+    flags: number,
+    txId: number,
+    offset: number,
+    length: number,
+    payload: Uint8Array | null,
+  ): void {
+    encodeRequestHeader(this.#requestView, 0, {
+      command,
+      flags,
+      txId,
+      offset: length > 0 ? offset : 0,
+      length,
+      payloadLength: payload?.length ?? 0,
+    });
+  }
+
+  /**
+   * A liveness ping: sent at once, outside the window (the export admits more than
+   * our window, so it is always read), and answered without touching the device.
+   */
+  #probe(link: ActiveLink): void {
+    const id = this.#nextId++;
+    this.#encodeRequest(Command.PING, 0, id, 0, 0, null);
+    link.probeId = id;
+    link.probeSentMs = this.#clock.nowMs();
+    link.sentMs = link.probeSentMs;
+    link.sender.send(this.#requestHeader);
   }
 
   // --- replies --------------------------------------------------------------------
 
   #attach(conn: ByteConn): void {
     assert(this.#link === null, "one link at a time");
+    const now = this.#clock.nowMs();
     const link: ActiveLink = {
-      conn,
-      sender: new FrameSender(conn, {
-        coalesceBytes: SEND_COALESCE_BYTES,
-        zeroCopyBytesMin: SEND_ZERO_COPY_BYTES_MIN,
-        queueBytesMax: SEND_QUEUE_BYTES_MAX,
-      }),
+      serial: ++this.#linkSerial,
+      conn: this.#timed(conn, () => link),
+      sender: null!,
       receive: new ReceiveBuffer(RECEIVE_SLAB_BYTES, ReplyLayout.SIZE + PAYLOAD_BYTES_MAX),
+      heardMs: now,
+      sentMs: now,
+      probeId: NO_PROBE,
+      probeSentMs: 0,
     };
+    link.sender = new FrameSender(link.conn, {
+      coalesceBytes: SEND_COALESCE_BYTES,
+      zeroCopyBytesMin: SEND_ZERO_COPY_BYTES_MIN,
+      queueBytesMax: SEND_QUEUE_BYTES_MAX,
+    });
     this.#link = link;
-    this.#lastActivityMs = this.#clock.nowMs();
+    // This link's handshake fenced every older one: their failed writes can free their places.
+    this.#releaseFenceHeld();
     void link.sender.closed.then((reason) => this.#linkLost(link, reason));
     void this.#readReplies(link);
     this.#pump();
     this.#invariants();
+  }
+
+  /**
+   * The socket as the link uses it, noting life: any bytes read, and a write that had
+   * to wait for room in the socket (a full send buffer that drains is the export's
+   * TCP taking our bytes, so a large write on a thin link is not silence).
+   */
+  #timed(conn: ByteConn, link: () => ActiveLink): ByteConn {
+    let backlogged = false;
+    return {
+      read: async (into) => {
+        const n = await conn.read(into);
+        if (n !== null) link().heardMs = this.#clock.nowMs();
+        return n;
+      },
+      write: async (data) => {
+        const startedMs = this.#clock.nowMs();
+        const n = await conn.write(data);
+        const nowMs = this.#clock.nowMs();
+        if (backlogged || nowMs - startedMs >= WRITE_WAITED_MS) link().heardMs = nowMs;
+        backlogged = n < data.length;
+        return n;
+      },
+      close: () => conn.close(),
+    };
   }
 
   async #readReplies(link: ActiveLink): Promise<void> {
@@ -498,6 +641,14 @@ export class RemoteDevice implements BlockDevice {
         while (receive.available >= ReplyLayout.SIZE) {
           const header = decodeReplyHeader(receive.view, receive.position);
           if (typeof header === "string") throw new ProtocolError(header);
+          if (header.txId === link.probeId && link.probeId !== NO_PROBE) {
+            if (header.command !== Command.PING || header.payloadLength !== 0) {
+              throw new ProtocolError(`reply to ping ${header.txId} is malformed`);
+            }
+            receive.skip(ReplyLayout.SIZE);
+            link.probeId = NO_PROBE;
+            continue;
+          }
           const tx = this.#sent.get(header.txId);
           if (tx === undefined) {
             throw new ProtocolError(`reply to unknown transaction ${header.txId}`);
@@ -539,7 +690,6 @@ export class RemoteDevice implements BlockDevice {
           this.#sentBytes -= tx.windowBytes;
           this.#settle(tx, header.error);
         }
-        this.#lastActivityMs = this.#clock.nowMs();
         this.#pump();
       }
     } catch (error) {
@@ -548,9 +698,8 @@ export class RemoteDevice implements BlockDevice {
   }
 
   #settle(tx: Transaction, error: number): void {
-    assert(!tx.settled, "Invariant 4: a transaction settles once");
-    tx.settled = true;
-    if (tx.length > 0) this.#gate.finish(tx, (next) => this.#enqueue(next as Transaction));
+    this.#finishTx(tx);
+    if (tx.length > 0) this.#gate.finish(tx, this.#unblocked);
     if (error === 0) {
       this.#count(tx);
       tx.resolve(tx.result);
@@ -558,19 +707,45 @@ export class RemoteDevice implements BlockDevice {
       this.#stats.errors += 1;
       tx.reject(this.#wireError(tx, error));
     }
-    if (this.#settledWaiters.length > 0) {
-      const waiters = this.#settledWaiters;
-      this.#settledWaiters = [];
-      for (const wake of waiters) wake();
-    }
+    this.#wakeSettledWaiters();
   }
 
+  /**
+   * Fails a transaction that is not sent (blocked or queued). If it was ever sent and
+   * its last link is not fenced yet, it keeps its gate place until a newer link's
+   * handshake has fenced that one (Invariant 1): its late delivery can then no longer
+   * run after an overlapping write that was waiting behind it.
+   */
   #fail(tx: Transaction, error: Error): void {
-    assert(!tx.settled, "Invariant 4: a transaction settles once");
-    tx.settled = true;
+    assert(tx.state !== "sent", "a sent transaction is not failed, its link is dropped first");
+    if (tx.state === "queued") this.#queue = this.#queue.filter((queued) => queued !== tx);
+    this.#finishTx(tx);
     this.#stats.errors += 1;
-    if (tx.length > 0) this.#gate.finish(tx, (next) => this.#enqueue(next as Transaction));
+    if (tx.length > 0) {
+      const fenced = tx.sentOnLink === 0 ||
+        (this.#link !== null && this.#link.serial > tx.sentOnLink);
+      if (fenced) this.#gate.finish(tx, this.#unblocked);
+      else this.#fenceHeld.push(tx);
+    }
     tx.reject(error);
+    this.#wakeSettledWaiters();
+  }
+
+  #finishTx(tx: Transaction): void {
+    assert(tx.state !== "done", "Invariant 4: a transaction settles once");
+    tx.state = "done";
+    this.#pending.delete(tx);
+  }
+
+  #releaseFenceHeld(): void {
+    const held = this.#fenceHeld;
+    if (held.length === 0) return;
+    this.#fenceHeld = [];
+    for (const tx of held) this.#gate.finish(tx, this.#unblocked);
+  }
+
+  #wakeSettledWaiters(): void {
+    if (this.#settledWaiters.length === 0) return;
     const waiters = this.#settledWaiters;
     this.#settledWaiters = [];
     for (const wake of waiters) wake();
@@ -608,24 +783,51 @@ export class RemoteDevice implements BlockDevice {
 
   // --- outages --------------------------------------------------------------------
 
-  /** The link broke: everything sent goes back to the front of the queue, and reconnecting starts. */
+  /**
+   * The link is dead: what was sent on it counts one attempt and goes back to the
+   * front of the queue (or fails, past its retries), and reconnecting starts.
+   */
   #linkLost(link: ActiveLink, reason: unknown): void {
     if (this.#link !== link) return;
     this.#link = null;
     link.sender.abort(reason);
     closeQuietly(link.conn);
+    const now = this.#clock.nowMs();
     const resend = [...this.#sent.values()].sort((a, b) => a.id - b.id);
     this.#sent.clear();
     this.#sentBytes = 0;
+    for (const tx of resend) tx.state = "queued";
     this.#queue = resend.concat(this.#queue);
+    // Without a link, each waiting transaction's clock starts now.
+    for (const tx of this.#pending) tx.deadlineMs = now + this.timeoutMs;
     this.#resends += resend.length;
     this.#invariants();
-    if (this.#closing && this.#queue.length === 0) return;
+    const failed = this.#countAttempt(resend, reason);
+    if (this.#closing && this.#pending.size === 0) return;
     this.#log.warn(
       `lost ${this.#where}: ${describeError(reason)}; reconnecting` +
-        (resend.length > 0 ? `, ${resend.length} in flight will be resent` : ""),
+        (resend.length > failed ? `, ${resend.length - failed} in flight will be resent` : ""),
     );
     void this.#reconnect();
+  }
+
+  /** One attempt of each of `txs` ran out; those past their retries fail. Returns how many. */
+  #countAttempt(txs: Transaction[], reason: unknown): number {
+    let failed = 0;
+    for (const tx of txs) {
+      tx.attempts += 1;
+      if (tx.attempts <= this.retries) continue;
+      failed += 1;
+      this.#fail(
+        tx,
+        new DeviceError(
+          "ETIMEDOUT",
+          `${COMMAND_NAMES[tx.command]} to ${this.#where} failed after ${tx.attempts} attempts ` +
+            `(${describeError(reason)}); the export is down or unreachable`,
+        ),
+      );
+    }
+    return failed;
   }
 
   async #reconnect(): Promise<void> {
@@ -634,15 +836,23 @@ export class RemoteDevice implements BlockDevice {
     let delayMs = RECONNECT_DELAY_MS_MIN;
     try {
       while (this.#link === null && this.#fatal === null) {
-        if (this.#closing && this.#queue.length === 0) return;
+        if (this.#closing && this.#pending.size === 0) return;
         await new Promise((resolve) => setTimeout(resolve, delayMs * (0.5 + Math.random())));
         delayMs = Math.min(delayMs * 2, RECONNECT_DELAY_MS_MAX);
         let conn: ByteConn;
         let hello: ServerHello;
         try {
-          ({ conn, hello } = await dialExport(this.address, this.#dial, this.#writer));
+          ({ conn, hello } = await dialExport(this.address, {
+            dial: this.#dial,
+            writer: this.#writer,
+            clientId: this.clientId,
+          }));
         } catch (error) {
-          this.#log.debug(`reconnect to ${this.#where} failed: ${describeError(error)}`);
+          if (error instanceof HandshakeRefused && error.code === "WRITE_LEASE_HELD") {
+            this.#fenced(error.message);
+          } else {
+            this.#log.debug(`reconnect to ${this.#where} failed: ${describeError(error)}`);
+          }
           continue;
         }
         const changed = this.#identityChange(hello);
@@ -654,8 +864,10 @@ export class RemoteDevice implements BlockDevice {
           return;
         }
         this.#reconnects += 1;
+        const otherWriters = this.#othersWrote(hello.writeGeneration);
         this.#writeGeneration = hello.writeGeneration;
         this.#onReconnect?.(hello.writeGeneration);
+        if (otherWriters !== null) this.#fenced(otherWriters);
         this.#log.info(
           `reconnected to ${this.#where}; resending ${this.#queue.length} transactions`,
         );
@@ -664,6 +876,41 @@ export class RemoteDevice implements BlockDevice {
     } finally {
       this.#reconnecting = false;
     }
+  }
+
+  /**
+   * Why the writes this client has queued must not go out, or null: the export's
+   * write generation moved by more than this connection's own step, so another client
+   * wrote since our last connection (and would be overwritten by stale data).
+   */
+  #othersWrote(generation: number): string | null {
+    if (!this.#writer || this.info.readOnly || this.#sharedWriters) return null;
+    if (generation === this.#writeGeneration + 1) return null;
+    return `another client wrote to ${this.#where} while this one was away ` +
+      `(write generation ${generation}, expected ${this.#writeGeneration + 1})`;
+  }
+
+  /**
+   * This writer was fenced (the lease is another's, or another client wrote): every
+   * write it had waiting fails and is never resent. Reads and later writes go on.
+   */
+  #fenced(why: string): void {
+    const dropped = [...this.#pending].filter((tx) =>
+      tx.state !== "sent" && tx.state !== "done" && changesData(tx.command)
+    );
+    if (dropped.length === 0) {
+      this.#log.warn(`${this.#where}: ${why}`);
+      return;
+    }
+    this.#fencedWrites += dropped.length;
+    this.#log.error(
+      `fenced by ${this.#where}: ${why}; ${dropped.length} queued writes fail and are not resent`,
+    );
+    const error = new DeviceError(
+      "EIO",
+      `fenced by ${this.#where}: ${why}; the write was not resent`,
+    );
+    for (const tx of dropped) if (tx.state !== "done") this.#fail(tx, error);
   }
 
   #identityChange(hello: ServerHello): string | null {
@@ -679,61 +926,42 @@ export class RemoteDevice implements BlockDevice {
   #giveUp(error: Error): void {
     this.#fatal = error;
     this.#log.error(error.message);
-    const failing = [...this.#sent.values(), ...this.#queue];
-    this.#sent.clear();
-    this.#sentBytes = 0;
-    this.#queue = [];
-    for (const tx of failing) this.#fail(tx, error);
+    assert(this.#sent.size === 0, "Invariant 2: nothing sent without a link");
+    for (const tx of [...this.#pending]) if (tx.state !== "done") this.#fail(tx, error);
   }
 
-  /** Deadlines and idle pings, a few times per timeout. */
+  /**
+   * A few times per timeout: the link's liveness and keep-alive pings; without a link,
+   * the clocks of what waits for one.
+   */
   #tick(): void {
     const now = this.#clock.nowMs();
     const link = this.#link;
     if (link !== null) {
-      for (const tx of this.#sent.values()) {
-        if (tx.deadlineMs <= now) {
-          this.#linkLost(link, new Error(`no reply within ${this.timeoutMs} ms`));
-          break;
-        }
+      const outstanding = this.#sent.size > 0 || link.probeId !== NO_PROBE;
+      const quietMs = now - link.heardMs;
+      if (
+        outstanding && quietMs >= this.timeoutMs && link.probeId !== NO_PROBE &&
+        now - link.probeSentMs >= this.timeoutMs / 2
+      ) {
+        this.#linkLost(
+          link,
+          new Error(`nothing from the export for ${Math.round(quietMs)} ms, not even a ping reply`),
+        );
+        return;
       }
-    }
-    if (this.#queue.some((tx) => tx.deadlineMs <= now)) {
-      const keep: Transaction[] = [];
-      for (const tx of this.#queue) {
-        if (tx.deadlineMs > now) {
-          keep.push(tx);
-          continue;
-        }
-        tx.attempts += 1;
-        if (tx.attempts > this.retries) {
-          this.#fail(
-            tx,
-            new DeviceError(
-              "ETIMEDOUT",
-              `No reply from ${this.#where} to ${
-                COMMAND_NAMES[tx.command]
-              } after ${tx.attempts} attempts ` +
-                `of ${this.timeoutMs} ms; the export is down or unreachable`,
-            ),
-          );
-        } else {
-          tx.deadlineMs = now + this.timeoutMs;
-          keep.push(tx);
-        }
+      const quietWithWork = outstanding && quietMs >= this.timeoutMs / 2;
+      if (link.probeId === NO_PROBE && (quietWithWork || now - link.sentMs >= this.pingMs)) {
+        this.#probe(link);
       }
-      this.#queue = keep;
+      return;
     }
-    const idle = this.#sent.size === 0 && this.#queue.length === 0;
-    if (
-      this.#link !== null && idle && !this.#pinging && now - this.#lastActivityMs >= this.pingMs
-    ) {
-      this.#pinging = true;
-      this.ping().catch((error) =>
-        this.#log.debug(`ping of ${this.#where}: ${describeError(error)}`)
-      )
-        .finally(() => (this.#pinging = false));
-    }
+    const waiting = [...this.#pending].filter((tx) =>
+      tx.state !== "sent" && tx.state !== "done" && tx.deadlineMs <= now
+    );
+    if (waiting.length === 0) return;
+    for (const tx of waiting) tx.deadlineMs = now + this.timeoutMs;
+    this.#countAttempt(waiting, new Error(`no connection for ${this.timeoutMs} ms`));
   }
 
   #invariants(): void {
@@ -745,6 +973,9 @@ export class RemoteDevice implements BlockDevice {
     assert(this.#sentBytes >= 0, "Invariant 3: sent bytes are counted");
   }
 }
+
+/** A socket write that took this long waited for room: the export's side took bytes meanwhile. */
+const WRITE_WAITED_MS = 5;
 
 function toWireFlags(flags: IoFlags | undefined): number {
   if (flags === undefined) return 0;

@@ -14,6 +14,7 @@ import { BufferPool } from "../lib/buffer_pool.ts";
 import { type Logger, logger } from "../lib/log.ts";
 import { AcceptLoop, type ClientSlots, clientSlots } from "../transport/accept_loop.ts";
 import { listenTcp, listenUnix } from "../transport/listen.ts";
+import type { WriteGrant } from "../server/writer_lease.ts";
 import { type NbdExport, negotiate } from "./handshake.ts";
 import { NbdConnection } from "./transmission.ts";
 import { TransmissionFlag } from "./wire.ts";
@@ -26,8 +27,12 @@ export interface NbdServerOptions {
   name: string;
   description: string;
   log?: Logger;
-  /** Starts the export's write generation; each connection calls it before its first write. */
-  startWriting?: () => Promise<void>;
+  /**
+   * Asks for a write grant of the export's writer lease (which starts a write
+   * generation); each connection calls it before its first write and releases it when
+   * it ends. Absent: this server keeps no lease (an attach serves a remote device).
+   */
+  acquire?: () => Promise<WriteGrant>;
   /** The client limit, when several servers (threads) share one (default: 64 of its own). */
   clientSlots?: ClientSlots;
   /** Free buffers kept for reuse (default 4 of the largest request), split when threads share. */
@@ -107,7 +112,7 @@ export class NbdServer {
       pool: this.#pool,
       log: this.#log,
       structuredReplies: negotiated.structuredReplies,
-      startWriting: this.device.info.readOnly ? null : this.options.startWriting ?? null,
+      acquire: this.device.info.readOnly ? null : this.options.acquire ?? null,
     });
   }
 }

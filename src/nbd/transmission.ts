@@ -22,6 +22,7 @@ import {
 import type { BlockDevice } from "../device/block_device.ts";
 import type { BufferPool } from "../lib/buffer_pool.ts";
 import { FirstWriteGate } from "../server/first_write_gate.ts";
+import type { WriteGrant } from "../server/writer_lease.ts";
 import type { Logger } from "../lib/log.ts";
 import type { ByteConn } from "../transport/byte_conn.ts";
 import type { Slab } from "../transport/receive_buffer.ts";
@@ -58,8 +59,11 @@ export interface NbdContext {
   readonly pool: BufferPool;
   readonly log: Logger;
   readonly structuredReplies: boolean;
-  /** Starts the export's write generation before this connection's first write; null: nothing to start. */
-  readonly startWriting: (() => Promise<void>) | null;
+  /**
+   * Asks for a write grant (the export's writer lease and a new write generation)
+   * before this connection's first write; null: this server keeps no lease.
+   */
+  readonly acquire: (() => Promise<WriteGrant>) | null;
 }
 
 /**
@@ -99,7 +103,11 @@ export class NbdConnection extends RequestLoop {
       frameBytesMax: R.SIZE + BLOCK_SIZE_MAX,
       headerBytes: R.SIZE,
     });
-    this.#writes = new FirstWriteGate(ctx.startWriting);
+    this.#writes = new FirstWriteGate(ctx.acquire);
+  }
+
+  protected override ended(): void {
+    this.#writes.release();
   }
 
   protected dispatchArrived(): number {

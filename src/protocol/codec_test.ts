@@ -9,8 +9,10 @@ import { PAYLOAD_BYTES_MAX, RANGE_BYTES_MAX, STATUS_PAYLOAD_BYTES_MAX } from "..
 import {
   type ClientHello,
   decodeClientHello,
+  decodeRefusalReasonLength,
   decodeServerHello,
   encodeClientHello,
+  encodeRefusalReason,
   encodeServerHello,
   type ServerHello,
 } from "./handshake.ts";
@@ -30,6 +32,7 @@ import {
 import { getU64, setU64 } from "./u64.ts";
 import {
   AUTH_NONE,
+  ClientFeature,
   ClientHelloLayout,
   Command,
   ExportFlag,
@@ -41,9 +44,11 @@ import {
   MAGIC_SERVER_HELLO,
   PROTECTION_NONE,
   PROTOCOL_VERSION,
+  REFUSAL_REASON_BYTES_MAX,
   ReplyLayout,
   RequestFlag,
   RequestLayout,
+  ServerFeature,
   ServerHelloLayout,
   WireError,
 } from "./wire.ts";
@@ -107,11 +112,12 @@ const clientHello: ClientHello = {
   authMethods: AUTH_NONE | 4,
   protections: PROTECTION_NONE | 2,
   nonce: pattern(100, 16),
+  clientId: pattern(200, 16),
 };
 
-Deno.test("encodeClientHello() writes 32 little-endian bytes at the documented offsets", () => {
+Deno.test("encodeClientHello() writes 48 little-endian bytes at the documented offsets", () => {
   const bytes = encodeClientHello(clientHello);
-  assert.equal(bytes.length, 32);
+  assert.equal(bytes.length, 48);
   const view = viewOf(bytes);
   assert.equal(view.getUint32(0, true), MAGIC_CLIENT_HELLO);
   assert.equal(view.getUint16(4, true), 1);
@@ -120,6 +126,7 @@ Deno.test("encodeClientHello() writes 32 little-endian bytes at the documented o
   assert.equal(view.getUint16(12, true), 5);
   assert.equal(view.getUint16(14, true), 3);
   assert.deepEqual(bytes.subarray(16, 32), clientHello.nonce);
+  assert.deepEqual(bytes.subarray(32, 48), clientHello.clientId);
 });
 
 Deno.test("decodeClientHello() round-trips encodeClientHello()", () => {
@@ -134,8 +141,8 @@ Deno.test("decodeClientHello() reads a hello inside a larger buffer (byteOffset 
 
 Deno.test("decodeClientHello() rejects a hello of the wrong length", () => {
   const bytes = encodeClientHello(clientHello);
-  assert.equal(typeof decodeClientHello(bytes.subarray(0, 31)), "string");
-  const longer = new Uint8Array(33);
+  assert.equal(typeof decodeClientHello(bytes.subarray(0, 47)), "string");
+  const longer = new Uint8Array(49);
   longer.set(bytes);
   assert.equal(typeof decodeClientHello(longer), "string");
   assert.equal(typeof decodeClientHello(new Uint8Array(0)), "string");
@@ -609,4 +616,31 @@ Deno.test("decodeInfo() rejects a size of 2^53 or more", () => {
   const bytes = encodeInfo({ sizeBytes: 1, blockSize: 4096, exportFlags: 0 });
   setUnsafeU64(viewOf(bytes), InfoLayout.size);
   assert.match(decodeInfo(bytes) as string, /2\^53/);
+});
+
+// --- fencing and the writer lease: numbers pinned to the spec's tables -------------------
+
+Deno.test("the spec's numbers for identity, lease and refusal are the code's", () => {
+  assert.equal(ClientHelloLayout.clientId, 32);
+  assert.equal(ClientHelloLayout.SIZE, 48);
+  assert.equal(ClientFeature.WRITER, 1);
+  assert.equal(ServerFeature.SHARED_WRITERS, 1);
+  assert.equal(HelloStatus.WRITE_LEASE_HELD, 6);
+  assert.equal(REFUSAL_REASON_BYTES_MAX, 512);
+});
+
+Deno.test("encodeRefusalReason() writes a u16 length and UTF-8 text, cut to the limit", () => {
+  const bytes = encodeRefusalReason("held by 10.0.0.1:4000 – stop it");
+  const length = decodeRefusalReasonLength(bytes);
+  assert.equal(length, bytes.length - 2);
+  assert.equal(new TextDecoder().decode(bytes.subarray(2)), "held by 10.0.0.1:4000 – stop it");
+  const long = encodeRefusalReason("x".repeat(2000));
+  assert.equal(long.length, 2 + REFUSAL_REASON_BYTES_MAX);
+  assert.equal(decodeRefusalReasonLength(long), REFUSAL_REASON_BYTES_MAX);
+});
+
+Deno.test("decodeRefusalReasonLength() refuses a length over the limit", () => {
+  const bytes = new Uint8Array(2);
+  viewOf(bytes).setUint16(0, REFUSAL_REASON_BYTES_MAX + 1, true);
+  assert.match(decodeRefusalReasonLength(bytes) as string, /> 512/);
 });

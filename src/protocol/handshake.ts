@@ -6,6 +6,7 @@
 import { PAYLOAD_BYTES_MAX } from "../constants.ts";
 import {
   AUTH_NONE,
+  CLIENT_ID_BYTES,
   ClientHelloLayout as C,
   EXPORT_ID_BYTES,
   MAGIC_CLIENT_HELLO,
@@ -13,6 +14,7 @@ import {
   NONCE_BYTES,
   PROTECTION_NONE,
   PROTOCOL_VERSION,
+  REFUSAL_REASON_BYTES_MAX,
   ServerHelloLayout as S,
 } from "./wire.ts";
 import { getU64, setU64 } from "./u64.ts";
@@ -24,6 +26,8 @@ export interface ClientHello {
   authMethods: number;
   protections: number;
   nonce: Uint8Array;
+  /** The client's identity, the same on every connection of one client; all zero: anonymous. */
+  clientId: Uint8Array;
 }
 
 export interface ServerHello {
@@ -53,6 +57,7 @@ export function encodeClientHello(hello: ClientHello): Uint8Array {
   view.setUint16(C.authMethods, hello.authMethods, true);
   view.setUint16(C.protections, hello.protections, true);
   bytes.set(hello.nonce.subarray(0, NONCE_BYTES), C.nonce);
+  bytes.set(hello.clientId.subarray(0, CLIENT_ID_BYTES), C.clientId);
   return bytes;
 }
 
@@ -69,6 +74,7 @@ export function decodeClientHello(bytes: Uint8Array): ClientHello | string {
     authMethods: view.getUint16(C.authMethods, true),
     protections: view.getUint16(C.protections, true),
     nonce: bytes.slice(C.nonce, C.nonce + NONCE_BYTES),
+    clientId: bytes.slice(C.clientId, C.clientId + CLIENT_ID_BYTES),
   };
   if (hello.versionMin > hello.versionMax) return "client hello: versionMin > versionMax";
   return hello;
@@ -132,4 +138,23 @@ export function decodeServerHello(bytes: Uint8Array): ServerHello | string {
   }
   if (hello.inFlightMax === 0) return "server hello: no transaction may be in flight";
   return hello;
+}
+
+/** The reason that follows a refused server hello: u16 byte count, then UTF-8 text (cut to fit). */
+export function encodeRefusalReason(text: string): Uint8Array {
+  let body = new TextEncoder().encode(text);
+  if (body.length > REFUSAL_REASON_BYTES_MAX) body = body.subarray(0, REFUSAL_REASON_BYTES_MAX);
+  const bytes = new Uint8Array(2 + body.length);
+  new DataView(bytes.buffer).setUint16(0, body.length, true);
+  bytes.set(body, 2);
+  return bytes;
+}
+
+/** The byte count at the front of a refusal reason, or a string when it is over the limit. */
+export function decodeRefusalReasonLength(bytes: Uint8Array): number | string {
+  const length = new DataView(bytes.buffer, bytes.byteOffset, 2).getUint16(0, true);
+  if (length > REFUSAL_REASON_BYTES_MAX) {
+    return `refusal reason of ${length} bytes > ${REFUSAL_REASON_BYTES_MAX}`;
+  }
+  return length;
 }

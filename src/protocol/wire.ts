@@ -72,6 +72,8 @@ export const HelloStatus = {
   PROTECTION_UNSUPPORTED: 3,
   ACCESS_DENIED: 4,
   BUSY: 5,
+  /** Another client holds the export's writer lease (a reason names it). */
+  WRITE_LEASE_HELD: 6,
 } as const;
 
 export const HELLO_STATUS_TEXT: Record<number, string> = {
@@ -81,6 +83,7 @@ export const HELLO_STATUS_TEXT: Record<number, string> = {
   [HelloStatus.PROTECTION_UNSUPPORTED]: "no channel protection in common",
   [HelloStatus.ACCESS_DENIED]: "access denied",
   [HelloStatus.BUSY]: "the export has too many clients",
+  [HelloStatus.WRITE_LEASE_HELD]: "another client holds the write lease",
 };
 
 /** Bit masks of authentication methods and frame protections; only NONE exists in v1. */
@@ -96,6 +99,15 @@ export const ClientFeature = {
   WRITER: 1,
 } as const;
 
+/** Server hello feature bits. */
+export const ServerFeature = {
+  /**
+   * The export runs with --shared-writers: it grants writes to every client that asks,
+   * so a jump in the write generation is other writers, not a sign of being fenced.
+   */
+  SHARED_WRITERS: 1,
+} as const;
+
 /** Export flags in the server hello and INFO reply. */
 export const ExportFlag = {
   READ_ONLY: 1,
@@ -103,8 +115,10 @@ export const ExportFlag = {
 
 export const EXPORT_ID_BYTES = 16;
 export const NONCE_BYTES = 16;
+/** A client's identity: random, kept across its reconnects (README.md, "Fencing"). */
+export const CLIENT_ID_BYTES = 16;
 
-/** Client hello: 32 bytes. */
+/** Client hello: 48 bytes. */
 export const ClientHelloLayout = {
   magic: 0, // u32
   versionMin: 4, // u16
@@ -113,8 +127,15 @@ export const ClientHelloLayout = {
   authMethods: 12, // u16 mask
   protections: 14, // u16 mask
   nonce: 16, // 16 bytes
-  SIZE: 32,
+  clientId: 32, // 16 bytes
+  SIZE: 48,
 } as const;
+
+/**
+ * A refused server hello is followed by a reason: a u16 byte count, then that many
+ * bytes of UTF-8 text for the user ("the write lease is held by ...").
+ */
+export const REFUSAL_REASON_BYTES_MAX = 512;
 
 /** Server hello: 80 bytes. */
 export const ServerHelloLayout = {
@@ -166,9 +187,10 @@ export const InfoLayout = {
   SIZE: 16,
 } as const;
 
+assert(ClientHelloLayout.nonce + NONCE_BYTES === ClientHelloLayout.clientId, "hello layout");
 assert(
-  ClientHelloLayout.nonce + NONCE_BYTES === ClientHelloLayout.SIZE,
-  "client hello is 32 bytes",
+  ClientHelloLayout.clientId + CLIENT_ID_BYTES === ClientHelloLayout.SIZE,
+  "client hello is 48 bytes",
 );
 assert(ServerHelloLayout.exportId + EXPORT_ID_BYTES === ServerHelloLayout.nonce, "hello layout");
 assert(

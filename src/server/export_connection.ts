@@ -36,6 +36,7 @@ import type { ByteConn } from "../transport/byte_conn.ts";
 import type { Slab } from "../transport/receive_buffer.ts";
 import { CLOSE, RequestLoop } from "../transport/request_loop.ts";
 import { FirstWriteGate } from "./first_write_gate.ts";
+import type { WriteGrant } from "./writer_lease.ts";
 
 /** What a connection needs from its export. */
 export interface ExportContext {
@@ -46,8 +47,15 @@ export interface ExportContext {
   statusJson(): Uint8Array;
   /** Counts a request the export refused or a frame that broke the protocol. */
   countError(): void;
-  /** Starts a write generation before this connection's first write; null when done already. */
-  readonly startWriting: (() => Promise<void>) | null;
+  /**
+   * Asks for a write grant (the writer lease and a new write generation) before this
+   * connection's first write; null when it cannot write.
+   */
+  readonly acquire: (() => Promise<WriteGrant>) | null;
+  /** The grant its handshake obtained (the client declared WRITER), or null. */
+  readonly grant: WriteGrant | null;
+  /** The connection has ended: nothing of it is in flight any more. */
+  ended(connection: ExportConnection): void;
   /** Runs a CONTROL request (JSON in, JSON out); null: the export has no owner to ask. */
   readonly control: ((request: unknown) => Promise<unknown>) | null;
 }
@@ -65,7 +73,17 @@ export class ExportConnection extends RequestLoop {
       frameBytesMax: RequestLayout.SIZE + PAYLOAD_BYTES_MAX,
       headerBytes: RequestLayout.SIZE,
     });
-    this.#writes = new FirstWriteGate(ctx.startWriting);
+    this.#writes = new FirstWriteGate(ctx.acquire, ctx.grant);
+  }
+
+  /** True while this connection may write because it holds a grant of the writer lease. */
+  get holdsGrant(): boolean {
+    return this.#writes.holdsGrant;
+  }
+
+  protected override ended(): void {
+    this.#writes.release();
+    this.ctx.ended(this);
   }
 
   protected dispatchArrived(): number {

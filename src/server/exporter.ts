@@ -3,20 +3,40 @@
  * It owns the listener and the set of connections; each connection owns its own
  * buffers and requests (export_connection.ts). The device is the caller's to open
  * and close.
+ *
+ * It also keeps the promise that an acknowledged write stays written when clients
+ * reconnect (protocol README, "Fencing" and "Writer lease"):
+ * 1. Before it answers a client's new connection, every older connection of the same
+ *    client identity is fenced: closed, its undispatched frames dropped, its
+ *    dispatched requests finished. Handshakes of one identity run one at a time.
+ * 2. A client writes only with a grant of the writer lease (writer_lease.ts), and a
+ *    holder whose connections went silent for LEASE_IDLE_MS is fenced, which frees it.
  */
 
-import { CLIENTS_PER_EXPORT_MAX, POOL_RETAINED_BYTES_MAX } from "../constants.ts";
+import {
+  CLIENTS_PER_EXPORT_MAX,
+  LEASE_IDLE_CHECK_MS,
+  LEASE_IDLE_MS,
+  POOL_RETAINED_BYTES_MAX,
+} from "../constants.ts";
 import type { BlockDevice, DeviceStats } from "../device/block_device.ts";
 import { formatHostPort, type HostPort } from "../lib/address.ts";
 import { BufferPool } from "../lib/buffer_pool.ts";
 import { type Clock, systemClock } from "../lib/clock.ts";
 import { type Logger, logger } from "../lib/log.ts";
-import { HelloStatus } from "../protocol/mod.ts";
+import { bytesToHex } from "../lib/hex.ts";
+import { ClientFeature, type ClientHello, HelloStatus, ServerFeature } from "../protocol/mod.ts";
 import { AcceptLoop, clientSlots } from "../transport/accept_loop.ts";
 import { listenTcp } from "../transport/listen.ts";
 import { ExportConnection } from "./export_connection.ts";
-import { acceptHandshake } from "./handshake.ts";
-import { MemoryGeneration, type WriteGeneration } from "./write_generation.ts";
+import { acceptHandshake, type Admission, refuse } from "./handshake.ts";
+import { MemoryGeneration } from "./write_generation.ts";
+import {
+  LeaseHeldError,
+  type LeaseHolderStatus,
+  type WriteGrant,
+  WriterLease,
+} from "./writer_lease.ts";
 
 /** What `dst status` shows of an export; the STATUS reply is this as JSON. */
 export interface ExportStatus {
@@ -39,6 +59,9 @@ export interface ExportStatus {
   zeroes: number;
   errors: number;
   writeGeneration: number;
+  /** Who may write now; null when nobody holds the lease (or writers are shared). */
+  writeLease: LeaseHolderStatus | null;
+  sharedWriters: boolean;
   /** Present when the device is an array: its kind and members (src/array/). */
   array?: unknown;
 }
@@ -47,8 +70,11 @@ export interface ExporterOptions {
   listen: HostPort;
   /** The device's counters for status (default device.stats(); more when other threads serve it too). */
   stats?: () => DeviceStats;
-  /** The export's write generation (default: one in memory, for exports made in code). */
-  generation?: WriteGeneration;
+  /**
+   * The writer lease and write generation, shared with the export's NBD port (default:
+   * one writer at a time, generation in memory, for exports made in code).
+   */
+  lease?: WriterLease;
   /**
    * The STATUS document's `array` part and the CONTROL command's handler, when the
    * device is an array (the exporter itself knows nothing of arrays).
@@ -70,9 +96,15 @@ export class Exporter {
   readonly #log: Logger;
   readonly #startedMs: number;
   readonly #loop: AcceptLoop;
-  readonly #generation: WriteGeneration;
+  readonly #lease: WriterLease;
   readonly #owner: ExportOwner | null;
   readonly #stats: () => DeviceStats;
+  /** Each client identity's connections, oldest first. */
+  readonly #clients = new Map<string, Set<ExportConnection>>();
+  /** The tail of each identity's queue of handshakes (they run one at a time). */
+  readonly #handshakes = new Map<string, Promise<void>>();
+  readonly #silenceCheck: ReturnType<typeof setInterval>;
+  #anonymous = 0;
   #protocolErrors = 0;
 
   private constructor(
@@ -83,7 +115,7 @@ export class Exporter {
     this.#clock = options.clock ?? systemClock;
     this.#log = options.log ?? logger("export");
     this.#startedMs = this.#clock.nowMs();
-    this.#generation = options.generation ?? new MemoryGeneration();
+    this.#lease = options.lease ?? new WriterLease(new MemoryGeneration(), false, this.#clock);
     this.#owner = options.owner ?? null;
     this.#stats = options.stats ?? (() => device.stats());
     this.#loop = new AcceptLoop(
@@ -92,6 +124,7 @@ export class Exporter {
       (conn, peer, admitted) => this.#session(conn, peer, admitted),
       this.#log,
     );
+    this.#silenceCheck = setInterval(() => this.#fenceSilentHolders(), LEASE_IDLE_CHECK_MS);
   }
 
   /** Starts listening; throws a clear error when the address cannot be bound. */
@@ -130,7 +163,9 @@ export class Exporter {
       discards: stats.discards,
       zeroes: stats.zeroes,
       errors: stats.errors + this.#protocolErrors,
-      writeGeneration: this.#generation.current,
+      writeGeneration: this.#lease.generation.current,
+      writeLease: this.#lease.holder,
+      sharedWriters: this.#lease.sharedWriters,
       ...(this.#owner === null ? {} : { array: this.#owner.status() }),
     };
   }
@@ -140,6 +175,7 @@ export class Exporter {
    * then flushes the device. The device stays open (the caller closes it).
    */
   async shutdown(): Promise<void> {
+    clearInterval(this.#silenceCheck);
     await this.#loop.shutdown();
     if (!this.device.info.readOnly) await this.device.flush();
   }
@@ -150,33 +186,123 @@ export class Exporter {
     admitted: boolean,
   ): Promise<ExportConnection | null> {
     const readOnly = this.device.info.readOnly;
-    let generationStarted = readOnly;
-    const refusal = await acceptHandshake(
-      conn,
-      this.device.info,
-      () => admitted ? HelloStatus.OK : HelloStatus.BUSY,
-      async (writer) => {
-        if (!writer || readOnly) return this.#generation.current;
-        generationStarted = true;
-        return await this.#generation.next();
-      },
-    );
-    if (refusal !== null) {
-      this.#protocolErrors += 1;
-      this.#log.warn(`${peer}: handshake refused: ${refusal}`);
-      return null;
-    }
-    return new ExportConnection(conn, peer, {
-      device: this.device,
-      pool: this.#pool,
-      log: this.#log,
-      statusJson: () => new TextEncoder().encode(JSON.stringify(this.status(true))),
-      countError: () => {
+    let key = "";
+    let grant: WriteGrant | null = null;
+    let unlock: (() => void) | null = null;
+    try {
+      const refusal = await acceptHandshake(conn, this.device.info, async (hello) => {
+        if (!admitted) return refuse(HelloStatus.BUSY);
+        key = this.#clientKey(hello);
+        unlock = await this.#handshakeTurn(key);
+        await this.#fenceOlder(key, peer);
+        if ((hello.features & ClientFeature.WRITER) !== 0 && !readOnly) {
+          try {
+            grant = await this.#lease.acquire({ key, peer });
+          } catch (error) {
+            if (!(error instanceof LeaseHeldError)) throw error;
+            return { ok: false, status: HelloStatus.WRITE_LEASE_HELD, reason: error.message };
+          }
+        }
+        return this.#admitted(grant);
+      });
+      if (refusal !== null) {
         this.#protocolErrors += 1;
-      },
-      // A client that writes without having said so still starts a generation, first.
-      startWriting: generationStarted ? null : () => this.#generation.next().then(() => {}),
-      control: this.#owner === null ? null : (request) => this.#owner!.control(request),
-    });
+        this.#log.warn(`${peer}: handshake refused: ${refusal}`);
+        return null;
+      }
+      const connection: ExportConnection = new ExportConnection(conn, peer, {
+        device: this.device,
+        pool: this.#pool,
+        log: this.#log,
+        statusJson: () => new TextEncoder().encode(JSON.stringify(this.status(true))),
+        countError: () => {
+          this.#protocolErrors += 1;
+        },
+        // A client that writes without having said so asks for the lease then.
+        acquire: readOnly ? null : () => this.#lease.acquire({ key, peer }),
+        grant,
+        ended: (ended) => this.#forget(key, ended),
+        control: this.#owner === null ? null : (request) => this.#owner!.control(request),
+      });
+      let connections = this.#clients.get(key);
+      if (connections === undefined) this.#clients.set(key, connections = new Set());
+      connections.add(connection);
+      return connection;
+    } catch (error) {
+      (grant as WriteGrant | null)?.release();
+      throw error;
+    } finally {
+      (unlock as (() => void) | null)?.();
+    }
+  }
+
+  #admitted(grant: WriteGrant | null): Admission {
+    return {
+      ok: true,
+      features: this.#lease.sharedWriters ? ServerFeature.SHARED_WRITERS : 0,
+      writeGeneration: grant?.generation ?? this.#lease.generation.current,
+    };
+  }
+
+  /** A client's identity; an all-zero one is anonymous, each of its connections a client of its own. */
+  #clientKey(hello: ClientHello): string {
+    if (hello.clientId.every((byte) => byte === 0)) return `anonymous-${++this.#anonymous}`;
+    return bytesToHex(hello.clientId);
+  }
+
+  /** Waits for the identity's earlier handshakes; call the result once this one is done. */
+  async #handshakeTurn(key: string): Promise<() => void> {
+    const previous = this.#handshakes.get(key) ?? Promise.resolve();
+    const done = Promise.withResolvers<void>();
+    const tail = previous.then(() => done.promise);
+    this.#handshakes.set(key, tail);
+    await previous;
+    return () => {
+      done.resolve();
+      if (this.#handshakes.get(key) === tail) this.#handshakes.delete(key);
+    };
+  }
+
+  /** Fences every connection `key` has, before its new one from `peer` is answered. */
+  async #fenceOlder(key: string, peer: string): Promise<void> {
+    const older = this.#clients.get(key);
+    if (older === undefined || older.size === 0) return;
+    this.#log.info(
+      `${peer}: client ${key.slice(0, 8)} reconnected; fencing its ${older.size} older ` +
+        `connection(s) first`,
+    );
+    await Promise.all([...older].map((connection) => connection.fence()));
+    for (const connection of older) this.#forget(key, connection);
+  }
+
+  #forget(key: string, connection: ExportConnection): void {
+    const connections = this.#clients.get(key);
+    if (connections === undefined) return;
+    connections.delete(connection);
+    if (connections.size === 0) this.#clients.delete(key);
+  }
+
+  /**
+   * A lease holder that vanished without closing (its node lost power, or sits behind
+   * a partition) would keep every other writer out: when its connections have sent
+   * nothing for LEASE_IDLE_MS (live clients ping far more often), they are fenced,
+   * which frees the lease. Its late bytes then find the connection closed.
+   */
+  #fenceSilentHolders(): void {
+    if (this.#lease.sharedWriters) return;
+    for (const [key, connections] of this.#clients) {
+      if (!this.#lease.heldBy(key)) continue;
+      for (const connection of connections) {
+        if (!connection.holdsGrant || connection.silentMs() < LEASE_IDLE_MS) continue;
+        this.#log.warn(
+          `${connection.peer}: the write lease holder sent nothing for ` +
+            `${
+              Math.round(connection.silentMs() / 1000)
+            } s; closing its connection and freeing the lease`,
+        );
+        this.#forget(key, connection);
+        void connection.fence();
+      }
+    }
   }
 }

@@ -1,8 +1,9 @@
 /**
  * The export's side of the handshake (protocol README, "Handshake"): read the client
  * hello, pick the version, authentication and protection, answer with the export's
- * geometry. Only version 1 with no authentication and no protection exists yet;
- * the fields are there so a later version adds them without a new frame.
+ * geometry, or refuse with a reason. Only version 1 with no authentication and no
+ * protection exists yet; the fields are there so a later version adds them without a
+ * new frame.
  */
 
 import {
@@ -13,9 +14,10 @@ import {
 import type { DeviceInfo } from "../device/block_device.ts";
 import {
   AUTH_NONE,
-  ClientFeature,
+  type ClientHello,
   ClientHelloLayout,
   decodeClientHello,
+  encodeRefusalReason,
   encodeServerHello,
   EXPORT_ID_BYTES,
   ExportFlag,
@@ -30,16 +32,21 @@ import {
 import { type ByteConn, readExact, writeAll } from "../transport/byte_conn.ts";
 import { hexToBytes } from "../lib/hex.ts";
 
+/** What the export decided about a client whose hello it could accept. */
+export type Admission =
+  | { ok: true; features: number; writeGeneration: number }
+  | { ok: false; status: number; reason: string };
+
 /**
  * Runs the handshake; returns null on success, or why the client was turned away.
- * `generation(writer)` gives the write generation to report, once the client is
- * admitted: `writer` says the client set the WRITER feature bit.
+ * `admit(hello)` decides about a client that speaks this version (busy, lease, fencing
+ * happen there) and runs before the server hello is sent: whatever it waits for is
+ * done before the client can send its first request.
  */
 export async function acceptHandshake(
   conn: ByteConn,
   info: DeviceInfo,
-  admit: () => number,
-  generation: (writer: boolean) => Promise<number>,
+  admit: (hello: ClientHello) => Promise<Admission>,
 ): Promise<string | null> {
   const helloBytes = new Uint8Array(ClientHelloLayout.SIZE);
   const timer = setTimeout(() => conn.close(), HANDSHAKE_TIMEOUT_MS);
@@ -59,21 +66,22 @@ export async function acceptHandshake(
   const hello = decodeClientHello(helloBytes);
   if (typeof hello === "string") return hello;
 
-  let status: number = admit();
+  let admission: Admission;
   if (hello.versionMin > PROTOCOL_VERSION || hello.versionMax < PROTOCOL_VERSION) {
-    status = HelloStatus.VERSION_UNSUPPORTED;
+    admission = refuse(HelloStatus.VERSION_UNSUPPORTED);
   } else if ((hello.authMethods & AUTH_NONE) === 0) {
-    status = HelloStatus.AUTH_UNSUPPORTED;
+    admission = refuse(HelloStatus.AUTH_UNSUPPORTED);
   } else if ((hello.protections & PROTECTION_NONE) === 0) {
-    status = HelloStatus.PROTECTION_UNSUPPORTED;
+    admission = refuse(HelloStatus.PROTECTION_UNSUPPORTED);
+  } else {
+    admission = await admit(hello);
   }
-  const ok = status === HelloStatus.OK;
-  const writeGeneration = ok ? await generation((hello.features & ClientFeature.WRITER) !== 0) : 0;
+  const ok = admission.ok;
   // A refused client learns why, and nothing about the export.
   const reply: ServerHello = {
     version: PROTOCOL_VERSION,
-    status,
-    features: 0,
+    status: admission.ok ? HelloStatus.OK : admission.status,
+    features: admission.ok ? admission.features : 0,
     authMethod: AUTH_NONE,
     protection: PROTECTION_NONE,
     sizeBytes: ok ? info.sizeBytes : 0,
@@ -83,8 +91,23 @@ export async function acceptHandshake(
     inFlightMax: ok ? IN_FLIGHT_PER_CONNECTION_MAX : 0,
     exportId: ok ? hexToBytes(info.id) : new Uint8Array(EXPORT_ID_BYTES),
     nonce: crypto.getRandomValues(new Uint8Array(NONCE_BYTES)),
-    writeGeneration,
+    writeGeneration: admission.ok ? admission.writeGeneration : 0,
   };
-  await writeAll(conn, encodeServerHello(reply));
-  return ok ? null : HELLO_STATUS_TEXT[status]!;
+  const helloOut = encodeServerHello(reply);
+  if (admission.ok) {
+    await writeAll(conn, helloOut);
+    return null;
+  }
+  const reason = admission.reason;
+  const reasonOut = encodeRefusalReason(reason);
+  const both = new Uint8Array(helloOut.length + reasonOut.length);
+  both.set(helloOut);
+  both.set(reasonOut, helloOut.length);
+  await writeAll(conn, both);
+  return reason;
+}
+
+/** A refusal whose reason is the status's own text. */
+export function refuse(status: number): Admission {
+  return { ok: false, status, reason: HELLO_STATUS_TEXT[status] ?? `status ${status}` };
 }

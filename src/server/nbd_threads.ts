@@ -10,7 +10,8 @@
  * is a pwrite into the one page cache, so a read on any thread sees every completed
  * write, and fdatasync on any descriptor flushes the whole file, so CAN_MULTI_CONN
  * stays true across threads. What is not shared goes through messages: a worker's
- * connection asks this thread to start the write generation (one file, kept here).
+ * connection asks this thread for a write grant (one writer lease and one generation
+ * file, kept here) and gives it back when it ends.
  * Shared memory holds the client limit's one count (64 for all threads together) and
  * each worker's device counters for `dst status`; the buffers kept for reuse are
  * split among the threads, so memory stays bounded as with one.
@@ -32,6 +33,7 @@ import { CLIENTS_PER_EXPORT_MAX, POOL_RETAINED_BYTES_MAX } from "../constants.ts
 import { NbdServer } from "../nbd/mod.ts";
 import { clientSlots } from "../transport/accept_loop.ts";
 import { listenTcp, ReusePortUnavailable } from "../transport/listen.ts";
+import type { WriteGrant } from "./writer_lease.ts";
 
 /** The name a worker thread is started with; main.ts checks it. */
 export const NBD_THREAD_NAME = "dst-nbd-thread";
@@ -57,13 +59,14 @@ type ToWorker =
     clients: SharedArrayBuffer;
     retainedBytesMax: number;
   }
-  | { kind: "writing"; id: number; error: string | null }
+  | { kind: "writing"; id: number; error: { errno: string; message: string } | null }
   | { kind: "stop" };
 
 type FromWorker =
   | { kind: "ready" }
   | { kind: "failed"; message: string }
-  | { kind: "startWriting"; id: number }
+  | { kind: "acquire"; id: number }
+  | { kind: "release"; id: number }
   | { kind: "stopped"; error: string | null };
 
 export interface NbdThreadsOptions {
@@ -74,7 +77,7 @@ export interface NbdThreadsOptions {
   address: HostPort;
   threads: number;
   description: string;
-  startWriting: () => Promise<void>;
+  acquire: () => Promise<WriteGrant>;
   log: Logger;
 }
 
@@ -114,7 +117,7 @@ export class NbdThreads {
       name: "",
       description: options.description,
       log: logger("nbd"),
-      startWriting: options.startWriting,
+      acquire: options.acquire,
       clientSlots: clientSlots(CLIENTS_PER_EXPORT_MAX, new Int32Array(clients)),
       retainedBytesMax,
     });
@@ -123,7 +126,7 @@ export class NbdThreads {
     );
     const workers: NbdWorker[] = [];
     for (let index = 1; index < threads; index++) {
-      workers.push(new NbdWorker(index, options.startWriting, log));
+      workers.push(new NbdWorker(index, options.acquire, log));
     }
     const port = listener.addr.port;
     const started = await Promise.allSettled(workers.map((worker) =>
@@ -184,9 +187,12 @@ class NbdWorker {
   #stopped = Promise.withResolvers<string | null>();
   #running = false;
 
+  /** The grants this worker's connections hold, by the worker's own id for them. */
+  readonly #grants = new Map<number, WriteGrant>();
+
   constructor(
     readonly index: number,
-    startWriting: () => Promise<void>,
+    acquire: () => Promise<WriteGrant>,
     log: Logger,
   ) {
     this.#worker = new Worker(Deno.mainModule, { type: "module", name: NBD_THREAD_NAME });
@@ -202,11 +208,22 @@ class NbdWorker {
             new DstError("NBD", `NBD thread ${index} could not start: ${message.message}`),
           );
           return;
-        case "startWriting":
-          startWriting().then(
-            () => this.#post({ kind: "writing", id: message.id, error: null }),
-            (error) => this.#post({ kind: "writing", id: message.id, error: describeError(error) }),
+        case "acquire":
+          acquire().then(
+            (grant) => {
+              this.#grants.set(message.id, grant);
+              this.#post({ kind: "writing", id: message.id, error: null });
+            },
+            (error) => {
+              const errno = error instanceof DeviceError ? error.errno : "EIO";
+              const text = describeError(error);
+              this.#post({ kind: "writing", id: message.id, error: { errno, message: text } });
+            },
           );
+          return;
+        case "release":
+          this.#grants.get(message.id)?.release();
+          this.#grants.delete(message.id);
           return;
         case "stopped":
           if (message.error !== null) log.error(`NBD thread ${index}: ${message.error}`);
@@ -255,6 +272,8 @@ class NbdWorker {
       error = await this.#stopped.promise;
     }
     this.#worker.terminate();
+    for (const grant of this.#grants.values()) grant.release();
+    this.#grants.clear();
     return error;
   }
 
@@ -279,12 +298,14 @@ export function serveNbdThread(): void {
   const waiting = new Map<number, PromiseWithResolvers<void>>();
   let nextId = 0;
 
-  const startWriting = (): Promise<void> => {
+  // The grant lives in the main thread; this one holds its id, and gives it back by id.
+  const acquire = async (): Promise<WriteGrant> => {
     const id = nextId++;
     const pending = Promise.withResolvers<void>();
     waiting.set(id, pending);
-    scope.postMessage({ kind: "startWriting", id });
-    return pending.promise;
+    scope.postMessage({ kind: "acquire", id });
+    await pending.promise;
+    return { generation: 0, release: () => scope.postMessage({ kind: "release", id }) };
   };
 
   const start = async (message: Extract<ToWorker, { kind: "start" }>) => {
@@ -302,7 +323,7 @@ export function serveNbdThread(): void {
         name: "",
         description: message.description,
         log: logger(`nbd#${message.index}`),
-        startWriting,
+        acquire,
         clientSlots: clientSlots(CLIENTS_PER_EXPORT_MAX, new Int32Array(message.clients)),
         retainedBytesMax: message.retainedBytesMax,
       });
@@ -351,11 +372,7 @@ export function serveNbdThread(): void {
         const pending = waiting.get(message.id);
         waiting.delete(message.id);
         if (message.error === null) pending?.resolve();
-        else {
-          pending?.reject(
-            new DeviceError("EIO", `cannot start a write generation: ${message.error}`),
-          );
-        }
+        else pending?.reject(new DeviceError(message.error.errno, message.error.message));
         return;
       }
       case "stop":

@@ -12,10 +12,16 @@
  * or a full send queue, the loop stops dispatching (even frames already received)
  * and stops reading, until replies drain. So memory stays bounded whatever a client
  * sends. One request is always admitted, so the largest frame still goes through.
+ *
+ * Two ways to end a connection from this side: stop() answers what was dispatched and
+ * then closes (a clean shutdown); fence() closes at once and drops every frame not yet
+ * dispatched, then waits for the dispatched ones to finish, for a connection its
+ * client has replaced (protocol README, "Fencing").
  */
 
 import { RECEIVE_SLAB_BYTES, SEND_COALESCE_BYTES, SEND_ZERO_COPY_BYTES_MIN } from "../constants.ts";
 import { assert } from "../lib/assert.ts";
+import { type Clock, systemClock } from "../lib/clock.ts";
 import { errnoOf } from "../lib/errno.ts";
 import { describeError } from "../lib/errors.ts";
 import type { Logger } from "../lib/log.ts";
@@ -47,13 +53,29 @@ export abstract class RequestLoop {
   #rejectionsLogged = 0;
   #stopping = false;
   #idleWaiters: Array<() => void> = [];
+  readonly #clock: Clock;
+  /** Since when the loop has waited for bytes with none arriving; null while it is not waiting. */
+  #silentSinceMs: number | null = null;
+  /** The socket as the receive buffer reads it: every read that brings bytes resets the silence. */
+  readonly #timedConn: ByteConn;
 
   constructor(
     readonly conn: ByteConn,
     readonly peer: string,
     protected readonly log: Logger,
     readonly limits: RequestLoopLimits,
+    clock: Clock = systemClock,
   ) {
+    this.#clock = clock;
+    this.#timedConn = {
+      read: async (into) => {
+        const n = await conn.read(into);
+        if (this.#silentSinceMs !== null) this.#silentSinceMs = this.#clock.nowMs();
+        return n;
+      },
+      write: (data) => conn.write(data),
+      close: () => conn.close(),
+    };
     this.receive = new ReceiveBuffer(RECEIVE_SLAB_BYTES, limits.frameBytesMax);
     this.sender = new FrameSender(conn, {
       coalesceBytes: SEND_COALESCE_BYTES,
@@ -67,6 +89,14 @@ export abstract class RequestLoop {
   }
 
   /**
+   * How long the client has sent nothing while this side waited for it: 0 while the
+   * loop is not reading (busy, or held back by its own limits), which is not silence.
+   */
+  silentMs(): number {
+    return this.#silentSinceMs === null ? 0 : this.#clock.nowMs() - this.#silentSinceMs;
+  }
+
+  /**
    * Dispatches whole frames from `this.receive` while `saturated()` is false. Returns
    * the bytes the next frame needs to be whole, or CLOSE.
    */
@@ -77,7 +107,10 @@ export abstract class RequestLoop {
     let need = this.limits.headerBytes;
     try {
       while (!this.#stopping) {
-        if (!(await this.receive.fill(this.conn, need))) break;
+        this.#silentSinceMs = this.#clock.nowMs();
+        const filled = await this.receive.fill(this.#timedConn, need);
+        this.#silentSinceMs = null;
+        if (!filled) break;
         if (this.#stopping) break;
         need = this.dispatchArrived();
         if (need === CLOSE) break;
@@ -96,6 +129,21 @@ export abstract class RequestLoop {
     this.#stopping = true;
     await this.#finish();
   }
+
+  /**
+   * Fences this connection: closes it now, so no frame that has not been dispatched
+   * ever is (those already received are dropped with the buffer), and resolves once
+   * every dispatched request has finished on the device. Their replies are not sent.
+   */
+  async fence(): Promise<void> {
+    this.#stopping = true;
+    this.sender.abort(new Error("fenced"));
+    closeQuietly(this.conn);
+    while (this.#inFlight > 0) await this.#nextEnd();
+  }
+
+  /** The connection has ended and nothing of it is in flight: release what it holds. */
+  protected ended(): void {}
 
   protected saturated(): boolean {
     return this.#inFlight >= this.limits.inFlightMax ||
@@ -159,6 +207,7 @@ export abstract class RequestLoop {
     while (this.#inFlight > 0) await this.#nextEnd();
     await this.sender.drain();
     closeQuietly(this.conn); // also wakes a serve() that is blocked reading
+    this.ended();
   }
 
   async #backpressure(): Promise<void> {

@@ -67,6 +67,7 @@ export async function mirrorStatus(address: HostPort): Promise<MirrorStatus> {
     retries: 0,
     pingMs: 60_000,
     log: quiet,
+    writer: false,
   });
   try {
     const status = await device.queryStatus() as ExportStatus;

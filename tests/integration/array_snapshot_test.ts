@@ -117,7 +117,12 @@ Deno.test({
       const now: Files = new Map([...atDetach, ...later]);
 
       // 3. The snapshot: B's export alone, attached and mounted read-only.
-      const snapshot = await startAttach([nameB, "--socket", `${dir}/snapshot.sock`]);
+      const snapshot = await startAttach([
+        nameB,
+        "--read-only",
+        "--socket",
+        `${dir}/snapshot.sock`,
+      ]);
       running.push(snapshot);
       await withFuseDisk(snapshot.uri, `${dir}/mnt`, async (disk) => {
         await assertFilesystem(disk, dir, atDetach, "the detached leg");

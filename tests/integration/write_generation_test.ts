@@ -12,12 +12,14 @@ import { randomBytes } from "../helpers/random_bytes.ts";
 import { memberName, startNewMirror, waitForMirror } from "../helpers/array.ts";
 import { runDst, type RunningExport, startExport } from "../helpers/spawn.ts";
 import { missing, toolOk } from "../helpers/tools.ts";
+import { RawClient } from "../helpers/raw_client.ts";
+import { Command, type RequestHeader } from "../../src/protocol/mod.ts";
 
 const MiB = 1024 * 1024;
 const quiet = { debug() {}, info() {}, warn() {}, error() {} };
 
 async function generationOf(address: { hostname: string; port: number }): Promise<number> {
-  const device = await RemoteDevice.connect(address, { log: quiet });
+  const device = await RemoteDevice.connect(address, { log: quiet, writer: false });
   try {
     return ((await device.queryStatus()) as { writeGeneration: number }).writeGeneration;
   } finally {
@@ -31,20 +33,25 @@ Deno.test("an export's write generation goes up once per writing connection and 
   let server = await startExport([image, "--create", "4M", "--listen", "127.0.0.1:0"]);
   try {
     assert.equal(await generationOf(server.address), 0, "reading and status start nothing");
-    const reader = await RemoteDevice.connect(server.address, { log: quiet });
+    const reader = await RemoteDevice.connect(server.address, { log: quiet, writer: false });
     await reader.read(0, new Uint8Array(4096));
+    await assert.rejects(reader.write(0, new Uint8Array(4096)), /read-only/);
     await reader.close();
     assert.equal(await generationOf(server.address), 0);
 
     const writer = await RemoteDevice.connect(server.address, { log: quiet });
+    assert.equal(writer.writeGeneration, 1, "a writer gets its generation in the hello");
     await writer.write(0, new Uint8Array(4096).fill(1));
     await writer.write(4096, new Uint8Array(4096).fill(2));
     await writer.close();
     assert.equal(await generationOf(server.address), 1, "one writing connection, one generation");
 
-    const declared = await RemoteDevice.connect(server.address, { log: quiet, writer: true });
-    assert.equal(declared.writeGeneration, 2, "a declared writer gets its generation in the hello");
-    await declared.close();
+    // A client that writes without declaring it gets its grant, and generation, on its first write.
+    const raw = await RawClient.connect(server.address);
+    await raw.send(RawClient.frame(writeHeader(0, 4096), new Uint8Array(4096).fill(3)));
+    assert.equal((await raw.reply()).header.error, 0);
+    raw.close();
+    assert.equal(await generationOf(server.address), 2);
 
     await server.stop();
     server = await startExport([image, "--listen", "127.0.0.1:0"]);
@@ -54,6 +61,10 @@ Deno.test("an export's write generation goes up once per writing connection and 
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+function writeHeader(offset: number, length: number): RequestHeader {
+  return { command: Command.WRITE, flags: 0, txId: 1, offset, length, payloadLength: length };
+}
 
 /** Writes 4 KiB of 0xee at 5 MiB into an export from outside any mirror. */
 type Intruder = (b: RunningExport) => Promise<void>;
