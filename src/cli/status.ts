@@ -13,8 +13,9 @@ import { formatTable } from "./table.ts";
 
 export const STATUS_HELP = `Usage: dst status HOST:PORT... [--json]
 
-Shows each export's path, size, block size, read-only bit, clients, transactions in
-flight, reads and writes (operations and bytes), errors and uptime. For an array's
+Shows each export's path, size, block size, read-only bit, who holds its write lease
+(WRITER: the holder's address, "shared" with --shared-writers, "-" when free), clients,
+transactions in flight, reads and writes (operations and bytes), errors and uptime. For an array's
 export, also its kind and each member: a mirror leg's state (in-sync, resyncing with
 progress, out-of-sync, detached), dirty regions, requests in flight and errors.
 
@@ -77,6 +78,7 @@ export function renderStatus(rows: Row[]): string {
       "SIZE",
       "BLOCK",
       "MODE",
+      "WRITER",
       "CLIENTS",
       "IN FLIGHT",
       "READS",
@@ -92,6 +94,7 @@ export function renderStatus(rows: Row[]): string {
       formatBytes(s!.sizeBytes),
       String(s!.blockSize),
       s!.readOnly ? "ro" : "rw",
+      writerOf(s!),
       String(s!.clients),
       String(s!.inFlight),
       String(s!.reads),
@@ -113,6 +116,13 @@ export function renderStatus(rows: Row[]): string {
     ...arrays,
     ...(failures.length === 0 ? [] : [`unreachable:\n${failures.join("\n")}`]),
   ].join("\n\n");
+}
+
+/** Who may write: the lease holder's address, "shared" (--shared-writers), or "-" (nobody now). */
+function writerOf(status: ExportStatus): string {
+  if (status.sharedWriters) return "shared";
+  const lease = status.writeLease;
+  return lease === null ? "-" : lease.peer;
 }
 
 /** What an array's export adds to its STATUS. */
