@@ -56,12 +56,12 @@ export class LeaseHeldError extends DeviceError {
 /** The refusal's text, for the refused client's user. */
 export function describeHolder(holder: LeaseHolderStatus): string {
   const seconds = Math.round(holder.heldForMs / 1000);
+  const idleSeconds = LEASE_IDLE_MS / 1000;
   return `the write lease is held by ${holder.peer} (client ${holder.clientId.slice(0, 8)}, ` +
     `for ${seconds} s): stop that writer first (the lease frees when it disconnects, or ` +
-    `${
-      LEASE_IDLE_MS / 1000
-    } s after it goes silent), connect read-only to read, or restart the export with ` +
-    `--shared-writers if the writers coordinate their writes themselves`;
+    `${idleSeconds} s after it goes silent), connect read-only to read ` +
+    `(dst attach --read-only), or restart the export with --shared-writers if the writers ` +
+    `coordinate their writes themselves`;
 }
 
 interface Holder {
