@@ -4,7 +4,8 @@
  * writes and reads, IOPS of 4 KiB random reads and writes with 32 in flight, and the
  * bytes the client's JS heap grew per operation (after a full GC, so it is what
  * stays, not what the collector will take back). Each figure is the median of 3 runs.
- * Then the NBD comparison (nbd_peers.ts) and the mirror's ratios (array_bench.ts).
+ * Then a run through a link cut for a second (outage_bench.ts), the NBD comparison
+ * (nbd_peers.ts) and the mirror's ratios (array_bench.ts).
  *
  * Run with: deno task bench  (the task passes --v8-flags=--expose-gc)
  */
@@ -14,6 +15,7 @@ import { randomBytes } from "../helpers/random_bytes.ts";
 import { startExport } from "../helpers/spawn.ts";
 import { benchArray, printArrayBench } from "./array_bench.ts";
 import { benchNbdPeers, printNbdPeers } from "./nbd_peers.ts";
+import { benchOutage, printOutageBench } from "./outage_bench.ts";
 
 const MiB = 1024 * 1024;
 const IMAGE_BYTES = 1024 * MiB;
@@ -142,6 +144,8 @@ async function main(): Promise<void> {
       } B |`,
     );
   }
+
+  printOutageBench(await benchOutage());
 
   printNbdPeers(await benchNbdPeers());
 
