@@ -165,6 +165,10 @@ interface ActiveLink {
   receive: ReceiveBuffer;
   /** When the export was last heard from: bytes arrived, or our backlog drained into the socket. */
   heardMs: number;
+  /** Bytes written to the socket since bytes last arrived: at most this much may be in buffers. */
+  writtenSinceReadBytes: number;
+  /** How fast a full socket drained when it last had to (bytes per ms); 0 until it had to. */
+  drainBytesPerMs: number;
   /** When we last sent anything on it. */
   sentMs: number;
   /** The liveness ping in flight (it bypasses the window), and when it was sent. */
@@ -588,6 +592,8 @@ export class RemoteDevice implements BlockDevice {
       sender: null!,
       receive: new ReceiveBuffer(RECEIVE_SLAB_BYTES, ReplyLayout.SIZE + PAYLOAD_BYTES_MAX),
       heardMs: now,
+      writtenSinceReadBytes: 0,
+      drainBytesPerMs: 0,
       sentMs: now,
       probeId: NO_PROBE,
       probeSentMs: 0,
@@ -609,26 +615,52 @@ export class RemoteDevice implements BlockDevice {
   /**
    * The socket as the link uses it, noting life: any bytes read, and a write that had
    * to wait for room in the socket (a full send buffer that drains is the export's
-   * TCP taking our bytes, so a large write on a thin link is not silence).
+   * TCP taking our bytes, so a large write on a thin link is not silence). A write
+   * that waited also measures how fast the link drains (see #drainAllowanceMs).
    */
   #timed(conn: ByteConn, link: () => ActiveLink): ByteConn {
     let backlogged = false;
     return {
       read: async (into) => {
         const n = await conn.read(into);
-        if (n !== null) link().heardMs = this.#clock.nowMs();
+        if (n !== null) {
+          const l = link();
+          l.heardMs = this.#clock.nowMs();
+          l.writtenSinceReadBytes = 0;
+        }
         return n;
       },
       write: async (data) => {
         const startedMs = this.#clock.nowMs();
         const n = await conn.write(data);
         const nowMs = this.#clock.nowMs();
-        if (backlogged || nowMs - startedMs >= WRITE_WAITED_MS) link().heardMs = nowMs;
+        const l = link();
+        l.writtenSinceReadBytes += n;
+        const waitedMs = nowMs - startedMs;
+        if (backlogged || waitedMs >= WRITE_WAITED_MS) {
+          l.heardMs = nowMs;
+          const sample = n / Math.max(waitedMs, 1);
+          l.drainBytesPerMs = l.drainBytesPerMs === 0
+            ? sample
+            : l.drainBytesPerMs * (1 - DRAIN_RATE_WEIGHT) + sample * DRAIN_RATE_WEIGHT;
+        }
         backlogged = n < data.length;
         return n;
       },
       close: () => conn.close(),
     };
+  }
+
+  /**
+   * After our last write went into the socket, up to a socket's worth of it can still
+   * sit in kernel buffers on the way, and a ping queued behind it cannot be answered
+   * before it crossed. On a link that has shown it is thin (a full socket had to
+   * drain), that takes (what may be buffered) / (the rate it drained at): the link is
+   * not dead before that time has passed on top of the timeout.
+   */
+  #drainAllowanceMs(link: ActiveLink): number {
+    if (link.drainBytesPerMs === 0) return 0;
+    return Math.min(link.writtenSinceReadBytes, SOCKET_BUFFERED_BYTES_MAX) / link.drainBytesPerMs;
   }
 
   async #readReplies(link: ActiveLink): Promise<void> {
@@ -941,7 +973,8 @@ export class RemoteDevice implements BlockDevice {
       const outstanding = this.#sent.size > 0 || link.probeId !== NO_PROBE;
       const quietMs = now - link.heardMs;
       if (
-        outstanding && quietMs >= this.timeoutMs && link.probeId !== NO_PROBE &&
+        outstanding && quietMs >= this.timeoutMs + this.#drainAllowanceMs(link) &&
+        link.probeId !== NO_PROBE &&
         now - link.probeSentMs >= this.timeoutMs / 2
       ) {
         this.#linkLost(
@@ -976,6 +1009,13 @@ export class RemoteDevice implements BlockDevice {
 
 /** A socket write that took this long waited for room: the export's side took bytes meanwhile. */
 const WRITE_WAITED_MS = 5;
+/** How much each new drain-rate sample moves the estimate (smooths bursty partial writes). */
+const DRAIN_RATE_WEIGHT = 0.25;
+/**
+ * The most that can sit in kernel buffers between our write and the export's read:
+ * Linux's largest default send buffer (4 MiB) and as much again received but unread.
+ */
+const SOCKET_BUFFERED_BYTES_MAX = 8 * 1024 * 1024;
 
 function toWireFlags(flags: IoFlags | undefined): number {
   if (flags === undefined) return 0;
