@@ -5,8 +5,8 @@
  *
  * Each opened member comes with its write generation, so a mirror can tell whether
  * someone else wrote to it: a remote one reports it in the handshake (we connect as
- * a writer, which starts a new one); a local one is kept the way `dst export`
- * keeps it, in the exports state folder, and a new one starts here.
+ * a writer, with the mirror's identity); a local one is kept the way `dst export`
+ * keeps it, in the exports state folder, and granted here the same way.
  */
 
 import { existsSync } from "node:fs";
@@ -15,6 +15,7 @@ import { EXPORT_PORT_DEFAULT } from "../constants.ts";
 import type { BlockDevice } from "../device/block_device.ts";
 import { FileDevice } from "../device/file_device.ts";
 import { parseHostPort } from "../lib/address.ts";
+import { bytesToHex } from "../lib/hex.ts";
 import { defaultExportStateDir, PersistedGeneration } from "../server/write_generation.ts";
 
 export interface OpenedMember {
@@ -34,8 +35,10 @@ export async function openMember(
   if (isLocalMember(name)) {
     const device = await FileDevice.open(name, { readOnly: false });
     try {
+      // The same writer as towards remote legs: a restarted mirror starts no new generation.
+      const writer = bytesToHex(client.clientId ?? crypto.getRandomValues(new Uint8Array(16)));
       const generation = await PersistedGeneration.open(defaultExportStateDir(), device.info.id)
-        .next();
+        .grant(writer);
       return { device, generation };
     } catch (error) {
       await device.close();

@@ -387,7 +387,8 @@ export class MirrorDevice implements BlockDevice {
    * whose generation is not one past ours was written by someone else: full copy.
    */
   static #checkGeneration(leg: Leg, generation: number, bitmap: DirtyBitmap, log: Logger): void {
-    const expected = leg.record.generation + 1;
+    // The mirror is the same writer on every connection: any change is someone else's grant.
+    const expected = leg.record.generation;
     leg.record.generation = generation;
     if (generation === expected) return;
     log.warn(

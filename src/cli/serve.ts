@@ -88,17 +88,18 @@ export async function serveUntilSignal(device: BlockDevice, options: ServeOption
  * mirror that is "someone else wrote". All NBD connections of the port are one
  * writer together (nbdcopy opens several), so they share one identity.
  */
-function startNbd(
+async function startNbd(
   device: BlockDevice,
   address: HostPort,
   lease: WriterLease,
   options: ServeOptions,
 ): Promise<NbdServer | NbdThreads> {
   const description = `DST ${options.label}`;
-  const acquire = (): Promise<WriteGrant> =>
-    lease.acquire({ key: NBD_PORT_CLIENT, peer: `NBD clients of ${formatHostPort(address)}` });
-  if (options.nbdThreads !== undefined) {
-    return NbdThreads.start({
+  // Named by the port it really listens on, known once it listens (port 0 picks one).
+  const claimant = { key: NBD_PORT_CLIENT, peer: `NBD clients of ${formatHostPort(address)}` };
+  const acquire = (): Promise<WriteGrant> => lease.acquire(claimant);
+  const server = options.nbdThreads !== undefined
+    ? await NbdThreads.start({
       path: options.nbdThreads.path,
       device,
       address,
@@ -106,13 +107,14 @@ function startNbd(
       description,
       acquire,
       log: options.log,
+    })
+    : await NbdServer.start(device, {
+      listen: { tcp: address },
+      name: "",
+      description,
+      log: logger("nbd"),
+      acquire,
     });
-  }
-  return NbdServer.start(device, {
-    listen: { tcp: address },
-    name: "",
-    description,
-    log: logger("nbd"),
-    acquire,
-  });
+  claimant.peer = `NBD clients of ${server.uri.replace(/^nbd:\/\/|\/$/g, "")}`;
+  return server;
 }

@@ -203,6 +203,8 @@ export class RemoteDevice implements BlockDevice {
   readonly #sharedWriters: boolean;
   #onReconnect: ReconnectListener | null = null;
   #writeGeneration: number;
+  /** Why this writer may no longer write: another client took the export's lease. */
+  #leaseLost: string | null = null;
 
   readonly #gate = new OverlapGate();
   /** Every transaction not yet settled, in submission order. */
@@ -240,7 +242,11 @@ export class RemoteDevice implements BlockDevice {
     this.timeoutMs = options.timeoutMs ?? CLIENT_TIMEOUT_MS_DEFAULT;
     this.retries = options.retries ?? CLIENT_RETRIES_DEFAULT;
     this.pingMs = options.pingMs ?? CLIENT_PING_MS_DEFAULT;
-    this.#window = Math.min(options.window ?? CLIENT_WINDOW_DEFAULT, hello.inFlightMax);
+    // One below the export's limit, so it never stops reading us and a ping always gets in.
+    this.#window = Math.max(
+      1,
+      Math.min(options.window ?? CLIENT_WINDOW_DEFAULT, hello.inFlightMax - 1),
+    );
     this.#payloadBytesMax = Math.min(hello.payloadBytesMax, PAYLOAD_BYTES_MAX);
     this.#exportId = bytesToHex(hello.exportId);
     this.#dial = options.dial ?? tcpDialer;
@@ -483,6 +489,9 @@ export class RemoteDevice implements BlockDevice {
     into: Uint8Array | null,
   ): Promise<Uint8Array | null> {
     if (this.#fatal !== null) return Promise.reject(this.#fatal);
+    if (this.#leaseLost !== null && changesData(command)) {
+      return Promise.reject(new DeviceError("EPERM", this.#leaseLost));
+    }
     const ranged = length > 0;
     const range = ranged ? { start: offset, end: offset + length } : NO_RANGE;
     return new Promise((resolve, reject) => {
@@ -876,16 +885,21 @@ export class RemoteDevice implements BlockDevice {
         try {
           ({ conn, hello } = await dialExport(this.address, {
             dial: this.#dial,
-            writer: this.#writer,
+            writer: this.#writer && this.#leaseLost === null,
             clientId: this.clientId,
           }));
         } catch (error) {
           if (error instanceof HandshakeRefused && error.code === "WRITE_LEASE_HELD") {
-            this.#fenced(error.message);
+            this.#loseLease(error.message);
+            delayMs = RECONNECT_DELAY_MS_MIN; // as a reader it is welcome at once
           } else {
             this.#log.debug(`reconnect to ${this.#where} failed: ${describeError(error)}`);
           }
           continue;
+        }
+        if (this.#closing && this.#pending.size === 0) {
+          closeQuietly(conn); // closed while dialing: nothing to send, and no lease to hold
+          return;
         }
         const changed = this.#identityChange(hello);
         if (changed !== null) {
@@ -912,19 +926,35 @@ export class RemoteDevice implements BlockDevice {
 
   /**
    * Why the writes this client has queued must not go out, or null: the export's
-   * write generation moved by more than this connection's own step, so another client
-   * wrote since our last connection (and would be overwritten by stale data).
+   * write generation moved, so it granted another client writing since our last
+   * connection (whose data stale writes would overwrite).
    */
   #othersWrote(generation: number): string | null {
     if (!this.#writer || this.info.readOnly || this.#sharedWriters) return null;
-    if (generation === this.#writeGeneration + 1) return null;
+    if (this.#leaseLost !== null) return null; // a reader now: it starts no generation
+    if (generation === this.#writeGeneration) return null;
     return `another client wrote to ${this.#where} while this one was away ` +
-      `(write generation ${generation}, expected ${this.#writeGeneration + 1})`;
+      `(write generation ${generation}, expected ${this.#writeGeneration})`;
+  }
+
+  /**
+   * Another client holds the write lease this one had: it was fenced. Its waiting
+   * writes fail, and so does every later one (EPERM): from now on it reconnects as a
+   * reader, so reads go on. Writing again takes a new client (restart the attach or
+   * the array), once the other writer is gone: never a silent overwrite of its data.
+   */
+  #loseLease(reason: string): void {
+    const first = this.#leaseLost === null;
+    this.#leaseLost = `${this.#where} gave the write lease to another client: ${reason}. ` +
+      `This client only reads from now on; restart it to write again`;
+    if (first) this.#log.error(this.#leaseLost);
+    this.#fenced(reason);
   }
 
   /**
    * This writer was fenced (the lease is another's, or another client wrote): every
-   * write it had waiting fails and is never resent. Reads and later writes go on.
+   * write it had waiting fails and is never resent. Reads go on, and so do later writes
+   * while it holds the lease.
    */
   #fenced(why: string): void {
     const dropped = [...this.#pending].filter((tx) =>

@@ -15,6 +15,7 @@
 
 import {
   CLIENTS_PER_EXPORT_MAX,
+  HANDSHAKE_TIMEOUT_MS,
   LEASE_IDLE_CHECK_MS,
   LEASE_IDLE_MS,
   POOL_RETAINED_BYTES_MAX,
@@ -80,6 +81,8 @@ export interface ExporterOptions {
    * device is an array (the exporter itself knows nothing of arrays).
    */
   owner?: ExportOwner;
+  /** How long a silent lease holder keeps the lease (default LEASE_IDLE_MS; shorter in tests). */
+  leaseIdleMs?: number;
   clock?: Clock;
   log?: Logger;
 }
@@ -104,6 +107,7 @@ export class Exporter {
   /** The tail of each identity's queue of handshakes (they run one at a time). */
   readonly #handshakes = new Map<string, Promise<void>>();
   readonly #silenceCheck: ReturnType<typeof setInterval>;
+  readonly #leaseIdleMs: number;
   #anonymous = 0;
   #protocolErrors = 0;
 
@@ -124,7 +128,11 @@ export class Exporter {
       (conn, peer, admitted) => this.#session(conn, peer, admitted),
       this.#log,
     );
-    this.#silenceCheck = setInterval(() => this.#fenceSilentHolders(), LEASE_IDLE_CHECK_MS);
+    this.#leaseIdleMs = options.leaseIdleMs ?? LEASE_IDLE_MS;
+    this.#silenceCheck = setInterval(
+      () => this.#fenceSilentHolders(),
+      Math.min(LEASE_IDLE_CHECK_MS, this.#leaseIdleMs / 4),
+    );
   }
 
   /** Starts listening; throws a clear error when the address cannot be bound. */
@@ -193,8 +201,14 @@ export class Exporter {
       const refusal = await acceptHandshake(conn, this.device.info, async (hello) => {
         if (!admitted) return refuse(HelloStatus.BUSY);
         key = this.#clientKey(hello);
+        const helloMs = this.#clock.nowMs();
         unlock = await this.#handshakeTurn(key);
         await this.#fenceOlder(key, peer);
+        // The client gives up a handshake after HANDSHAKE_TIMEOUT_MS: past that, nobody
+        // will use a grant, and the slot is better freed.
+        if (this.#clock.nowMs() - helloMs > HANDSHAKE_TIMEOUT_MS) {
+          return { ok: false, status: HelloStatus.BUSY, reason: "fencing took too long; retry" };
+        }
         if ((hello.features & ClientFeature.WRITER) !== 0 && !readOnly) {
           try {
             grant = await this.#lease.acquire({ key, peer });
@@ -285,7 +299,7 @@ export class Exporter {
   /**
    * A lease holder that vanished without closing (its node lost power, or sits behind
    * a partition) would keep every other writer out: when its connections have sent
-   * nothing for LEASE_IDLE_MS (live clients ping far more often), they are fenced,
+   * nothing for leaseIdleMs (live clients ping far more often), they are fenced,
    * which frees the lease. Its late bytes then find the connection closed.
    */
   #fenceSilentHolders(): void {
@@ -293,14 +307,14 @@ export class Exporter {
     for (const [key, connections] of this.#clients) {
       if (!this.#lease.heldBy(key)) continue;
       for (const connection of connections) {
-        if (!connection.holdsGrant || connection.silentMs() < LEASE_IDLE_MS) continue;
+        if (!connection.holdsGrant || connection.silentMs() < this.#leaseIdleMs) continue;
+        const seconds = Math.round(connection.silentMs() / 1000);
         this.#log.warn(
-          `${connection.peer}: the write lease holder sent nothing for ` +
-            `${
-              Math.round(connection.silentMs() / 1000)
-            } s; closing its connection and freeing the lease`,
+          `${connection.peer}: the write lease holder sent nothing for ${seconds} s; fencing ` +
+            `its connection (the lease frees once what it started has finished)`,
         );
-        this.#forget(key, connection);
+        // Still listed until it has ended: a reconnect of the same client must wait for
+        // what this connection started (fence() may run twice).
         void connection.fence();
       }
     }

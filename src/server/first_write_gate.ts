@@ -40,7 +40,7 @@ export class FirstWriteGate {
       (grant) => {
         if (this.#released) {
           grant.release(); // the connection ended while it was asking
-          return;
+          throw new Error("the connection ended before its write grant came");
         }
         this.#grant = grant;
         this.#open = true;

@@ -189,6 +189,8 @@ class NbdWorker {
 
   /** The grants this worker's connections hold, by the worker's own id for them. */
   readonly #grants = new Map<number, WriteGrant>();
+  /** Stopped or crashed: its connections are gone, so no grant may stay with it. */
+  #dead = false;
 
   constructor(
     readonly index: number,
@@ -211,6 +213,10 @@ class NbdWorker {
         case "acquire":
           acquire().then(
             (grant) => {
+              if (this.#dead) {
+                grant.release();
+                return;
+              }
               this.#grants.set(message.id, grant);
               this.#post({ kind: "writing", id: message.id, error: null });
             },
@@ -236,6 +242,7 @@ class NbdWorker {
       const reason = `NBD thread ${index} failed: ${event.message}`;
       log.error(`${reason}; its clients were disconnected, the other threads go on`);
       this.#ready.reject(new DstError("NBD", reason));
+      this.#releaseAll();
       this.#stopped.resolve(null); // already logged
     };
   }
@@ -272,9 +279,14 @@ class NbdWorker {
       error = await this.#stopped.promise;
     }
     this.#worker.terminate();
+    this.#releaseAll();
+    return error;
+  }
+
+  #releaseAll(): void {
+    this.#dead = true;
     for (const grant of this.#grants.values()) grant.release();
     this.#grants.clear();
-    return error;
   }
 
   #post(message: ToWorker): void {

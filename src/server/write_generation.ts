@@ -1,8 +1,11 @@
 /**
- * An export's write generation: a counter that goes up, durably, each time a new
- * connection starts writing (protocol README, "Write generation"). A mirror records
- * the generation a leg had when the mirror last wrote to it; a leg that comes back
- * with any other value was written by someone else and is never trusted.
+ * An export's write generation: a counter that goes up, durably, each time the right
+ * to write is granted to a different writer than the last grant's (protocol README,
+ * "Write generation"). A writer that reconnects finds the value it last got exactly
+ * when nobody else wrote in between, however often it reconnected (an abandoned
+ * handshake that was granted all the same changes nothing). A mirror records the
+ * generation a leg had when the mirror last wrote to it; a leg that comes back with
+ * any other value was written by someone else and is never trusted.
  *
  * It lives in the exporter's own state (`--state DIR`, default
  * `$XDG_STATE_HOME/dst/exports`), keyed by the export id, never on the device: a
@@ -14,8 +17,11 @@ import { DstError } from "../lib/errors.ts";
 
 export interface WriteGeneration {
   readonly current: number;
-  /** Starts a new generation and returns it once it is on stable storage. */
-  next(): Promise<number>;
+  /**
+   * Grants writing to `writer` (a client identity): starts a new generation, on stable
+   * storage before it resolves, unless `writer` had the last grant; returns the value.
+   */
+  grant(writer: string): Promise<number>;
 }
 
 /** Where `dst export` keeps generations when no --state is given. */
@@ -23,47 +29,54 @@ export function defaultExportStateDir(): string {
   return `${stateRoot()}/exports`;
 }
 
-/** A generation kept in `DIR/<exportId>.json`. */
+/** A generation kept in `DIR/<exportId>.json`, with the writer of its last grant. */
 export class PersistedGeneration implements WriteGeneration {
   #current: number;
+  #writer: string | null;
 
-  private constructor(readonly path: string, current: number) {
+  private constructor(readonly path: string, current: number, writer: string | null) {
     this.#current = current;
+    this.#writer = writer;
   }
 
   static open(dir: string, exportId: string): PersistedGeneration {
     ensureDir(dir);
     const path = `${dir}/${exportId}.json`;
     const text = readStateFile(path);
-    if (text === null) return new PersistedGeneration(path, 0);
-    let generation: unknown;
+    if (text === null) return new PersistedGeneration(path, 0, null);
+    let state: { writeGeneration?: unknown; writer?: unknown } = {};
     try {
-      generation = (JSON.parse(text) as { writeGeneration?: unknown }).writeGeneration;
+      state = JSON.parse(text) ?? {};
     } catch {
-      generation = undefined;
+      // damaged: reported below
     }
+    const generation = state.writeGeneration;
     if (!Number.isSafeInteger(generation) || (generation as number) < 0) {
       throw new DstError(
         "STATE",
         `${path} is damaged (no writeGeneration): remove it only if no mirror uses this export as a leg`,
       );
     }
-    return new PersistedGeneration(path, generation as number);
+    // A state written before writers were recorded: the next grant starts a generation.
+    const writer = typeof state.writer === "string" ? state.writer : null;
+    return new PersistedGeneration(path, generation as number, writer);
   }
 
   get current(): number {
     return this.#current;
   }
 
-  next(): Promise<number> {
+  grant(writer: string): Promise<number> {
+    if (writer === this.#writer) return Promise.resolve(this.#current);
     // writeStateFile is synchronous, so calls cannot interleave: the file never goes backwards.
     const value = this.#current + 1;
     try {
-      writeStateFile(this.path, JSON.stringify({ writeGeneration: value }) + "\n");
+      writeStateFile(this.path, JSON.stringify({ writeGeneration: value, writer }) + "\n");
     } catch (error) {
       return Promise.reject(error);
     }
     this.#current = value;
+    this.#writer = writer;
     return Promise.resolve(value);
   }
 }
@@ -71,10 +84,15 @@ export class PersistedGeneration implements WriteGeneration {
 /** A generation that lasts as long as the process (tests, and exports made in code). */
 export class MemoryGeneration implements WriteGeneration {
   #current = 0;
+  #writer: string | null = null;
   get current(): number {
     return this.#current;
   }
-  next(): Promise<number> {
-    return Promise.resolve(++this.#current);
+  grant(writer: string): Promise<number> {
+    if (writer !== this.#writer) {
+      this.#current += 1;
+      this.#writer = writer;
+    }
+    return Promise.resolve(this.#current);
   }
 }

@@ -11,8 +11,9 @@
  * closed by the export after it went silent, see exporter.ts), or it was fenced by a
  * newer connection of the same client, which then takes the lease at once.
  *
- * Each grant starts a new write generation, durably, before the grant is handed out:
- * a refused client never raises it.
+ * A grant to another writer than the last one starts a new write generation, durably,
+ * before it is handed out: a refused client never raises it, and a client that
+ * reconnects (or whose abandoned handshake was granted) does not either.
  *
  * Invariants:
  * 1. Without shared writers, all grants outstanding belong to one holder.
@@ -119,7 +120,7 @@ export class WriterLease {
     }
     let generation: number;
     try {
-      generation = await this.generation.next();
+      generation = await this.generation.grant(who.key);
     } catch (error) {
       this.#release(who.key);
       throw error;

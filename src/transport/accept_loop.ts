@@ -115,8 +115,12 @@ export class AcceptLoop {
         this.log.warn(`${peer}: handshake failed: ${describeError(error)}`);
         loop = null;
       }
-      if (loop === null || this.#stopping) {
+      if (loop === null) {
         closeQuietly(conn);
+        return;
+      }
+      if (this.#stopping) {
+        await loop.stop(); // closes it, and releases what its handshake took
         return;
       }
       this.#loops.add(loop);

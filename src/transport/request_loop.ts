@@ -54,9 +54,9 @@ export abstract class RequestLoop {
   #stopping = false;
   #idleWaiters: Array<() => void> = [];
   readonly #clock: Clock;
-  /** Since when the loop has waited for bytes with none arriving; null while it is not waiting. */
-  #silentSinceMs: number | null = null;
-  /** The socket as the receive buffer reads it: every read that brings bytes resets the silence. */
+  /** When bytes last moved on the socket, either way. */
+  #progressMs: number;
+  /** The socket as this loop uses it: every read that brings bytes and every write is progress. */
   readonly #timedConn: ByteConn;
 
   constructor(
@@ -67,17 +67,22 @@ export abstract class RequestLoop {
     clock: Clock = systemClock,
   ) {
     this.#clock = clock;
+    this.#progressMs = clock.nowMs();
     this.#timedConn = {
       read: async (into) => {
         const n = await conn.read(into);
-        if (this.#silentSinceMs !== null) this.#silentSinceMs = this.#clock.nowMs();
+        if (n !== null) this.#progressMs = this.#clock.nowMs();
         return n;
       },
-      write: (data) => conn.write(data),
+      write: async (data) => {
+        const n = await conn.write(data);
+        this.#progressMs = this.#clock.nowMs();
+        return n;
+      },
       close: () => conn.close(),
     };
     this.receive = new ReceiveBuffer(RECEIVE_SLAB_BYTES, limits.frameBytesMax);
-    this.sender = new FrameSender(conn, {
+    this.sender = new FrameSender(this.#timedConn, {
       coalesceBytes: SEND_COALESCE_BYTES,
       zeroCopyBytesMin: SEND_ZERO_COPY_BYTES_MIN,
       queueBytesMax: limits.sendQueueBytesMax,
@@ -89,11 +94,12 @@ export abstract class RequestLoop {
   }
 
   /**
-   * How long the client has sent nothing while this side waited for it: 0 while the
-   * loop is not reading (busy, or held back by its own limits), which is not silence.
+   * How long no byte has moved on the socket, either way. A live client sends at least
+   * its pings, which this side always reads (its limits sit above a client's window);
+   * one that stopped reading our replies stalls our writes too.
    */
   silentMs(): number {
-    return this.#silentSinceMs === null ? 0 : this.#clock.nowMs() - this.#silentSinceMs;
+    return this.#clock.nowMs() - this.#progressMs;
   }
 
   /**
@@ -107,10 +113,7 @@ export abstract class RequestLoop {
     let need = this.limits.headerBytes;
     try {
       while (!this.#stopping) {
-        this.#silentSinceMs = this.#clock.nowMs();
-        const filled = await this.receive.fill(this.#timedConn, need);
-        this.#silentSinceMs = null;
-        if (!filled) break;
+        if (!(await this.receive.fill(this.#timedConn, need))) break;
         if (this.#stopping) break;
         need = this.dispatchArrived();
         if (need === CLOSE) break;
