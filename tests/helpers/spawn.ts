@@ -176,3 +176,26 @@ async function ensureBundle(): Promise<void> {
     throw new Error(`${BUNDLE} is missing: run \`deno task bundle\` first (deno task test does)`);
   }
 }
+
+/**
+ * Runs `body` in a fresh temp dir; every process it starts through `track` is killed
+ * (SIGKILL, which also ends a stopped one; a no-op for one already gone) and the dir
+ * removed afterwards.
+ */
+export async function scenario(
+  prefix: string,
+  body: (dir: string, track: <T extends RunningDst>(running: T) => T) => Promise<void>,
+): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix });
+  const running: RunningDst[] = [];
+  const track = <T extends RunningDst>(process: T): T => {
+    running.push(process);
+    return process;
+  };
+  try {
+    await body(dir, track);
+  } finally {
+    await Promise.all(running.map((process) => process.stop("SIGKILL")));
+    await Deno.remove(dir, { recursive: true });
+  }
+}

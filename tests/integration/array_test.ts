@@ -21,7 +21,13 @@ import {
 } from "../helpers/array.ts";
 import { assertSameBytes, concat, settleAll } from "../helpers/bytes.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
-import { runDst, type RunningDst, type RunningExport, startExport } from "../helpers/spawn.ts";
+import {
+  runDst,
+  type RunningDst,
+  type RunningExport,
+  scenario,
+  startExport,
+} from "../helpers/spawn.ts";
 import { missing, toolOk } from "../helpers/tools.ts";
 
 const MiB = 1024 * 1024;
@@ -39,28 +45,6 @@ function prng(seed: number): (n: number) => number {
     t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
     return Math.floor((((t ^ (t >>> 14)) >>> 0) / 4294967296) * n);
   };
-}
-
-/**
- * Runs `body` in a fresh temp dir; every process it starts through `track` is killed
- * (SIGKILL; a no-op for one already stopped) and the dir removed afterwards.
- */
-async function scenario(
-  prefix: string,
-  body: (dir: string, track: <T extends RunningDst>(running: T) => T) => Promise<void>,
-): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix });
-  const running: RunningDst[] = [];
-  const track = <T extends RunningDst>(process: T): T => {
-    running.push(process);
-    return process;
-  };
-  try {
-    await body(dir, track);
-  } finally {
-    await Promise.all(running.map((process) => process.stop("SIGKILL")));
-    await Deno.remove(dir, { recursive: true });
-  }
 }
 
 /** `dst export PATH --create SIZE` on a free port (or `port`, to come back on the same one). */

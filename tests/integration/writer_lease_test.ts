@@ -22,6 +22,7 @@ import {
   runDst,
   type RunningAttach,
   type RunningDst,
+  scenario,
   startAttach,
   startExport,
 } from "../helpers/spawn.ts";
@@ -36,29 +37,6 @@ const SILENT_HOLDER_REPLACED_MS = 40_000;
 const CLOSED_HOLDER_REPLACED_MS = 5_000;
 /** How often a test tries again while it waits for the lease to free. */
 const RETRY_MS = 500;
-
-/**
- * Runs `body` in a fresh temp dir; every process it starts through `track` is killed
- * (SIGKILL, which also ends a stopped one; a no-op for one already gone) and the dir
- * removed afterwards.
- */
-async function scenario(
-  prefix: string,
-  body: (dir: string, track: <T extends RunningDst>(running: T) => T) => Promise<void>,
-): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix });
-  const running: RunningDst[] = [];
-  const track = <T extends RunningDst>(process: T): T => {
-    running.push(process);
-    return process;
-  };
-  try {
-    await body(dir, track);
-  } finally {
-    await Promise.all(running.map((process) => process.stop("SIGKILL")));
-    await Deno.remove(dir, { recursive: true });
-  }
-}
 
 /** `dst export DIR/NAME --create SIZE` on a free local port, with `extra` options. */
 function exportImage(dir: string, name: string, size: string, ...extra: string[]) {

@@ -12,6 +12,7 @@
  */
 
 import fc from "fast-check";
+import { replayOptions, seededBytes } from "../helpers/property.ts";
 import { RemoteDevice } from "../../src/client/remote_device.ts";
 import { FileDevice } from "../../src/device/file_device.ts";
 import { Exporter } from "../../src/server/exporter.ts";
@@ -64,18 +65,6 @@ const program = fc.array(fc.array(op, { minLength: 1, maxLength: 24 }), {
   maxLength: 12,
 });
 
-function pattern(seed: number, length: number): Uint8Array {
-  const bytes = new Uint8Array(length);
-  let x = seed | 1;
-  for (let i = 0; i < length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    bytes[i] = x & 0xff;
-  }
-  return bytes;
-}
-
 Deno.test("client and export agree with an in-memory model on random concurrent workloads", async () => {
   const dir = await Deno.makeTempDir({ prefix: "dst-prop-" });
   const device = await FileDevice.open(`${dir}/disk.img`, { createBytes: SIZE });
@@ -86,8 +75,6 @@ Deno.test("client and export agree with an in-memory model on random concurrent 
   const client = await RemoteDevice.connect(exporter.address, { log: quiet });
   const model = new Uint8Array(SIZE);
   try {
-    const seedText = Deno.env.get("DST_SEED");
-    const pathText = Deno.env.get("DST_PATH");
     await fc.assert(
       fc.asyncProperty(program, async (batches) => {
         // Each run starts from the same state: zeroes everywhere, on both sides.
@@ -108,7 +95,7 @@ Deno.test("client and export agree with an in-memory model on random concurrent 
                 break;
               }
               case "write": {
-                const data = pattern(o.seed, o.length);
+                const data = seededBytes(o.seed, o.length);
                 model.set(data, o.offset);
                 pending.push(client.write(o.offset, data, { fua: o.fua, preflush: o.preflush }));
                 break;
@@ -134,11 +121,7 @@ Deno.test("client and export agree with an in-memory model on random concurrent 
         const onDisk = await Deno.readFile(`${dir}/disk.img`);
         assertSameBytes(onDisk, model, "the image file");
       }),
-      {
-        numRuns: 60,
-        ...(seedText ? { seed: Number(seedText) } : {}),
-        ...(pathText ? { path: pathText } : {}),
-      },
+      replayOptions(60),
     );
   } finally {
     await client.close();

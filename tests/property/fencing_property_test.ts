@@ -18,6 +18,7 @@
  */
 
 import fc from "fast-check";
+import { replayOptions, seededBytes } from "../helpers/property.ts";
 import { RemoteDevice } from "../../src/client/remote_device.ts";
 import { MemoryDevice } from "../../src/device/memory_device.ts";
 import { Exporter } from "../../src/server/exporter.ts";
@@ -68,18 +69,6 @@ const batch = fc.record({
 
 const program = fc.array(batch, { minLength: 1, maxLength: 5 });
 
-function pattern(seed: number, length: number): Uint8Array {
-  const bytes = new Uint8Array(length);
-  let x = seed | 1;
-  for (let i = 0; i < length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    bytes[i] = x & 0xff;
-  }
-  return bytes;
-}
-
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 Deno.test("through cuts, heals and late deliveries every acknowledged write reads back, last writer wins", async () => {
@@ -96,8 +85,6 @@ Deno.test("through cuts, heals and late deliveries every acknowledged write read
   });
   const model = new Uint8Array(SIZE);
   try {
-    const seedText = Deno.env.get("DST_SEED");
-    const pathText = Deno.env.get("DST_PATH");
     await fc.assert(
       fc.asyncProperty(program, async (batches) => {
         await client.writeZeroes(0, SIZE);
@@ -121,11 +108,7 @@ Deno.test("through cuts, heals and late deliveries every acknowledged write read
         await device.read(0, whole);
         assertSameBytes(whole, model, "Invariant 2: the device after every late delivery");
       }),
-      {
-        numRuns: 12,
-        ...(seedText ? { seed: Number(seedText) } : {}),
-        ...(pathText ? { path: pathText } : {}),
-      },
+      replayOptions(12),
     );
   } finally {
     await client.close();
@@ -145,7 +128,7 @@ function submit(client: RemoteDevice, model: Uint8Array, o: Op): Promise<void> {
       );
     }
     case "write": {
-      const data = pattern(o.seed, o.length);
+      const data = seededBytes(o.seed, o.length);
       model.set(data, o.offset);
       return client.write(o.offset, data, { fua: o.fua });
     }
