@@ -141,29 +141,45 @@ async function deliverLate(proxy: FaultProxy): Promise<void> {
   await new Promise((resolve) => setTimeout(resolve, 500));
 }
 
+/**
+ * The stale-write sequence: the link is cut with write A in flight (A's bytes held on
+ * the old connection); the link heals either at once (`healBeforeA`: the attach
+ * resends A and it is acknowledged) or only after A has failed (its retries used up);
+ * then write B to the same bytes with FUA and a flush; then A's held bytes reach the
+ * export late. Returns the image's bytes at the range after a clean stop.
+ */
+function staleWrite(attachOptions: string[], healBeforeA: boolean): Promise<Uint8Array> {
+  return withRig(attachOptions, async (rig) => {
+    rig.proxy.cut();
+    const client = new NbdScript(rig.attach.uri);
+    try {
+      await rig.proxy.whenHeldBytes(LENGTH);
+      if (healBeforeA) {
+        rig.proxy.heal();
+        // The attach finds the link dead, reconnects, and resends A, which is acknowledged.
+        assert.equal(await client.line(), "A ok");
+      } else {
+        // The partition outlasts A's retries: A fails, and the NBD client sees the error.
+        assert.match(await client.line(), /^A failed/);
+        rig.proxy.heal();
+      }
+      await client.go();
+      assert.equal(await client.line(), "B ok");
+      assert.equal((await client.finish()).code, 0);
+    } finally {
+      client.kill();
+    }
+    // The partition heals for the old connection too: its A reaches the export now.
+    await deliverLate(rig.proxy);
+  });
+}
+
 Deno.test({
   name:
     "a stale connection's write delivered late never lands after a newer acknowledged write (dst attach, libnbd)",
   ignore: missing("nbdsh"),
   fn: async () => {
-    const held = await withRig(["--timeout", "500", "--retries", "20"], async (rig) => {
-      rig.proxy.cut();
-      const client = new NbdScript(rig.attach.uri);
-      try {
-        // A is on the old connection, held by the partition.
-        await rig.proxy.whenHeldBytes(LENGTH);
-        rig.proxy.heal();
-        // The attach finds the link dead, reconnects, and resends A, which is acknowledged.
-        assert.equal(await client.line(), "A ok");
-        await client.go();
-        assert.equal(await client.line(), "B ok");
-        assert.equal((await client.finish()).code, 0);
-      } finally {
-        client.kill();
-      }
-      // The partition heals for the old connection too: its A reaches the export now.
-      await deliverLate(rig.proxy);
-    });
+    const held = await staleWrite(["--timeout", "500", "--retries", "20"], true);
     assertAll(held, B, "the image after A's late delivery");
   },
 });
@@ -173,22 +189,7 @@ Deno.test({
     "a write that failed after all retries, then an overlapping write: the failed one's late delivery never lands after it",
   ignore: missing("nbdsh"),
   fn: async () => {
-    const held = await withRig(["--timeout", "300", "--retries", "1"], async (rig) => {
-      rig.proxy.cut();
-      const client = new NbdScript(rig.attach.uri);
-      try {
-        await rig.proxy.whenHeldBytes(LENGTH);
-        // The partition outlasts A's retries: A fails, and the NBD client sees the error.
-        assert.match(await client.line(), /^A failed/);
-        rig.proxy.heal();
-        await client.go();
-        assert.equal(await client.line(), "B ok");
-        assert.equal((await client.finish()).code, 0);
-      } finally {
-        client.kill();
-      }
-      await deliverLate(rig.proxy);
-    });
+    const held = await staleWrite(["--timeout", "300", "--retries", "1"], false);
     assertAll(held, B, "the image after the failed A's late delivery");
   },
 });
