@@ -32,7 +32,7 @@
  * Run alone with: deno task bundle && deno run -A tests/bench/array_bench.ts
  */
 
-import { RemoteDevice } from "../../src/client/remote_device.ts";
+import { RemoteDevice, type RemoteDeviceOptions } from "../../src/client/remote_device.ts";
 import { formatHostPort, type HostPort, parseHostPort } from "../../src/lib/address.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import {
@@ -415,6 +415,7 @@ async function perLegBytes<T>(
     withDevice(
       parseHostPort(leg, "127.0.0.1"),
       async (device) => ((await device.queryStatus()) as Record<typeof counter, number>)[counter],
+      { writer: false }, // the mirror holds the leg's write lease
     );
   const before = await Promise.all(legs.map(bytesOf));
   const result = await measure();
@@ -506,8 +507,9 @@ async function medianOf(measure: () => Promise<number>): Promise<number> {
 async function withDevice<T>(
   address: HostPort,
   body: (device: RemoteDevice) => Promise<T>,
+  options: RemoteDeviceOptions = {},
 ): Promise<T> {
-  const device = await RemoteDevice.connect(address);
+  const device = await RemoteDevice.connect(address, options);
   try {
     return await body(device);
   } finally {
