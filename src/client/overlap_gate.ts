@@ -25,6 +25,11 @@ export class OverlapGate {
     return this.#unfinished.size;
   }
 
+  /** The unfinished items, for the rare paths that must look at all of them. */
+  items(): Iterable<Gated> {
+    return this.#unfinished;
+  }
+
   /** Registers `item`; returns true when it may go at once, else it waits for finish() of others. */
   enter(item: Gated): boolean {
     for (const other of this.#unfinished) {

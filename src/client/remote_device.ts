@@ -163,6 +163,18 @@ interface ActiveLink {
   conn: ByteConn;
   sender: FrameSender;
   receive: ReceiveBuffer;
+  /**
+   * What moved on the socket, counted where it happens (no clock on the data path);
+   * #tick turns changes into the times below, a few times per timeout.
+   */
+  reads: number;
+  writes: number;
+  writtenBytes: number;
+  sends: number;
+  /** A socket write took fewer bytes than offered since the last tick: the socket was full. */
+  partialWrite: boolean;
+  /** The counters as the last tick saw them, and when. */
+  seen: { reads: number; writes: number; writtenBytes: number; sends: number; atMs: number };
   /** When the export was last heard from: bytes arrived, or our backlog drained into the socket. */
   heardMs: number;
   /** Bytes written to the socket since bytes last arrived: at most this much may be in buffers. */
@@ -207,8 +219,8 @@ export class RemoteDevice implements BlockDevice {
   #leaseLost: string | null = null;
 
   readonly #gate = new OverlapGate();
-  /** Every transaction not yet settled, in submission order. */
-  readonly #pending = new Set<Transaction>();
+  /** Transactions not yet settled (counted, not listed: see #waiting). */
+  #pending = 0;
   readonly #sent = new Map<number, Transaction>();
   #queue: Transaction[] = [];
   /** Failed transactions whose last link is not fenced yet: they keep their gate place (Invariant 1). */
@@ -423,7 +435,7 @@ export class RemoteDevice implements BlockDevice {
   /** Waits for every transaction to settle (each is bounded by its retries), then disconnects. */
   async close(): Promise<void> {
     this.#closing = true;
-    while (this.#pending.size > 0) {
+    while (this.#pending > 0) {
       await new Promise<void>((resolve) => this.#settledWaiters.push(resolve));
     }
     // Nothing more will be sent: the gate places of failed writes protect no one now.
@@ -512,12 +524,13 @@ export class RemoteDevice implements BlockDevice {
         state: "blocked",
         result: null,
         attempts: 0,
-        deadlineMs: this.#clock.nowMs() + this.timeoutMs,
+        // Only waiting without a link has a clock (liveness governs the rest); see #linkLost.
+        deadlineMs: this.#link === null ? this.#clock.nowMs() + this.timeoutMs : 0,
         sentOnLink: 0,
         resolve,
         reject,
       };
-      this.#pending.add(tx);
+      this.#pending += 1;
       if (!ranged || this.#gate.enter(tx)) this.#enqueue(tx);
     });
   }
@@ -530,7 +543,7 @@ export class RemoteDevice implements BlockDevice {
 
   #enqueue(tx: Transaction): void {
     tx.state = "queued";
-    tx.deadlineMs = this.#clock.nowMs() + this.timeoutMs;
+    if (this.#link === null) tx.deadlineMs = this.#clock.nowMs() + this.timeoutMs;
     this.#queue.push(tx);
     this.#pump();
   }
@@ -555,7 +568,7 @@ export class RemoteDevice implements BlockDevice {
     tx.sentOnLink = link.serial;
     this.#sent.set(tx.id, tx);
     this.#sentBytes += tx.windowBytes;
-    link.sentMs = this.#clock.nowMs();
+    link.sends += 1;
     link.sender.send(this.#requestHeader, tx.payload ?? undefined);
   }
 
@@ -600,6 +613,12 @@ export class RemoteDevice implements BlockDevice {
       conn: this.#timed(conn, () => link),
       sender: null!,
       receive: new ReceiveBuffer(RECEIVE_SLAB_BYTES, ReplyLayout.SIZE + PAYLOAD_BYTES_MAX),
+      reads: 0,
+      writes: 0,
+      writtenBytes: 0,
+      sends: 0,
+      partialWrite: false,
+      seen: { reads: 0, writes: 0, writtenBytes: 0, sends: 0, atMs: now },
       heardMs: now,
       writtenSinceReadBytes: 0,
       drainBytesPerMs: 0,
@@ -621,42 +640,57 @@ export class RemoteDevice implements BlockDevice {
     this.#invariants();
   }
 
-  /**
-   * The socket as the link uses it, noting life: any bytes read, and a write that had
-   * to wait for room in the socket (a full send buffer that drains is the export's
-   * TCP taking our bytes, so a large write on a thin link is not silence). A write
-   * that waited also measures how fast the link drains (see #drainAllowanceMs).
-   */
+  /** The socket as the link uses it, counting reads that brought bytes and writes (see #observe). */
   #timed(conn: ByteConn, link: () => ActiveLink): ByteConn {
-    let backlogged = false;
     return {
-      read: async (into) => {
-        const n = await conn.read(into);
-        if (n !== null) {
+      read: (into) =>
+        conn.read(into).then((n) => {
+          if (n !== null) link().reads += 1;
+          return n;
+        }),
+      write: (data) =>
+        conn.write(data).then((n) => {
           const l = link();
-          l.heardMs = this.#clock.nowMs();
-          l.writtenSinceReadBytes = 0;
-        }
-        return n;
-      },
-      write: async (data) => {
-        const startedMs = this.#clock.nowMs();
-        const n = await conn.write(data);
-        const nowMs = this.#clock.nowMs();
-        const l = link();
-        l.writtenSinceReadBytes += n;
-        const waitedMs = nowMs - startedMs;
-        if (backlogged || waitedMs >= WRITE_WAITED_MS) {
-          l.heardMs = nowMs;
-          const sample = n / Math.max(waitedMs, 1);
-          l.drainBytesPerMs = l.drainBytesPerMs === 0
-            ? sample
-            : l.drainBytesPerMs * (1 - DRAIN_RATE_WEIGHT) + sample * DRAIN_RATE_WEIGHT;
-        }
-        backlogged = n < data.length;
-        return n;
-      },
+          l.writes += 1;
+          l.writtenBytes += n;
+          if (n < data.length) l.partialWrite = true;
+          return n;
+        }),
       close: () => conn.close(),
+    };
+  }
+
+  /**
+   * Turns what the link counted since the last tick into life: bytes read; and writes
+   * that drained a full socket (the sender still had bytes waiting, or a write took
+   * less than offered), which is the export's TCP taking our bytes, so a large write on
+   * a thin link is not silence. Draining also measures the link's rate.
+   */
+  #observe(link: ActiveLink, now: number): void {
+    const seen = link.seen;
+    const wrote = link.writtenBytes - seen.writtenBytes;
+    if (link.reads !== seen.reads) {
+      link.heardMs = now;
+      link.writtenSinceReadBytes = 0;
+    } else {
+      link.writtenSinceReadBytes += wrote;
+    }
+    const backlogged = link.partialWrite || link.sender.queuedBytes > 0;
+    if (backlogged && link.writes !== seen.writes) {
+      link.heardMs = now;
+      const sample = wrote / Math.max(now - seen.atMs, 1);
+      link.drainBytesPerMs = link.drainBytesPerMs === 0
+        ? sample
+        : link.drainBytesPerMs * (1 - DRAIN_RATE_WEIGHT) + sample * DRAIN_RATE_WEIGHT;
+    }
+    if (link.sends !== seen.sends) link.sentMs = now;
+    link.partialWrite = false;
+    link.seen = {
+      reads: link.reads,
+      writes: link.writes,
+      writtenBytes: link.writtenBytes,
+      sends: link.sends,
+      atMs: now,
     };
   }
 
@@ -772,10 +806,23 @@ export class RemoteDevice implements BlockDevice {
     this.#wakeSettledWaiters();
   }
 
+  /**
+   * Every transaction that waits to be sent (queued, or blocked in the gate), oldest
+   * first: the rare paths (a dead link, fencing, giving up) look here; the data path
+   * keeps no list of its own.
+   */
+  #waiting(): Transaction[] {
+    const blocked: Transaction[] = [];
+    for (const item of this.#gate.items()) {
+      if ((item as Transaction).state === "blocked") blocked.push(item as Transaction);
+    }
+    return [...this.#queue, ...blocked].sort((a, b) => a.id - b.id);
+  }
+
   #finishTx(tx: Transaction): void {
     assert(tx.state !== "done", "Invariant 4: a transaction settles once");
     tx.state = "done";
-    this.#pending.delete(tx);
+    this.#pending -= 1;
   }
 
   #releaseFenceHeld(): void {
@@ -840,11 +887,11 @@ export class RemoteDevice implements BlockDevice {
     for (const tx of resend) tx.state = "queued";
     this.#queue = resend.concat(this.#queue);
     // Without a link, each waiting transaction's clock starts now.
-    for (const tx of this.#pending) tx.deadlineMs = now + this.timeoutMs;
+    for (const tx of this.#waiting()) tx.deadlineMs = now + this.timeoutMs;
     this.#resends += resend.length;
     this.#invariants();
     const failed = this.#countAttempt(resend, reason);
-    if (this.#closing && this.#pending.size === 0) return;
+    if (this.#closing && this.#pending === 0) return;
     this.#log.warn(
       `lost ${this.#where}: ${describeError(reason)}; reconnecting` +
         (resend.length > failed ? `, ${resend.length - failed} in flight will be resent` : ""),
@@ -877,7 +924,7 @@ export class RemoteDevice implements BlockDevice {
     let delayMs = RECONNECT_DELAY_MS_MIN;
     try {
       while (this.#link === null && this.#fatal === null) {
-        if (this.#closing && this.#pending.size === 0) return;
+        if (this.#closing && this.#pending === 0) return;
         await new Promise((resolve) => setTimeout(resolve, delayMs * (0.5 + Math.random())));
         delayMs = Math.min(delayMs * 2, RECONNECT_DELAY_MS_MAX);
         let conn: ByteConn;
@@ -897,7 +944,7 @@ export class RemoteDevice implements BlockDevice {
           }
           continue;
         }
-        if (this.#closing && this.#pending.size === 0) {
+        if (this.#closing && this.#pending === 0) {
           closeQuietly(conn); // closed while dialing: nothing to send, and no lease to hold
           return;
         }
@@ -957,9 +1004,7 @@ export class RemoteDevice implements BlockDevice {
    * while it holds the lease.
    */
   #fenced(why: string): void {
-    const dropped = [...this.#pending].filter((tx) =>
-      tx.state !== "sent" && tx.state !== "done" && changesData(tx.command)
-    );
+    const dropped = this.#waiting().filter((tx) => changesData(tx.command));
     if (dropped.length === 0) {
       this.#log.warn(`${this.#where}: ${why}`);
       return;
@@ -989,7 +1034,7 @@ export class RemoteDevice implements BlockDevice {
     this.#fatal = error;
     this.#log.error(error.message);
     assert(this.#sent.size === 0, "Invariant 2: nothing sent without a link");
-    for (const tx of [...this.#pending]) if (tx.state !== "done") this.#fail(tx, error);
+    for (const tx of this.#waiting()) if (tx.state !== "done") this.#fail(tx, error);
   }
 
   /**
@@ -1000,6 +1045,7 @@ export class RemoteDevice implements BlockDevice {
     const now = this.#clock.nowMs();
     const link = this.#link;
     if (link !== null) {
+      this.#observe(link, now);
       const outstanding = this.#sent.size > 0 || link.probeId !== NO_PROBE;
       const quietMs = now - link.heardMs;
       if (
@@ -1019,9 +1065,7 @@ export class RemoteDevice implements BlockDevice {
       }
       return;
     }
-    const waiting = [...this.#pending].filter((tx) =>
-      tx.state !== "sent" && tx.state !== "done" && tx.deadlineMs <= now
-    );
+    const waiting = this.#waiting().filter((tx) => tx.deadlineMs <= now);
     if (waiting.length === 0) return;
     for (const tx of waiting) tx.deadlineMs = now + this.timeoutMs;
     this.#countAttempt(waiting, new Error(`no connection for ${this.timeoutMs} ms`));
@@ -1037,8 +1081,6 @@ export class RemoteDevice implements BlockDevice {
   }
 }
 
-/** A socket write that took this long waited for room: the export's side took bytes meanwhile. */
-const WRITE_WAITED_MS = 5;
 /** How much each new drain-rate sample moves the estimate (smooths bursty partial writes). */
 const DRAIN_RATE_WEIGHT = 0.25;
 /**

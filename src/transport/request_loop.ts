@@ -54,8 +54,11 @@ export abstract class RequestLoop {
   #stopping = false;
   #idleWaiters: Array<() => void> = [];
   readonly #clock: Clock;
-  /** When bytes last moved on the socket, either way. */
-  #progressMs: number;
+  /** Socket reads that brought bytes plus socket writes: counted, not timed, on the data path. */
+  #progress = 0;
+  /** The count as silentMs() last saw it, and since when it has not moved. */
+  #progressSeen = 0;
+  #progressSeenMs: number;
   /** The socket as this loop uses it: every read that brings bytes and every write is progress. */
   readonly #timedConn: ByteConn;
 
@@ -67,18 +70,18 @@ export abstract class RequestLoop {
     clock: Clock = systemClock,
   ) {
     this.#clock = clock;
-    this.#progressMs = clock.nowMs();
+    this.#progressSeenMs = clock.nowMs();
     this.#timedConn = {
-      read: async (into) => {
-        const n = await conn.read(into);
-        if (n !== null) this.#progressMs = this.#clock.nowMs();
-        return n;
-      },
-      write: async (data) => {
-        const n = await conn.write(data);
-        this.#progressMs = this.#clock.nowMs();
-        return n;
-      },
+      read: (into) =>
+        conn.read(into).then((n) => {
+          if (n !== null) this.#progress += 1;
+          return n;
+        }),
+      write: (data) =>
+        conn.write(data).then((n) => {
+          this.#progress += 1;
+          return n;
+        }),
       close: () => conn.close(),
     };
     this.receive = new ReceiveBuffer(RECEIVE_SLAB_BYTES, limits.frameBytesMax);
@@ -94,12 +97,18 @@ export abstract class RequestLoop {
   }
 
   /**
-   * How long no byte has moved on the socket, either way. A live client sends at least
+   * How long no byte has moved on the socket, either way, as far as calls to this have
+   * seen (the exporter asks every few seconds, so it is exact to that). A live client sends at least
    * its pings, which this side always reads (its limits sit above a client's window);
    * one that stopped reading our replies stalls our writes too.
    */
   silentMs(): number {
-    return this.#clock.nowMs() - this.#progressMs;
+    const now = this.#clock.nowMs();
+    if (this.#progress !== this.#progressSeen) {
+      this.#progressSeen = this.#progress;
+      this.#progressSeenMs = now;
+    }
+    return now - this.#progressSeenMs;
   }
 
   /**
