@@ -24,7 +24,8 @@ export interface OpenedMember {
   generation: number;
 }
 
-function isLocalMember(name: string): boolean {
+/** True when `name` is opened as a local file or device rather than dialed as HOST:PORT. */
+export function isLocalMember(name: string): boolean {
   return name.startsWith("/") || name.startsWith(".") || existsSync(name);
 }
 

@@ -37,6 +37,7 @@ import {
   type IoFlags,
 } from "../device/block_device.ts";
 import { HandshakeRefused } from "../client/dial.ts";
+import { StateLock } from "./state_lock.ts";
 import { RemoteDevice, type RemoteDeviceOptions } from "../client/remote_device.ts";
 import { describeError, DeviceError, DstError } from "../lib/errors.ts";
 import { ensureDir } from "../lib/state_file.ts";
@@ -157,6 +158,8 @@ export class MirrorDevice implements BlockDevice {
   readonly #stats = emptyStats();
   readonly #log: Logger;
   readonly #options: MirrorOptions;
+  /** The state folder's lock, held until close(). */
+  readonly #lock: StateLock;
   readonly #sweeper: ReturnType<typeof setInterval>;
   readonly #supervisor: ReturnType<typeof setInterval>;
   #resyncedBytes = 0;
@@ -168,7 +171,9 @@ export class MirrorDevice implements BlockDevice {
     bitmap: DirtyBitmap,
     blockSize: number,
     options: MirrorOptions,
+    lock: StateLock,
   ) {
+    this.#lock = lock;
     this.#state = state;
     this.#legs = legs;
     this.#bitmap = bitmap;
@@ -201,6 +206,21 @@ export class MirrorDevice implements BlockDevice {
     if (options.source !== undefined && !members.includes(options.source)) {
       throw new DstError("USAGE", `--source ${options.source} is not one of the members`);
     }
+    // Before anything opens a leg or writes the state: one array per state folder.
+    const lock = StateLock.take(options.stateDir);
+    try {
+      return await MirrorDevice.#openLocked(members, options, lock);
+    } catch (error) {
+      lock.release();
+      throw error;
+    }
+  }
+
+  static async #openLocked(
+    members: string[],
+    options: MirrorOptions,
+    lock: StateLock,
+  ): Promise<MirrorDevice> {
     // One identity for every leg connection, kept in the state: see loadOrCreateClientId.
     const clientId = loadOrCreateClientId(options.stateDir);
     options = { ...options, client: { ...options.client, clientId } };
@@ -250,7 +270,7 @@ export class MirrorDevice implements BlockDevice {
             `client writes to it; a mirror never shares a leg with another writer`,
         );
       }
-      return await MirrorDevice.#assemble(members, opened, previous, options);
+      return await MirrorDevice.#assemble(members, opened, previous, options, lock);
     } catch (error) {
       await Promise.allSettled(
         opened.map((o) => o instanceof Error ? undefined : o.device.close()),
@@ -264,6 +284,7 @@ export class MirrorDevice implements BlockDevice {
     opened: Array<OpenedMember | Error>,
     previous: MirrorState | null,
     options: MirrorOptions,
+    lock: StateLock,
   ): Promise<MirrorDevice> {
     const log = options.log;
     let state: MirrorState;
@@ -278,6 +299,15 @@ export class MirrorDevice implements BlockDevice {
         throw new DstError("CONNECT", `Cannot make the mirror, members unreachable: ${why}`);
       }
       const devices = opened as OpenedMember[];
+      const ids = devices.map((o) => o.device.info.id);
+      const twice = ids.findIndex((id, i) => ids.indexOf(id) !== i);
+      if (twice >= 0) {
+        throw new DstError(
+          "USAGE",
+          `${members[ids.indexOf(ids[twice]!)]} and ${members[twice]} are the same export ` +
+            `(id ${ids[twice]}): a mirror's legs must be different devices`,
+        );
+      }
       const readOnly = devices.find((o) => o.device.info.readOnly);
       if (readOnly !== undefined) {
         throw new DstError(
@@ -363,7 +393,7 @@ export class MirrorDevice implements BlockDevice {
     await bitmap.flush();
 
     const blockSize = Math.max(...legs.map((l) => l.device?.info.blockSize ?? 512));
-    const mirror = new MirrorDevice(state, legs, bitmap, blockSize, options);
+    const mirror = new MirrorDevice(state, legs, bitmap, blockSize, options, lock);
     for (const leg of legs) mirror.#watch(leg);
     mirror.#save();
     for (const leg of legs) {
@@ -384,7 +414,7 @@ export class MirrorDevice implements BlockDevice {
 
   /**
    * Takes a leg's write generation as of a new connection into its record. A leg
-   * whose generation is not one past ours was written by someone else: full copy.
+   * whose generation is not the one we recorded was written by someone else: full copy.
    */
   static #checkGeneration(leg: Leg, generation: number, bitmap: DirtyBitmap, log: Logger): void {
     // The mirror is the same writer on every connection: any change is someone else's grant.
@@ -790,7 +820,12 @@ export class MirrorDevice implements BlockDevice {
       const used = new Set(this.#legs.map((l) => l.record.slot));
       const slot = [...Array(LEG_SLOTS_MAX).keys()].find((s) => !used.has(s));
       const unfit = checkFit(info, this.info.sizeBytes);
-      const refusal = slot === undefined
+      const same = this.#legs.find((l) => l.record.exportId === info.id);
+      const refusal = info.id === this.info.id
+        ? `${name} is this mirror's own export: a mirror cannot be its own leg`
+        : same !== undefined
+        ? `${name} is the same export as leg ${same.record.name} (id ${info.id})`
+        : slot === undefined
         ? `the mirror has ${LEG_SLOTS_MAX} legs already`
         : unfit === null
         ? null
@@ -861,6 +896,7 @@ export class MirrorDevice implements BlockDevice {
     this.#save();
     await this.#bitmap.close();
     await Promise.allSettled(this.#legs.map((l) => l.device?.close()));
+    this.#lock.release();
   }
 
   #save(): void {

@@ -13,10 +13,10 @@ import {
 } from "../constants.ts";
 import type { BlockDevice } from "../device/block_device.ts";
 import { LinearDevice } from "../array/linear.ts";
-import { openMember } from "../array/members.ts";
+import { isLocalMember, openMember } from "../array/members.ts";
 import { MirrorDevice } from "../array/mirror.ts";
 import { defaultMirrorStateDir } from "../array/mirror_state.ts";
-import { parseHostPort } from "../lib/address.ts";
+import { type HostPort, parseHostPort } from "../lib/address.ts";
 import { describeError, DstError, UsageError } from "../lib/errors.ts";
 import { logger } from "../lib/log.ts";
 import { formatBytes, parseSize } from "../lib/units.ts";
@@ -109,6 +109,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
     ? null
     : parseHostPort(exportText, "0.0.0.0", EXPORT_PORT_DEFAULT);
   const nbd = nbdText === undefined ? null : parseHostPort(nbdText, "127.0.0.1", NBD_PORT_DEFAULT);
+  if (listen !== null) refuseOwnExport(members, listen);
   const client = clientOptions(parsed);
   const log = logger("array");
 
@@ -184,10 +185,39 @@ export async function arrayCommand(argv: string[]): Promise<number> {
   return 0;
 }
 
+/**
+ * An array that names its own --export as a member would write to itself. The export
+ * id check catches every alias once it connects; this catches the plain case at once.
+ */
+function refuseOwnExport(members: string[], listen: HostPort): void {
+  const here = (host: string) =>
+    host === listen.hostname || ["0.0.0.0", "::"].includes(listen.hostname) &&
+      (host === "localhost" || host.startsWith("127.") || host === "::1");
+  for (const member of members) {
+    if (isLocalMember(member)) continue;
+    const address = parseHostPort(member, "127.0.0.1", EXPORT_PORT_DEFAULT);
+    if (address.port === listen.port && listen.port !== 0 && here(address.hostname)) {
+      throw new UsageError(
+        `dst array: ${member} is this array's own --export; an array cannot be its own member`,
+      );
+    }
+  }
+}
+
 async function mirrorControl(mirror: MirrorDevice, request: unknown): Promise<unknown> {
   const { op, leg } = (request ?? {}) as { op?: unknown; leg?: unknown };
   if (typeof leg !== "string" || leg.length === 0) {
     return { ok: false, error: "say which leg: {op, leg}" };
+  }
+  // A path named over the network is never opened: that would let any client make the
+  // array write over a file of its node. Local legs are named on the command line.
+  const known = mirror.status().members.some((member) => member.name === leg);
+  if (op === "attach" && !known && isLocalMember(leg)) {
+    return {
+      ok: false,
+      error: `${leg} is a local path: attach takes a DST export's HOST:PORT; a local leg is ` +
+        "named on the array's command line",
+    };
   }
   try {
     if (op === "detach") return { ok: true, message: await mirror.detach(leg) };
