@@ -224,15 +224,8 @@ export class MirrorDevice implements BlockDevice {
     // One identity for every leg connection, kept in the state: see loadOrCreateClientId.
     const clientId = loadOrCreateClientId(options.stateDir);
     options = { ...options, client: { ...options.client, clientId } };
+    // No state and no --source: a new mirror, whose source #assemble picks without guessing.
     const previous = options.source === undefined ? loadMirrorState(options.stateDir) : null;
-    if (previous === null && options.source === undefined) {
-      throw new DstError(
-        "STATE",
-        `No mirror state in ${options.stateDir}. To make a new mirror, say which member's data ` +
-          `is right with --source MEMBER (the others get a full copy of it); to reopen an ` +
-          `existing mirror, pass the --state DIR it was made with.`,
-      );
-    }
     if (previous !== null) {
       const known = previous.legs.map((l) => l.name);
       const same = known.length === members.length && known.every((n) => members.includes(n));
@@ -315,6 +308,7 @@ export class MirrorDevice implements BlockDevice {
           `${readOnly.device.info.name} is read-only; a leg must be writable`,
         );
       }
+      const source = options.source ?? MirrorDevice.#pickSource(members, devices, options);
       const sizeBytes = Math.min(...devices.map((o) => o.device.info.sizeBytes));
       state = {
         version: STATE_VERSION,
@@ -327,7 +321,7 @@ export class MirrorDevice implements BlockDevice {
           name,
           exportId: devices[slot]!.device.info.id,
           generation: devices[slot]!.generation,
-          state: name === options.source ? "in-sync" : "out-of-sync",
+          state: name === source ? "in-sync" : "out-of-sync",
         })),
       };
       fresh = true;
@@ -403,6 +397,37 @@ export class MirrorDevice implements BlockDevice {
   }
 
   /** Why an opened member cannot be this leg, or null. */
+  /**
+   * A new mirror's source when no --source was given, without guessing: each leg's
+   * write generation, now that this mirror holds its lease, is 1 exactly when nobody
+   * but this mirror was ever granted writing to it. At most one leg written: that one
+   * (or the first, when none was) is the source. More than one: their data may differ
+   * and only the user knows which is right, so the mirror is refused.
+   */
+  static #pickSource(members: string[], devices: OpenedMember[], options: MirrorOptions): string {
+    const written = members.filter((_, i) => devices[i]!.generation > 1);
+    if (written.length > 1) {
+      const line = `dst array mirror ${members.join(" ")} --source ${written[0]} --state ` +
+        options.stateDir;
+      throw new DstError(
+        "STATE",
+        `No mirror state in ${options.stateDir}, and more than one leg was written before ` +
+          `(${written.join(", ")}): their data may differ. Say which one is right with ` +
+          `--source; the others get a full copy of it, e.g.\n  ${line}\n(to reopen an ` +
+          `existing mirror instead, pass the --state DIR it was made with)`,
+      );
+    }
+    const source = written[0] ?? members[0]!;
+    options.log.info(
+      written.length === 1
+        ? `new mirror: ${source} is the source, the only leg that was ever written; ` +
+          "the others get a full copy of it"
+        : `new mirror: no leg was ever written; ${source}, the first, is the source ` +
+          "(the others get a full copy of it)",
+    );
+    return source;
+  }
+
   static #checkIdentity(record: LegRecord, member: OpenedMember, sizeBytes: number): string | null {
     const info = member.device.info;
     if (info.id !== record.exportId) {
