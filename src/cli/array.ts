@@ -50,8 +50,9 @@ array's export too: that is how trees are built) or a local path.
   --state DIR           the mirror's state: its legs and dirty-region bitmap (default: a
                         folder per member list under $XDG_STATE_HOME/dst/arrays or
                         ~/.local/state/dst/arrays). Keep it on the array's node
-  --source MEMBER       make a new mirror (or start over): MEMBER's data is right, the
-                        other legs get a full copy of it
+  --source MEMBER       MEMBER's data is right: the other legs get a full copy of it (to
+                        start over). A new mirror without it takes the one leg that was
+                        ever written, or the first when none was; with more, it asks
   --region SIZE         a new mirror's dirty-tracking region (default 1M; 64K to 64M)
 ${CLIENT_OPTIONS_HELP}
 
