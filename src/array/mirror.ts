@@ -365,12 +365,7 @@ export class MirrorDevice implements BlockDevice {
     const source = legs.find((l) => l.mode === "in-sync" && l.device !== null);
     if (source === undefined) {
       await bitmap.close();
-      throw new DstError(
-        "CONNECT",
-        `No in-sync leg of the mirror is reachable (${
-          legs.map((l) => `${l.record.name}: ${l.reason ?? l.mode}`).join("; ")
-        }): start the in-sync leg's export, or start over with --source MEMBER`,
-      );
+      throw new DstError("CONNECT", MirrorDevice.#noSourceAdvice(legs, members, options));
     }
     for (const leg of legs) {
       if (leg.mode === "in-sync" && leg.device === null) leg.mode = "out-of-sync";
@@ -397,6 +392,23 @@ export class MirrorDevice implements BlockDevice {
   }
 
   /** Why an opened member cannot be this leg, or null. */
+  /**
+   * What to do when no in-sync leg is reachable at start: the in-sync legs hold the
+   * newest data (the last one never leaves sync), then the one that left sync last.
+   */
+  static #noSourceAdvice(legs: Leg[], members: string[], options: MirrorOptions): string {
+    const byNewest = [...legs].filter((l) => l.mode !== "detached").sort((a, b) =>
+      (a.record.state === "in-sync" ? Infinity : a.record.leftSyncSeq ?? 0) -
+      (b.record.state === "in-sync" ? Infinity : b.record.leftSyncSeq ?? 0)
+    ).reverse();
+    const newest = byNewest[0]?.record.name ?? members[0]!;
+    const why = legs.map((l) => `${l.record.name}: ${l.reason ?? l.mode}`).join("; ");
+    return `No in-sync leg of the mirror is reachable (${why}). ${newest} holds the newest ` +
+      `data: start its export and run this again. Only if it is lost for good, start over ` +
+      `from the next newest with\n  dst array mirror ${members.join(" ")} --source ` +
+      `${byNewest[1]?.record.name ?? newest} --state ${options.stateDir}`;
+  }
+
   /**
    * A new mirror's source when no --source was given, without guessing: each leg's
    * write generation, now that this mirror holds its lease, is 1 exactly when nobody
@@ -459,18 +471,27 @@ export class MirrorDevice implements BlockDevice {
 
   async read(offset: number, into: Uint8Array): Promise<void> {
     checkRange(this.info, "read", offset, into.length);
+    if (await this.#readFromSome(offset, into)) {
+      this.#stats.reads += 1;
+      this.#stats.readBytes += into.length;
+      return;
+    }
+    this.#stats.errors += 1;
+    throw new DeviceError("EIO", `${this.info.name}: no in-sync leg could be read`);
+  }
+
+  /**
+   * Reads from the in-sync legs, least busy first, each at most once: a leg that
+   * fails goes out of sync (but the last in-sync one, see #legFailed), and the next
+   * is tried. Resolves whether one of them answered.
+   */
+  async #readFromSome(offset: number, into: Uint8Array): Promise<boolean> {
+    const tried = new Set<Leg>();
     for (;;) {
-      const leg = this.#readLeg();
-      if (leg === null) {
-        this.#stats.errors += 1;
-        throw new DeviceError("EIO", `${this.info.name}: no in-sync leg left to read from`);
-      }
-      // A failed leg goes out of sync, and the next in-sync leg is tried.
-      if (await this.#onLeg(leg, (d) => d.read(offset, into))) {
-        this.#stats.reads += 1;
-        this.#stats.readBytes += into.length;
-        return;
-      }
+      const leg = this.#readLeg(tried);
+      if (leg === null) return false;
+      tried.add(leg);
+      if (await this.#onLeg(leg, (d) => d.read(offset, into))) return true;
     }
   }
 
@@ -554,6 +575,10 @@ export class MirrorDevice implements BlockDevice {
     leg.inFlight += 1;
     try {
       await op(device);
+      if (leg.reason !== null && leg.mode === "in-sync") {
+        this.#log.info(`leg ${leg.record.name}, the last in-sync leg, answers again`);
+        leg.reason = null;
+      }
       return true;
     } catch (error) {
       this.#legFailed(leg, error);
@@ -563,13 +588,18 @@ export class MirrorDevice implements BlockDevice {
     }
   }
 
-  #readLeg(): Leg | null {
+  #readLeg(skip?: Set<Leg>): Leg | null {
     let best: Leg | null = null;
     for (const leg of this.#legs) {
-      if (leg.mode !== "in-sync" || leg.device === null) continue;
+      if (leg.mode !== "in-sync" || leg.device === null || skip?.has(leg)) continue;
       if (best === null || leg.inFlight < best.inFlight) best = leg;
     }
     return best;
+  }
+
+  /** The order legs left sync in, kept in the state: the higher, the later (newer data). */
+  #nextLeftSyncSeq(): number {
+    return Math.max(0, ...this.#state.legs.map((l) => l.leftSyncSeq ?? 0)) + 1;
   }
 
   #slotsMask(): number {
@@ -584,8 +614,24 @@ export class MirrorDevice implements BlockDevice {
     leg.errors += 1;
     leg.lastFailureMs = Date.now();
     if (leg.mode !== "in-sync" && leg.mode !== "resyncing") return;
+    const othersInSync = this.#legs.some((l) => l !== leg && l.mode === "in-sync");
+    if (leg.mode === "in-sync" && !othersInSync) {
+      // Invariant: the last in-sync leg is never failed (md never fails its last member):
+      // it holds the newest data. Its failures reach the caller as EIO, and I/O goes on
+      // by itself once it answers again.
+      const reason = describeError(error);
+      if (leg.reason === null) {
+        this.#log.error(
+          `leg ${leg.record.name}, the last in-sync leg, failed (${reason}); the array ` +
+            "returns EIO until it answers again",
+        );
+      }
+      leg.reason = reason;
+      return;
+    }
     const was = leg.mode;
     leg.mode = "out-of-sync";
+    leg.record.leftSyncSeq = this.#nextLeftSyncSeq();
     leg.reason = describeError(error);
     const left = this.#legs.filter((l) => l.mode === "in-sync").length;
     this.#log.warn(
@@ -749,12 +795,8 @@ export class MirrorDevice implements BlockDevice {
     const data = buffer.subarray(0, length);
     await this.#regions.lockCopy(region);
     try {
-      for (;;) {
-        const source = this.#readLeg();
-        if (source === null) {
-          throw new DeviceError("EIO", "no in-sync leg left to copy from");
-        }
-        if (await this.#onLeg(source, (d) => d.read(start, data))) break;
+      if (!(await this.#readFromSome(start, data))) {
+        throw new DeviceError("EIO", "no in-sync leg could be read to copy from");
       }
       if (leg.mode !== "resyncing") return;
       await leg.device!.write(start, data);
@@ -904,7 +946,10 @@ export class MirrorDevice implements BlockDevice {
         ...(leg.mode === "resyncing" && leg.resync !== null
           ? { resync: this.#progress(leg.resync) }
           : {}),
-        ...(leg.reason !== null && leg.mode === "out-of-sync" ? { reason: leg.reason } : {}),
+        // Why it is out of sync; for the last in-sync leg, the failure it answers EIO for.
+        ...(leg.reason !== null && (leg.mode === "out-of-sync" || leg.mode === "in-sync")
+          ? { reason: leg.reason }
+          : {}),
       })),
     };
   }

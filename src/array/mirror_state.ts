@@ -25,6 +25,11 @@ export interface LegRecord {
   /** The leg's write generation as of the mirror's latest connection to it. */
   generation: number;
   state: LegRecordState;
+  /**
+   * When the leg last left sync, as an order (1, 2, ...; higher is later): after the
+   * in-sync legs, the leg that left last holds the newest data. Absent: never left.
+   */
+  leftSyncSeq?: number;
 }
 
 export interface MirrorState {
