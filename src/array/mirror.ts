@@ -852,11 +852,22 @@ export class MirrorDevice implements BlockDevice {
 
   // --- at runtime: detach, attach, status -----------------------------------------
 
-  /** Takes a leg out; it keeps the data as of now, and its missed regions are tracked. */
-  async detach(name: string): Promise<string> {
+  /**
+   * Takes a leg out; it keeps the data as of now, and its missed regions are tracked.
+   * Only an in-sync leg is a consistent snapshot: any other is refused unless `force`.
+   */
+  async detach(name: string, force = false): Promise<string> {
     const leg = this.#legs.find((l) => l.record.name === name);
     if (leg === undefined) throw new DstError("USAGE", `${name} is not a leg of this mirror`);
     if (leg.mode === "detached") throw new DstError("USAGE", `${name} is detached already`);
+    const wasInSync = leg.mode === "in-sync";
+    if (!wasInSync && !force) {
+      throw new DstError(
+        "USAGE",
+        `${name} is ${leg.mode}: its data is not a consistent copy of the mirror, so it would ` +
+          `be no snapshot; wait until it is in sync, or take it out anyway with --force`,
+      );
+    }
     const inSync = this.#legs.filter((l) => l.mode === "in-sync");
     if (inSync.length === 1 && inSync[0] === leg) {
       throw new DstError("USAGE", `${name} is the only in-sync leg; attach another one first`);
@@ -870,6 +881,10 @@ export class MirrorDevice implements BlockDevice {
     if (device !== null) {
       await device.flush().catch(() => {});
       await device.close();
+    }
+    if (!wasInSync) {
+      this.#log.warn(`leg ${name} detached with --force: its data is NOT a consistent copy`);
+      return `${name} detached (forced); its data is NOT a consistent copy of the mirror`;
     }
     this.#log.info(`leg ${name} detached: it holds the data as of now`);
     return `${name} detached; its data is a snapshot as of now`;

@@ -34,7 +34,7 @@ export const ARRAY_HELP =
   `Usage: dst array linear MEMBER... (--export [HOST]:PORT | --nbd [HOST]:PORT) [OPTIONS]
        dst array mirror MEMBER... (--export [HOST]:PORT | --nbd [HOST]:PORT) [--state DIR]
                                   [--source MEMBER] [--region SIZE] [OPTIONS]
-       dst array detach ARRAY-ADDR LEG
+       dst array detach ARRAY-ADDR LEG [--force]
        dst array attach ARRAY-ADDR LEG
 
 Joins devices into one and serves it. A MEMBER is HOST:PORT of a DST export (an
@@ -57,11 +57,13 @@ array's export too: that is how trees are built) or a local path.
 ${CLIENT_OPTIONS_HELP}
 
   detach ARRAY-ADDR LEG   take LEG out of the running mirror at ARRAY-ADDR: it keeps the
-                          data as of now (a snapshot); what it misses is tracked
+                          data as of now (a snapshot); what it misses is tracked. A leg
+                          that is not in sync is refused: its copy is not consistent;
+                          --force takes it out all the same
   attach ARRAY-ADDR LEG   put LEG back (only what it missed is copied) or add a new leg
                           (a full copy)
 
-Example (three nodes): dst array mirror b:1025 c:1025 --source b:1025 --export :1030`;
+Example (three nodes): dst array mirror b:1025 c:1025 --export :1030`;
 
 export async function arrayCommand(argv: string[]): Promise<number> {
   const [kind, ...rest] = argv;
@@ -221,7 +223,10 @@ async function mirrorControl(mirror: MirrorDevice, request: unknown): Promise<un
     };
   }
   try {
-    if (op === "detach") return { ok: true, message: await mirror.detach(leg) };
+    if (op === "detach") {
+      const force = (request as { force?: unknown }).force === true;
+      return { ok: true, message: await mirror.detach(leg, force) };
+    }
     if (op === "attach") return { ok: true, message: await mirror.attach(leg) };
   } catch (error) {
     return { ok: false, error: describeError(error) };
@@ -230,7 +235,11 @@ async function mirrorControl(mirror: MirrorDevice, request: unknown): Promise<un
 }
 
 async function controlCommand(op: "detach" | "attach", argv: string[]): Promise<number> {
-  const parsed = parseCommand(`array ${op}`, argv, {});
+  const parsed = parseCommand(
+    `array ${op}`,
+    argv,
+    op === "detach" ? { force: { type: "boolean" } } : {},
+  );
   if (parsed.values.help) {
     console.log(ARRAY_HELP);
     return 0;
@@ -243,7 +252,8 @@ async function controlCommand(op: "detach" | "attach", argv: string[]): Promise<
   const device = await RemoteDevice.connect(address, { retries: 0, writer: false });
   let answer: { ok?: boolean; message?: string; error?: string };
   try {
-    answer = await device.control({ op, leg }).catch((error) => {
+    const request = parsed.values.force === true ? { op, leg, force: true } : { op, leg };
+    answer = await device.control(request).catch((error) => {
       throw new DstError(
         "CONTROL",
         `${addressText} did not take "${op}": ${error.message} (is it a mirror's export?)`,

@@ -146,3 +146,34 @@ Deno.test("a mirror refuses the same export named twice", () =>
     assert.notEqual(twice.code, 0);
     assert.match(twice.stderr, /are the same export/);
   }));
+
+Deno.test("detach refuses a leg that is not in sync, unless --force, which says the copy is not consistent", () =>
+  scenario("dst-guard-detach-", async (dir, track) => {
+    const a = track(
+      await startExport([`${dir}/a.img`, "--create", "4M", "--listen", "127.0.0.1:0"]),
+    );
+    const b = track(
+      await startExport([`${dir}/b.img`, "--create", "4M", "--listen", "127.0.0.1:0"]),
+    );
+    const [nameA, nameB] = [memberName(a.address), memberName(b.address)];
+    const mirror = track(
+      await startNewMirror([nameA, nameB], `${dir}/state`, "--timeout", "300", "--retries", "1"),
+    );
+    await waitForMirror(mirror.address, inSync, 10_000);
+    await b.stop("SIGKILL");
+    const client = await RemoteDevice.connect(mirror.address, { log: quiet });
+    await client.write(0, randomBytes(4096)); // B misses it and goes out of sync
+    await client.close();
+    await waitForMirror(mirror.address, (s) => s.members[1]!.state === "out-of-sync", 5_000);
+
+    const refused = await runDst(["array", "detach", memberName(mirror.address), nameB]);
+    assert.notEqual(refused.code, 0);
+    assert.match(refused.stderr, /is out-of-sync: its data is not a consistent copy/);
+    assert.match(refused.stderr, /--force/);
+    assert.equal((await mirrorStatus(mirror.address)).members[1]!.state, "out-of-sync");
+
+    const forced = await runDst(["array", "detach", memberName(mirror.address), nameB, "--force"]);
+    assert.equal(forced.code, 0, forced.stderr);
+    assert.match(forced.stdout, /NOT a consistent copy/);
+    assert.equal((await mirrorStatus(mirror.address)).members[1]!.state, "detached");
+  }));
