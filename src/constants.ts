@@ -118,7 +118,10 @@ export const MIRROR_REGION_BYTES_DEFAULT = 1 * MiB;
 export const MIRROR_REGION_BYTES_MIN = 64 * KiB;
 export const MIRROR_REGION_BYTES_MAX = 64 * MiB;
 
-/** A region idle this long has its dirty marks cleared (so a busy region is not persisted per write). */
+/**
+ * A region idle this long has its dirty marks cleared, after a flush of the legs that
+ * hold it (so a busy region is not persisted per write, nor a leg flushed per write).
+ */
 export const MIRROR_CLEAR_DELAY_MS = 1000;
 
 /** How often a mirror looks at legs that are out of sync: re-dial, or start a resync. */
@@ -126,6 +129,13 @@ export const MIRROR_SUPERVISE_MS = 1000;
 
 /** Regions a resync copies at once: enough to keep both legs busy. */
 export const MIRROR_RESYNC_PARALLEL = 4;
+
+/**
+ * Regions a resync copies between flushes of the leg: their marks clear only once a
+ * flush covers them, so a crash mid-resync copies at most this many again, and a
+ * whole-disk resync pays one fdatasync per 64 MiB (at 1 MiB regions).
+ */
+export const MIRROR_RESYNC_FLUSH_REGIONS = 64;
 
 assert(SEND_ZERO_COPY_BYTES_MIN <= SEND_COALESCE_BYTES, "a copied payload must fit a send buffer");
 assert(RECEIVE_SLAB_BYTES >= SEND_COALESCE_BYTES, "a receive slab holds a full coalesced batch");

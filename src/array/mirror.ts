@@ -10,9 +10,11 @@
  *   out-of-sync and the array goes on degraded; the caller sees an error only when
  *   no in-sync leg took the write.
  * - Before a write goes out its regions are marked for every leg in the bitmap, on
- *   stable storage (dirty_bitmap.ts); once a region has been idle for a while, the
- *   marks of legs that are in sync are cleared. So after a crash of this process,
- *   the marked regions are the only ones where in-sync legs may differ.
+ *   stable storage (dirty_bitmap.ts); once a region has been idle for a while, and a
+ *   flush of each leg that holds its data completed after its last write, those legs'
+ *   marks are cleared; resync copies likewise clear only once flushed. So after a
+ *   crash of this process, or of a leg's node that lost its volatile cache, the marked
+ *   regions are the only ones where in-sync legs may differ.
  * - Overlapping writes: each leg orders overlapping requests in the order they were
  *   issued (RemoteDevice's overlap gate; a file's writes are synchronous), and the
  *   mirror issues a write to all legs in the same turn, so legs never disagree on
@@ -25,6 +27,7 @@
 
 import {
   MIRROR_CLEAR_DELAY_MS,
+  MIRROR_RESYNC_FLUSH_REGIONS,
   MIRROR_RESYNC_PARALLEL,
   MIRROR_SUPERVISE_MS,
 } from "../constants.ts";
@@ -141,6 +144,8 @@ function newLeg(record: LegRecord, device: BlockDevice | null, reason: string | 
 }
 
 interface ResyncRun {
+  /** Regions copied but not yet flushed on the leg: their marks stay until they are. */
+  unflushed: number[];
   full: boolean;
   regionsTotal: number;
   regionsDone: number;
@@ -161,6 +166,13 @@ export class MirrorDevice implements BlockDevice {
   /** The state folder's lock, held until close(). */
   readonly #lock: StateLock;
   readonly #sweeper: ReturnType<typeof setInterval>;
+  /** The sweep under way, if any (close() waits for it). */
+  #sweeping: Promise<void> | null = null;
+  /**
+   * Regions written while a leg flush that will clear marks runs: one set per such
+   * flush. A region written meanwhile keeps its marks (the flush may not cover it).
+   */
+  readonly #flushWatchers = new Set<Set<number>>();
   readonly #supervisor: ReturnType<typeof setInterval>;
   #resyncedBytes = 0;
   #closing = false;
@@ -187,7 +199,7 @@ export class MirrorDevice implements BlockDevice {
       name: `mirror(${legs.map((l) => l.record.name).join(", ")})`,
     };
     this.#regions = new RegionActivity((region) => this.#idle.add(region));
-    this.#sweeper = setInterval(() => this.#sweep(), MIRROR_CLEAR_DELAY_MS);
+    this.#sweeper = setInterval(() => void this.#sweep(), MIRROR_CLEAR_DELAY_MS);
     this.#supervisor = setInterval(() => this.#supervise(), MIRROR_SUPERVISE_MS);
   }
 
@@ -378,6 +390,8 @@ export class MirrorDevice implements BlockDevice {
           source.record.name;
       }
     }
+    // The source is the truth from here on: its own marks clear once it is flushed.
+    await source.device!.flush();
     for (let r = 0; r < regions; r++) bitmap.clear(r, 1 << source.record.slot);
     await bitmap.flush();
 
@@ -544,7 +558,10 @@ export class MirrorDevice implements BlockDevice {
     const last = Math.floor((offset + Math.max(length, 1) - 1) / region);
     await this.#regions.enterWrite(first, last);
     try {
-      for (let r = first; r <= last; r++) this.#idle.delete(r);
+      for (let r = first; r <= last; r++) {
+        this.#idle.delete(r);
+        for (const watcher of this.#flushWatchers) watcher.add(r);
+      }
       await this.#bitmap.mark(first, last, this.#slotsMask()).catch((error) => {
         throw new DeviceError(
           "EIO",
@@ -725,6 +742,7 @@ export class MirrorDevice implements BlockDevice {
       }
     }
     const run: ResyncRun = {
+      unflushed: [],
       full: total === regions,
       regionsTotal: total,
       regionsDone: 0,
@@ -750,6 +768,9 @@ export class MirrorDevice implements BlockDevice {
           await this.#copyRegion(leg, next++, buffer);
           if (leg.mode !== "resyncing") return;
           run.regionsDone += 1;
+          if (run.unflushed.length >= MIRROR_RESYNC_FLUSH_REGIONS) {
+            await this.#flushCopies(leg, run);
+          }
           if (Date.now() - lastLogMs >= 1000) {
             lastLogMs = Date.now();
             this.#logProgress(leg.record.name, this.#progress(run));
@@ -767,7 +788,7 @@ export class MirrorDevice implements BlockDevice {
         ),
       );
       if (leg.mode === "resyncing" && !this.#closing) {
-        await leg.device.flush();
+        await this.#flushCopies(leg, run);
         if (leg.mode === "resyncing") {
           leg.mode = "in-sync";
           leg.pending = null;
@@ -801,7 +822,7 @@ export class MirrorDevice implements BlockDevice {
       if (leg.mode !== "resyncing") return;
       await leg.device!.write(start, data);
       leg.pending![region] = 0;
-      this.#bitmap.clear(region, 1 << leg.record.slot);
+      leg.resync!.unflushed.push(region); // its mark clears once a flush of the leg covers it
       leg.resync!.bytesCopied += length;
       this.#resyncedBytes += length;
     } finally {
@@ -832,22 +853,74 @@ export class MirrorDevice implements BlockDevice {
   }
 
   /** Clears the marks of regions idle since the last sweep, for legs that have the data. */
-  #sweep(): void {
-    if (this.#idle.size === 0) return;
-    for (const region of this.#idle) {
-      if (this.#regions.writers(region) > 0) continue;
+  /**
+   * Clears the marks of regions that went idle, for the legs that hold their data:
+   * only after a flush of each such leg has completed after the region's last write
+   * (md flushes its members before it clears bitmap bits): a leg's volatile cache can
+   * lose acknowledged writes on power loss, and a cleared mark would hide that. A leg
+   * whose flush fails keeps its marks (and goes out of sync, but the last in-sync one).
+   */
+  #sweep(): Promise<void> {
+    this.#sweeping ??= this.#sweepOnce().finally(() => (this.#sweeping = null));
+    return this.#sweeping;
+  }
+
+  async #sweepOnce(): Promise<void> {
+    // A region with a write in flight is not idle; it comes back here once it is.
+    const candidates = [...this.#idle].filter((region) => this.#regions.writers(region) === 0);
+    for (const region of candidates) this.#idle.delete(region);
+    if (candidates.length === 0) return;
+    const holders = this.#legs.filter((l) =>
+      (l.mode === "in-sync" || l.mode === "resyncing") && l.device !== null
+    );
+    // What each leg held when its flush started: a resync copy landing later is not covered.
+    const heldAtStart = holders.map((leg) =>
+      candidates.map((region) => leg.mode === "in-sync" || leg.pending?.[region] === 0)
+    );
+    const { result: flushed, touched } = await this.#flushWatching(() =>
+      Promise.all(holders.map((leg) => this.#onLeg(leg, (d) => d.flush())))
+    );
+    // A leg whose flush failed keeps its marks; if it is still a holder (the last in-sync
+    // leg, which never leaves sync), the region is tried again once it flushes.
+    const retry = holders.some((leg, i) =>
+      !flushed[i] && (leg.mode === "in-sync" || leg.mode === "resyncing")
+    );
+    candidates.forEach((region, j) => {
+      if (touched.has(region)) return; // written meanwhile: it is idle again later
       let mask = 0;
-      for (const leg of this.#legs) {
-        const upToDate = leg.mode === "in-sync" ||
-          (leg.mode === "resyncing" && leg.pending![region] === 0);
-        if (upToDate) mask |= 1 << leg.record.slot;
-      }
+      holders.forEach((leg, i) => {
+        if (flushed[i] && heldAtStart[i]![j]) mask |= 1 << leg.record.slot;
+      });
       this.#bitmap.clear(region, mask);
-    }
-    this.#idle.clear();
-    this.#bitmap.flush().catch((error) =>
+      if (retry) this.#idle.add(region);
+    });
+    await this.#bitmap.flush().catch((error) =>
       this.#log.error(`cannot write the bitmap: ${describeError(error)}`)
     );
+  }
+
+  /** Runs `flush`, noting the regions written while it ran. */
+  async #flushWatching<T>(flush: () => Promise<T>): Promise<{ result: T; touched: Set<number> }> {
+    const touched = new Set<number>();
+    this.#flushWatchers.add(touched);
+    try {
+      return { result: await flush(), touched };
+    } finally {
+      this.#flushWatchers.delete(touched);
+    }
+  }
+
+  /**
+   * Flushes a resyncing leg, then clears the marks of the regions it had copied
+   * before the flush began (a throw takes the leg out, marks kept). A copied region
+   * written meanwhile keeps its mark; the sweep clears it once it is idle and flushed.
+   */
+  async #flushCopies(leg: Leg, run: ResyncRun): Promise<void> {
+    const copied = run.unflushed.splice(0);
+    const quiet = copied.filter((region) => this.#regions.writers(region) === 0);
+    const { touched } = await this.#flushWatching(() => leg.device!.flush());
+    const slot = 1 << leg.record.slot;
+    for (const region of quiet) if (!touched.has(region)) this.#bitmap.clear(region, slot);
   }
 
   // --- at runtime: detach, attach, status -----------------------------------------
@@ -977,7 +1050,8 @@ export class MirrorDevice implements BlockDevice {
       await new Promise((r) => setTimeout(r, 10));
     }
     clearInterval(this.#sweeper);
-    this.#sweep();
+    await this.#sweeping;
+    await this.#sweep();
     this.#save();
     await this.#bitmap.close();
     await Promise.allSettled(this.#legs.map((l) => l.device?.close()));

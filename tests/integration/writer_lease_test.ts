@@ -569,13 +569,34 @@ Deno.test("a restarted mirror takes its lease back at once; a mirror with anothe
     );
     await readBack(second.address, "the mirror after another was refused");
 
-    // The running mirror is frozen with its connections open; restarted from its state
-    // (no --source: reopened), it fences its frozen self at once instead of waiting 30 s.
+    // The running mirror is frozen with its connections open. Its state folder stays
+    // locked to it; a copy of that state (the same identity, as when a mirror's node is
+    // replaced from a backup of its state) reopens at once and fences the frozen
+    // mirror's connections instead of waiting 30 s for them to go silent.
     const fencings = () => legExports.map((leg) => leg.log().match(FENCING)?.length ?? 0);
     const fencedBefore = fencings();
     Deno.kill(second.process.pid, "SIGSTOP");
+    const locked = await runDst([
+      "array",
+      "mirror",
+      ...legs,
+      "--state",
+      state,
+      "--export",
+      "127.0.0.1:0",
+    ]);
+    assert.notEqual(locked.code, 0);
+    assert.match(
+      locked.stderr,
+      new RegExp(`in use by another dst array \\(process ${second.process.pid}\\)`),
+    );
+    const copy = `${dir}/state-copy`;
+    await Deno.mkdir(copy);
+    for (const name of ["state.json", "bitmap", "client-id"]) {
+      await Deno.copyFile(`${state}/${name}`, `${copy}/${name}`);
+    }
     const third = track(
-      await startArray(["mirror", ...legs, "--state", state, "--export", "127.0.0.1:0"]),
+      await startArray(["mirror", ...legs, "--state", copy, "--export", "127.0.0.1:0"]),
     );
     await second.stop("SIGKILL");
     fencings().forEach((count, i) => {

@@ -1,0 +1,151 @@
+/**
+ * Durable before clear, with the real mirror process: a region's marks are cleared
+ * only after a flush of every leg holding its data completed after the region's last
+ * write. Leg B is an in-process export of a VolatileDevice (a disk with a write-back
+ * cache: only what a flush covered survives a power loss); leg A and the mirror are
+ * real processes.
+ * 1. Writes, then the marks clear; then B's node loses power and comes back with the
+ *    generation the mirror expects: B must still hold every acknowledged write.
+ * 2. B's flushes fail: B keeps its marks and goes out of sync (A's clear); once its
+ *    flushes work again, only the marked regions are copied and the legs are equal.
+ */
+
+import assert from "node:assert/strict";
+import { RemoteDevice } from "../../src/client/remote_device.ts";
+import { VolatileDevice } from "../../src/device/volatile_device.ts";
+import { Exporter } from "../../src/server/exporter.ts";
+import { MemoryGeneration } from "../../src/server/write_generation.ts";
+import { WriterLease } from "../../src/server/writer_lease.ts";
+import {
+  allInSyncAndClean,
+  leg,
+  memberName,
+  startNewMirror,
+  waitForMirror,
+} from "../helpers/array.ts";
+import { assertSameBytes } from "../helpers/bytes.ts";
+import { randomBytes } from "../helpers/random_bytes.ts";
+import { scenario, startExport } from "../helpers/spawn.ts";
+
+const MiB = 1024 * 1024;
+const SIZE = 4 * MiB;
+const quiet = { debug() {}, info() {}, warn() {}, error() {} };
+
+/** Leg B: an export of a volatile disk in this process, that can lose power and come back. */
+class VolatileLeg {
+  readonly device = new VolatileDevice(SIZE, { id: "b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0" });
+  readonly #generation = new MemoryGeneration();
+  #exporter: Exporter;
+
+  constructor() {
+    this.#exporter = this.#start(0);
+  }
+
+  get name(): string {
+    return memberName(this.#exporter.address);
+  }
+
+  /** The node loses power: connections drop, the cache is lost, and it serves again. */
+  async powerCycle(): Promise<void> {
+    const port = this.#exporter.address.port;
+    this.device.frozen = true; // what it flushes while going down is lost too
+    await this.#exporter.shutdown();
+    this.device.powerLoss();
+    this.device.frozen = false;
+    this.#exporter = this.#start(port);
+  }
+
+  async stop(): Promise<void> {
+    await this.#exporter.shutdown();
+  }
+
+  #start(port: number): Exporter {
+    return Exporter.start(this.device, {
+      listen: { hostname: "127.0.0.1", port },
+      lease: new WriterLease(this.#generation, false),
+      log: quiet,
+    });
+  }
+}
+
+async function writeThrough(
+  address: { hostname: string; port: number },
+  at: number,
+  data: Uint8Array,
+) {
+  const client = await RemoteDevice.connect(address, { log: quiet });
+  await client.write(at, data); // no flush: what the mirror makes durable is the question
+  await client.close();
+}
+
+Deno.test("a leg's power loss after the mirror cleared its marks loses no acknowledged write", () =>
+  scenario("dst-durable-power-", async (dir, track) => {
+    const a = track(
+      await startExport([`${dir}/a.img`, "--create", "4M", "--listen", "127.0.0.1:0"]),
+    );
+    const b = new VolatileLeg();
+    try {
+      const mirror = track(
+        await startNewMirror([memberName(a.address), b.name], `${dir}/state`, "--timeout", "300"),
+      );
+      await waitForMirror(mirror.address, allInSyncAndClean, 10_000);
+      const data = randomBytes(2 * MiB);
+      await writeThrough(mirror.address, MiB, data);
+      // The marks clear after a second idle; B must have been flushed before that.
+      await waitForMirror(mirror.address, allInSyncAndClean, 10_000);
+      await b.powerCycle();
+      assertSameBytes(
+        b.device.durable.subarray(MiB, 3 * MiB),
+        data,
+        "what B kept through its power loss",
+      );
+      assert.equal((await mirror.stop()).code, 0, mirror.log());
+      await a.stop();
+      assertSameBytes(b.device.durable, await Deno.readFile(`${dir}/a.img`), "B equals A");
+    } finally {
+      await b.stop();
+    }
+  }));
+
+Deno.test("a leg whose flushes fail keeps its marks and leaves sync; once they work, only those regions are copied", () =>
+  scenario("dst-durable-flushfail-", async (dir, track) => {
+    const a = track(
+      await startExport([`${dir}/a.img`, "--create", "4M", "--listen", "127.0.0.1:0"]),
+    );
+    const b = new VolatileLeg();
+    try {
+      const mirror = track(
+        await startNewMirror(
+          [memberName(a.address), b.name],
+          `${dir}/state`,
+          "--timeout",
+          "300",
+          "--region",
+          "64K",
+        ),
+      );
+      await waitForMirror(mirror.address, allInSyncAndClean, 10_000);
+      b.device.failFlushes = true;
+      await writeThrough(mirror.address, 0, randomBytes(128 * 1024)); // two regions
+      const failed = await waitForMirror(
+        mirror.address,
+        (s) =>
+          leg(s, b.name).state === "out-of-sync" &&
+          leg(s, memberName(a.address)).dirtyRegions === 0,
+        10_000,
+      );
+      assert.equal(
+        leg(failed, b.name).dirtyRegions,
+        2,
+        "B keeps the marks of what it did not flush",
+      );
+      b.device.failFlushes = false;
+      await waitForMirror(mirror.address, allInSyncAndClean, 10_000);
+      assert.match(mirror.log(), new RegExp(`resync of ${b.name}: 2 of 64 regions`));
+      assert.equal((await mirror.stop()).code, 0, mirror.log());
+      await a.stop();
+      assertSameBytes(b.device.durable, await Deno.readFile(`${dir}/a.img`), "B equals A");
+    } finally {
+      await b.stop();
+    }
+  }));
