@@ -20,8 +20,9 @@ import { defaultExportStateDir, PersistedGeneration } from "../server/write_gene
 
 export interface OpenedMember {
   device: BlockDevice;
-  /** The write generation that this opening started. */
+  /** The write generation this opening was granted, and the epoch it counts in. */
   generation: number;
+  epoch: string;
 }
 
 /** True when `name` is opened as a local file or device rather than dialed as HOST:PORT. */
@@ -38,9 +39,9 @@ export async function openMember(
     try {
       // The same writer as towards remote legs: a restarted mirror starts no new generation.
       const writer = bytesToHex(client.clientId ?? crypto.getRandomValues(new Uint8Array(16)));
-      const generation = await PersistedGeneration.open(defaultExportStateDir(), device.info.id)
-        .grant(writer);
-      return { device, generation };
+      const state = PersistedGeneration.open(defaultExportStateDir(), device.info.id);
+      const generation = await state.grant(writer);
+      return { device, generation, epoch: state.epoch };
     } catch (error) {
       await device.close();
       throw error;
@@ -48,5 +49,5 @@ export async function openMember(
   }
   const address = parseHostPort(name, "127.0.0.1", EXPORT_PORT_DEFAULT);
   const device = await RemoteDevice.connect(address, { ...client, writer: true });
-  return { device, generation: device.writeGeneration };
+  return { device, generation: device.writeGeneration, epoch: device.writeEpoch };
 }

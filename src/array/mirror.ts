@@ -333,6 +333,7 @@ export class MirrorDevice implements BlockDevice {
           name,
           exportId: devices[slot]!.device.info.id,
           generation: devices[slot]!.generation,
+          epoch: devices[slot]!.epoch,
           state: name === source ? "in-sync" : "out-of-sync",
         })),
       };
@@ -369,7 +370,7 @@ export class MirrorDevice implements BlockDevice {
       }
       leg.device = member.device;
       // A new mirror's records hold the generations it was made with already.
-      if (!fresh) MirrorDevice.#checkGeneration(leg, member.generation, bitmap, log);
+      if (!fresh) MirrorDevice.#checkGeneration(leg, member, bitmap, log);
     }
 
     // After a crash, in-sync legs may differ where the bitmap is marked: the first
@@ -467,19 +468,34 @@ export class MirrorDevice implements BlockDevice {
    * Takes a leg's write generation as of a new connection into its record. A leg
    * whose generation is not the one we recorded was written by someone else: full copy.
    */
-  static #checkGeneration(leg: Leg, generation: number, bitmap: DirtyBitmap, log: Logger): void {
-    // The mirror is the same writer on every connection: any change is someone else's grant.
+  static #checkGeneration(
+    leg: Leg,
+    stamp: { generation: number; epoch: string },
+    bitmap: DirtyBitmap,
+    log: Logger,
+  ): void {
+    // The mirror is the same writer on every connection: any change is someone else's
+    // grant, and another epoch is an export that lost its state (anything may have happened).
+    const { generation, epoch } = stamp;
     const expected = leg.record.generation;
+    const sameEpoch = leg.record.epoch === epoch;
     leg.record.generation = generation;
-    if (generation === expected) return;
+    leg.record.epoch = epoch;
+    if (generation === expected && sameEpoch) return;
     log.warn(
-      `leg ${leg.record.name} was written by someone else while away (write generation ` +
-        `${generation}, expected ${expected}); it gets a full copy`,
+      sameEpoch
+        ? `leg ${leg.record.name} was written by someone else while away (write generation ` +
+          `${generation}, expected ${expected}); it gets a full copy`
+        : `leg ${leg.record.name} has lost or replaced its export state (write epoch ` +
+          `${epoch.slice(0, 8)}, recorded ${
+            leg.record.epoch === undefined ? "none" : "another"
+          }); it gets a full copy`,
     );
     void bitmap.markAll(1 << leg.record.slot).catch(() => {});
     if (leg.mode === "in-sync" || leg.mode === "resyncing") leg.mode = "out-of-sync";
-    leg.reason = "written by someone else while away";
+    leg.reason = sameEpoch ? "written by someone else while away" : "its export lost its state";
   }
+
 
   // --- I/O ------------------------------------------------------------------------
 
@@ -664,9 +680,9 @@ export class MirrorDevice implements BlockDevice {
   #watch(leg: Leg): void {
     const device = leg.device;
     if (!(device instanceof RemoteDevice)) return;
-    device.setReconnectListener((generation) => {
+    device.setReconnectListener((generation, epoch) => {
       if (leg.device !== device || leg.mode === "detached") return;
-      MirrorDevice.#checkGeneration(leg, generation, this.#bitmap, this.#log);
+      MirrorDevice.#checkGeneration(leg, { generation, epoch }, this.#bitmap, this.#log);
       this.#save();
     });
   }
@@ -709,7 +725,7 @@ export class MirrorDevice implements BlockDevice {
         await member.device.close();
         return;
       }
-      MirrorDevice.#checkGeneration(leg, member.generation, this.#bitmap, this.#log);
+      MirrorDevice.#checkGeneration(leg, member, this.#bitmap, this.#log);
       leg.device = member.device;
       this.#watch(leg);
       this.#save();
@@ -995,6 +1011,7 @@ export class MirrorDevice implements BlockDevice {
         name,
         exportId: info.id,
         generation: member.generation,
+        epoch: member.epoch,
         state: "out-of-sync",
       };
       this.#state.legs.push(record);
@@ -1007,7 +1024,7 @@ export class MirrorDevice implements BlockDevice {
         throw new DstError("USAGE", `${name} ${refusal}`);
       }
       leg.mode = "out-of-sync";
-      MirrorDevice.#checkGeneration(leg, member.generation, this.#bitmap, this.#log);
+      MirrorDevice.#checkGeneration(leg, member, this.#bitmap, this.#log);
       leg.device = member.device;
     }
     this.#watch(leg);

@@ -24,6 +24,8 @@ export interface LegRecord {
   exportId: string;
   /** The leg's write generation as of the mirror's latest connection to it. */
   generation: number;
+  /** The epoch that generation counts in (absent in states from before epochs). */
+  epoch?: string;
   state: LegRecordState;
   /**
    * When the leg last left sync, as an order (1, 2, ...; higher is later): after the

@@ -129,7 +129,7 @@ export interface RemoteDeviceOptions {
 
 /** Notified when a RemoteDevice made a new link; a mirror uses it to check its legs. */
 export interface ReconnectListener {
-  (writeGeneration: number): void;
+  (writeGeneration: number, writeEpoch: string): void;
 }
 
 type TxState = "blocked" | "queued" | "sent" | "done";
@@ -215,6 +215,7 @@ export class RemoteDevice implements BlockDevice {
   readonly #sharedWriters: boolean;
   #onReconnect: ReconnectListener | null = null;
   #writeGeneration: number;
+  #writeEpoch: string;
   /** Why this writer may no longer write: another client took the export's lease. */
   #leaseLost: string | null = null;
 
@@ -265,6 +266,7 @@ export class RemoteDevice implements BlockDevice {
     this.#writer = options.writer ?? true;
     this.#sharedWriters = (hello.features & ServerFeature.SHARED_WRITERS) !== 0;
     this.#writeGeneration = hello.writeGeneration;
+    this.#writeEpoch = bytesToHex(hello.writeEpoch);
     this.#clock = options.clock ?? systemClock;
     this.#log = options.log ?? logger("client");
     this.info = {
@@ -317,6 +319,11 @@ export class RemoteDevice implements BlockDevice {
   /** The export's write generation as of the latest (re)connect. */
   get writeGeneration(): number {
     return this.#writeGeneration;
+  }
+
+  /** The export state's epoch as of the latest (re)connect: generations count within it. */
+  get writeEpoch(): string {
+    return this.#writeEpoch;
   }
 
   read(offset: number, into: Uint8Array): Promise<void> {
@@ -957,9 +964,11 @@ export class RemoteDevice implements BlockDevice {
           return;
         }
         this.#reconnects += 1;
-        const otherWriters = this.#othersWrote(hello.writeGeneration);
+        const epoch = bytesToHex(hello.writeEpoch);
+        const otherWriters = this.#othersWrote(hello.writeGeneration, epoch);
         this.#writeGeneration = hello.writeGeneration;
-        this.#onReconnect?.(hello.writeGeneration);
+        this.#writeEpoch = epoch;
+        this.#onReconnect?.(hello.writeGeneration, epoch);
         if (otherWriters !== null) this.#fenced(otherWriters);
         this.#log.info(
           `reconnected to ${this.#where}; resending ${this.#queue.length} transactions`,
@@ -976,9 +985,13 @@ export class RemoteDevice implements BlockDevice {
    * write generation moved, so it granted another client writing since our last
    * connection (whose data stale writes would overwrite).
    */
-  #othersWrote(generation: number): string | null {
+  #othersWrote(generation: number, epoch: string): string | null {
     if (!this.#writer || this.info.readOnly || this.#sharedWriters) return null;
     if (this.#leaseLost !== null) return null; // a reader now: it starts no generation
+    if (epoch !== this.#writeEpoch) {
+      return `${this.#where} lost its write state (a new epoch): whoever wrote meanwhile ` +
+        "cannot be known";
+    }
     if (generation === this.#writeGeneration) return null;
     return `another client wrote to ${this.#where} while this one was away ` +
       `(write generation ${generation}, expected ${this.#writeGeneration})`;

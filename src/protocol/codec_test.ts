@@ -180,11 +180,12 @@ const serverHello: ServerHello = {
   exportId: pattern(1, 16),
   nonce: pattern(200, 16),
   writeGeneration: ABOVE_2_32 + 7,
+  writeEpoch: pattern(77, 16),
 };
 
-Deno.test("encodeServerHello() writes 80 little-endian bytes at the documented offsets", () => {
+Deno.test("encodeServerHello() writes 96 little-endian bytes at the documented offsets", () => {
   const bytes = encodeServerHello({ ...serverHello, sizeBytes: ABOVE_2_32, status: 5 });
-  assert.equal(bytes.length, 80);
+  assert.equal(bytes.length, 96);
   const view = viewOf(bytes);
   assert.equal(view.getUint32(0, true), MAGIC_SERVER_HELLO);
   assert.equal(view.getUint16(4, true), 1);
@@ -202,6 +203,7 @@ Deno.test("encodeServerHello() writes 80 little-endian bytes at the documented o
   assert.deepEqual(bytes.subarray(56, 72), serverHello.nonce);
   assert.equal(view.getUint32(72, true), 12345 + 7, "write generation, low word");
   assert.equal(view.getUint32(76, true), 1, "write generation, high word");
+  assert.deepEqual(bytes.subarray(80, 96), serverHello.writeEpoch);
 });
 
 Deno.test("decodeServerHello() round-trips encodeServerHello(), size 2^53-1 included", () => {
@@ -217,8 +219,8 @@ Deno.test("decodeServerHello() round-trips sizes just above 2^32 and just below 
 
 Deno.test("decodeServerHello() rejects a hello of the wrong length", () => {
   const bytes = encodeServerHello(serverHello);
-  assert.equal(typeof decodeServerHello(bytes.subarray(0, 79)), "string");
-  const longer = new Uint8Array(81);
+  assert.equal(typeof decodeServerHello(bytes.subarray(0, 95)), "string");
+  const longer = new Uint8Array(97);
   longer.set(bytes);
   assert.equal(typeof decodeServerHello(longer), "string");
 });

@@ -16,6 +16,7 @@ import {
   PROTOCOL_VERSION,
   REFUSAL_REASON_BYTES_MAX,
   ServerHelloLayout as S,
+  WRITE_EPOCH_BYTES,
 } from "./wire.ts";
 import { getU64, setU64 } from "./u64.ts";
 
@@ -43,8 +44,10 @@ export interface ServerHello {
   inFlightMax: number;
   exportId: Uint8Array;
   nonce: Uint8Array;
-  /** Counts the connections that wrote (or declared WRITER) over the export's life. */
+  /** Counts the grants of writing to a new writer over the export's life. */
   writeGeneration: number;
+  /** The export state's epoch: another epoch is another history of generations. */
+  writeEpoch: Uint8Array;
 }
 
 export function encodeClientHello(hello: ClientHello): Uint8Array {
@@ -97,6 +100,7 @@ export function encodeServerHello(hello: ServerHello): Uint8Array {
   bytes.set(hello.exportId.subarray(0, EXPORT_ID_BYTES), S.exportId);
   bytes.set(hello.nonce.subarray(0, NONCE_BYTES), S.nonce);
   setU64(view, S.writeGeneration, hello.writeGeneration);
+  bytes.set(hello.writeEpoch.subarray(0, WRITE_EPOCH_BYTES), S.writeEpoch);
   return bytes;
 }
 
@@ -120,6 +124,7 @@ export function decodeServerHello(bytes: Uint8Array): ServerHello | string {
     exportId: bytes.slice(S.exportId, S.exportId + EXPORT_ID_BYTES),
     nonce: bytes.slice(S.nonce, S.nonce + NONCE_BYTES),
     writeGeneration: getU64(view, S.writeGeneration),
+    writeEpoch: bytes.slice(S.writeEpoch, S.writeEpoch + WRITE_EPOCH_BYTES),
   };
   if (hello.status !== 0) return hello; // the other fields mean nothing; the caller reports status
   if (hello.version !== PROTOCOL_VERSION) {

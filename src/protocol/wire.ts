@@ -117,6 +117,8 @@ export const EXPORT_ID_BYTES = 16;
 export const NONCE_BYTES = 16;
 /** A client's identity: random, kept across its reconnects (README.md, "Fencing"). */
 export const CLIENT_ID_BYTES = 16;
+/** An export state's epoch: random, made with the state, so a lost state never repeats one. */
+export const WRITE_EPOCH_BYTES = 16;
 
 /** Client hello: 48 bytes. */
 export const ClientHelloLayout = {
@@ -137,7 +139,7 @@ export const ClientHelloLayout = {
  */
 export const REFUSAL_REASON_BYTES_MAX = 512;
 
-/** Server hello: 80 bytes. */
+/** Server hello: 96 bytes. */
 export const ServerHelloLayout = {
   magic: 0, // u32
   version: 4, // u16
@@ -153,7 +155,8 @@ export const ServerHelloLayout = {
   exportId: 40, // 16 bytes
   nonce: 56, // 16 bytes
   writeGeneration: 72, // u64
-  SIZE: 80,
+  writeEpoch: 80, // 16 bytes
+  SIZE: 96,
 } as const;
 
 /** Request header: 32 bytes, followed by `payloadLength` bytes. */
@@ -193,9 +196,10 @@ assert(
   "client hello is 48 bytes",
 );
 assert(ServerHelloLayout.exportId + EXPORT_ID_BYTES === ServerHelloLayout.nonce, "hello layout");
+assert(ServerHelloLayout.writeGeneration + 8 === ServerHelloLayout.writeEpoch, "hello layout");
 assert(
-  ServerHelloLayout.writeGeneration + 8 === ServerHelloLayout.SIZE,
-  "server hello is 80 bytes",
+  ServerHelloLayout.writeEpoch + WRITE_EPOCH_BYTES === ServerHelloLayout.SIZE,
+  "server hello is 96 bytes",
 );
 assert(RequestLayout.payloadLength + 4 === RequestLayout.SIZE, "request header is 32 bytes");
 assert(ReplyLayout.payloadLength + 4 === ReplyLayout.SIZE, "reply header is 24 bytes");

@@ -60,6 +60,8 @@ export interface ExportStatus {
   zeroes: number;
   errors: number;
   writeGeneration: number;
+  /** The export state's epoch (32 hex digits): generations count within one epoch. */
+  writeEpoch: string;
   /** Who may write now; null when nobody holds the lease (or writers are shared). */
   writeLease: LeaseHolderStatus | null;
   sharedWriters: boolean;
@@ -172,6 +174,7 @@ export class Exporter {
       zeroes: stats.zeroes,
       errors: stats.errors + this.#protocolErrors,
       writeGeneration: this.#lease.generation.current,
+      writeEpoch: this.#lease.generation.epoch,
       writeLease: this.#lease.holder,
       sharedWriters: this.#lease.sharedWriters,
       ...(this.#owner === null ? {} : { array: this.#owner.status() }),
@@ -255,6 +258,7 @@ export class Exporter {
       ok: true,
       features: this.#lease.sharedWriters ? ServerFeature.SHARED_WRITERS : 0,
       writeGeneration: grant?.generation ?? this.#lease.generation.current,
+      writeEpoch: this.#lease.generation.epoch,
     };
   }
 

@@ -28,13 +28,14 @@ import {
   PROTECTION_NONE,
   PROTOCOL_VERSION,
   type ServerHello,
+  WRITE_EPOCH_BYTES,
 } from "../protocol/mod.ts";
 import { type ByteConn, readExact, writeAll } from "../transport/byte_conn.ts";
 import { hexToBytes } from "../lib/hex.ts";
 
 /** What the export decided about a client whose hello it could accept. */
 export type Admission =
-  | { ok: true; features: number; writeGeneration: number }
+  | { ok: true; features: number; writeGeneration: number; writeEpoch: string }
   | { ok: false; status: number; reason: string };
 
 /**
@@ -92,6 +93,7 @@ export async function acceptHandshake(
     exportId: ok ? hexToBytes(info.id) : new Uint8Array(EXPORT_ID_BYTES),
     nonce: crypto.getRandomValues(new Uint8Array(NONCE_BYTES)),
     writeGeneration: admission.ok ? admission.writeGeneration : 0,
+    writeEpoch: admission.ok ? hexToBytes(admission.writeEpoch) : new Uint8Array(WRITE_EPOCH_BYTES),
   };
   const helloOut = encodeServerHello(reply);
   if (admission.ok) {

@@ -14,9 +14,15 @@
 
 import { ensureDir, readStateFile, stateRoot, writeStateFile } from "../lib/state_file.ts";
 import { DstError } from "../lib/errors.ts";
+import { randomId } from "../lib/hex.ts";
 
 export interface WriteGeneration {
   readonly current: number;
+  /**
+   * Random, made with the state (32 hex digits): an export whose state was lost starts
+   * a new epoch, so its restarted count never passes for the old one.
+   */
+  readonly epoch: string;
   /**
    * Grants writing to `writer` (a client identity): starts a new generation, on stable
    * storage before it resolves, unless `writer` had the last grant; returns the value.
@@ -29,12 +35,17 @@ export function defaultExportStateDir(): string {
   return `${stateRoot()}/exports`;
 }
 
-/** A generation kept in `DIR/<exportId>.json`, with the writer of its last grant. */
+/** A generation kept in `DIR/<exportId>.json`, with its epoch and the writer of its last grant. */
 export class PersistedGeneration implements WriteGeneration {
   #current: number;
   #writer: string | null;
 
-  private constructor(readonly path: string, current: number, writer: string | null) {
+  private constructor(
+    readonly path: string,
+    readonly epoch: string,
+    current: number,
+    writer: string | null,
+  ) {
     this.#current = current;
     this.#writer = writer;
   }
@@ -43,8 +54,8 @@ export class PersistedGeneration implements WriteGeneration {
     ensureDir(dir);
     const path = `${dir}/${exportId}.json`;
     const text = readStateFile(path);
-    if (text === null) return new PersistedGeneration(path, 0, null);
-    let state: { writeGeneration?: unknown; writer?: unknown } = {};
+    if (text === null) return PersistedGeneration.#create(path, 0, null);
+    let state: { writeGeneration?: unknown; writer?: unknown; epoch?: unknown } = {};
     try {
       state = JSON.parse(text) ?? {};
     } catch {
@@ -59,7 +70,25 @@ export class PersistedGeneration implements WriteGeneration {
     }
     // A state written before writers were recorded: the next grant starts a generation.
     const writer = typeof state.writer === "string" ? state.writer : null;
-    return new PersistedGeneration(path, generation as number, writer);
+    // A state from before epochs: it gets one now, and mirrors see a new history (a full copy).
+    if (typeof state.epoch !== "string" || !/^[0-9a-f]{32}$/.test(state.epoch)) {
+      return PersistedGeneration.#create(path, generation as number, writer);
+    }
+    return new PersistedGeneration(path, state.epoch, generation as number, writer);
+  }
+
+  /** A state with a new epoch, written before it is used. */
+  static #create(path: string, current: number, writer: string | null): PersistedGeneration {
+    const made = new PersistedGeneration(path, randomId(), current, writer);
+    made.#write(current, writer);
+    return made;
+  }
+
+  #write(value: number, writer: string | null): void {
+    writeStateFile(
+      this.path,
+      JSON.stringify({ writeGeneration: value, writer, epoch: this.epoch }) + "\n",
+    );
   }
 
   get current(): number {
@@ -71,7 +100,7 @@ export class PersistedGeneration implements WriteGeneration {
     // writeStateFile is synchronous, so calls cannot interleave: the file never goes backwards.
     const value = this.#current + 1;
     try {
-      writeStateFile(this.path, JSON.stringify({ writeGeneration: value, writer }) + "\n");
+      this.#write(value, writer);
     } catch (error) {
       return Promise.reject(error);
     }
@@ -83,6 +112,7 @@ export class PersistedGeneration implements WriteGeneration {
 
 /** A generation that lasts as long as the process (tests, and exports made in code). */
 export class MemoryGeneration implements WriteGeneration {
+  readonly epoch = randomId();
   #current = 0;
   #writer: string | null = null;
   get current(): number {

@@ -20,6 +20,7 @@ import {
   allInSyncAndClean,
   leg,
   memberName,
+  startArray,
   startNewMirror,
   waitForMirror,
 } from "../helpers/array.ts";
@@ -148,4 +149,48 @@ Deno.test("a leg whose flushes fail keeps its marks and leaves sync; once they w
     } finally {
       await b.stop();
     }
+  }));
+
+Deno.test("a leg whose export lost its state is never trusted: a new epoch means a full copy", () =>
+  scenario("dst-durable-epoch-", async (dir, track) => {
+    const exportB = (port: number) =>
+      startExport([
+        `${dir}/b.img`,
+        ...(port === 0 ? ["--create", "4M"] : []),
+        "--listen",
+        `127.0.0.1:${port}`,
+        "--state",
+        `${dir}/b-state`,
+      ]);
+    const a = track(
+      await startExport([`${dir}/a.img`, "--create", "4M", "--listen", "127.0.0.1:0"]),
+    );
+    let b = track(await exportB(0));
+    const legs = [memberName(a.address), memberName(b.address)];
+    const state = `${dir}/state`;
+    let mirror = track(await startNewMirror(legs, state));
+    await waitForMirror(mirror.address, allInSyncAndClean, 10_000);
+    const data = randomBytes(SIZE);
+    await writeThrough(mirror.address, 0, data);
+    await waitForMirror(mirror.address, allInSyncAndClean, 10_000);
+    assert.equal((await mirror.stop()).code, 0, mirror.log());
+
+    // Behind the mirror's back: B's export loses its state, and B's image is written
+    // directly; its new state counts from 0 again, as the mirror's record once did.
+    await b.stop();
+    await Deno.remove(`${dir}/b-state`, { recursive: true });
+    const foreign = await Deno.open(`${dir}/b.img`, { write: true });
+    await foreign.write(new Uint8Array(64 * 1024).fill(0xee));
+    foreign.close();
+    b = track(await exportB(b.address.port));
+
+    mirror = track(
+      await startArray(["mirror", ...legs, "--state", state, "--export", "127.0.0.1:0"]),
+    );
+    await waitForMirror(mirror.address, allInSyncAndClean, 10_000);
+    assert.match(mirror.log(), /lost or replaced its export state .* it gets a full copy/);
+    assert.equal((await mirror.stop()).code, 0, mirror.log());
+    await a.stop();
+    await b.stop();
+    assertSameBytes(await Deno.readFile(`${dir}/b.img`), data, "B holds the mirror's data again");
   }));
