@@ -176,6 +176,8 @@ export class MirrorDevice implements BlockDevice {
   readonly #supervisor: ReturnType<typeof setInterval>;
   #resyncedBytes = 0;
   #closing = false;
+  /** Why the state could not be made durable; while set, writes fail (see #stateFailed). */
+  #stateError: Error | null = null;
 
   private constructor(
     state: MirrorState,
@@ -370,7 +372,7 @@ export class MirrorDevice implements BlockDevice {
       }
       leg.device = member.device;
       // A new mirror's records hold the generations it was made with already.
-      if (!fresh) MirrorDevice.#checkGeneration(leg, member, bitmap, log);
+      if (!fresh) await MirrorDevice.#checkGeneration(leg, member, bitmap, log);
     }
 
     // After a crash, in-sync legs may differ where the bitmap is marked: the first
@@ -473,7 +475,7 @@ export class MirrorDevice implements BlockDevice {
     stamp: { generation: number; epoch: string },
     bitmap: DirtyBitmap,
     log: Logger,
-  ): void {
+  ): Promise<void> {
     // The mirror is the same writer on every connection: any change is someone else's
     // grant, and another epoch is an export that lost its state (anything may have happened).
     const { generation, epoch } = stamp;
@@ -481,7 +483,7 @@ export class MirrorDevice implements BlockDevice {
     const sameEpoch = leg.record.epoch === epoch;
     leg.record.generation = generation;
     leg.record.epoch = epoch;
-    if (generation === expected && sameEpoch) return;
+    if (generation === expected && sameEpoch) return Promise.resolve();
     log.warn(
       sameEpoch
         ? `leg ${leg.record.name} was written by someone else while away (write generation ` +
@@ -491,9 +493,10 @@ export class MirrorDevice implements BlockDevice {
             leg.record.epoch === undefined ? "none" : "another"
           }); it gets a full copy`,
     );
-    void bitmap.markAll(1 << leg.record.slot).catch(() => {});
     if (leg.mode === "in-sync" || leg.mode === "resyncing") leg.mode = "out-of-sync";
     leg.reason = sameEpoch ? "written by someone else while away" : "its export lost its state";
+    // The caller saves the state (with the new generation) only once this is durable.
+    return bitmap.markAll(1 << leg.record.slot);
   }
 
 
@@ -569,6 +572,14 @@ export class MirrorDevice implements BlockDevice {
     count: () => void,
   ): Promise<void> {
     checkRange(this.info, what, offset, length);
+    if (this.#stateError !== null) {
+      this.#stats.errors += 1;
+      throw new DeviceError(
+        "EIO",
+        `${this.info.name}: the mirror state cannot be made durable ` +
+          `(${describeError(this.#stateError)}); the ${what} is refused until it can`,
+      );
+    }
     const region = this.#state.regionBytes;
     const first = Math.floor(offset / region);
     const last = Math.floor((offset + Math.max(length, 1) - 1) / region);
@@ -598,6 +609,16 @@ export class MirrorDevice implements BlockDevice {
     if (!targets.some((leg, i) => ok[i] && leg.mode === "in-sync")) {
       this.#stats.errors += 1;
       throw new DeviceError("EIO", `${this.info.name}: no in-sync leg took the ${what}`);
+    }
+    // A leg left sync on the way and the state could not say so durably: a crash now
+    // would trust that leg again, so this is not acknowledged either.
+    if (this.#stateError !== null) {
+      this.#stats.errors += 1;
+      throw new DeviceError(
+        "EIO",
+        `${this.info.name}: the mirror state cannot be made durable ` +
+          `(${describeError(this.#stateError)})`,
+      );
     }
   }
 
@@ -682,14 +703,18 @@ export class MirrorDevice implements BlockDevice {
     if (!(device instanceof RemoteDevice)) return;
     device.setReconnectListener((generation, epoch) => {
       if (leg.device !== device || leg.mode === "detached") return;
-      MirrorDevice.#checkGeneration(leg, { generation, epoch }, this.#bitmap, this.#log);
-      this.#save();
+      // Marks durable before the state names the new generation; a failure is a save failure.
+      MirrorDevice.#checkGeneration(leg, { generation, epoch }, this.#bitmap, this.#log).then(
+        () => this.#save(),
+        (error) => this.#stateFailed(error),
+      );
     });
   }
 
   /** Every second: legs that are out of sync and reachable are resynced; lost ones re-dialed. */
   #supervise(): void {
     if (this.#closing) return;
+    if (this.#stateError !== null) this.#save(); // try again: writes wait on it
     for (const leg of this.#legs) {
       if (leg.mode !== "out-of-sync" || leg.busy) continue;
       if (Date.now() - leg.lastFailureMs < MIRROR_SUPERVISE_MS) continue;
@@ -725,7 +750,7 @@ export class MirrorDevice implements BlockDevice {
         await member.device.close();
         return;
       }
-      MirrorDevice.#checkGeneration(leg, member, this.#bitmap, this.#log);
+      await MirrorDevice.#checkGeneration(leg, member, this.#bitmap, this.#log);
       leg.device = member.device;
       this.#watch(leg);
       this.#save();
@@ -1024,7 +1049,7 @@ export class MirrorDevice implements BlockDevice {
         throw new DstError("USAGE", `${name} ${refusal}`);
       }
       leg.mode = "out-of-sync";
-      MirrorDevice.#checkGeneration(leg, member, this.#bitmap, this.#log);
+      await MirrorDevice.#checkGeneration(leg, member, this.#bitmap, this.#log);
       leg.device = member.device;
     }
     this.#watch(leg);
@@ -1075,6 +1100,20 @@ export class MirrorDevice implements BlockDevice {
     this.#lock.release();
   }
 
+  /**
+   * The state (or a mark it depends on) could not be made durable: until it can, the
+   * array acknowledges no write (a crash would forget what the state should say).
+   */
+  #stateFailed(error: unknown): void {
+    if (this.#stateError === null) {
+      this.#log.error(
+        `cannot make the mirror state durable (${describeError(error)}); writes fail with EIO ` +
+          "until it can (retried every second)",
+      );
+    }
+    this.#stateError = error instanceof Error ? error : new Error(String(error));
+  }
+
   #save(): void {
     for (const leg of this.#legs) {
       // A resync under way starts over after a restart.
@@ -1083,7 +1122,12 @@ export class MirrorDevice implements BlockDevice {
     try {
       saveMirrorState(this.#options.stateDir, this.#state);
     } catch (error) {
-      this.#log.error(`cannot save the mirror state: ${describeError(error)}`);
+      this.#stateFailed(error);
+      return;
+    }
+    if (this.#stateError !== null) {
+      this.#stateError = null;
+      this.#log.info("the mirror state is durable again; writes go on");
     }
   }
 }
