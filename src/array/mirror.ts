@@ -514,17 +514,72 @@ export class MirrorDevice implements BlockDevice {
   }
 
   /**
-   * Reads from the in-sync legs, least busy first, each at most once: a leg that
-   * fails goes out of sync (but the last in-sync one, see #legFailed), and the next
-   * is tried. Resolves whether one of them answered.
+   * Reads from the in-sync legs, least busy first, each at most once. When a leg fails
+   * and another answers, the failing leg gets those bytes written back (#repair): a
+   * disk remaps a bad sector on write, and a leg that cannot take them goes out of sync.
+   * When none answers, the failing legs go out of sync (but the last in-sync one, see
+   * #legFailed). Resolves whether one of them answered.
    */
   async #readFromSome(offset: number, into: Uint8Array): Promise<boolean> {
     const tried = new Set<Leg>();
+    const failed: Array<{ leg: Leg; error: unknown }> = [];
     for (;;) {
       const leg = this.#readLeg(tried);
-      if (leg === null) return false;
+      if (leg === null) {
+        for (const { leg, error } of failed) this.#legFailed(leg, error);
+        return false;
+      }
       tried.add(leg);
-      if (await this.#onLeg(leg, (d) => d.read(offset, into))) return true;
+      const error = await this.#tryOnLeg(leg, (d) => d.read(offset, into));
+      if (error === null) {
+        if (failed.length > 0) void this.#repair(failed, offset, into.length);
+        return true;
+      }
+      failed.push({ leg, error });
+    }
+  }
+
+  /**
+   * Writes a range that some legs failed to read back to them, from a fresh read of
+   * another leg under the regions' write lock (so no newer write is overtaken), their
+   * marks durable first. Only a failed rewrite takes a leg out of sync.
+   */
+  async #repair(failed: Array<{ leg: Leg; error: unknown }>, offset: number, length: number) {
+    const region = this.#state.regionBytes;
+    const first = Math.floor(offset / region);
+    const last = Math.floor((offset + length - 1) / region);
+    await this.#regions.enterWrite(first, last);
+    try {
+      const data = new Uint8Array(length);
+      const source = this.#readLeg(new Set(failed.map((f) => f.leg)));
+      const error = source === null ? new Error("no other in-sync leg") : await this.#tryOnLeg(
+        source,
+        (d) => d.read(offset, data),
+      );
+      if (error !== null) {
+        for (const f of failed) this.#legFailed(f.leg, f.error);
+        return;
+      }
+      let mask = 0;
+      for (const f of failed) mask |= 1 << f.leg.record.slot;
+      await this.#bitmap.mark(first, last, mask);
+      for (const { leg, error: readError } of failed) {
+        if (leg.mode !== "in-sync") continue;
+        const writeError = await this.#tryOnLeg(leg, (d) => d.write(offset, data));
+        if (writeError === null) {
+          leg.errors += 1; // the read error, mended
+          this.#log.warn(
+            `leg ${leg.record.name} failed a read of ${length} bytes at ${offset} ` +
+              `(${describeError(readError)}); rewrote them from ${source!.record.name}`,
+          );
+        } else {
+          this.#legFailed(leg, writeError);
+        }
+      }
+    } catch (error) {
+      for (const f of failed) this.#legFailed(f.leg, error);
+    } finally {
+      this.#regions.exitWrite(first, last); // the sweep clears the marks once flushed
     }
   }
 
@@ -624,8 +679,16 @@ export class MirrorDevice implements BlockDevice {
 
   /** Runs `op` on a leg; a failure takes the leg out of sync. Resolves whether it worked. */
   async #onLeg(leg: Leg, op: (device: BlockDevice) => Promise<void>): Promise<boolean> {
+    const error = await this.#tryOnLeg(leg, op);
+    if (error === null) return true;
+    this.#legFailed(leg, error);
+    return false;
+  }
+
+  /** Runs `op` on a leg; resolves with its error, or null when it worked. */
+  async #tryOnLeg(leg: Leg, op: (device: BlockDevice) => Promise<void>): Promise<unknown> {
     const device = leg.device;
-    if (device === null) return false;
+    if (device === null) return new Error("not connected");
     leg.inFlight += 1;
     try {
       await op(device);
@@ -633,10 +696,9 @@ export class MirrorDevice implements BlockDevice {
         this.#log.info(`leg ${leg.record.name}, the last in-sync leg, answers again`);
         leg.reason = null;
       }
-      return true;
+      return null;
     } catch (error) {
-      this.#legFailed(leg, error);
-      return false;
+      return error ?? new Error("failed");
     } finally {
       leg.inFlight -= 1;
     }
