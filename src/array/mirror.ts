@@ -20,9 +20,12 @@
  *   mirror issues a write to all legs in the same turn, so legs never disagree on
  *   the order. A resync copy takes its region alone (region_activity.ts).
  * - Reads go to the in-sync leg with the fewest requests in flight.
- * - A leg's identity is its export id; a leg that comes back with a write
- *   generation other than one past the mirror's last connection was written by
- *   someone else, and gets a full copy.
+ * - A leg's identity is its export id; a leg that comes back with another write
+ *   (epoch, generation) than the mirror recorded was written by someone else, or its
+ *   export lost its state, and gets a full copy.
+ * - The last in-sync leg never leaves sync; a read error is answered from another leg
+ *   and the bytes written back; when the state cannot be made durable, no write is
+ *   acknowledged.
  */
 
 import {
@@ -38,15 +41,17 @@ import {
   type DeviceStats,
   emptyStats,
   type IoFlags,
+  reconnecting,
 } from "../device/block_device.ts";
 import { HandshakeRefused } from "../client/dial.ts";
 import { StateLock } from "./state_lock.ts";
-import { RemoteDevice, type RemoteDeviceOptions } from "../client/remote_device.ts";
+import type { RemoteDeviceOptions } from "../client/remote_device.ts";
 import { describeError, DeviceError, DstError } from "../lib/errors.ts";
 import { ensureDir } from "../lib/state_file.ts";
 import { randomId } from "../lib/hex.ts";
 import { formatBytes, formatDuration } from "../lib/units.ts";
 import type { Logger } from "../lib/log.ts";
+import { type Clock, systemClock } from "../lib/clock.ts";
 import { DirtyBitmap, LEG_SLOTS_MAX } from "./dirty_bitmap.ts";
 import {
   bitmapPath,
@@ -101,6 +106,8 @@ export interface MirrorOptions {
   regionBytes: number;
   client: RemoteDeviceOptions;
   log: Logger;
+  /** Where time comes from (default the system's); timers still run on real time. */
+  clock?: Clock;
 }
 
 interface Leg {
@@ -139,7 +146,7 @@ function newLeg(record: LegRecord, device: BlockDevice | null, reason: string | 
     pending: null,
     resync: null,
     busy: false,
-    lastFailureMs: 0,
+    lastFailureMs: Number.NEGATIVE_INFINITY, // never failed: the supervisor may act at once
   };
 }
 
@@ -163,6 +170,7 @@ export class MirrorDevice implements BlockDevice {
   readonly #stats = emptyStats();
   readonly #log: Logger;
   readonly #options: MirrorOptions;
+  readonly #clock: Clock;
   /** The state folder's lock, held until close(). */
   readonly #lock: StateLock;
   readonly #sweeper: ReturnType<typeof setInterval>;
@@ -188,6 +196,7 @@ export class MirrorDevice implements BlockDevice {
     lock: StateLock,
   ) {
     this.#lock = lock;
+    this.#clock = options.clock ?? systemClock;
     this.#state = state;
     this.#legs = legs;
     this.#bitmap = bitmap;
@@ -499,7 +508,6 @@ export class MirrorDevice implements BlockDevice {
     return bitmap.markAll(1 << leg.record.slot);
   }
 
-
   // --- I/O ------------------------------------------------------------------------
 
   async read(offset: number, into: Uint8Array): Promise<void> {
@@ -728,7 +736,7 @@ export class MirrorDevice implements BlockDevice {
 
   #legFailed(leg: Leg, error: unknown): void {
     leg.errors += 1;
-    leg.lastFailureMs = Date.now();
+    leg.lastFailureMs = this.#clock.nowMs();
     if (leg.mode !== "in-sync" && leg.mode !== "resyncing") return;
     const othersInSync = this.#legs.some((l) => l !== leg && l.mode === "in-sync");
     if (leg.mode === "in-sync" && !othersInSync) {
@@ -761,8 +769,8 @@ export class MirrorDevice implements BlockDevice {
 
   /** Follows a remote leg's reconnects: its write generation says whether we can trust it. */
   #watch(leg: Leg): void {
-    const device = leg.device;
-    if (!(device instanceof RemoteDevice)) return;
+    const device = leg.device === null ? null : reconnecting(leg.device);
+    if (device === null) return;
     device.setReconnectListener((generation, epoch) => {
       if (leg.device !== device || leg.mode === "detached") return;
       // Marks durable before the state names the new generation; a failure is a save failure.
@@ -779,9 +787,10 @@ export class MirrorDevice implements BlockDevice {
     if (this.#stateError !== null) this.#save(); // try again: writes wait on it
     for (const leg of this.#legs) {
       if (leg.mode !== "out-of-sync" || leg.busy) continue;
-      if (Date.now() - leg.lastFailureMs < MIRROR_SUPERVISE_MS) continue;
+      if (this.#clock.nowMs() - leg.lastFailureMs < MIRROR_SUPERVISE_MS) continue;
       const device = leg.device;
-      if (device instanceof RemoteDevice && device.gaveUp) {
+      const remote = device === null ? null : reconnecting(device);
+      if (device !== null && remote?.gaveUp === true) {
         // It refused a changed export at that address; dial afresh, checking identity again.
         leg.device = null;
         leg.busy = true;
@@ -790,7 +799,7 @@ export class MirrorDevice implements BlockDevice {
         });
       } else if (device === null) {
         void this.#reopen(leg);
-      } else if (!(leg.device instanceof RemoteDevice) || leg.device.connected) {
+      } else if (remote === null || remote.connected) {
         void this.#resync(leg);
       }
     }
@@ -805,7 +814,7 @@ export class MirrorDevice implements BlockDevice {
         await member.device.close();
         if (leg.reason !== refusal) this.#log.error(`leg ${leg.record.name}: ${refusal}`);
         leg.reason = refusal;
-        leg.lastFailureMs = Date.now();
+        leg.lastFailureMs = this.#clock.nowMs();
         return;
       }
       if (this.#closing || leg.mode !== "out-of-sync") {
@@ -819,7 +828,7 @@ export class MirrorDevice implements BlockDevice {
       this.#log.info(`leg ${leg.record.name} is reachable again`);
     } catch (error) {
       leg.reason = describeError(error);
-      leg.lastFailureMs = Date.now();
+      leg.lastFailureMs = this.#clock.nowMs();
     } finally {
       leg.busy = false;
     }
@@ -850,7 +859,7 @@ export class MirrorDevice implements BlockDevice {
       regionsTotal: total,
       regionsDone: 0,
       bytesCopied: 0,
-      startedMs: Date.now(),
+      startedMs: this.#clock.nowMs(),
     };
     leg.pending = pending;
     leg.resync = run;
@@ -860,7 +869,7 @@ export class MirrorDevice implements BlockDevice {
       `resync of ${leg.record.name}: ${total} of ${regions} regions ` +
         `(${formatBytes(Math.min(total * this.#state.regionBytes, this.info.sizeBytes))}) to copy`,
     );
-    let lastLogMs = Date.now();
+    let lastLogMs = this.#clock.nowMs();
     let next = 0;
     // Workers share `next`; a copy that fails takes the leg out, which stops the others.
     const worker = async (buffer: Uint8Array) => {
@@ -874,8 +883,8 @@ export class MirrorDevice implements BlockDevice {
           if (run.unflushed.length >= MIRROR_RESYNC_FLUSH_REGIONS) {
             await this.#flushCopies(leg, run);
           }
-          if (Date.now() - lastLogMs >= 1000) {
-            lastLogMs = Date.now();
+          if (this.#clock.nowMs() - lastLogMs >= 1000) {
+            lastLogMs = this.#clock.nowMs();
             this.#logProgress(leg.record.name, this.#progress(run));
           }
         }
@@ -896,7 +905,7 @@ export class MirrorDevice implements BlockDevice {
           leg.mode = "in-sync";
           leg.pending = null;
           this.#save();
-          const seconds = (Date.now() - run.startedMs) / 1000;
+          const seconds = (this.#clock.nowMs() - run.startedMs) / 1000;
           this.#log.info(
             `leg ${leg.record.name} is in sync: copied ${run.regionsDone} regions, ` +
               `${formatBytes(run.bytesCopied)} in ${seconds.toFixed(1)} s`,
@@ -942,7 +951,7 @@ export class MirrorDevice implements BlockDevice {
   }
 
   #progress(run: ResyncRun): ResyncProgress {
-    const seconds = Math.max((Date.now() - run.startedMs) / 1000, 0.001);
+    const seconds = Math.max((this.#clock.nowMs() - run.startedMs) / 1000, 0.001);
     const rate = run.bytesCopied / seconds;
     const left = (run.regionsTotal - run.regionsDone) * this.#state.regionBytes;
     return {

@@ -64,6 +64,8 @@ import {
   type DeviceStats,
   emptyStats,
   type IoFlags,
+  type Reconnecting,
+  type ReconnectListener,
 } from "../device/block_device.ts";
 import { formatHostPort, type HostPort } from "../lib/address.ts";
 import { assert } from "../lib/assert.ts";
@@ -125,11 +127,6 @@ export interface RemoteDeviceOptions {
    * keeps its own in its state, so a restarted mirror is the same writer.
    */
   clientId?: Uint8Array;
-}
-
-/** Notified when a RemoteDevice made a new link; a mirror uses it to check its legs. */
-export interface ReconnectListener {
-  (writeGeneration: number, writeEpoch: string): void;
 }
 
 type TxState = "blocked" | "queued" | "sent" | "done";
@@ -197,7 +194,7 @@ function changesData(command: number): boolean {
     command === Command.WRITE_ZEROES;
 }
 
-export class RemoteDevice implements BlockDevice {
+export class RemoteDevice implements BlockDevice, Reconnecting {
   readonly info: DeviceInfo;
   readonly address: HostPort;
   readonly timeoutMs: number;

@@ -95,3 +95,23 @@ export function settle(work: () => void): Promise<void> {
     return Promise.reject(error);
   }
 }
+
+/** Called when a device's connection was made again, with its export's write stamp. */
+export type ReconnectListener = (writeGeneration: number, writeEpoch: string) => void;
+
+/**
+ * A device whose connection comes and goes (RemoteDevice): what a mirror needs to
+ * follow a leg's reconnects, without knowing the class behind it.
+ */
+export interface Reconnecting {
+  /** A connection is up now. */
+  readonly connected: boolean;
+  /** It gave up for good (the export changed identity): open it again to go on. */
+  readonly gaveUp: boolean;
+  setReconnectListener(listener: ReconnectListener): void;
+}
+
+/** `device` as Reconnecting when it is one, else null (a local file never reconnects). */
+export function reconnecting(device: BlockDevice): (BlockDevice & Reconnecting) | null {
+  return "setReconnectListener" in device ? device as BlockDevice & Reconnecting : null;
+}
