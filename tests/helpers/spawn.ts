@@ -199,3 +199,13 @@ export async function scenario(
     await Deno.remove(dir, { recursive: true });
   }
 }
+
+/** `dst export DIR/NAME --create SIZE` on a free loopback port (EXTRA: more options). */
+export function exportImage(
+  dir: string,
+  name: string,
+  size: string,
+  ...extra: string[]
+): Promise<RunningExport> {
+  return startExport([`${dir}/${name}`, "--create", size, "--listen", "127.0.0.1:0", ...extra]);
+}

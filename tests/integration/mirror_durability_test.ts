@@ -27,7 +27,7 @@ import {
 } from "../helpers/array.ts";
 import { assertSameBytes } from "../helpers/bytes.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
-import { scenario, startExport } from "../helpers/spawn.ts";
+import { exportImage, scenario, startExport } from "../helpers/spawn.ts";
 
 const MiB = 1024 * 1024;
 const SIZE = 4 * MiB;
@@ -83,7 +83,7 @@ async function writeThrough(
 Deno.test("a leg's power loss after the mirror cleared its marks loses no acknowledged write", () =>
   scenario("dst-durable-power-", async (dir, track) => {
     const a = track(
-      await startExport([`${dir}/a.img`, "--create", "4M", "--listen", "127.0.0.1:0"]),
+      await exportImage(dir, "a.img", "4M"),
     );
     const b = new VolatileLeg();
     try {
@@ -112,7 +112,7 @@ Deno.test("a leg's power loss after the mirror cleared its marks loses no acknow
 Deno.test("a leg whose flushes fail keeps its marks and leaves sync; once they work, only those regions are copied", () =>
   scenario("dst-durable-flushfail-", async (dir, track) => {
     const a = track(
-      await startExport([`${dir}/a.img`, "--create", "4M", "--listen", "127.0.0.1:0"]),
+      await exportImage(dir, "a.img", "4M"),
     );
     const b = new VolatileLeg();
     try {
@@ -164,7 +164,7 @@ Deno.test("a leg whose export lost its state is never trusted: a new epoch means
         `${dir}/b-state`,
       ]);
     const a = track(
-      await startExport([`${dir}/a.img`, "--create", "4M", "--listen", "127.0.0.1:0"]),
+      await exportImage(dir, "a.img", "4M"),
     );
     let b = track(await exportB(0));
     const legs = [memberName(a.address), memberName(b.address)];
@@ -199,9 +199,9 @@ Deno.test("a leg whose export lost its state is never trusted: a new epoch means
 Deno.test("when the mirror state cannot be made durable, writes fail with EIO until it can", () =>
   scenario("dst-durable-state-", async (dir, track) => {
     const a = track(
-      await startExport([`${dir}/a.img`, "--create", "4M", "--listen", "127.0.0.1:0"]),
+      await exportImage(dir, "a.img", "4M"),
     );
-    let b = track(await startExport([`${dir}/b.img`, "--create", "4M", "--listen", "127.0.0.1:0"]));
+    let b = track(await exportImage(dir, "b.img", "4M"));
     const [nameA, nameB] = [memberName(a.address), memberName(b.address)];
     const state = `${dir}/state`;
     const mirror = track(

@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 import { assertSameBytes } from "../helpers/bytes.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import { memberName, mirrorStatus, startNewMirror, waitForMirror } from "../helpers/array.ts";
-import { runDst, scenario, startExport } from "../helpers/spawn.ts";
+import { exportImage, runDst, scenario } from "../helpers/spawn.ts";
 import { RemoteDevice } from "../../src/client/remote_device.ts";
 import type { HostPort } from "../../src/lib/address.ts";
 
@@ -30,10 +30,10 @@ const inSync = (s: { members: Array<{ state: string }> }) =>
 Deno.test("a second array on a state folder in use exits at once, naming the holder, and opens no leg", () =>
   scenario("dst-guard-lock-", async (dir, track) => {
     const a = track(
-      await startExport([`${dir}/a.img`, "--create", "4M", "--listen", "127.0.0.1:0"]),
+      await exportImage(dir, "a.img", "4M"),
     );
     const b = track(
-      await startExport([`${dir}/b.img`, "--create", "4M", "--listen", "127.0.0.1:0"]),
+      await exportImage(dir, "b.img", "4M"),
     );
     const legs = [memberName(a.address), memberName(b.address)];
     const first = track(await startNewMirror(legs, `${dir}/state`));
@@ -66,10 +66,10 @@ Deno.test("a second array on a state folder in use exits at once, naming the hol
 Deno.test("CONTROL never opens a local path: attach of a file over the network is refused, the file untouched", () =>
   scenario("dst-guard-control-", async (dir, track) => {
     const a = track(
-      await startExport([`${dir}/a.img`, "--create", "4M", "--listen", "127.0.0.1:0"]),
+      await exportImage(dir, "a.img", "4M"),
     );
     const b = track(
-      await startExport([`${dir}/b.img`, "--create", "4M", "--listen", "127.0.0.1:0"]),
+      await exportImage(dir, "b.img", "4M"),
     );
     const mirror = track(
       await startNewMirror([memberName(a.address), memberName(b.address)], `${dir}/state`),
@@ -89,10 +89,10 @@ Deno.test("CONTROL never opens a local path: attach of a file over the network i
 Deno.test("a mirror refuses its own export as a leg, on the command line and over CONTROL", () =>
   scenario("dst-guard-self-", async (dir, track) => {
     const a = track(
-      await startExport([`${dir}/a.img`, "--create", "4M", "--listen", "127.0.0.1:0"]),
+      await exportImage(dir, "a.img", "4M"),
     );
     const b = track(
-      await startExport([`${dir}/b.img`, "--create", "4M", "--listen", "127.0.0.1:0"]),
+      await exportImage(dir, "b.img", "4M"),
     );
     // A port that is free now: the array is told to serve there and to use it as a leg.
     const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
@@ -129,7 +129,7 @@ Deno.test("a mirror refuses its own export as a leg, on the command line and ove
 Deno.test("a mirror refuses the same export named twice", () =>
   scenario("dst-guard-twice-", async (dir, track) => {
     const a = track(
-      await startExport([`${dir}/a.img`, "--create", "4M", "--listen", "127.0.0.1:0"]),
+      await exportImage(dir, "a.img", "4M"),
     );
     const twice = await runDst([
       "array",
@@ -150,10 +150,10 @@ Deno.test("a mirror refuses the same export named twice", () =>
 Deno.test("detach refuses a leg that is not in sync, unless --force, which says the copy is not consistent", () =>
   scenario("dst-guard-detach-", async (dir, track) => {
     const a = track(
-      await startExport([`${dir}/a.img`, "--create", "4M", "--listen", "127.0.0.1:0"]),
+      await exportImage(dir, "a.img", "4M"),
     );
     const b = track(
-      await startExport([`${dir}/b.img`, "--create", "4M", "--listen", "127.0.0.1:0"]),
+      await exportImage(dir, "b.img", "4M"),
     );
     const [nameA, nameB] = [memberName(a.address), memberName(b.address)];
     const mirror = track(

@@ -12,7 +12,7 @@ import type { HostPort } from "../../src/lib/address.ts";
 import { assertSameBytes } from "../helpers/bytes.ts";
 import { allInSyncAndClean, memberName, startArray, waitForMirror } from "../helpers/array.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
-import { runDst, type RunningDst, scenario, startExport } from "../helpers/spawn.ts";
+import { exportImage, runDst, type RunningDst, scenario } from "../helpers/spawn.ts";
 
 const MiB = 1024 * 1024;
 const quiet = { debug() {}, info() {}, warn() {}, error() {} };
@@ -25,8 +25,8 @@ async function writeTo(address: HostPort, data: Uint8Array): Promise<void> {
 }
 
 async function twoLegs(dir: string, track: <T extends RunningDst>(running: T) => T) {
-  const a = track(await startExport([`${dir}/a.img`, "--create", "4M", "--listen", "127.0.0.1:0"]));
-  const b = track(await startExport([`${dir}/b.img`, "--create", "4M", "--listen", "127.0.0.1:0"]));
+  const a = track(await exportImage(dir, "a.img", "4M"));
+  const b = track(await exportImage(dir, "b.img", "4M"));
   return { a, b, legs: [memberName(a.address), memberName(b.address)] };
 }
 

@@ -16,12 +16,13 @@ import {
   allInSyncAndClean,
   leg,
   memberName,
+  type RunningArray,
   startNewMirror,
   waitForMirror,
 } from "../helpers/array.ts";
 import { assertSameBytes } from "../helpers/bytes.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
-import { scenario, startExport } from "../helpers/spawn.ts";
+import { exportImage, scenario } from "../helpers/spawn.ts";
 
 const MiB = 1024 * 1024;
 const SIZE = 4 * MiB;
@@ -65,13 +66,23 @@ async function withBadSectorLeg(
   }
 }
 
-Deno.test("a read error on a leg is answered from the other leg and the bytes are written back; the leg stays in sync", () =>
-  scenario("dst-repair-", (dir, track) =>
+/**
+ * A mirror of B (a BadSectorDevice, first, so reads go to it) and A (a real export),
+ * in sync and filled with random data through a client; `body` gets all of them.
+ */
+function withRepairRig(
+  prefix: string,
+  body: (rig: {
+    b: BadSectorDevice;
+    nameB: string;
+    mirror: RunningArray;
+    client: RemoteDevice;
+    data: Uint8Array;
+  }) => Promise<void>,
+): Promise<void> {
+  return scenario(prefix, (dir, track) =>
     withBadSectorLeg(async (b, nameB) => {
-      const a = track(
-        await startExport([`${dir}/a.img`, "--create", "4M", "--listen", "127.0.0.1:0"]),
-      );
-      // B first: reads go to the first of the least busy in-sync legs.
+      const a = track(await exportImage(dir, "a.img", "4M"));
       const mirror = track(
         await startNewMirror([nameB, memberName(a.address)], `${dir}/state`, "--timeout", "300"),
       );
@@ -81,44 +92,35 @@ Deno.test("a read error on a leg is answered from the other leg and the bytes ar
         const data = randomBytes(SIZE);
         await client.write(0, data);
         await client.flush();
-        b.bad = { start: MiB, end: MiB + 4096 };
-        const back = new Uint8Array(64 * 1024);
-        await client.read(MiB, back);
-        assertSameBytes(back, data.subarray(MiB, MiB + back.length), "read through the mirror");
-        assert.equal(b.badReads, 1, "B failed the read once");
-        const status = await waitForMirror(mirror.address, () => b.bad === null, 5_000);
-        assert.equal(leg(status, nameB).state, "in-sync", "a mended read error keeps B in sync");
-        assertSameBytes(b.bytes, data, "B holds every byte, the rewritten ones included");
-        assert.match(mirror.log(), new RegExp(`leg ${nameB} failed a read of .*rewrote them`));
-        // The sector is good again: B serves the next read itself.
-        await client.read(MiB, back);
-        assert.equal(b.badReads, 1);
+        await body({ b, nameB, mirror, client, data });
       } finally {
         await client.close();
       }
-    })));
+    }));
+}
+
+Deno.test("a read error on a leg is answered from the other leg and the bytes are written back; the leg stays in sync", () =>
+  withRepairRig("dst-repair-", async ({ b, nameB, mirror, client, data }) => {
+    b.bad = { start: MiB, end: MiB + 4096 };
+    const back = new Uint8Array(64 * 1024);
+    await client.read(MiB, back);
+    assertSameBytes(back, data.subarray(MiB, MiB + back.length), "read through the mirror");
+    assert.equal(b.badReads, 1, "B failed the read once");
+    const status = await waitForMirror(mirror.address, () => b.bad === null, 5_000);
+    assert.equal(leg(status, nameB).state, "in-sync", "a mended read error keeps B in sync");
+    assertSameBytes(b.bytes, data, "B holds every byte, the rewritten ones included");
+    assert.match(mirror.log(), new RegExp(`leg ${nameB} failed a read of .*rewrote them`));
+    // The sector is good again: B serves the next read itself.
+    await client.read(MiB, back);
+    assert.equal(b.badReads, 1);
+  }));
 
 Deno.test("a leg that cannot take the rewrite after a read error goes out of sync; the read is still answered", () =>
-  scenario("dst-repair-fail-", (dir, track) =>
-    withBadSectorLeg(async (b, nameB) => {
-      const a = track(
-        await startExport([`${dir}/a.img`, "--create", "4M", "--listen", "127.0.0.1:0"]),
-      );
-      const mirror = track(
-        await startNewMirror([nameB, memberName(a.address)], `${dir}/state`, "--timeout", "300"),
-      );
-      await waitForMirror(mirror.address, allInSyncAndClean, 10_000);
-      const client = await RemoteDevice.connect(mirror.address, { log: quiet });
-      try {
-        const data = randomBytes(SIZE);
-        await client.write(0, data);
-        b.bad = { start: 0, end: 4096 };
-        b.refuseWrites = true;
-        const back = new Uint8Array(4096);
-        await client.read(0, back);
-        assertSameBytes(back, data.subarray(0, 4096), "read through the mirror");
-        await waitForMirror(mirror.address, (s) => leg(s, nameB).state === "out-of-sync", 5_000);
-      } finally {
-        await client.close();
-      }
-    })));
+  withRepairRig("dst-repair-fail-", async ({ b, nameB, mirror, client, data }) => {
+    b.bad = { start: 0, end: 4096 };
+    b.refuseWrites = true;
+    const back = new Uint8Array(4096);
+    await client.read(0, back);
+    assertSameBytes(back, data.subarray(0, 4096), "read through the mirror");
+    await waitForMirror(mirror.address, (s) => leg(s, nameB).state === "out-of-sync", 5_000);
+  }));

@@ -10,7 +10,7 @@ import assert from "node:assert/strict";
 import { RemoteDevice } from "../../src/client/remote_device.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import { memberName, startNewMirror, waitForMirror } from "../helpers/array.ts";
-import { runDst, type RunningExport, startExport } from "../helpers/spawn.ts";
+import { exportImage, runDst, type RunningExport, startExport } from "../helpers/spawn.ts";
 import { missing, toolOk } from "../helpers/tools.ts";
 import { RawClient } from "../helpers/raw_client.ts";
 import { Command, type RequestHeader } from "../../src/protocol/mod.ts";
@@ -125,8 +125,8 @@ async function someoneElseWrites(intrude: Intruder): Promise<void> {
 
 Deno.test("a mirror with state for other legs is refused with what to do", async () => {
   const dir = await Deno.makeTempDir({ prefix: "dst-generation-" });
-  const a = await startExport([`${dir}/a.img`, "--create", "4M", "--listen", "127.0.0.1:0"]);
-  const b = await startExport([`${dir}/b.img`, "--create", "4M", "--listen", "127.0.0.1:0"]);
+  const a = await exportImage(dir, "a.img", "4M");
+  const b = await exportImage(dir, "b.img", "4M");
   const c = await startExport([`${dir}/c.img`, "--create", "4M", "--listen", "127.0.0.1:0"]);
   const [legA, legB, legC] = [a, b, c].map((s) => `127.0.0.1:${s.address.port}`);
   const state = `${dir}/state`;

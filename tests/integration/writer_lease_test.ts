@@ -19,12 +19,12 @@ import { memberName, startArray, startNewMirror, waitForMirror } from "../helper
 import { assertSameBytes } from "../helpers/bytes.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import {
+  exportImage,
   runDst,
   type RunningAttach,
   type RunningDst,
   scenario,
   startAttach,
-  startExport,
 } from "../helpers/spawn.ts";
 import { missing, toolOk } from "../helpers/tools.ts";
 
@@ -39,10 +39,6 @@ const CLOSED_HOLDER_REPLACED_MS = 5_000;
 const RETRY_MS = 500;
 
 /** `dst export DIR/NAME --create SIZE` on a free local port, with `extra` options. */
-function exportImage(dir: string, name: string, size: string, ...extra: string[]) {
-  return startExport([`${dir}/${name}`, "--create", size, "--listen", "127.0.0.1:0", ...extra]);
-}
-
 async function stopClean(process: RunningDst, what: string): Promise<void> {
   const status = await process.stop("SIGTERM");
   assert.equal(status.code, 0, `${what} exited ${status.code}:\n${process.log()}`);
