@@ -122,6 +122,11 @@ interface Leg {
   resync: ResyncRun | null;
   /** A connect attempt or resync is under way: the supervisor leaves the leg alone. */
   busy: boolean;
+  /**
+   * Counts the leg's reconnects. Across one, its export may have restarted and lost
+   * what it had not flushed: a flush or read that spans a reconnect vouches for nothing.
+   */
+  connections: number;
   lastFailureMs: number;
 }
 
@@ -132,6 +137,27 @@ function checkFit(info: DeviceInfo, sizeBytes: number): string | null {
   }
   if (info.readOnly) return "is read-only";
   return null;
+}
+
+/** Ranges read to tell whether a device is empty: its start, its end, and between. */
+const EMPTY_SAMPLES = 16;
+const EMPTY_SAMPLE_BYTES = 64 * 1024;
+
+/**
+ * Whether `device` reads as zeroes at its start, its end and evenly between: what a
+ * filesystem or a partition table puts on a disk lands there. A sample, so a mirror
+ * never overwrites such a disk without being told to.
+ */
+async function looksEmpty(device: BlockDevice): Promise<boolean> {
+  const size = device.info.sizeBytes;
+  const length = Math.min(EMPTY_SAMPLE_BYTES, size);
+  const buffer = new Uint8Array(length);
+  for (let i = 0; i < EMPTY_SAMPLES; i++) {
+    const offset = Math.floor(((size - length) * i) / (EMPTY_SAMPLES - 1));
+    await device.read(offset, buffer);
+    if (buffer.some((byte) => byte !== 0)) return false;
+  }
+  return true;
 }
 
 /** A leg as its record says, not yet doing anything. */
@@ -146,6 +172,7 @@ function newLeg(record: LegRecord, device: BlockDevice | null, reason: string | 
     pending: null,
     resync: null,
     busy: false,
+    connections: 0,
     lastFailureMs: Number.NEGATIVE_INFINITY, // never failed: the supervisor may act at once
   };
 }
@@ -186,6 +213,9 @@ export class MirrorDevice implements BlockDevice {
   #closing = false;
   /** Why the state could not be made durable; while set, writes fail (see #stateFailed). */
   #stateError: Error | null = null;
+  #retryingState = false;
+  /** The tail of the queue of detach and attach operations: they run one at a time. */
+  #controlTurn: Promise<unknown> = Promise.resolve();
 
   private constructor(
     state: MirrorState,
@@ -331,7 +361,7 @@ export class MirrorDevice implements BlockDevice {
           `${readOnly.device.info.name} is read-only; a leg must be writable`,
         );
       }
-      const source = options.source ?? MirrorDevice.#pickSource(members, devices, options);
+      const source = options.source ?? await MirrorDevice.#pickSource(members, devices, options);
       const sizeBytes = Math.min(...devices.map((o) => o.device.info.sizeBytes));
       state = {
         version: STATE_VERSION,
@@ -381,7 +411,7 @@ export class MirrorDevice implements BlockDevice {
       }
       leg.device = member.device;
       // A new mirror's records hold the generations it was made with already.
-      if (!fresh) await MirrorDevice.#checkGeneration(leg, member, bitmap, log);
+      if (!fresh) await MirrorDevice.#checkGeneration(leg, member, legs, bitmap, log);
     }
 
     // After a crash, in-sync legs may differ where the bitmap is marked: the first
@@ -397,6 +427,21 @@ export class MirrorDevice implements BlockDevice {
     for (const leg of legs) {
       if (leg === source || leg.mode !== "in-sync") continue;
       if (bitmap.count(leg.record.slot) > 0) {
+        leg.mode = "out-of-sync";
+        leg.reason = "regions marked when the array stopped; reconciling them from " +
+          source.record.name;
+      }
+    }
+    // Where only the source is marked (a write it took that the others may not have, or
+    // a crash before they were marked), the others are marked too: they are copied.
+    const others = legs.filter((l) => l !== source).reduce((m, l) => m | 1 << l.record.slot, 0);
+    const sourceOnly: Promise<void>[] = [];
+    for (let r = 0; r < regions; r++) {
+      if (bitmap.has(r, source.record.slot)) sourceOnly.push(bitmap.mark(r, r, others));
+    }
+    await Promise.all(sourceOnly);
+    for (const leg of legs) {
+      if (leg !== source && leg.mode === "in-sync" && bitmap.count(leg.record.slot) > 0) {
         leg.mode = "out-of-sync";
         leg.reason = "regions marked when the array stopped; reconciling them from " +
           source.record.name;
@@ -442,20 +487,35 @@ export class MirrorDevice implements BlockDevice {
    * (or the first, when none was) is the source. More than one: their data may differ
    * and only the user knows which is right, so the mirror is refused.
    */
-  static #pickSource(members: string[], devices: OpenedMember[], options: MirrorOptions): string {
+  static async #pickSource(
+    members: string[],
+    devices: OpenedMember[],
+    options: MirrorOptions,
+  ): Promise<string> {
+    const line = (source: string) =>
+      `dst array mirror ${members.join(" ")} --source ${source} --state ${options.stateDir}`;
     const written = members.filter((_, i) => devices[i]!.generation > 1);
     if (written.length > 1) {
-      const line = `dst array mirror ${members.join(" ")} --source ${written[0]} --state ` +
-        options.stateDir;
       throw new DstError(
         "STATE",
         `No mirror state in ${options.stateDir}, and more than one leg was written before ` +
           `(${written.join(", ")}): their data may differ. Say which one is right with ` +
-          `--source; the others get a full copy of it, e.g.\n  ${line}\n(to reopen an ` +
-          `existing mirror instead, pass the --state DIR it was made with)`,
+          `--source; the others get a full copy of it, e.g.\n  ${line(written[0]!)}\n(to ` +
+          `reopen an existing mirror instead, pass the --state DIR it was made with)`,
       );
     }
     const source = written[0] ?? members[0]!;
+    // The generation only knows DST's writers: an image filled some other way (mkfs, dd)
+    // counts as never written. A leg about to be overwritten must look empty.
+    for (let i = 0; i < members.length; i++) {
+      if (members[i] === source || await looksEmpty(devices[i]!.device)) continue;
+      throw new DstError(
+        "STATE",
+        `No mirror state in ${options.stateDir}, and ${members[i]} holds data (not all ` +
+          `zeroes) that no DST writer wrote, which making ${source} the source would ` +
+          `overwrite. Say which leg is right with --source, e.g.\n  ${line(source)}`,
+      );
+    }
     options.log.info(
       written.length === 1
         ? `new mirror: ${source} is the source, the only leg that was ever written; ` +
@@ -482,30 +542,44 @@ export class MirrorDevice implements BlockDevice {
   static #checkGeneration(
     leg: Leg,
     stamp: { generation: number; epoch: string },
+    legs: Leg[],
     bitmap: DirtyBitmap,
     log: Logger,
   ): Promise<void> {
     // The mirror is the same writer on every connection: any change is someone else's
     // grant, and another epoch is an export that lost its state (anything may have happened).
     const { generation, epoch } = stamp;
-    const expected = leg.record.generation;
-    const sameEpoch = leg.record.epoch === epoch;
-    leg.record.generation = generation;
-    leg.record.epoch = epoch;
-    if (generation === expected && sameEpoch) return Promise.resolve();
-    log.warn(
-      sameEpoch
-        ? `leg ${leg.record.name} was written by someone else while away (write generation ` +
-          `${generation}, expected ${expected}); it gets a full copy`
-        : `leg ${leg.record.name} has lost or replaced its export state (write epoch ` +
-          `${epoch.slice(0, 8)}, recorded ${
-            leg.record.epoch === undefined ? "none" : "another"
-          }); it gets a full copy`,
-    );
-    if (leg.mode === "in-sync" || leg.mode === "resyncing") leg.mode = "out-of-sync";
-    leg.reason = sameEpoch ? "written by someone else while away" : "its export lost its state";
-    // The caller saves the state (with the new generation) only once this is durable.
-    return bitmap.markAll(1 << leg.record.slot);
+    const record = leg.record;
+    const sameEpoch = record.epoch === epoch;
+    if (generation === record.generation && sameEpoch) return Promise.resolve();
+    const what = sameEpoch
+      ? `was written by someone else while away (write generation ${generation}, expected ` +
+        `${record.generation})`
+      : `has lost or replaced its export state (write epoch ${epoch.slice(0, 8)}, recorded ` +
+        `${record.epoch === undefined ? "none" : record.epoch.slice(0, 8)})`;
+    const othersInSync = legs.some((l) => l !== leg && l.mode === "in-sync");
+    let mask = 1 << record.slot;
+    if (leg.mode === "in-sync" && !othersInSync) {
+      // The only in-sync leg: no better copy exists, so its data stands, and every other
+      // leg gets a full copy of it (the foreign writes may be anywhere).
+      log.error(
+        `leg ${record.name} ${what}; it is the only in-sync leg, so its data stands ` +
+          "and the other legs get a full copy of it",
+      );
+      mask = legs.filter((l) => l !== leg).reduce((m, l) => m | 1 << l.record.slot, 0);
+    } else {
+      log.warn(`leg ${record.name} ${what}; it gets a full copy`);
+      if (leg.mode === "in-sync" || leg.mode === "resyncing") {
+        leg.mode = "out-of-sync";
+        record.leftSyncSeq = Math.max(0, ...legs.map((l) => l.record.leftSyncSeq ?? 0)) + 1;
+      }
+      leg.reason = sameEpoch ? "written by someone else while away" : "its export lost its state";
+    }
+    // The record (saved by the caller) names the new generation only once the marks are durable.
+    return bitmap.markAll(mask).then(() => {
+      record.generation = generation;
+      record.epoch = epoch;
+    });
   }
 
   // --- I/O ------------------------------------------------------------------------
@@ -538,7 +612,7 @@ export class MirrorDevice implements BlockDevice {
         return false;
       }
       tried.add(leg);
-      const error = await this.#tryOnLeg(leg, (d) => d.read(offset, into));
+      const error = await this.#tryOnLeg(leg, (d) => d.read(offset, into), true);
       if (error === null) {
         if (failed.length > 0) void this.#repair(failed, offset, into.length);
         return true;
@@ -549,20 +623,26 @@ export class MirrorDevice implements BlockDevice {
 
   /**
    * Writes a range that some legs failed to read back to them, from a fresh read of
-   * another leg under the regions' write lock (so no newer write is overtaken), their
-   * marks durable first. Only a failed rewrite takes a leg out of sync.
+   * another leg, holding its regions alone (a copy's lock: writers wait, so no newer
+   * write is overtaken by these bytes), their marks durable first. Only a failed
+   * rewrite takes a leg out of sync.
    */
   async #repair(failed: Array<{ leg: Leg; error: unknown }>, offset: number, length: number) {
     const region = this.#state.regionBytes;
     const first = Math.floor(offset / region);
     const last = Math.floor((offset + length - 1) / region);
-    await this.#regions.enterWrite(first, last);
+    // In ascending order, as one region at a time is all a resync copy ever holds.
+    for (let r = first; r <= last; r++) await this.#regions.lockCopy(r);
     try {
+      for (let r = first; r <= last; r++) {
+        for (const watcher of this.#flushWatchers) watcher.add(r); // as any write does
+      }
       const data = new Uint8Array(length);
       const source = this.#readLeg(new Set(failed.map((f) => f.leg)));
       const error = source === null ? new Error("no other in-sync leg") : await this.#tryOnLeg(
         source,
         (d) => d.read(offset, data),
+        true,
       );
       if (error !== null) {
         for (const f of failed) this.#legFailed(f.leg, f.error);
@@ -587,7 +667,10 @@ export class MirrorDevice implements BlockDevice {
     } catch (error) {
       for (const f of failed) this.#legFailed(f.leg, error);
     } finally {
-      this.#regions.exitWrite(first, last); // the sweep clears the marks once flushed
+      for (let r = first; r <= last; r++) {
+        this.#regions.unlockCopy(r);
+        this.#idle.add(r); // the sweep clears the marks once the legs are flushed
+      }
     }
   }
 
@@ -670,6 +753,13 @@ export class MirrorDevice implements BlockDevice {
     const targets = this.#legs.filter((l) => l.mode === "in-sync" || l.mode === "resyncing");
     const ok = await Promise.all(targets.map((leg) => this.#onLeg(leg, op)));
     if (!targets.some((leg, i) => ok[i] && leg.mode === "in-sync")) {
+      // A resyncing leg that took it now differs from the in-sync one that did not:
+      // back out of sync with it, so its marked regions are copied again from that leg.
+      targets.forEach((leg, i) => {
+        if (ok[i] && leg.mode === "resyncing") {
+          this.#legFailed(leg, new Error(`it took a ${what} that the in-sync leg refused`));
+        }
+      });
       this.#stats.errors += 1;
       throw new DeviceError("EIO", `${this.info.name}: no in-sync leg took the ${what}`);
     }
@@ -686,20 +776,36 @@ export class MirrorDevice implements BlockDevice {
   }
 
   /** Runs `op` on a leg; a failure takes the leg out of sync. Resolves whether it worked. */
-  async #onLeg(leg: Leg, op: (device: BlockDevice) => Promise<void>): Promise<boolean> {
-    const error = await this.#tryOnLeg(leg, op);
+  async #onLeg(
+    leg: Leg,
+    op: (device: BlockDevice) => Promise<void>,
+    vouches = false,
+  ): Promise<boolean> {
+    const error = await this.#tryOnLeg(leg, op, vouches);
     if (error === null) return true;
     this.#legFailed(leg, error);
     return false;
   }
 
-  /** Runs `op` on a leg; resolves with its error, or null when it worked. */
-  async #tryOnLeg(leg: Leg, op: (device: BlockDevice) => Promise<void>): Promise<unknown> {
+  /**
+   * Runs `op` on a leg; resolves with its error, or null when it worked. With `vouches`
+   * (a read, a flush: what it says holds only for one connection), an `op` that spanned
+   * a reconnect of the leg counts as failed.
+   */
+  async #tryOnLeg(
+    leg: Leg,
+    op: (device: BlockDevice) => Promise<void>,
+    vouches = false,
+  ): Promise<unknown> {
     const device = leg.device;
     if (device === null) return new Error("not connected");
+    const connections = leg.connections;
     leg.inFlight += 1;
     try {
       await op(device);
+      if (vouches && leg.connections !== connections) {
+        return new Error("the leg reconnected while it ran");
+      }
       if (leg.reason !== null && leg.mode === "in-sync") {
         this.#log.info(`leg ${leg.record.name}, the last in-sync leg, answers again`);
         leg.reason = null;
@@ -755,7 +861,8 @@ export class MirrorDevice implements BlockDevice {
     }
     const was = leg.mode;
     leg.mode = "out-of-sync";
-    leg.record.leftSyncSeq = this.#nextLeftSyncSeq();
+    // The order of leaving sync tells which leg is newest; a resyncing leg never was.
+    if (was === "in-sync") leg.record.leftSyncSeq = this.#nextLeftSyncSeq();
     leg.reason = describeError(error);
     const left = this.#legs.filter((l) => l.mode === "in-sync").length;
     this.#log.warn(
@@ -773,18 +880,50 @@ export class MirrorDevice implements BlockDevice {
     if (device === null) return;
     device.setReconnectListener((generation, epoch) => {
       if (leg.device !== device || leg.mode === "detached") return;
+      leg.connections += 1;
+      this.#reconnected(leg);
       // Marks durable before the state names the new generation; a failure is a save failure.
-      MirrorDevice.#checkGeneration(leg, { generation, epoch }, this.#bitmap, this.#log).then(
+      MirrorDevice.#checkGeneration(
+        leg,
+        { generation, epoch },
+        this.#legs,
+        this.#bitmap,
+        this.#log,
+      ).then(
         () => this.#save(),
         (error) => this.#stateFailed(error),
       );
     });
   }
 
+  /**
+   * A leg's connection was made again. Its export may have restarted meanwhile, and a
+   * disk cache lost with it: the writes its marked regions stand for may be gone. So a
+   * leg with marked regions leaves sync and gets them copied again (but the last
+   * in-sync leg, which holds the newest data whatever happened).
+   */
+  #reconnected(leg: Leg): void {
+    if (leg.mode !== "in-sync" && leg.mode !== "resyncing") return;
+    if (this.#bitmap.count(leg.record.slot) === 0) return;
+    const othersInSync = this.#legs.some((l) => l !== leg && l.mode === "in-sync");
+    if (leg.mode === "in-sync" && !othersInSync) return;
+    this.#legFailed(
+      leg,
+      new Error(
+        "it reconnected: what it had not flushed may be lost, its marked regions are copied",
+      ),
+    );
+  }
+
   /** Every second: legs that are out of sync and reachable are resynced; lost ones re-dialed. */
   #supervise(): void {
     if (this.#closing) return;
-    if (this.#stateError !== null) this.#save(); // try again: writes wait on it
+    if (this.#stateError !== null && !this.#retryingState) {
+      // Try again, marks first: writes wait on it.
+      this.#retryingState = true;
+      this.#bitmap.flush().then(() => this.#save(), (error) => this.#stateFailed(error))
+        .finally(() => (this.#retryingState = false));
+    }
     for (const leg of this.#legs) {
       if (leg.mode !== "out-of-sync" || leg.busy) continue;
       if (this.#clock.nowMs() - leg.lastFailureMs < MIRROR_SUPERVISE_MS) continue;
@@ -821,7 +960,12 @@ export class MirrorDevice implements BlockDevice {
         await member.device.close();
         return;
       }
-      await MirrorDevice.#checkGeneration(leg, member, this.#bitmap, this.#log);
+      try {
+        await MirrorDevice.#checkGeneration(leg, member, this.#legs, this.#bitmap, this.#log);
+      } catch (error) {
+        await member.device.close().catch(() => {}); // not adopted: it must not linger
+        throw error;
+      }
       leg.device = member.device;
       this.#watch(leg);
       this.#save();
@@ -990,7 +1134,7 @@ export class MirrorDevice implements BlockDevice {
       candidates.map((region) => leg.mode === "in-sync" || leg.pending?.[region] === 0)
     );
     const { result: flushed, touched } = await this.#flushWatching(() =>
-      Promise.all(holders.map((leg) => this.#onLeg(leg, (d) => d.flush())))
+      Promise.all(holders.map((leg) => this.#onLeg(leg, (d) => d.flush(), true)))
     );
     // A leg whose flush failed keeps its marks; if it is still a holder (the last in-sync
     // leg, which never leaves sync), the region is tried again once it flushes.
@@ -1001,7 +1145,8 @@ export class MirrorDevice implements BlockDevice {
       if (touched.has(region)) return; // written meanwhile: it is idle again later
       let mask = 0;
       holders.forEach((leg, i) => {
-        if (flushed[i] && heldAtStart[i]![j]) mask |= 1 << leg.record.slot;
+        const stillHolds = leg.mode === "in-sync" || leg.mode === "resyncing";
+        if (flushed[i] && heldAtStart[i]![j] && stillHolds) mask |= 1 << leg.record.slot;
       });
       this.#bitmap.clear(region, mask);
       if (retry) this.#idle.add(region);
@@ -1030,7 +1175,11 @@ export class MirrorDevice implements BlockDevice {
   async #flushCopies(leg: Leg, run: ResyncRun): Promise<void> {
     const copied = run.unflushed.splice(0);
     const quiet = copied.filter((region) => this.#regions.writers(region) === 0);
+    const connections = leg.connections;
     const { touched } = await this.#flushWatching(() => leg.device!.flush());
+    if (leg.connections !== connections) {
+      throw new Error("the leg reconnected while it flushed its copies");
+    }
     const slot = 1 << leg.record.slot;
     for (const region of quiet) if (!touched.has(region)) this.#bitmap.clear(region, slot);
   }
@@ -1041,7 +1190,23 @@ export class MirrorDevice implements BlockDevice {
    * Takes a leg out; it keeps the data as of now, and its missed regions are tracked.
    * Only an in-sync leg is a consistent snapshot: any other is refused unless `force`.
    */
-  async detach(name: string, force = false): Promise<string> {
+  detach(name: string, force = false): Promise<string> {
+    return this.#oneAtATime(() => this.#detach(name, force));
+  }
+
+  /** Puts a detached leg back (its missed regions are copied) or adds a new one (full copy). */
+  attach(name: string): Promise<string> {
+    return this.#oneAtATime(() => this.#attach(name));
+  }
+
+  /** Runs `operation` after every earlier detach or attach has ended. */
+  #oneAtATime<T>(operation: () => Promise<T>): Promise<T> {
+    const run = this.#controlTurn.then(operation, operation);
+    this.#controlTurn = run.catch(() => {});
+    return run;
+  }
+
+  async #detach(name: string, force: boolean): Promise<string> {
     const leg = this.#legs.find((l) => l.record.name === name);
     if (leg === undefined) throw new DstError("USAGE", `${name} is not a leg of this mirror`);
     if (leg.mode === "detached") throw new DstError("USAGE", `${name} is detached already`);
@@ -1075,53 +1240,57 @@ export class MirrorDevice implements BlockDevice {
     return `${name} detached; its data is a snapshot as of now`;
   }
 
-  /** Puts a detached leg back (its missed regions are copied) or adds a new one (full copy). */
-  async attach(name: string): Promise<string> {
+  async #attach(name: string): Promise<string> {
     let leg = this.#legs.find((l) => l.record.name === name);
     if (leg !== undefined && leg.mode !== "detached") {
       throw new DstError("USAGE", `${name} is a leg already (${leg.mode})`);
     }
     const member = await openMember(name, this.#options.client);
-    const info = member.device.info;
-    if (leg === undefined) {
-      const used = new Set(this.#legs.map((l) => l.record.slot));
-      const slot = [...Array(LEG_SLOTS_MAX).keys()].find((s) => !used.has(s));
-      const unfit = checkFit(info, this.info.sizeBytes);
-      const same = this.#legs.find((l) => l.record.exportId === info.id);
-      const refusal = info.id === this.info.id
-        ? `${name} is this mirror's own export: a mirror cannot be its own leg`
-        : same !== undefined
-        ? `${name} is the same export as leg ${same.record.name} (id ${info.id})`
-        : slot === undefined
-        ? `the mirror has ${LEG_SLOTS_MAX} legs already`
-        : unfit === null
-        ? null
-        : `${name} ${unfit}`;
-      if (refusal !== null) {
-        await member.device.close();
-        throw new DstError("USAGE", refusal);
+    try {
+      const info = member.device.info;
+      if (leg === undefined) {
+        const used = new Set(this.#legs.map((l) => l.record.slot));
+        const slot = [...Array(LEG_SLOTS_MAX).keys()].find((s) => !used.has(s));
+        const unfit = checkFit(info, this.info.sizeBytes);
+        const same = this.#legs.find((l) => l.record.exportId === info.id);
+        const refusal = info.id === this.info.id
+          ? `${name} is this mirror's own export: a mirror cannot be its own leg`
+          : same !== undefined
+          ? `${name} is the same export as leg ${same.record.name} (id ${info.id})`
+          : slot === undefined
+          ? `the mirror has ${LEG_SLOTS_MAX} legs already`
+          : unfit === null
+          ? null
+          : `${name} ${unfit}`;
+        if (refusal !== null) {
+          await member.device.close();
+          throw new DstError("USAGE", refusal);
+        }
+        await this.#bitmap.markAll(1 << slot!);
+        const record: LegRecord = {
+          slot: slot!,
+          name,
+          exportId: info.id,
+          generation: member.generation,
+          epoch: member.epoch,
+          state: "out-of-sync",
+        };
+        this.#state.legs.push(record);
+        leg = newLeg(record, member.device, "new leg");
+        this.#legs.push(leg);
+      } else {
+        const refusal = MirrorDevice.#checkIdentity(leg.record, member, this.info.sizeBytes);
+        if (refusal !== null) {
+          await member.device.close();
+          throw new DstError("USAGE", `${name} ${refusal}`);
+        }
+        leg.mode = "out-of-sync";
+        await MirrorDevice.#checkGeneration(leg, member, this.#legs, this.#bitmap, this.#log);
+        leg.device = member.device;
       }
-      await this.#bitmap.markAll(1 << slot!);
-      const record: LegRecord = {
-        slot: slot!,
-        name,
-        exportId: info.id,
-        generation: member.generation,
-        epoch: member.epoch,
-        state: "out-of-sync",
-      };
-      this.#state.legs.push(record);
-      leg = newLeg(record, member.device, "new leg");
-      this.#legs.push(leg);
-    } else {
-      const refusal = MirrorDevice.#checkIdentity(leg.record, member, this.info.sizeBytes);
-      if (refusal !== null) {
-        await member.device.close();
-        throw new DstError("USAGE", `${name} ${refusal}`);
-      }
-      leg.mode = "out-of-sync";
-      await MirrorDevice.#checkGeneration(leg, member, this.#bitmap, this.#log);
-      leg.device = member.device;
+    } catch (error) {
+      if (leg?.device !== member.device) await member.device.close().catch(() => {});
+      throw error;
     }
     this.#watch(leg);
     this.#save();

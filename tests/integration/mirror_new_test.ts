@@ -12,7 +12,7 @@ import type { HostPort } from "../../src/lib/address.ts";
 import { assertSameBytes } from "../helpers/bytes.ts";
 import { allInSyncAndClean, memberName, startArray, waitForMirror } from "../helpers/array.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
-import { exportImage, runDst, type RunningDst, scenario } from "../helpers/spawn.ts";
+import { exportImage, runDst, type RunningDst, scenario, startExport } from "../helpers/spawn.ts";
 
 const MiB = 1024 * 1024;
 const quiet = { debug() {}, info() {}, warn() {}, error() {} };
@@ -82,4 +82,22 @@ Deno.test("a new mirror whose legs were both written is refused, naming them and
     await b.stop();
     assertSameBytes(await Deno.readFile(`${dir}/a.img`), dataA, "leg A untouched");
     assertSameBytes(await Deno.readFile(`${dir}/b.img`), dataB, "leg B untouched");
+  }));
+
+Deno.test("a new mirror never overwrites a leg that holds data no DST writer wrote, without --source", () =>
+  scenario("dst-new-outside-", async (dir, track) => {
+    // B was filled outside DST (as mkfs or dd would): its export's state is new.
+    const outside = randomBytes(4 * MiB);
+    await Deno.writeFile(`${dir}/b.img`, outside);
+    const a = track(await exportImage(dir, "a.img", "4M"));
+    const b = track(await startExport([`${dir}/b.img`, "--listen", "127.0.0.1:0"]));
+    const legs = [memberName(a.address), memberName(b.address)];
+    const refused = await runDst(
+      ["array", "mirror", ...legs, "--state", `${dir}/state`, "--export", "127.0.0.1:0"],
+    );
+    assert.equal(refused.code, 1, refused.stderr);
+    assert.match(refused.stderr, new RegExp(`${legs[1]} holds data \\(not all zeroes\\)`));
+    assert.match(refused.stderr, /--source/);
+    await b.stop();
+    assertSameBytes(await Deno.readFile(`${dir}/b.img`), outside, "B untouched");
   }));
