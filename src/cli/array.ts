@@ -52,7 +52,8 @@ array's export too: that is how trees are built) or a local path.
                         ~/.local/state/dst/arrays). Keep it on the array's node
   --source MEMBER       MEMBER's data is right: the other legs get a full copy of it (to
                         start over). A new mirror without it takes the one leg that was
-                        ever written, or the first when none was; with more, it asks
+                        ever written, or the first when none was; it refuses, and asks
+                        for --source, when more were, or a leg holds data DST never wrote
   --region SIZE         a new mirror's dirty-tracking region (default 1M; 64K to 64M)
 ${CLIENT_OPTIONS_HELP}
 
