@@ -1,5 +1,5 @@
 /**
- * A mirror: every leg holds the whole device (shared/DESIGN.md, section 4).
+ * A mirror: every leg holds the whole device (README, "dst array" and its fault table).
  *
  * Leg modes: in-sync (read from, written to), resyncing (written to, and its dirty
  * regions copied from an in-sync leg meanwhile), out-of-sync (failed or away; its

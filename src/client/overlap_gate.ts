@@ -1,5 +1,5 @@
 /**
- * Orders overlapping requests (shared/DESIGN.md, section 3). Two requests in flight
+ * Orders overlapping requests (protocol README, "Ordering"). Two requests in flight
  * at once may run in either order on the export, and a resend after a reconnect may
  * run a write again; if an overlapping write could be in flight beside it, the older
  * data could land last. So a request that overlaps an earlier unfinished one, where

@@ -1,6 +1,7 @@
 /**
  * The one abstraction: anything that holds blocks. Every server serves a BlockDevice
- * and every array is made of them (shared/DESIGN.md, section 1).
+ * and every array is made of them, so exporting a disk, attaching one and stacking
+ * arrays into trees are the same few parts put together (README, "Layout").
  *
  * Contract for callers: a request lies inside [0, sizeBytes); buffers passed in are
  * not touched by the caller until the returned promise settles. Requests in flight
