@@ -12,7 +12,7 @@
  */
 
 import fc from "fast-check";
-import { replayOptions, seededBytes } from "../helpers/property.ts";
+import { type ModelOp, replayOptions, submitToModel } from "../helpers/property.ts";
 import { RemoteDevice } from "../../src/client/remote_device.ts";
 import { FileDevice } from "../../src/device/file_device.ts";
 import { Exporter } from "../../src/server/exporter.ts";
@@ -20,13 +20,6 @@ import { assertSameBytes, settleAll } from "../helpers/bytes.ts";
 
 const SIZE = 1024 * 1024;
 const quiet = { debug() {}, info() {}, warn() {}, error() {} };
-
-type Op =
-  | { kind: "read"; offset: number; length: number }
-  | { kind: "write"; offset: number; length: number; seed: number; fua: boolean; preflush: boolean }
-  | { kind: "discard"; offset: number; length: number }
-  | { kind: "zeroes"; offset: number; length: number }
-  | { kind: "flush" };
 
 /** Ranges biased to collide: small lengths near a few hot spots, some large. */
 const range = fc.oneof(
@@ -40,7 +33,7 @@ const range = fc.oneof(
   }),
 ).map(({ offset, length }) => ({ offset, length: Math.min(length, SIZE - offset) }));
 
-const op: fc.Arbitrary<Op> = fc.oneof(
+const op: fc.Arbitrary<ModelOp> = fc.oneof(
   { weight: 3, arbitrary: range.map((r) => ({ kind: "read" as const, ...r })) },
   {
     weight: 4,
@@ -83,35 +76,7 @@ Deno.test("client and export agree with an in-memory model on random concurrent 
         for (const batch of batches) {
           const pending: Promise<void>[] = [];
           for (const o of batch) {
-            switch (o.kind) {
-              case "read": {
-                const expected = model.slice(o.offset, o.offset + o.length);
-                const into = new Uint8Array(o.length);
-                pending.push(
-                  client.read(o.offset, into).then(() => {
-                    assertSameBytes(into, expected, `read of ${o.length} bytes at ${o.offset}`);
-                  }),
-                );
-                break;
-              }
-              case "write": {
-                const data = seededBytes(o.seed, o.length);
-                model.set(data, o.offset);
-                pending.push(client.write(o.offset, data, { fua: o.fua, preflush: o.preflush }));
-                break;
-              }
-              case "discard":
-                model.fill(0, o.offset, o.offset + o.length);
-                pending.push(client.discard(o.offset, o.length));
-                break;
-              case "zeroes":
-                model.fill(0, o.offset, o.offset + o.length);
-                pending.push(client.writeZeroes(o.offset, o.length));
-                break;
-              case "flush":
-                pending.push(client.flush());
-                break;
-            }
+            pending.push(submitToModel(client, model, o));
           }
           await settleAll(pending);
         }

@@ -18,7 +18,7 @@
  */
 
 import fc from "fast-check";
-import { replayOptions, seededBytes } from "../helpers/property.ts";
+import { type ModelOp, replayOptions, submitToModel } from "../helpers/property.ts";
 import { RemoteDevice } from "../../src/client/remote_device.ts";
 import { MemoryDevice } from "../../src/device/memory_device.ts";
 import { Exporter } from "../../src/server/exporter.ts";
@@ -28,19 +28,13 @@ import { FaultProxy } from "../helpers/fault_proxy.ts";
 const SIZE = 256 * 1024;
 const quiet = { debug() {}, info() {}, warn() {}, error() {} };
 
-type Op =
-  | { kind: "read"; offset: number; length: number }
-  | { kind: "write"; offset: number; length: number; seed: number; fua: boolean }
-  | { kind: "zeroes"; offset: number; length: number }
-  | { kind: "flush" };
-
 /** Ranges biased to collide: a few hot spots, so late frames would overwrite newer data. */
 const range = fc.record({
   offset: fc.integer({ min: 0, max: 7 }).map((n) => n * 8192 + 512),
   length: fc.integer({ min: 1, max: 20_000 }),
 }).map(({ offset, length }) => ({ offset, length: Math.min(length, SIZE - offset) }));
 
-const op: fc.Arbitrary<Op> = fc.oneof(
+const op: fc.Arbitrary<ModelOp> = fc.oneof(
   { weight: 2, arbitrary: range.map((r) => ({ kind: "read" as const, ...r })) },
   {
     weight: 5,
@@ -93,7 +87,7 @@ Deno.test("through cuts, heals and late deliveries every acknowledged write read
           const pending: Promise<void>[] = [];
           b.ops.forEach((o, index) => {
             if (index === b.cutAfter) proxy.cut();
-            pending.push(submit(client, model, o));
+            pending.push(submitToModel(client, model, o));
           });
           if (b.cutAfter !== null && b.cutAfter >= b.ops.length) proxy.cut();
           await sleep(b.healAfterMs);
@@ -116,26 +110,3 @@ Deno.test("through cuts, heals and late deliveries every acknowledged write read
     await exporter.shutdown();
   }
 });
-
-/** Submits `o` to the client and applies it to the model, in submission order. */
-function submit(client: RemoteDevice, model: Uint8Array, o: Op): Promise<void> {
-  switch (o.kind) {
-    case "read": {
-      const expected = model.slice(o.offset, o.offset + o.length);
-      const into = new Uint8Array(o.length);
-      return client.read(o.offset, into).then(() =>
-        assertSameBytes(into, expected, `Invariant 1: read of ${o.length} bytes at ${o.offset}`)
-      );
-    }
-    case "write": {
-      const data = seededBytes(o.seed, o.length);
-      model.set(data, o.offset);
-      return client.write(o.offset, data, { fua: o.fua });
-    }
-    case "zeroes":
-      model.fill(0, o.offset, o.offset + o.length);
-      return client.writeZeroes(o.offset, o.length);
-    case "flush":
-      return client.flush();
-  }
-}
