@@ -160,6 +160,11 @@ async function looksEmpty(device: BlockDevice): Promise<boolean> {
   return true;
 }
 
+/** The order legs left sync in, kept in the state: the higher, the later (newer data). */
+function nextLeftSyncSeq(legs: Leg[]): number {
+  return Math.max(0, ...legs.map((l) => l.record.leftSyncSeq ?? 0)) + 1;
+}
+
 /** A leg as its record says, not yet doing anything. */
 function newLeg(record: LegRecord, device: BlockDevice | null, reason: string | null): Leg {
   return {
@@ -571,7 +576,7 @@ export class MirrorDevice implements BlockDevice {
       log.warn(`leg ${record.name} ${what}; it gets a full copy`);
       if (leg.mode === "in-sync" || leg.mode === "resyncing") {
         leg.mode = "out-of-sync";
-        record.leftSyncSeq = Math.max(0, ...legs.map((l) => l.record.leftSyncSeq ?? 0)) + 1;
+        record.leftSyncSeq = nextLeftSyncSeq(legs);
       }
       leg.reason = sameEpoch ? "written by someone else while away" : "its export lost its state";
     }
@@ -827,11 +832,6 @@ export class MirrorDevice implements BlockDevice {
     return best;
   }
 
-  /** The order legs left sync in, kept in the state: the higher, the later (newer data). */
-  #nextLeftSyncSeq(): number {
-    return Math.max(0, ...this.#state.legs.map((l) => l.leftSyncSeq ?? 0)) + 1;
-  }
-
   #slotsMask(): number {
     let mask = 0;
     for (const leg of this.#legs) mask |= 1 << leg.record.slot;
@@ -862,7 +862,7 @@ export class MirrorDevice implements BlockDevice {
     const was = leg.mode;
     leg.mode = "out-of-sync";
     // The order of leaving sync tells which leg is newest; a resyncing leg never was.
-    if (was === "in-sync") leg.record.leftSyncSeq = this.#nextLeftSyncSeq();
+    if (was === "in-sync") leg.record.leftSyncSeq = nextLeftSyncSeq(this.#legs);
     leg.reason = describeError(error);
     const left = this.#legs.filter((l) => l.mode === "in-sync").length;
     this.#log.warn(

@@ -14,7 +14,6 @@ export class FirstWriteGate {
   /** Resolves once writes may go ahead; null until a write asks (or after a refusal). */
   #asking: Promise<void> | null = null;
   #grant: WriteGrant | null;
-  #open: boolean;
   #released = false;
 
   /**
@@ -26,7 +25,6 @@ export class FirstWriteGate {
     grant: WriteGrant | null = null,
   ) {
     this.#grant = grant;
-    this.#open = acquire === null || grant !== null;
   }
 
   get holdsGrant(): boolean {
@@ -35,15 +33,14 @@ export class FirstWriteGate {
 
   /** Runs `call` once writes may go ahead; rejects as the grant was refused. */
   run(call: () => Promise<void>): Promise<void> {
-    if (this.#open) return call();
-    this.#asking ??= this.acquire!().then(
+    if (this.acquire === null || this.#grant !== null) return call();
+    this.#asking ??= this.acquire().then(
       (grant) => {
         if (this.#released) {
           grant.release(); // the connection ended while it was asking
           throw new Error("the connection ended before its write grant came");
         }
         this.#grant = grant;
-        this.#open = true;
       },
       (error) => {
         this.#asking = null;

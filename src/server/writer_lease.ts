@@ -55,7 +55,7 @@ export class LeaseHeldError extends DeviceError {
 }
 
 /** The refusal's text, for the refused client's user. */
-export function describeHolder(holder: LeaseHolderStatus): string {
+function describeHolder(holder: LeaseHolderStatus): string {
   const seconds = Math.round(holder.heldForMs / 1000);
   const idleSeconds = LEASE_IDLE_MS / 1000;
   return `the write lease is held by ${holder.peer} (client ${holder.clientId.slice(0, 8)}, ` +
