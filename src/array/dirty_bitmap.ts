@@ -13,18 +13,18 @@
  * write in flight; for an out-of-sync leg, a region it missed.
  *
  * The file is the bytes themselves, `regions` long; concurrent marks share one
- * write and one fdatasync.
+ * write and one sync. Where the file lives is the store's business (mirror_store.ts).
  */
 
-import * as fs from "node:fs";
 import { assert } from "../lib/assert.ts";
 import { DstError } from "../lib/errors.ts";
+import type { BitmapFile } from "./mirror_store.ts";
 
 export const LEG_SLOTS_MAX = 8;
 
 export class DirtyBitmap {
   readonly #bytes: Uint8Array;
-  readonly #fd: number;
+  readonly #file: BitmapFile;
   #changedFirst = Infinity;
   #changedLast = -1;
   /**
@@ -40,39 +40,30 @@ export class DirtyBitmap {
   #markDurable: Promise<void> = Promise.resolve();
   #closed = false;
 
-  private constructor(readonly path: string, fd: number, bytes: Uint8Array) {
-    this.#fd = fd;
+  private constructor(file: BitmapFile, bytes: Uint8Array) {
+    this.#file = file;
     this.#bytes = bytes;
   }
 
-  /** Opens the bitmap file; `create` makes a new one of `regions` clear bytes. */
-  static open(path: string, regions: number, create: boolean): DirtyBitmap {
+  /** Reads the bitmap from `file` (just made, or as a crash left it). */
+  static open(file: BitmapFile, regions: number): DirtyBitmap {
     assert(Number.isSafeInteger(regions) && regions > 0, "a bitmap has regions");
+    const size = file.size();
+    if (size !== regions) {
+      file.close();
+      throw new DstError(
+        "STATE",
+        `The mirror bitmap ${file.name} has ${size} regions, the state says ${regions}: ` +
+          "the state folder is damaged; start over with --source LEG",
+      );
+    }
     const bytes = new Uint8Array(regions);
-    let fd: number;
-    try {
-      fd = fs.openSync(path, create ? "w+" : "r+", 0o600);
-    } catch (error) {
-      throw new DstError("STATE", `Cannot open the mirror bitmap ${path}: ${error}`, {
-        cause: error,
-      });
-    }
-    if (create) {
-      fs.writeSync(fd, bytes, 0, regions, 0);
-      fs.fdatasyncSync(fd);
-    } else {
-      const size = fs.fstatSync(fd).size;
-      if (size !== regions) {
-        fs.closeSync(fd);
-        throw new DstError(
-          "STATE",
-          `The mirror bitmap ${path} has ${size} regions, the state says ${regions}: ` +
-            "the state folder is damaged; start over with --source LEG",
-        );
-      }
-      fs.readSync(fd, bytes, 0, regions, 0);
-    }
-    return new DirtyBitmap(path, fd, bytes);
+    file.read(bytes, 0);
+    return new DirtyBitmap(file, bytes);
+  }
+
+  get name(): string {
+    return this.#file.name;
   }
 
   get regions(): number {
@@ -102,7 +93,8 @@ export class DirtyBitmap {
         changed = true;
       }
     }
-    if (changed) this.#markDurable = this.flush();
+    // Set already, but a sync failed since (or is pending): it is not durable, try again.
+    if (changed || this.#syncNeeded) this.#markDurable = this.flush();
     return this.#markDurable;
   }
 
@@ -146,7 +138,7 @@ export class DirtyBitmap {
     if (this.#closed) return;
     await this.flush().catch(() => {});
     this.#closed = true;
-    fs.closeSync(this.#fd);
+    this.#file.close();
   }
 
   #noteChange(region: number): void {
@@ -156,7 +148,7 @@ export class DirtyBitmap {
   }
 
   async #writeOut(): Promise<void> {
-    if (this.#closed) throw new DstError("STATE", `${this.path} is closed`);
+    if (this.#closed) throw new DstError("STATE", `${this.name} is closed`);
     const first = this.#changedFirst;
     const last = this.#changedLast;
     this.#changedFirst = Infinity;
@@ -164,17 +156,15 @@ export class DirtyBitmap {
     this.#syncNeeded = false; // until a change or a failure from here on
     if (last >= first) {
       try {
-        fs.writeSync(this.#fd, this.#bytes, first, last - first + 1, first);
+        this.#file.write(this.#bytes.subarray(first, last + 1), first);
       } catch (error) {
         this.#noteChange(first);
         this.#noteChange(last);
-        throw new DstError("STATE", `Cannot write the mirror bitmap ${this.path}: ${error}`);
+        throw new DstError("STATE", `Cannot write the mirror bitmap ${this.name}: ${error}`);
       }
     }
     try {
-      await new Promise<void>((resolve, reject) =>
-        fs.fdatasync(this.#fd, (error) => error ? reject(error) : resolve())
-      );
+      await this.#file.sync();
     } catch (error) {
       this.#syncNeeded = true;
       throw error;

@@ -1,11 +1,13 @@
 import assert from "node:assert/strict";
 import { DirtyBitmap, LEG_SLOTS_MAX } from "./dirty_bitmap.ts";
+import { MemoryMirrorStore } from "./memory_mirror_store.ts";
+import { openBitmapFile } from "./mirror_store.ts";
 
 Deno.test("DirtyBitmap: marks are on disk when mark() resolves; clears reach it on flush", async () => {
   const dir = await Deno.makeTempDir();
   try {
     const path = `${dir}/bitmap`;
-    const bitmap = DirtyBitmap.open(path, 100, true);
+    const bitmap = DirtyBitmap.open(openBitmapFile(path, 100, true), 100);
     await bitmap.mark(10, 12, 0b11);
     assert.deepEqual([...(await Deno.readFile(path)).subarray(9, 14)], [0, 3, 3, 3, 0]);
     bitmap.clear(11, 0b01);
@@ -18,7 +20,7 @@ Deno.test("DirtyBitmap: marks are on disk when mark() resolves; clears reach it 
     assert.equal(bitmap.count(1), 3);
     await bitmap.close();
 
-    const again = DirtyBitmap.open(path, 100, false);
+    const again = DirtyBitmap.open(openBitmapFile(path, 100, false), 100);
     assert.equal(again.count(1), 3);
     assert.ok(again.has(12, 0) && !again.has(11, 0));
     await again.close();
@@ -27,27 +29,43 @@ Deno.test("DirtyBitmap: marks are on disk when mark() resolves; clears reach it 
   }
 });
 
-Deno.test("DirtyBitmap: concurrent marks share flushes, and a repeated mark waits for the first one's", async () => {
-  const dir = await Deno.makeTempDir();
-  try {
-    const bitmap = DirtyBitmap.open(`${dir}/bitmap`, 8, true);
-    const first = bitmap.mark(0, 0, 1);
-    let secondDone = false;
-    const second = bitmap.mark(0, 0, 1).then(() => (secondDone = true));
-    assert.equal(secondDone, false, "an already-set bit is not durable before the first flush");
-    await Promise.all([first, second]);
-    assert.equal((await Deno.readFile(`${dir}/bitmap`))[0], 1);
-    await bitmap.close();
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
+Deno.test("DirtyBitmap: a repeated mark waits for the first one's sync, and marks share syncs", async () => {
+  const store = new MemoryMirrorStore();
+  const bitmap = DirtyBitmap.open(store.openBitmap(8, true), 8);
+  const held = Promise.withResolvers<void>();
+  store.holdSyncs = held.promise;
+  const settled: string[] = [];
+  const first = bitmap.mark(0, 0, 1).then(() => settled.push("first"));
+  const second = bitmap.mark(0, 0, 1).then(() => settled.push("second"));
+  const other = bitmap.mark(1, 1, 1).then(() => settled.push("other"));
+  // Many turns of the event loop: nothing may resolve while the sync is held.
+  for (let i = 0; i < 20; i++) await new Promise((r) => setTimeout(r, 1));
+  assert.deepEqual(settled, [], "no mark is durable before its sync completed");
+  assert.equal(store.durableBitmap()![0], 0);
+  store.holdSyncs = null;
+  held.resolve();
+  await Promise.all([first, second, other]);
+  assert.deepEqual(settled.sort(), ["first", "other", "second"]);
+  assert.deepEqual([...store.durableBitmap()!.subarray(0, 3)], [1, 1, 0]);
+  await bitmap.close();
+});
+
+Deno.test("DirtyBitmap: a failed sync fails the mark, and the next mark syncs it again", async () => {
+  const store = new MemoryMirrorStore();
+  const bitmap = DirtyBitmap.open(store.openBitmap(8, true), 8);
+  store.failSyncs = true;
+  await assert.rejects(bitmap.mark(2, 2, 1), /sync/);
+  store.failSyncs = false;
+  await bitmap.mark(2, 2, 1); // already set in memory: still not durable, so it syncs
+  assert.equal(store.durableBitmap()![2], 1);
+  await bitmap.close();
 });
 
 Deno.test("DirtyBitmap: a bitmap file of the wrong size is refused with what to do", async () => {
   const dir = await Deno.makeTempDir();
   try {
     await Deno.writeFile(`${dir}/bitmap`, new Uint8Array(5));
-    assert.throws(() => DirtyBitmap.open(`${dir}/bitmap`, 8, false), /--source/);
+    assert.throws(() => DirtyBitmap.open(openBitmapFile(`${dir}/bitmap`, 8, false), 8), /--source/);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

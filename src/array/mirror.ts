@@ -44,26 +44,15 @@ import {
   reconnecting,
 } from "../device/block_device.ts";
 import { HandshakeRefused } from "../client/dial.ts";
-import { StateLock } from "./state_lock.ts";
-import type { RemoteDeviceOptions } from "../client/remote_device.ts";
 import { describeError, DeviceError, DstError } from "../lib/errors.ts";
-import { ensureDir } from "../lib/state_file.ts";
 import { randomId } from "../lib/hex.ts";
 import { formatBytes, formatDuration } from "../lib/units.ts";
 import type { Logger } from "../lib/log.ts";
-import { type Clock, systemClock } from "../lib/clock.ts";
+import { type Clock, systemClock, type Timer } from "../lib/clock.ts";
 import { DirtyBitmap, LEG_SLOTS_MAX } from "./dirty_bitmap.ts";
-import {
-  bitmapPath,
-  type LegRecord,
-  loadMirrorState,
-  loadOrCreateClientId,
-  type MirrorState,
-  regionCount,
-  saveMirrorState,
-  STATE_VERSION,
-} from "./mirror_state.ts";
-import { type OpenedMember, openMember } from "./members.ts";
+import { type LegRecord, type MirrorState, regionCount, STATE_VERSION } from "./mirror_state.ts";
+import type { MirrorStore } from "./mirror_store.ts";
+import type { OpenedMember } from "./members.ts";
 import { RegionActivity } from "./region_activity.ts";
 
 export type LegMode = "in-sync" | "resyncing" | "out-of-sync" | "detached";
@@ -99,14 +88,21 @@ export interface MirrorStatus {
   resyncedBytes: number;
 }
 
+/**
+ * Opens the member `name` as a leg, connecting as `clientId` (the mirror's identity,
+ * kept in its store): the CLI's is members.ts's openMember; tests pass their own.
+ */
+export type LegOpener = (name: string, clientId: Uint8Array) => Promise<OpenedMember>;
+
 export interface MirrorOptions {
-  stateDir: string;
+  /** Where the state, the bitmap and the identity are kept (mirror_store.ts). */
+  store: MirrorStore;
   /** Start over: this member's data is right, the others get a full copy. */
   source?: string;
   regionBytes: number;
-  client: RemoteDeviceOptions;
+  openLeg: LegOpener;
   log: Logger;
-  /** Where time comes from (default the system's); timers still run on real time. */
+  /** Where time and timers come from (default the system's). */
   clock?: Clock;
 }
 
@@ -204,8 +200,8 @@ export class MirrorDevice implements BlockDevice {
   readonly #options: MirrorOptions;
   readonly #clock: Clock;
   /** The state folder's lock, held until close(). */
-  readonly #lock: StateLock;
-  readonly #sweeper: ReturnType<typeof setInterval>;
+  readonly #lock: { release(): void };
+  readonly #sweeper: Timer;
   /** The sweep under way, if any (close() waits for it). */
   #sweeping: Promise<void> | null = null;
   /**
@@ -213,7 +209,11 @@ export class MirrorDevice implements BlockDevice {
    * flush. A region written meanwhile keeps its marks (the flush may not cover it).
    */
   readonly #flushWatchers = new Set<Set<number>>();
-  readonly #supervisor: ReturnType<typeof setInterval>;
+  readonly #supervisor: Timer;
+  /** Waiters for a condition on the legs (close, detach), checked when a leg quiets. */
+  readonly #quietWaiters = new Set<{ ready: () => boolean; resolve: () => void }>();
+  /** The mirror's identity towards its legs' exports. */
+  readonly #clientId: Uint8Array;
   #resyncedBytes = 0;
   #closing = false;
   /** Why the state could not be made durable; while set, writes fail (see #stateFailed). */
@@ -228,9 +228,11 @@ export class MirrorDevice implements BlockDevice {
     bitmap: DirtyBitmap,
     blockSize: number,
     options: MirrorOptions,
-    lock: StateLock,
+    lock: { release(): void },
+    clientId: Uint8Array,
   ) {
     this.#lock = lock;
+    this.#clientId = clientId;
     this.#clock = options.clock ?? systemClock;
     this.#state = state;
     this.#legs = legs;
@@ -245,12 +247,12 @@ export class MirrorDevice implements BlockDevice {
       name: `mirror(${legs.map((l) => l.record.name).join(", ")})`,
     };
     this.#regions = new RegionActivity((region) => this.#idle.add(region));
-    this.#sweeper = setInterval(() => void this.#sweep(), MIRROR_CLEAR_DELAY_MS);
-    this.#supervisor = setInterval(() => this.#supervise(), MIRROR_SUPERVISE_MS);
+    this.#sweeper = this.#clock.every(MIRROR_CLEAR_DELAY_MS, () => void this.#sweep());
+    this.#supervisor = this.#clock.every(MIRROR_SUPERVISE_MS, () => this.#supervise());
   }
 
   /**
-   * Opens a mirror of `members` with its state in options.stateDir: checks the
+   * Opens a mirror of `members` with its state in options.store: checks the
    * state against the members, connects every leg, reconciles what a crash left
    * marked, and starts bringing back legs that are behind.
    */
@@ -265,7 +267,7 @@ export class MirrorDevice implements BlockDevice {
       throw new DstError("USAGE", `--source ${options.source} is not one of the members`);
     }
     // Before anything opens a leg or writes the state: one array per state folder.
-    const lock = StateLock.take(options.stateDir);
+    const lock = options.store.lock();
     try {
       return await MirrorDevice.#openLocked(members, options, lock);
     } catch (error) {
@@ -277,20 +279,20 @@ export class MirrorDevice implements BlockDevice {
   static async #openLocked(
     members: string[],
     options: MirrorOptions,
-    lock: StateLock,
+    lock: { release(): void },
   ): Promise<MirrorDevice> {
-    // One identity for every leg connection, kept in the state: see loadOrCreateClientId.
-    const clientId = loadOrCreateClientId(options.stateDir);
-    options = { ...options, client: { ...options.client, clientId } };
+    // One identity for every leg connection, kept in the store: a restarted mirror is
+    // the same writer, so it fences its own old connections and takes its lease back.
+    const clientId = options.store.loadOrCreateClientId();
     // No state and no --source: a new mirror, whose source #assemble picks without guessing.
-    const previous = options.source === undefined ? loadMirrorState(options.stateDir) : null;
+    const previous = options.source === undefined ? options.store.loadState() : null;
     if (previous !== null) {
       const known = previous.legs.map((l) => l.name);
       const same = known.length === members.length && known.every((n) => members.includes(n));
       if (!same) {
         throw new DstError(
           "STATE",
-          `The mirror state in ${options.stateDir} is for legs ${known.join(", ")}, ` +
+          `The mirror state in ${options.store.where} is for legs ${known.join(", ")}, ` +
             `not ${members.join(", ")}: pass the same legs, another --state, or --source MEMBER ` +
             "to start over from that member's data (the others then get a full copy)",
         );
@@ -304,7 +306,7 @@ export class MirrorDevice implements BlockDevice {
       // A detached leg is not opened: opening starts a write generation, and it is a snapshot.
       if (detached.has(name)) return new Error("detached");
       try {
-        return await openMember(name, options.client);
+        return await options.openLeg(name, clientId);
       } catch (error) {
         return error instanceof Error ? error : new Error(String(error));
       }
@@ -321,7 +323,7 @@ export class MirrorDevice implements BlockDevice {
             `client writes to it; a mirror never shares a leg with another writer`,
         );
       }
-      return await MirrorDevice.#assemble(members, opened, previous, options, lock);
+      return await MirrorDevice.#assemble(members, opened, previous, options, lock, clientId);
     } catch (error) {
       await Promise.allSettled(
         opened.map((o) => o instanceof Error ? undefined : o.device.close()),
@@ -335,7 +337,8 @@ export class MirrorDevice implements BlockDevice {
     opened: Array<OpenedMember | Error>,
     previous: MirrorState | null,
     options: MirrorOptions,
-    lock: StateLock,
+    lock: { release(): void },
+    clientId: Uint8Array,
   ): Promise<MirrorDevice> {
     const log = options.log;
     let state: MirrorState;
@@ -388,8 +391,7 @@ export class MirrorDevice implements BlockDevice {
       state = previous;
     }
     const regions = regionCount(state.sizeBytes, state.regionBytes);
-    ensureDir(options.stateDir);
-    const bitmap = DirtyBitmap.open(bitmapPath(options.stateDir), regions, fresh);
+    const bitmap = DirtyBitmap.open(options.store.openBitmap(regions, fresh), regions);
     if (fresh) {
       for (const leg of state.legs) {
         if (leg.state !== "in-sync") await bitmap.markAll(1 << leg.slot);
@@ -458,7 +460,7 @@ export class MirrorDevice implements BlockDevice {
     await bitmap.flush();
 
     const blockSize = Math.max(...legs.map((l) => l.device?.info.blockSize ?? 512));
-    const mirror = new MirrorDevice(state, legs, bitmap, blockSize, options, lock);
+    const mirror = new MirrorDevice(state, legs, bitmap, blockSize, options, lock, clientId);
     for (const leg of legs) mirror.#watch(leg);
     mirror.#save();
     for (const leg of legs) {
@@ -482,7 +484,7 @@ export class MirrorDevice implements BlockDevice {
     return `No in-sync leg of the mirror is reachable (${why}). ${newest} holds the newest ` +
       `data: start its export and run this again. Only if it is lost for good, start over ` +
       `from the next newest with\n  dst array mirror ${members.join(" ")} --source ` +
-      `${byNewest[1]?.record.name ?? newest} --state ${options.stateDir}`;
+      `${byNewest[1]?.record.name ?? newest} --state ${options.store.where}`;
   }
 
   /**
@@ -498,12 +500,12 @@ export class MirrorDevice implements BlockDevice {
     options: MirrorOptions,
   ): Promise<string> {
     const line = (source: string) =>
-      `dst array mirror ${members.join(" ")} --source ${source} --state ${options.stateDir}`;
+      `dst array mirror ${members.join(" ")} --source ${source} --state ${options.store.where}`;
     const written = members.filter((_, i) => devices[i]!.generation > 1);
     if (written.length > 1) {
       throw new DstError(
         "STATE",
-        `No mirror state in ${options.stateDir}, and more than one leg was written before ` +
+        `No mirror state in ${options.store.where}, and more than one leg was written before ` +
           `(${written.join(", ")}): their data may differ. Say which one is right with ` +
           `--source; the others get a full copy of it, e.g.\n  ${line(written[0]!)}\n(to ` +
           `reopen an existing mirror instead, pass the --state DIR it was made with)`,
@@ -516,7 +518,7 @@ export class MirrorDevice implements BlockDevice {
       if (members[i] === source || await looksEmpty(devices[i]!.device)) continue;
       throw new DstError(
         "STATE",
-        `No mirror state in ${options.stateDir}, and ${members[i]} holds data (not all ` +
+        `No mirror state in ${options.store.where}, and ${members[i]} holds data (not all ` +
           `zeroes) that no DST writer wrote, which making ${source} the source would ` +
           `overwrite. Say which leg is right with --source, e.g.\n  ${line(source)}`,
       );
@@ -820,6 +822,7 @@ export class MirrorDevice implements BlockDevice {
       return error ?? new Error("failed");
     } finally {
       leg.inFlight -= 1;
+      this.#quieted();
     }
   }
 
@@ -935,6 +938,7 @@ export class MirrorDevice implements BlockDevice {
         leg.busy = true;
         void device.close().finally(() => {
           leg.busy = false;
+          this.#quieted();
         });
       } else if (device === null) {
         void this.#reopen(leg);
@@ -947,7 +951,7 @@ export class MirrorDevice implements BlockDevice {
   async #reopen(leg: Leg): Promise<void> {
     leg.busy = true;
     try {
-      const member = await openMember(leg.record.name, this.#options.client);
+      const member = await this.#options.openLeg(leg.record.name, this.#clientId);
       const refusal = MirrorDevice.#checkIdentity(leg.record, member, this.info.sizeBytes);
       if (refusal !== null) {
         await member.device.close();
@@ -975,6 +979,7 @@ export class MirrorDevice implements BlockDevice {
       leg.lastFailureMs = this.#clock.nowMs();
     } finally {
       leg.busy = false;
+      this.#quieted();
     }
     if (leg.device !== null && leg.mode === "out-of-sync") void this.#resync(leg);
   }
@@ -1062,6 +1067,7 @@ export class MirrorDevice implements BlockDevice {
       if (leg.mode !== "resyncing") leg.pending = null;
       if (leg.mode === "resyncing") leg.mode = "out-of-sync"; // stopped by close
       leg.busy = false;
+      this.#quieted();
     }
   }
 
@@ -1225,7 +1231,7 @@ export class MirrorDevice implements BlockDevice {
     leg.mode = "detached";
     leg.reason = null;
     this.#save();
-    while (leg.inFlight > 0 || leg.busy) await new Promise((r) => setTimeout(r, 10));
+    await this.#whenQuiet(() => leg.inFlight === 0 && !leg.busy);
     const device = leg.device;
     leg.device = null;
     if (device !== null) {
@@ -1245,7 +1251,7 @@ export class MirrorDevice implements BlockDevice {
     if (leg !== undefined && leg.mode !== "detached") {
       throw new DstError("USAGE", `${name} is a leg already (${leg.mode})`);
     }
-    const member = await openMember(name, this.#options.client);
+    const member = await this.#options.openLeg(name, this.#clientId);
     try {
       const info = member.device.info;
       if (leg === undefined) {
@@ -1304,7 +1310,7 @@ export class MirrorDevice implements BlockDevice {
       kind: "mirror",
       sizeBytes: this.info.sizeBytes,
       regionBytes: this.#state.regionBytes,
-      stateDir: this.#options.stateDir,
+      stateDir: this.#options.store.where,
       resyncedBytes: this.#resyncedBytes,
       members: this.#legs.map((leg) => ({
         name: leg.record.name,
@@ -1327,17 +1333,29 @@ export class MirrorDevice implements BlockDevice {
   async close(): Promise<void> {
     if (this.#closing) return;
     this.#closing = true;
-    clearInterval(this.#supervisor);
-    while (this.#legs.some((l) => l.inFlight > 0 || l.busy)) {
-      await new Promise((r) => setTimeout(r, 10));
-    }
-    clearInterval(this.#sweeper);
+    this.#supervisor.cancel();
+    await this.#whenQuiet(() => this.#legs.every((l) => l.inFlight === 0 && !l.busy));
+    this.#sweeper.cancel();
     await this.#sweeping;
     await this.#sweep();
     this.#save();
     await this.#bitmap.close();
     await Promise.allSettled(this.#legs.map((l) => l.device?.close()));
     this.#lock.release();
+  }
+
+  /** Resolves once `ready()` holds; checked whenever a leg ends a request or a task. */
+  #whenQuiet(ready: () => boolean): Promise<void> {
+    if (ready()) return Promise.resolve();
+    return new Promise((resolve) => this.#quietWaiters.add({ ready, resolve }));
+  }
+
+  #quieted(): void {
+    for (const waiter of this.#quietWaiters) {
+      if (!waiter.ready()) continue;
+      this.#quietWaiters.delete(waiter);
+      waiter.resolve();
+    }
   }
 
   /**
@@ -1360,7 +1378,7 @@ export class MirrorDevice implements BlockDevice {
       leg.record.state = leg.mode === "resyncing" ? "out-of-sync" : leg.mode;
     }
     try {
-      saveMirrorState(this.#options.stateDir, this.#state);
+      this.#options.store.saveState(this.#state);
     } catch (error) {
       this.#stateFailed(error);
       return;

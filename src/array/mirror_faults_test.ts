@@ -18,7 +18,8 @@ import { Exporter } from "../server/exporter.ts";
 import { MemoryGeneration } from "../server/write_generation.ts";
 import { WriterLease } from "../server/writer_lease.ts";
 import { MirrorDevice } from "./mirror.ts";
-import { loadMirrorState } from "./mirror_state.ts";
+import { openMember } from "./members.ts";
+import { FolderStore } from "./mirror_store.ts";
 
 const quiet = { debug() {}, info() {}, warn() {}, error() {} };
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -58,10 +59,11 @@ function random(length: number): Uint8Array {
 
 async function openMirror(names: string[], stateDir: string): Promise<MirrorDevice> {
   return await MirrorDevice.open(names, {
-    stateDir,
+    store: new FolderStore(stateDir),
     source: names[0],
     regionBytes: 64 * 1024,
-    client: { timeoutMs: 300, retries: 2, log: quiet },
+    openLeg: (name, clientId) =>
+      openMember(name, { timeoutMs: 300, retries: 2, log: quiet, clientId }),
     log: quiet,
   });
 }
@@ -203,7 +205,7 @@ Deno.test("concurrent attaches get distinct slots and the state loads again", as
   } finally {
     await mirror.close();
   }
-  const state = loadMirrorState(dir)!;
+  const state = new FolderStore(dir).loadState()!;
   assert.equal(new Set(state.legs.map((l) => l.slot)).size, 4, "distinct slots");
   for (const leg of legs) await leg.exporter.shutdown();
   await Deno.remove(dir, { recursive: true });

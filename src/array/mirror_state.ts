@@ -1,12 +1,12 @@
 /**
- * The mirror's state folder, on the array's own node: `state.json` (the legs, each
- * leg's export id and last write generation, which legs are in sync), `bitmap`
- * (dirty_bitmap.ts) and `client-id`, the mirror's identity towards its legs' exports.
- * state.json is replaced atomically on every change.
+ * What a mirror remembers across restarts, and its format: the legs (each leg's
+ * export id, last write generation and epoch, which legs are in sync, the order they
+ * left sync in), and the mirror's client identity towards its legs' exports. Where it
+ * is kept is mirror_store.ts's business.
  */
 
 import { DstError } from "../lib/errors.ts";
-import { ensureDir, readStateFile, stateRoot, writeStateFile } from "../lib/state_file.ts";
+import { stateRoot } from "../lib/state_file.ts";
 import { bytesToHex, hexToBytes, sha256Hex } from "../lib/hex.ts";
 import { CLIENT_ID_BYTES } from "../protocol/mod.ts";
 import { LEG_SLOTS_MAX } from "./dirty_bitmap.ts";
@@ -49,23 +49,15 @@ export async function defaultMirrorStateDir(members: string[]): Promise<string> 
   return `${stateRoot()}/arrays/mirror-${digest.slice(0, 16)}`;
 }
 
-function statePath(dir: string): string {
-  return `${dir}/state.json`;
-}
-
-export function bitmapPath(dir: string): string {
-  return `${dir}/bitmap`;
-}
-
-/** The state in `dir`, or null when there is none; a damaged one is a clear error. */
-export function loadMirrorState(dir: string): MirrorState | null {
-  const path = statePath(dir);
-  const text = readStateFile(path);
-  if (text === null) return null;
+/**
+ * The state in `text` (from `where`, named in messages), checked; a damaged one is a
+ * clear error that says how to start over.
+ */
+export function parseMirrorState(text: string, where: string): MirrorState {
   const damaged = (why: string) =>
     new DstError(
       "STATE",
-      `${path} is damaged (${why}); start over with --source LEG, naming the leg whose data is right`,
+      `${where} is damaged (${why}); start over with --source LEG, naming the leg whose data is right`,
     );
   let state: MirrorState;
   try {
@@ -92,9 +84,8 @@ export function loadMirrorState(dir: string): MirrorState | null {
   return state;
 }
 
-export function saveMirrorState(dir: string, state: MirrorState): void {
-  ensureDir(dir);
-  writeStateFile(statePath(dir), JSON.stringify(state, null, 2) + "\n");
+export function formatMirrorState(state: MirrorState): string {
+  return JSON.stringify(state, null, 2) + "\n";
 }
 
 /** Regions of `regionBytes` covering `sizeBytes`. */
@@ -102,28 +93,19 @@ export function regionCount(sizeBytes: number, regionBytes: number): number {
   return Math.ceil(sizeBytes / regionBytes);
 }
 
-/**
- * The mirror's client identity, made once and kept in its state folder: a restarted
- * mirror is the same writer to its legs' exports, so it fences its own old
- * connections and takes its writer lease back at once, while any other mirror is
- * refused. Written before any leg is opened.
- */
-export function loadOrCreateClientId(dir: string): Uint8Array {
-  const path = `${dir}/client-id`;
-  const text = readStateFile(path);
-  if (text !== null) {
-    const hex = text.trim();
-    if (!new RegExp(`^[0-9a-f]{${CLIENT_ID_BYTES * 2}}$`).test(hex)) {
-      throw new DstError(
-        "STATE",
-        `${path} is damaged (not ${CLIENT_ID_BYTES * 2} hex digits); remove it only if no ` +
-          `other copy of this mirror runs: the mirror then gets a new identity`,
-      );
-    }
-    return hexToBytes(hex);
+/** A client identity as kept in the state (32 hex digits), or a clear error. */
+export function parseClientId(text: string, where: string): Uint8Array {
+  const hex = text.trim();
+  if (!new RegExp(`^[0-9a-f]{${CLIENT_ID_BYTES * 2}}$`).test(hex)) {
+    throw new DstError(
+      "STATE",
+      `${where} is damaged (not ${CLIENT_ID_BYTES * 2} hex digits); remove it only if no ` +
+        `other copy of this mirror runs: the mirror then gets a new identity`,
+    );
   }
-  const id = crypto.getRandomValues(new Uint8Array(CLIENT_ID_BYTES));
-  ensureDir(dir);
-  writeStateFile(path, bytesToHex(id) + "\n");
-  return id;
+  return hexToBytes(hex);
+}
+
+export function formatClientId(id: Uint8Array): string {
+  return bytesToHex(id) + "\n";
 }

@@ -16,6 +16,7 @@ import { LinearDevice } from "../array/linear.ts";
 import { isLocalMember, openMember } from "../array/members.ts";
 import { MirrorDevice } from "../array/mirror.ts";
 import { defaultMirrorStateDir } from "../array/mirror_state.ts";
+import { FolderStore } from "../array/mirror_store.ts";
 import { type HostPort, parseHostPort } from "../lib/address.ts";
 import { describeError, DstError, UsageError } from "../lib/errors.ts";
 import { logger } from "../lib/log.ts";
@@ -160,10 +161,10 @@ export async function arrayCommand(argv: string[]): Promise<number> {
   }
   const stateDir = stringOption(parsed, "state") ?? await defaultMirrorStateDir(members);
   const mirror = await MirrorDevice.open(members, {
-    stateDir,
+    store: new FolderStore(stateDir),
     source: stringOption(parsed, "source"),
     regionBytes,
-    client,
+    openLeg: (name, clientId) => openMember(name, { ...client, clientId }),
     log,
   });
   try {

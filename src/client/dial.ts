@@ -5,6 +5,7 @@
 
 import { HANDSHAKE_TIMEOUT_MS } from "../constants.ts";
 import { formatHostPort, type HostPort } from "../lib/address.ts";
+import { type Clock, systemClock } from "../lib/clock.ts";
 import { describeError, DstError } from "../lib/errors.ts";
 import {
   AUTH_NONE,
@@ -38,6 +39,8 @@ export interface Link {
 
 export interface DialOptions {
   dial?: Dialer;
+  /** Where the handshake's time limit runs (default the system's clock). */
+  clock?: Clock;
   /**
    * Declares the client a writer: the export grants it the writer lease (or refuses)
    * and starts a write generation for it at once, reported in the hello.
@@ -72,7 +75,10 @@ export async function dialExport(address: HostPort, options: DialOptions = {}): 
       { cause: error },
     );
   }
-  const timer = setTimeout(() => closeQuietly(conn), HANDSHAKE_TIMEOUT_MS);
+  const timer = (options.clock ?? systemClock).after(
+    HANDSHAKE_TIMEOUT_MS,
+    () => closeQuietly(conn),
+  );
   try {
     await writeAll(
       conn,
@@ -107,7 +113,7 @@ export async function dialExport(address: HostPort, options: DialOptions = {}): 
       { cause: error },
     );
   } finally {
-    clearTimeout(timer);
+    timer.cancel();
   }
 }
 

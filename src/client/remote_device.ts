@@ -69,7 +69,7 @@ import {
 } from "../device/block_device.ts";
 import { formatHostPort, type HostPort } from "../lib/address.ts";
 import { assert } from "../lib/assert.ts";
-import { type Clock, systemClock } from "../lib/clock.ts";
+import { type Clock, sleep, systemClock, type Timer } from "../lib/clock.ts";
 import { describeError, DeviceError, DstError, ProtocolError } from "../lib/errors.ts";
 import { bytesToHex } from "../lib/hex.ts";
 import { type Logger, logger } from "../lib/log.ts";
@@ -113,6 +113,8 @@ export interface RemoteDeviceOptions {
   window?: number;
   dial?: Dialer;
   clock?: Clock;
+  /** Numbers in [0, 1) for the jitter of reconnect delays (default Math.random). */
+  random?: () => number;
   log?: Logger;
   /**
    * Whether this client writes (default true): each connection then asks for the
@@ -231,7 +233,8 @@ export class RemoteDevice implements BlockDevice, Reconnecting {
   #closing = false;
   #fatal: Error | null = null;
   #settledWaiters: Array<() => void> = [];
-  readonly #ticker: ReturnType<typeof setInterval>;
+  readonly #ticker: Timer;
+  readonly #random: () => number;
   readonly #requestHeader = new Uint8Array(RequestLayout.SIZE);
   readonly #requestView = new DataView(this.#requestHeader.buffer);
   readonly #stats = emptyStats();
@@ -265,6 +268,7 @@ export class RemoteDevice implements BlockDevice, Reconnecting {
     this.#writeGeneration = hello.writeGeneration;
     this.#writeEpoch = bytesToHex(hello.writeEpoch);
     this.#clock = options.clock ?? systemClock;
+    this.#random = options.random ?? Math.random;
     this.#log = options.log ?? logger("client");
     this.info = {
       sizeBytes: hello.sizeBytes,
@@ -277,7 +281,7 @@ export class RemoteDevice implements BlockDevice, Reconnecting {
       20,
       Math.min(250, Math.floor(this.timeoutMs / 4), Math.floor(this.pingMs / 2)),
     );
-    this.#ticker = setInterval(() => this.#tick(), tickMs);
+    this.#ticker = this.#clock.every(tickMs, () => this.#tick());
     this.#attach(conn);
   }
 
@@ -293,6 +297,7 @@ export class RemoteDevice implements BlockDevice, Reconnecting {
     assert(clientId.length === CLIENT_ID_BYTES, "a client id is 16 bytes");
     const { conn, hello } = await dialExport(address, {
       dial: options.dial,
+      clock: options.clock,
       writer: options.writer ?? true,
       clientId,
     });
@@ -444,7 +449,7 @@ export class RemoteDevice implements BlockDevice, Reconnecting {
     }
     // Nothing more will be sent: the gate places of failed writes protect no one now.
     this.#releaseFenceHeld();
-    clearInterval(this.#ticker);
+    this.#ticker.cancel();
     const link = this.#link;
     this.#link = null;
     if (link !== null) {
@@ -929,13 +934,14 @@ export class RemoteDevice implements BlockDevice, Reconnecting {
     try {
       while (this.#link === null && this.#fatal === null) {
         if (this.#closing && this.#pending === 0) return;
-        await new Promise((resolve) => setTimeout(resolve, delayMs * (0.5 + Math.random())));
+        await sleep(this.#clock, delayMs * (0.5 + this.#random()));
         delayMs = Math.min(delayMs * 2, RECONNECT_DELAY_MS_MAX);
         let conn: ByteConn;
         let hello: ServerHello;
         try {
           ({ conn, hello } = await dialExport(this.address, {
             dial: this.#dial,
+            clock: this.#clock,
             writer: this.#writer && this.#leaseLost === null,
             clientId: this.clientId,
           }));

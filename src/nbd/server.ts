@@ -12,7 +12,12 @@ import type { BlockDevice } from "../device/block_device.ts";
 import { formatHostPort, type HostPort } from "../lib/address.ts";
 import { BufferPool } from "../lib/buffer_pool.ts";
 import { type Logger, logger } from "../lib/log.ts";
-import { AcceptLoop, type ClientSlots, clientSlots } from "../transport/accept_loop.ts";
+import {
+  type AcceptedConn,
+  AcceptLoop,
+  type ClientSlots,
+  clientSlots,
+} from "../transport/accept_loop.ts";
 import { listenTcp, listenUnix } from "../transport/listen.ts";
 import type { WriteGrant } from "../server/writer_lease.ts";
 import { type NbdExport, negotiate } from "./handshake.ts";
@@ -100,7 +105,11 @@ export class NbdServer {
     }
   }
 
-  async #session(conn: Deno.Conn, peer: string, admitted: boolean): Promise<NbdConnection | null> {
+  async #session(
+    conn: AcceptedConn,
+    peer: string,
+    admitted: boolean,
+  ): Promise<NbdConnection | null> {
     if (!admitted) {
       this.#log.warn(`${peer}: NBD client refused: ${this.#loop.slots.max} clients already`);
       return null;

@@ -17,6 +17,7 @@ import { describeError } from "../lib/errors.ts";
 import type { BlockDevice, IoFlags } from "../device/block_device.ts";
 import type { BufferPool } from "../lib/buffer_pool.ts";
 import type { Logger } from "../lib/log.ts";
+import type { Clock } from "../lib/clock.ts";
 import {
   Command,
   COMMAND_NAMES,
@@ -43,6 +44,8 @@ export interface ExportContext {
   readonly device: BlockDevice;
   readonly pool: BufferPool;
   readonly log: Logger;
+  /** The export's clock: how long the connection has been silent is measured on it. */
+  readonly clock: Clock;
   /** The STATUS reply, built when asked. */
   statusJson(): Uint8Array;
   /** Counts a request the export refused or a frame that broke the protocol. */
@@ -72,7 +75,7 @@ export class ExportConnection extends RequestLoop {
       sendQueueBytesMax: SEND_QUEUE_BYTES_MAX,
       frameBytesMax: RequestLayout.SIZE + PAYLOAD_BYTES_MAX,
       headerBytes: RequestLayout.SIZE,
-    });
+    }, ctx.clock);
     this.#writes = new FirstWriteGate(ctx.acquire, ctx.grant);
   }
 

@@ -23,11 +23,16 @@ import {
 import type { BlockDevice, DeviceStats } from "../device/block_device.ts";
 import { formatHostPort, type HostPort } from "../lib/address.ts";
 import { BufferPool } from "../lib/buffer_pool.ts";
-import { type Clock, systemClock } from "../lib/clock.ts";
+import { type Clock, systemClock, type Timer } from "../lib/clock.ts";
 import { type Logger, logger } from "../lib/log.ts";
 import { bytesToHex } from "../lib/hex.ts";
 import { ClientFeature, type ClientHello, HelloStatus, ServerFeature } from "../protocol/mod.ts";
-import { AcceptLoop, clientSlots } from "../transport/accept_loop.ts";
+import {
+  type AcceptedConn,
+  AcceptLoop,
+  clientSlots,
+  type ConnListener,
+} from "../transport/accept_loop.ts";
 import { listenTcp } from "../transport/listen.ts";
 import { ExportConnection } from "./export_connection.ts";
 import { acceptHandshake, type Admission, refuse } from "./handshake.ts";
@@ -108,15 +113,15 @@ export class Exporter {
   readonly #clients = new Map<string, Set<ExportConnection>>();
   /** The tail of each identity's queue of handshakes (they run one at a time). */
   readonly #handshakes = new Map<string, Promise<void>>();
-  readonly #silenceCheck: ReturnType<typeof setInterval>;
+  readonly #silenceCheck: Timer;
   readonly #leaseIdleMs: number;
   #anonymous = 0;
   #protocolErrors = 0;
 
   private constructor(
     readonly device: BlockDevice,
-    readonly listener: Deno.TcpListener,
-    options: ExporterOptions,
+    readonly listener: ConnListener,
+    options: Omit<ExporterOptions, "listen">,
   ) {
     this.#clock = options.clock ?? systemClock;
     this.#log = options.log ?? logger("export");
@@ -131,9 +136,9 @@ export class Exporter {
       this.#log,
     );
     this.#leaseIdleMs = options.leaseIdleMs ?? LEASE_IDLE_MS;
-    this.#silenceCheck = setInterval(
-      () => this.#fenceSilentHolders(),
+    this.#silenceCheck = this.#clock.every(
       Math.min(LEASE_IDLE_CHECK_MS, this.#leaseIdleMs / 4),
+      () => this.#fenceSilentHolders(),
     );
   }
 
@@ -142,8 +147,17 @@ export class Exporter {
     return new Exporter(device, listenTcp(options.listen, "--listen"), options);
   }
 
+  /** Serves on a listener made elsewhere (the simulation's network, say). */
+  static serve(
+    device: BlockDevice,
+    listener: ConnListener,
+    options: Omit<ExporterOptions, "listen">,
+  ): Exporter {
+    return new Exporter(device, listener, options);
+  }
+
   get address(): HostPort {
-    const addr = this.listener.addr;
+    const addr = this.listener.addr as Deno.NetAddr;
     return { hostname: addr.hostname, port: addr.port };
   }
 
@@ -186,13 +200,13 @@ export class Exporter {
    * then flushes the device. The device stays open (the caller closes it).
    */
   async shutdown(): Promise<void> {
-    clearInterval(this.#silenceCheck);
+    this.#silenceCheck.cancel();
     await this.#loop.shutdown();
     if (!this.device.info.readOnly) await this.device.flush();
   }
 
   async #session(
-    conn: Deno.Conn,
+    conn: AcceptedConn,
     peer: string,
     admitted: boolean,
   ): Promise<ExportConnection | null> {
@@ -221,7 +235,7 @@ export class Exporter {
           }
         }
         return this.#admitted(grant);
-      });
+      }, this.#clock);
       if (refusal !== null) {
         this.#protocolErrors += 1;
         this.#log.warn(`${peer}: handshake refused: ${refusal}`);
@@ -231,6 +245,7 @@ export class Exporter {
         device: this.device,
         pool: this.#pool,
         log: this.#log,
+        clock: this.#clock,
         statusJson: () => new TextEncoder().encode(JSON.stringify(this.status(true))),
         countError: () => {
           this.#protocolErrors += 1;

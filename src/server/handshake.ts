@@ -32,6 +32,7 @@ import {
 } from "../protocol/mod.ts";
 import { type ByteConn, readExact, writeAll } from "../transport/byte_conn.ts";
 import { hexToBytes } from "../lib/hex.ts";
+import { type Clock, systemClock } from "../lib/clock.ts";
 
 /** What the export decided about a client whose hello it could accept. */
 export type Admission =
@@ -48,9 +49,10 @@ export async function acceptHandshake(
   conn: ByteConn,
   info: DeviceInfo,
   admit: (hello: ClientHello) => Promise<Admission>,
+  clock: Clock = systemClock,
 ): Promise<string | null> {
   const helloBytes = new Uint8Array(ClientHelloLayout.SIZE);
-  const timer = setTimeout(() => conn.close(), HANDSHAKE_TIMEOUT_MS);
+  const timer = clock.after(HANDSHAKE_TIMEOUT_MS, () => conn.close());
   try {
     // The magic first: a client speaking something else is told so at once, not after a timeout.
     await readExact(conn, helloBytes.subarray(0, 4));
@@ -62,7 +64,7 @@ export async function acceptHandshake(
   } catch {
     return `no client hello within ${HANDSHAKE_TIMEOUT_MS} ms`;
   } finally {
-    clearTimeout(timer);
+    timer.cancel();
   }
   const hello = decodeClientHello(helloBytes);
   if (typeof hello === "string") return hello;

@@ -8,8 +8,20 @@
 import { formatHostPort } from "../lib/address.ts";
 import { describeError } from "../lib/errors.ts";
 import type { Logger } from "../lib/log.ts";
-import { closeQuietly } from "./byte_conn.ts";
+import { type ByteConn, closeQuietly } from "./byte_conn.ts";
 import type { RequestLoop } from "./request_loop.ts";
+
+/** A connection as a server accepts it: its bytes, and who is on the other end. */
+export interface AcceptedConn extends ByteConn {
+  readonly remoteAddr: Deno.Addr;
+}
+
+/** Where a server accepts from: a Deno.Listener, or the simulation's network (tests/sim/). */
+export interface ConnListener {
+  accept(): Promise<AcceptedConn>;
+  close(): void;
+  readonly addr: Deno.Addr;
+}
 
 /**
  * Runs a connection's handshake and returns its request loop, or null when the client
@@ -17,7 +29,7 @@ import type { RequestLoop } from "./request_loop.ts";
  * the session should say "busy" in its protocol's words and return null.
  */
 export type Session = (
-  conn: Deno.Conn,
+  conn: AcceptedConn,
   peer: string,
   admitted: boolean,
 ) => Promise<RequestLoop | null>;
@@ -55,7 +67,7 @@ export class AcceptLoop {
   #stopping = false;
 
   constructor(
-    readonly listener: Deno.Listener,
+    readonly listener: ConnListener,
     readonly slots: ClientSlots,
     readonly session: Session,
     readonly log: Logger,
@@ -84,7 +96,7 @@ export class AcceptLoop {
 
   async #accept(): Promise<void> {
     for (;;) {
-      let conn: Deno.Conn;
+      let conn: AcceptedConn;
       try {
         conn = await this.listener.accept();
       } catch (error) {
@@ -103,7 +115,7 @@ export class AcceptLoop {
     }
   }
 
-  async #serve(conn: Deno.Conn): Promise<void> {
+  async #serve(conn: AcceptedConn): Promise<void> {
     const peer = this.#peerName(conn);
     const admitted = this.slots.enter();
     try {
@@ -136,7 +148,7 @@ export class AcceptLoop {
     }
   }
 
-  #peerName(conn: Deno.Conn): string {
+  #peerName(conn: AcceptedConn): string {
     const remote = conn.remoteAddr;
     if (remote.transport === "tcp" || remote.transport === "udp") {
       return formatHostPort({ hostname: remote.hostname, port: remote.port });
