@@ -119,8 +119,8 @@ interface Leg {
   /** A connect attempt or resync is under way: the supervisor leaves the leg alone. */
   busy: boolean;
   /**
-   * Counts the leg's reconnects. Across one, its export may have restarted and lost
-   * what it had not flushed: a flush or read that spans a reconnect vouches for nothing.
+   * Counts the leg's reconnects to a restarted export, which may have lost what it had
+   * not flushed: a flush or read that spans one vouches for nothing.
    */
   connections: number;
   lastFailureMs: number;
@@ -151,7 +151,7 @@ async function looksEmpty(device: BlockDevice): Promise<boolean> {
   for (let i = 0; i < EMPTY_SAMPLES; i++) {
     const offset = Math.floor(((size - length) * i) / (EMPTY_SAMPLES - 1));
     await device.read(offset, buffer);
-    if (buffer.some((byte) => byte !== 0)) return false;
+    for (let j = 0; j < buffer.length; j++) if (buffer[j] !== 0) return false;
   }
   return true;
 }
@@ -881,14 +881,18 @@ export class MirrorDevice implements BlockDevice {
   #watch(leg: Leg): void {
     const device = leg.device === null ? null : reconnecting(leg.device);
     if (device === null) return;
-    device.setReconnectListener((generation, epoch) => {
+    device.setReconnectListener(({ writeGeneration, writeEpoch, restarted }) => {
       if (leg.device !== device || leg.mode === "detached") return;
-      leg.connections += 1;
-      this.#reconnected(leg);
+      // The same export process kept its page cache (it finished what the old connection
+      // had started before it answered the new one): only a restart can have lost data.
+      if (restarted) {
+        leg.connections += 1;
+        this.#reconnected(leg);
+      }
       // Marks durable before the state names the new generation; a failure is a save failure.
       MirrorDevice.#checkGeneration(
         leg,
-        { generation, epoch },
+        { generation: writeGeneration, epoch: writeEpoch },
         this.#legs,
         this.#bitmap,
         this.#log,
@@ -900,10 +904,10 @@ export class MirrorDevice implements BlockDevice {
   }
 
   /**
-   * A leg's connection was made again. Its export may have restarted meanwhile, and a
-   * disk cache lost with it: the writes its marked regions stand for may be gone. So a
-   * leg with marked regions leaves sync and gets them copied again (but the last
-   * in-sync leg, which holds the newest data whatever happened).
+   * A leg's connection was made again to a restarted export: a disk cache may have been
+   * lost with it, and the writes its marked regions stand for with it. So a leg with
+   * marked regions leaves sync and gets them copied again (but the last in-sync leg,
+   * which holds the newest data whatever happened).
    */
   #reconnected(leg: Leg): void {
     if (leg.mode !== "in-sync" && leg.mode !== "resyncing") return;

@@ -215,6 +215,8 @@ export class RemoteDevice implements BlockDevice, Reconnecting {
   #onReconnect: ReconnectListener | null = null;
   #writeGeneration: number;
   #writeEpoch: string;
+  /** The export process's instance as of the latest connection (it changes when it restarts). */
+  #exportInstance: string;
   /** Why this writer may no longer write: another client took the export's lease. */
   #leaseLost: string | null = null;
 
@@ -267,6 +269,7 @@ export class RemoteDevice implements BlockDevice, Reconnecting {
     this.#sharedWriters = (hello.features & ServerFeature.SHARED_WRITERS) !== 0;
     this.#writeGeneration = hello.writeGeneration;
     this.#writeEpoch = bytesToHex(hello.writeEpoch);
+    this.#exportInstance = bytesToHex(hello.exportInstance);
     this.#clock = options.clock ?? systemClock;
     this.#random = options.random ?? Math.random;
     this.#log = options.log ?? logger("client");
@@ -971,7 +974,14 @@ export class RemoteDevice implements BlockDevice, Reconnecting {
         const otherWriters = this.#othersWrote(hello.writeGeneration, epoch);
         this.#writeGeneration = hello.writeGeneration;
         this.#writeEpoch = epoch;
-        this.#onReconnect?.(hello.writeGeneration, epoch);
+        const instance = bytesToHex(hello.exportInstance);
+        const restarted = instance !== this.#exportInstance;
+        this.#exportInstance = instance;
+        this.#onReconnect?.({
+          writeGeneration: hello.writeGeneration,
+          writeEpoch: epoch,
+          restarted,
+        });
         if (otherWriters !== null) this.#fenced(otherWriters);
         this.#log.info(
           `reconnected to ${this.#where}; resending ${this.#queue.length} transactions`,

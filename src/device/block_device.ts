@@ -97,8 +97,20 @@ export function settle(work: () => void): Promise<void> {
   }
 }
 
-/** Called when a device's connection was made again, with its export's write stamp. */
-export type ReconnectListener = (writeGeneration: number, writeEpoch: string) => void;
+/** What a device learned about its export when its connection was made again. */
+export interface Reconnection {
+  /** The export's write stamp now (see the protocol spec, "Write generation"). */
+  writeGeneration: number;
+  writeEpoch: string;
+  /**
+   * The export's process started again since the last connection: what its disk had
+   * not flushed may be gone (a node that lost power restarts its export).
+   */
+  restarted: boolean;
+}
+
+/** Called when a device's connection was made again. */
+export type ReconnectListener = (reconnection: Reconnection) => void;
 
 /**
  * A device whose connection comes and goes (RemoteDevice): what a mirror needs to

@@ -181,11 +181,12 @@ const serverHello: ServerHello = {
   nonce: pattern(200, 16),
   writeGeneration: ABOVE_2_32 + 7,
   writeEpoch: pattern(77, 16),
+  exportInstance: pattern(150, 16),
 };
 
-Deno.test("encodeServerHello() writes 96 little-endian bytes at the documented offsets", () => {
+Deno.test("encodeServerHello() writes 112 little-endian bytes at the documented offsets", () => {
   const bytes = encodeServerHello({ ...serverHello, sizeBytes: ABOVE_2_32, status: 5 });
-  assert.equal(bytes.length, 96);
+  assert.equal(bytes.length, 112);
   const view = viewOf(bytes);
   assert.equal(view.getUint32(0, true), MAGIC_SERVER_HELLO);
   assert.equal(view.getUint16(4, true), 1);
@@ -204,6 +205,7 @@ Deno.test("encodeServerHello() writes 96 little-endian bytes at the documented o
   assert.equal(view.getUint32(72, true), 12345 + 7, "write generation, low word");
   assert.equal(view.getUint32(76, true), 1, "write generation, high word");
   assert.deepEqual(bytes.subarray(80, 96), serverHello.writeEpoch);
+  assert.deepEqual(bytes.subarray(96, 112), serverHello.exportInstance);
 });
 
 Deno.test("decodeServerHello() round-trips encodeServerHello(), size 2^53-1 included", () => {
@@ -219,8 +221,8 @@ Deno.test("decodeServerHello() round-trips sizes just above 2^32 and just below 
 
 Deno.test("decodeServerHello() rejects a hello of the wrong length", () => {
   const bytes = encodeServerHello(serverHello);
-  assert.equal(typeof decodeServerHello(bytes.subarray(0, 95)), "string");
-  const longer = new Uint8Array(97);
+  assert.equal(typeof decodeServerHello(bytes.subarray(0, 111)), "string");
+  const longer = new Uint8Array(113);
   longer.set(bytes);
   assert.equal(typeof decodeServerHello(longer), "string");
 });

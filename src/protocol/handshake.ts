@@ -9,6 +9,7 @@ import {
   CLIENT_ID_BYTES,
   ClientHelloLayout as C,
   EXPORT_ID_BYTES,
+  EXPORT_INSTANCE_BYTES,
   MAGIC_CLIENT_HELLO,
   MAGIC_SERVER_HELLO,
   NONCE_BYTES,
@@ -48,6 +49,11 @@ export interface ServerHello {
   writeGeneration: number;
   /** The export state's epoch: another epoch is another history of generations. */
   writeEpoch: Uint8Array;
+  /**
+   * Random per start of the export's process: a reconnect that finds another one knows
+   * the export restarted, and may have lost what its disk had not flushed.
+   */
+  exportInstance: Uint8Array;
 }
 
 export function encodeClientHello(hello: ClientHello): Uint8Array {
@@ -101,6 +107,7 @@ export function encodeServerHello(hello: ServerHello): Uint8Array {
   bytes.set(hello.nonce.subarray(0, NONCE_BYTES), S.nonce);
   setU64(view, S.writeGeneration, hello.writeGeneration);
   bytes.set(hello.writeEpoch.subarray(0, WRITE_EPOCH_BYTES), S.writeEpoch);
+  bytes.set(hello.exportInstance.subarray(0, EXPORT_INSTANCE_BYTES), S.exportInstance);
   return bytes;
 }
 
@@ -125,6 +132,7 @@ export function decodeServerHello(bytes: Uint8Array): ServerHello | string {
     nonce: bytes.slice(S.nonce, S.nonce + NONCE_BYTES),
     writeGeneration: getU64(view, S.writeGeneration),
     writeEpoch: bytes.slice(S.writeEpoch, S.writeEpoch + WRITE_EPOCH_BYTES),
+    exportInstance: bytes.slice(S.exportInstance, S.exportInstance + EXPORT_INSTANCE_BYTES),
   };
   if (hello.status !== 0) return hello; // the other fields mean nothing; the caller reports status
   if (hello.version !== PROTOCOL_VERSION) {

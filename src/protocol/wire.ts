@@ -119,6 +119,7 @@ export const NONCE_BYTES = 16;
 export const CLIENT_ID_BYTES = 16;
 /** An export state's epoch: random, made with the state, so a lost state never repeats one. */
 export const WRITE_EPOCH_BYTES = 16;
+export const EXPORT_INSTANCE_BYTES = 16;
 
 /** Client hello: 48 bytes. */
 export const ClientHelloLayout = {
@@ -139,7 +140,7 @@ export const ClientHelloLayout = {
  */
 export const REFUSAL_REASON_BYTES_MAX = 512;
 
-/** Server hello: 96 bytes. */
+/** Server hello: 112 bytes. */
 export const ServerHelloLayout = {
   magic: 0, // u32
   version: 4, // u16
@@ -156,7 +157,8 @@ export const ServerHelloLayout = {
   nonce: 56, // 16 bytes
   writeGeneration: 72, // u64
   writeEpoch: 80, // 16 bytes
-  SIZE: 96,
+  exportInstance: 96, // 16 bytes
+  SIZE: 112,
 } as const;
 
 /** Request header: 32 bytes, followed by `payloadLength` bytes. */
@@ -198,8 +200,12 @@ assert(
 assert(ServerHelloLayout.exportId + EXPORT_ID_BYTES === ServerHelloLayout.nonce, "hello layout");
 assert(ServerHelloLayout.writeGeneration + 8 === ServerHelloLayout.writeEpoch, "hello layout");
 assert(
-  ServerHelloLayout.writeEpoch + WRITE_EPOCH_BYTES === ServerHelloLayout.SIZE,
+  ServerHelloLayout.writeEpoch + WRITE_EPOCH_BYTES === ServerHelloLayout.exportInstance,
   "server hello is 96 bytes",
+);
+assert(
+  ServerHelloLayout.exportInstance + EXPORT_INSTANCE_BYTES === ServerHelloLayout.SIZE,
+  "hello layout",
 );
 assert(RequestLayout.payloadLength + 4 === RequestLayout.SIZE, "request header is 32 bytes");
 assert(ReplyLayout.payloadLength + 4 === ReplyLayout.SIZE, "reply header is 24 bytes");

@@ -25,7 +25,7 @@ import { formatHostPort, type HostPort } from "../lib/address.ts";
 import { BufferPool } from "../lib/buffer_pool.ts";
 import { type Clock, systemClock, type Timer } from "../lib/clock.ts";
 import { type Logger, logger } from "../lib/log.ts";
-import { bytesToHex } from "../lib/hex.ts";
+import { bytesToHex, randomId } from "../lib/hex.ts";
 import { ClientFeature, type ClientHello, HelloStatus, ServerFeature } from "../protocol/mod.ts";
 import {
   type AcceptedConn,
@@ -115,6 +115,8 @@ export class Exporter {
   readonly #handshakes = new Map<string, Promise<void>>();
   readonly #silenceCheck: Timer;
   readonly #leaseIdleMs: number;
+  /** Random per Exporter, so per start of the export: clients see a restart in it. */
+  readonly #instance = randomId();
   #anonymous = 0;
   #protocolErrors = 0;
 
@@ -274,6 +276,7 @@ export class Exporter {
       features: this.#lease.sharedWriters ? ServerFeature.SHARED_WRITERS : 0,
       writeGeneration: grant?.generation ?? this.#lease.generation.current,
       writeEpoch: this.#lease.generation.epoch,
+      exportInstance: this.#instance,
     };
   }
 

@@ -20,6 +20,7 @@ import {
   encodeRefusalReason,
   encodeServerHello,
   EXPORT_ID_BYTES,
+  EXPORT_INSTANCE_BYTES,
   ExportFlag,
   HELLO_STATUS_TEXT,
   HelloStatus,
@@ -36,7 +37,13 @@ import { type Clock, systemClock } from "../lib/clock.ts";
 
 /** What the export decided about a client whose hello it could accept. */
 export type Admission =
-  | { ok: true; features: number; writeGeneration: number; writeEpoch: string }
+  | {
+    ok: true;
+    features: number;
+    writeGeneration: number;
+    writeEpoch: string;
+    exportInstance: string;
+  }
   | { ok: false; status: number; reason: string };
 
 /**
@@ -96,6 +103,9 @@ export async function acceptHandshake(
     nonce: crypto.getRandomValues(new Uint8Array(NONCE_BYTES)),
     writeGeneration: admission.ok ? admission.writeGeneration : 0,
     writeEpoch: admission.ok ? hexToBytes(admission.writeEpoch) : new Uint8Array(WRITE_EPOCH_BYTES),
+    exportInstance: admission.ok
+      ? hexToBytes(admission.exportInstance)
+      : new Uint8Array(EXPORT_INSTANCE_BYTES),
   };
   const helloOut = encodeServerHello(reply);
   if (admission.ok) {
