@@ -14,6 +14,7 @@ import { AssertionError } from "../lib/assert.ts";
 import type { Clock, Timer } from "../lib/clock.ts";
 import { DeviceError } from "../lib/errors.ts";
 import type { Logger } from "../lib/log.ts";
+import { randomBytes } from "../../tests/helpers/random_bytes.ts";
 import { MemoryMirrorStore } from "./memory_mirror_store.ts";
 import { MirrorDevice } from "./mirror.ts";
 import { checkLegs, finishResync, leaveSync, type Leg, newLeg } from "./mirror_leg.ts";
@@ -76,6 +77,11 @@ class TestLog implements Logger {
   }
   error(message: string): void {
     this.#add("ERROR", message);
+  }
+
+  /** Whether a line from line `from` on holds `text`. */
+  has(text: string, from = 0): boolean {
+    return this.lines.slice(from).some((line) => line.includes(text));
   }
 
   /**
@@ -163,14 +169,6 @@ class TestDevice<D extends MemoryDevice = MemoryDevice> implements BlockDevice {
   }
 }
 
-function random(length: number): Uint8Array {
-  const bytes = new Uint8Array(length);
-  for (let i = 0; i < length; i += 65536) {
-    crypto.getRandomValues(bytes.subarray(i, Math.min(length, i + 65536)));
-  }
-  return bytes;
-}
-
 function memory(name: string): MemoryDevice {
   return new MemoryDevice(SIZE, { id: name.repeat(32), name });
 }
@@ -188,89 +186,113 @@ function turn(): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, 0));
 }
 
-/** A hold that a test releases: for the store's syncs or a leg's flushes. */
-function hold(): { promise: Promise<void>; release: () => void } {
-  let release = () => {};
-  const promise = new Promise<void>((resolve) => (release = resolve));
-  return { promise, release };
-}
-
 /** Mirrors of legs "a" and "b" made of `a` and `b`, on one store, clock and log. */
-function rig<A extends MemoryDevice, B extends MemoryDevice>(a: A, b: B) {
-  const legs = { a: new TestDevice(a), b: new TestDevice(b) };
-  const generations = { a: 1, b: 1 };
-  const store = new MemoryMirrorStore();
-  const clock = new ManualClock();
-  const log = new TestLog();
-  const open = () =>
-    MirrorDevice.open(["a", "b"], {
-      store,
+class Rig<A extends MemoryDevice, B extends MemoryDevice> {
+  readonly legs: { a: TestDevice<A>; b: TestDevice<B> };
+  readonly generations = { a: 1, b: 1 };
+  readonly store = new MemoryMirrorStore();
+  readonly clock = new ManualClock();
+  readonly log = new TestLog();
+  readonly #releases: Array<() => void> = [];
+
+  constructor(a: A, b: B) {
+    this.legs = { a: new TestDevice(a), b: new TestDevice(b) };
+  }
+
+  open(): Promise<MirrorDevice> {
+    return MirrorDevice.open(["a", "b"], {
+      store: this.store,
       regionBytes: REGION,
-      clock,
-      log,
+      clock: this.clock,
+      log: this.log,
       openLeg: (name) => {
         if (name !== "a" && name !== "b") return Promise.reject(new Error(`no leg ${name}`));
         return Promise.resolve({
-          device: legs[name],
-          generation: generations[name],
+          device: this.legs[name],
+          generation: this.generations[name],
           epoch: "e".repeat(32),
         });
       },
     });
-  return { legs, generations, store, clock, log, open };
+  }
+
+  /** A hold for the store's syncs or a leg's flushes; release() lets them go. */
+  hold(): { promise: Promise<void>; release: () => void } {
+    let resolve = () => {};
+    const promise = new Promise<void>((r) => (resolve = r));
+    const release = () => {
+      if (this.store.holdSyncs === promise) this.store.holdSyncs = null;
+      for (const leg of [this.legs.a, this.legs.b]) {
+        if (leg.holdFlushes === promise) leg.holdFlushes = null;
+      }
+      resolve();
+    };
+    this.#releases.push(release);
+    return { promise, release };
+  }
+
+  /** Lets every hold go, so a mirror can close. */
+  releaseAll(): void {
+    for (const release of this.#releases) release();
+  }
 }
 
-/** A new mirror of `a` and `b`, once b has its full copy of a. */
-async function settledMirror<A extends MemoryDevice, B extends MemoryDevice>(a: A, b: B) {
-  const parts = rig(a, b);
-  const mirror = await parts.open();
-  await parts.log.when(/leg b is in sync/);
-  return { ...parts, mirror };
+/**
+ * Runs `body` on a new mirror of `a` and `b` once b has its full copy of a; then lets
+ * every hold go and closes it.
+ */
+async function withMirror<A extends MemoryDevice, B extends MemoryDevice>(
+  a: A,
+  b: B,
+  body: (mirror: MirrorDevice, rig: Rig<A, B>) => Promise<void> | void,
+): Promise<void> {
+  const rig = new Rig(a, b);
+  const mirror = await rig.open();
+  try {
+    await rig.log.when(/leg b is in sync/);
+    await body(mirror, rig);
+  } finally {
+    rig.releaseAll();
+    await mirror.close();
+  }
 }
 
-function mode(mirror: MirrorDevice, name: string) {
+function member(mirror: MirrorDevice, name: string) {
   return mirror.status().members.find((m) => m.name === name);
 }
 
 Deno.test("a new mirror copies its source to the other leg, and then the legs are equal and clean", async () => {
   const a = memory("a");
-  a.bytes.set(random(SIZE));
-  const { mirror, log, legs } = await settledMirror(a, memory("b"));
-  try {
-    assert.ok(log.lines.some((l) => /new mirror: no leg was ever written; a, the first/.test(l)));
-    assert.ok(log.lines.some((l) => l.includes(`resync of b: ${REGIONS} of ${REGIONS} regions`)));
+  a.bytes.set(randomBytes(SIZE));
+  await withMirror(a, memory("b"), (mirror, { log, legs }) => {
+    assert.ok(log.has("new mirror: no leg was ever written; a, the first, is the source"));
+    assert.ok(log.has(`resync of b: ${REGIONS} of ${REGIONS} regions`));
     assert.ok(sameBytes(legs.a.inner.bytes, legs.b.inner.bytes), "b holds a's data");
     for (const leg of mirror.status().members) {
       assert.equal(leg.state, "in-sync");
       assert.equal(leg.dirtyRegions, 0);
     }
-  } finally {
-    await mirror.close();
-  }
+  });
 });
 
-Deno.test("a write reaches every leg and reads back", async () => {
-  const { mirror, legs } = await settledMirror(memory("a"), memory("b"));
-  try {
+Deno.test("a write reaches every leg and reads back", () =>
+  withMirror(memory("a"), memory("b"), async (mirror, { legs }) => {
     const at = REGION - 1000; // across a region boundary
-    const data = random(5000);
+    const data = randomBytes(5000);
     await mirror.write(at, data);
     const back = new Uint8Array(data.length);
     await mirror.read(at, back);
     assert.deepEqual(back, data);
     assert.deepEqual(legs.a.inner.bytes.subarray(at, at + data.length), data);
     assert.deepEqual(legs.b.inner.bytes.subarray(at, at + data.length), data);
-  } finally {
-    await mirror.close();
-  }
-});
+  }));
 
-Deno.test("a write reaches no leg before its mark is durable", async () => {
-  const { mirror, legs, store } = await settledMirror(memory("a"), memory("b"));
-  const sync = hold();
-  try {
+Deno.test("a write reaches no leg before its mark is durable", () =>
+  withMirror(memory("a"), memory("b"), async (mirror, rig) => {
+    const { legs, store } = rig;
     const at = 3 * REGION;
-    const data = random(4096);
+    const data = randomBytes(4096);
+    const sync = rig.hold();
     store.holdSyncs = sync.promise;
     const writing = mirror.write(at, data);
     await turn();
@@ -278,56 +300,43 @@ Deno.test("a write reaches no leg before its mark is durable", async () => {
     assert.notEqual(store.durableBitmap()![3], 0b11, "the mark is not durable yet");
     assert.deepEqual(legs.a.inner.bytes.subarray(at, at + data.length), zeroes, "a waits");
     assert.deepEqual(legs.b.inner.bytes.subarray(at, at + data.length), zeroes, "b waits");
-    store.holdSyncs = null;
     sync.release();
     await writing;
     assert.equal(store.durableBitmap()![3], 0b11, "marked for both legs");
     assert.deepEqual(legs.a.inner.bytes.subarray(at, at + data.length), data);
     assert.deepEqual(legs.b.inner.bytes.subarray(at, at + data.length), data);
-  } finally {
-    store.holdSyncs = null;
-    sync.release();
-    await mirror.close();
-  }
-});
+  }));
 
-Deno.test("a region's marks are not cleared before every leg holding it was flushed", async () => {
-  const { mirror, legs, store, clock } = await settledMirror(volatile("a"), volatile("b"));
-  const flush = hold();
-  try {
+Deno.test("a region's marks are not cleared before every leg holding it was flushed", () =>
+  withMirror(volatile("a"), volatile("b"), async (mirror, rig) => {
+    const { legs, store, clock } = rig;
     const at = 5 * REGION;
-    const data = random(4096);
+    const data = randomBytes(4096);
     await mirror.write(at, data);
     assert.equal(store.durableBitmap()![5], 0b11);
+    const flush = rig.hold();
     legs.b.holdFlushes = flush.promise;
     clock.advance(MIRROR_CLEAR_DELAY_MS); // the region is idle: the sweep flushes both legs
     await turn();
     assert.deepEqual(legs.a.inner.durable.subarray(at, at + data.length), data, "a flushed");
     assert.notDeepEqual(legs.b.inner.durable.subarray(at, at + data.length), data, "b did not");
     assert.equal(store.durableBitmap()![5], 0b11, "no mark cleared while b's flush runs");
-    assert.equal(mode(mirror, "b")?.dirtyRegions, 1);
-    legs.b.holdFlushes = null;
+    assert.equal(member(mirror, "b")?.dirtyRegions, 1);
     flush.release();
     await turn();
     assert.deepEqual(legs.b.inner.durable.subarray(at, at + data.length), data);
     assert.equal(store.durableBitmap()![5], 0, "both marks clear once both legs flushed");
-  } finally {
-    legs.b.holdFlushes = null;
-    flush.release();
-    await mirror.close();
-  }
-});
+  }));
 
-Deno.test("a leg whose writes fail goes out of sync, the array serves on, and the leg catches up once it answers", async () => {
-  const { mirror, legs, clock, log } = await settledMirror(memory("a"), memory("b"));
-  try {
+Deno.test("a leg whose writes fail goes out of sync, the array serves on, and the leg catches up once it answers", () =>
+  withMirror(memory("a"), memory("b"), async (mirror, { legs, clock, log }) => {
     const at = 2 * REGION;
-    const data = random(4096);
+    const data = randomBytes(4096);
     legs.b.failing = true;
     await mirror.write(at, data);
-    assert.equal(mode(mirror, "b")?.state, "out-of-sync");
-    assert.equal(mode(mirror, "b")?.reason, "b: failing");
-    assert.ok(log.lines.some((l) => l.includes("leg b is out of sync (b: failing); 1 in-sync")));
+    assert.equal(member(mirror, "b")?.state, "out-of-sync");
+    assert.equal(member(mirror, "b")?.reason, "b: failing");
+    assert.ok(log.has("leg b is out of sync (b: failing); 1 in-sync leg left"));
     const back = new Uint8Array(data.length);
     await mirror.read(at, back);
     assert.deepEqual(back, data, "read from a");
@@ -337,78 +346,68 @@ Deno.test("a leg whose writes fail goes out of sync, the array serves on, and th
     const from = log.lines.length;
     clock.advance(MIRROR_SUPERVISE_MS); // the supervisor finds b reachable: a resync
     await log.when(/leg b is in sync/, from);
-    assert.ok(log.lines.slice(from).some((l) => l.includes(`resync of b: 1 of ${REGIONS}`)));
+    assert.ok(log.has(`resync of b: 1 of ${REGIONS} regions`, from), "only what it missed");
     assert.ok(sameBytes(legs.a.inner.bytes, legs.b.inner.bytes), "the legs are equal");
-    assert.equal(mode(mirror, "b")?.state, "in-sync");
-  } finally {
-    await mirror.close();
-  }
-});
+    assert.equal(member(mirror, "b")?.state, "in-sync");
+  }));
 
-Deno.test("the last in-sync leg never leaves sync: its failures are EIO, and it serves again once it answers", async () => {
-  const { mirror, legs, log } = await settledMirror(memory("a"), memory("b"));
-  try {
+Deno.test("the last in-sync leg never leaves sync: its failures are EIO, and it serves again once it answers", () =>
+  withMirror(memory("a"), memory("b"), async (mirror, { legs, log }) => {
     legs.b.failing = true;
-    await mirror.write(0, random(4096)); // b leaves sync; a is the last in-sync leg
+    await mirror.write(0, randomBytes(4096)); // b leaves sync; a is the last in-sync leg
     legs.a.failing = true;
     const eio = (error: unknown) => error instanceof DeviceError && error.errno === "EIO";
-    await assert.rejects(mirror.write(0, random(4096)), eio);
+    await assert.rejects(mirror.write(0, randomBytes(4096)), eio);
     await assert.rejects(mirror.read(0, new Uint8Array(4096)), eio);
-    assert.equal(mode(mirror, "a")?.state, "in-sync");
-    assert.equal(mode(mirror, "a")?.reason, "a: failing");
-    assert.ok(log.lines.some((l) => l.includes("leg a, the last in-sync leg, failed")));
+    assert.equal(member(mirror, "a")?.state, "in-sync");
+    assert.equal(member(mirror, "a")?.reason, "a: failing");
+    assert.ok(log.has("leg a, the last in-sync leg, failed (a: failing)"));
 
     legs.a.failing = false;
-    const data = random(4096);
+    const data = randomBytes(4096);
     await mirror.write(0, data);
     const back = new Uint8Array(data.length);
     await mirror.read(0, back);
     assert.deepEqual(back, data);
-    assert.equal(mode(mirror, "a")?.state, "in-sync");
-    assert.equal(mode(mirror, "a")?.reason, undefined);
-    assert.ok(log.lines.some((l) => l.includes("leg a, the last in-sync leg, answers again")));
-  } finally {
-    await mirror.close();
-  }
-});
+    assert.equal(member(mirror, "a")?.state, "in-sync");
+    assert.equal(member(mirror, "a")?.reason, undefined);
+    assert.ok(log.has("leg a, the last in-sync leg, answers again"));
+  }));
 
 Deno.test("reopened from its state, a mirror gives a leg someone else wrote to a full copy", async () => {
-  const first = await settledMirror(memory("a"), memory("b"));
-  const { legs, generations, log, open } = first;
-  await first.mirror.write(0, random(4096));
-  await first.mirror.close();
+  const rig = new Rig(memory("a"), memory("b"));
+  const { legs, generations, log } = rig;
+  const first = await rig.open();
+  await log.when(/leg b is in sync/);
+  await first.write(0, randomBytes(4096));
+  await first.close();
   // While the mirror is down another writer is granted b: its generation moves on.
-  legs.b.inner.bytes.set(random(4096), 7 * REGION);
+  legs.b.inner.bytes.set(randomBytes(4096), 7 * REGION);
   generations.b = 2;
   const from = log.lines.length;
-  const mirror = await open();
+  const mirror = await rig.open();
   try {
     await log.when(/leg b is in sync/, from);
-    const lines = log.lines.slice(from);
-    assert.ok(lines.some((l) => l.includes("leg b was written by someone else while away")));
-    assert.ok(lines.some((l) => l.includes(`resync of b: ${REGIONS} of ${REGIONS} regions`)));
+    assert.ok(log.has("leg b was written by someone else while away", from));
+    assert.ok(log.has(`resync of b: ${REGIONS} of ${REGIONS} regions`, from));
     assert.ok(sameBytes(legs.a.inner.bytes, legs.b.inner.bytes), "the legs are equal");
   } finally {
     await mirror.close();
   }
 });
 
-Deno.test("a detached leg keeps its snapshot, the only in-sync leg cannot be detached, and attach copies only what changed", async () => {
-  const { mirror, legs, log } = await settledMirror(memory("a"), memory("b"));
-  try {
+Deno.test("a detached leg keeps its snapshot, the only in-sync leg cannot be detached, and attach copies only what changed", () =>
+  withMirror(memory("a"), memory("b"), async (mirror, { legs, log }) => {
     assert.match(await mirror.detach("b"), /^b detached; its data is a snapshot/);
     await assert.rejects(mirror.detach("a"), /a is the only in-sync leg/);
     const snapshot = legs.b.inner.bytes.slice();
-    await mirror.write(REGION, random(4096));
+    await mirror.write(REGION, randomBytes(4096));
     assert.ok(sameBytes(legs.b.inner.bytes, snapshot), "b keeps its snapshot");
     const from = log.lines.length;
     assert.equal(await mirror.attach("b"), `b attached; resyncing 1 of ${REGIONS} regions`);
     await log.when(/leg b is in sync/, from);
     assert.ok(sameBytes(legs.a.inner.bytes, legs.b.inner.bytes), "the legs are equal");
-  } finally {
-    await mirror.close();
-  }
-});
+  }));
 
 Deno.test("leg transitions refuse a leg in another mode, and checkLegs a mirror with no in-sync leg", () => {
   const record: LegRecord = {
