@@ -436,6 +436,7 @@ export async function simulate(
     } else failure ??= error.message;
   } finally {
     // Whatever is left: every process dies, so no timer of this seed outlives it.
+    world.ended = true;
     world.arrayProcess?.kill();
     for (const node of world.nodes) node.process?.kill();
   }

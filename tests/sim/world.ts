@@ -133,6 +133,8 @@ export class World {
   readonly nodes: ExportNode[];
   store = new MemoryMirrorStore("sim-state");
   mirror: MirrorDevice | null = null;
+  /** Set when the run is over: what its processes still log after that is not part of it. */
+  ended = false;
   arrayProcess: SimProcess | null = null;
   #arrayStarts = 0;
 
@@ -154,7 +156,9 @@ export class World {
   logger(component: string): Logger {
     const trace = this.options.trace;
     const line = (level: string) => (message: string) =>
-      trace?.(`${this.scheduler.nowMs()} ${component} ${level}: ${message}`);
+      this.ended
+        ? undefined
+        : trace?.(`${this.scheduler.nowMs()} ${component} ${level}: ${message}`);
     return { debug() {}, info: line("info"), warn: line("warn"), error: line("error") };
   }
 
