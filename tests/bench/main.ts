@@ -16,6 +16,7 @@ import { startExport } from "../helpers/spawn.ts";
 import { benchArray, printArrayBench } from "./array_bench.ts";
 import { benchNbdPeers, printNbdPeers } from "./nbd_peers.ts";
 import { benchOutage, printOutageBench } from "./outage_bench.ts";
+import { benchSim, printSimBench } from "./sim_bench.ts";
 
 const MiB = 1024 * 1024;
 const IMAGE_BYTES = 1024 * MiB;
@@ -150,6 +151,7 @@ async function main(): Promise<void> {
   printNbdPeers(await benchNbdPeers());
 
   printArrayBench(await benchArray());
+  printSimBench(await benchSim());
 }
 
 await main();
