@@ -13,16 +13,17 @@ const CI_SEEDS = 1000;
 
 /**
  * Seeds that found a bug, each with what it was:
- * 15: a link cut sent a good leg out of sync while the only other in-sync leg had
- *     lost power; the mirror then trusted that leg and lost an acknowledged write
- *     (fixed by the export instance in the hello: a reconnect to the same export
- *     process loses nothing).
+ * 127, 433: a link cut (or any reconnect to the same export process) sent a good leg
+ *     out of sync while the only other in-sync leg had lost power; the mirror then
+ *     trusted that leg and lost acknowledged writes (fixed by the export instance in
+ *     the hello: a reconnect to the same export process loses nothing). Planting the
+ *     old rule back fails 6 of seeds 1-600, these two among them.
  * 521: the only in-sync leg came back having lost its export state; the other legs
  *     were marked for a full copy, but one already resyncing had listed its regions
  *     before, finished "in sync" and kept three marked regions forever (fixed: its
  *     resync starts over).
  */
-const REGRESSIONS = [15, 521];
+const REGRESSIONS = [127, 433, 521];
 
 Deno.test(`mirror simulation: ${CI_SEEDS} seeds of faults, every acknowledged write and flush kept`, async () => {
   const failures: string[] = [];
