@@ -424,8 +424,8 @@ export class MirrorDevice implements BlockDevice {
 
   /**
    * Runs `op` on a leg; resolves with its error, or null when it worked. With `vouches`
-   * (a read, a flush: what it says holds only for one connection), an `op` that spanned
-   * a reconnect of the leg counts as failed (Invariant 6).
+   * (a read, a flush: what it says holds only for one export process), an `op` that
+   * spanned a reconnect to a restarted export counts as failed (Invariant 6).
    */
   async #tryOnLeg(
     leg: Leg,
@@ -522,23 +522,22 @@ export class MirrorDevice implements BlockDevice {
   }
 
   /** checkGeneration (mirror_assembly.ts) for a leg of the running mirror. */
-  #checkGeneration(leg: Leg, stamp: { generation: number; epoch: string }): Promise<void> {
+  async #checkGeneration(leg: Leg, stamp: { generation: number; epoch: string }): Promise<void> {
     const others = othersInSync(this.#legs, leg);
-    const record = leg.record;
-    const foreign = stamp.generation !== record.generation || stamp.epoch !== record.epoch;
-    // The only in-sync leg was written by someone else: every other leg gets a full copy.
-    const othersCopied = foreign && leg.state.mode === "in-sync" && !others;
-    return checkGeneration(leg, stamp, this.#state.legs, others, this.#bitmap, this.#log).then(
-      () => {
-        if (!othersCopied) return;
-        // A resync under way listed its regions before these marks: it starts over (found
-        // by the simulation: a resync finished in sync with regions it never copied).
-        for (const other of this.#legs) {
-          if (other === leg || other.state.mode !== "resyncing") continue;
-          this.#legFailed(other, new Error("it needs a full copy now; its resync starts over"));
-        }
-      },
+    const copied = await checkGeneration(
+      leg,
+      stamp,
+      this.#state.legs,
+      others,
+      this.#bitmap,
+      this.#log,
     );
+    // A resync under way listed its regions before these marks: it starts over (found
+    // by the simulation: a resync finished in sync with regions it never copied).
+    for (const other of this.#legs) {
+      if ((copied & (1 << other.record.slot)) === 0 || other.state.mode !== "resyncing") continue;
+      this.#legFailed(other, new Error("it needs a full copy now; its resync starts over"));
+    }
   }
 
   /**

@@ -377,7 +377,8 @@ export function checkIdentity(
  * Takes a leg's write generation as of a new connection into its record. A leg
  * whose generation is not the one we recorded was written by someone else: full copy
  * (Invariant 7). `records` are all the mirror's legs'; `othersInSync` says whether a
- * leg other than this one is in sync.
+ * leg other than this one is in sync. Resolves with the slots (a mask) of the other
+ * legs it marked for a full copy, once the marks are durable.
  */
 export function checkGeneration(
   leg: Leg,
@@ -386,13 +387,13 @@ export function checkGeneration(
   othersInSync: boolean,
   bitmap: DirtyBitmap,
   log: Logger,
-): Promise<void> {
+): Promise<number> {
   // The mirror is the same writer on every connection: any change is someone else's
   // grant, and another epoch is an export that lost its state (anything may have happened).
   const { generation, epoch } = stamp;
   const record = leg.record;
   const sameEpoch = record.epoch === epoch;
-  if (generation === record.generation && sameEpoch) return Promise.resolve();
+  if (generation === record.generation && sameEpoch) return Promise.resolve(0);
   const what = sameEpoch
     ? `was written by someone else while away (write generation ${generation}, expected ` +
       `${record.generation})`
@@ -423,5 +424,6 @@ export function checkGeneration(
   return bitmap.markAll(mask).then(() => {
     record.generation = generation;
     record.epoch = epoch;
+    return mask & ~(1 << record.slot);
   });
 }

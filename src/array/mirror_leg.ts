@@ -37,9 +37,12 @@
  *    again after a crash.
  * 5. A copy is alone in its region (region_activity.ts): a resync copy or a repair's
  *    rewrite never overlaps a write, so old bytes never land over a newer write.
- * 6. A reconnect vouches for nothing: a flush or read that spans a reconnect of its
- *    leg counts as failed, and a leg that reconnects with marked regions leaves sync
- *    (but the last in-sync leg, Invariant 2), as its export may have lost its cache.
+ * 6. A restart vouches for nothing: a flush or read that spans a reconnect to a
+ *    restarted export (another export instance) counts as failed, and a leg whose
+ *    export restarted with marked regions leaves sync (but the last in-sync leg,
+ *    Invariant 2), as it may have lost its cache. A reconnect to the same export
+ *    process loses nothing: its page cache lived on, and fencing finished what the old
+ *    connection had started.
  * 7. Only the recorded write stamp is trusted: a leg that comes back with another
  *    (epoch, generation) gets a full copy (or, as the only in-sync leg, its data stands
  *    and the others get one), and the state names the new stamp only once those marks

@@ -203,7 +203,7 @@ export class Resyncer {
    * Flushes a resyncing leg, then clears the marks of the regions it had copied
    * before the flush began (a throw takes the leg out, marks kept). A copied region
    * written meanwhile keeps its mark; the sweep clears it once it is idle and flushed
-   * (Invariant 1; Invariant 6: a flush across a reconnect vouches for nothing).
+   * (Invariant 1; Invariant 6: a flush across a restart vouches for nothing).
    */
   async #flushCopies(leg: Leg, device: BlockDevice, run: ResyncRun): Promise<void> {
     const host = this.#host;
