@@ -20,8 +20,8 @@ import { WriterLease } from "../server/writer_lease.ts";
 import { MirrorDevice } from "./mirror.ts";
 import { openMember } from "./members.ts";
 import { FolderStore } from "./mirror_store.ts";
+import { silentLogger as quiet } from "../lib/log.ts";
 
-const quiet = { debug() {}, info() {}, warn() {}, error() {} };
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /** A leg: an Exporter of `device` on loopback that can restart on the same port. */

@@ -44,3 +44,6 @@ export function logger(component: string): Logger {
     error: (message) => emit("error", component, message),
   };
 }
+
+/** A logger that drops every line: for tests, and for code made in code that should say nothing. */
+export const silentLogger: Logger = { debug() {}, info() {}, warn() {}, error() {} };

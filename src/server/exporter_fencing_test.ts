@@ -14,8 +14,8 @@ import assert from "node:assert/strict";
 import { RemoteDevice } from "../client/remote_device.ts";
 import { MemoryDevice } from "../device/memory_device.ts";
 import { Exporter } from "./exporter.ts";
+import { silentLogger as quiet } from "../lib/log.ts";
 
-const quiet = { debug() {}, info() {}, warn() {}, error() {} };
 const SIZE = 1024 * 1024;
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 

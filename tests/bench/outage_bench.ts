@@ -13,6 +13,7 @@
 import { RemoteDevice } from "../../src/client/remote_device.ts";
 import { FaultProxy } from "../helpers/fault_proxy.ts";
 import { startExport } from "../helpers/spawn.ts";
+import { silentLogger as quiet } from "../../src/lib/log.ts";
 
 const MiB = 1024 * 1024;
 const IMAGE_BYTES = 256 * MiB;
@@ -20,7 +21,6 @@ const DEPTH = 32;
 const RUN_SECONDS = 6;
 const CUT_AT_MS = 2_000;
 const CUT_MS = 1_000;
-const quiet = { debug() {}, info() {}, warn() {}, error() {} };
 
 export interface OutageRun {
   cut: boolean;

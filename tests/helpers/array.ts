@@ -8,10 +8,9 @@ import { RemoteDevice } from "../../src/client/remote_device.ts";
 import { formatHostPort, type HostPort, parseHostPort } from "../../src/lib/address.ts";
 import type { ExportStatus } from "../../src/server/exporter.ts";
 import { runDst, type RunningExport, startDst } from "./spawn.ts";
+import { silentLogger as quiet } from "../../src/lib/log.ts";
 
 export type { MirrorLegStatus, MirrorStatus };
-
-const quiet = { debug() {}, info() {}, warn() {}, error() {} };
 
 export interface RunningArray extends RunningExport {
   /** The startup line up to " on HOST:PORT" ("dst array: serving mirror of 2 legs (...)"). */

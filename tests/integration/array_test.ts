@@ -29,9 +29,9 @@ import {
   startExport,
 } from "../helpers/spawn.ts";
 import { missing, toolOk } from "../helpers/tools.ts";
+import { silentLogger as quiet } from "../../src/lib/log.ts";
 
 const MiB = 1024 * 1024;
-const quiet = { debug() {}, info() {}, warn() {}, error() {} };
 /** On every array: a dead leg is noticed within about a second. */
 const FAST_FAIL = ["--timeout", "300", "--retries", "1"];
 

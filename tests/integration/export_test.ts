@@ -13,9 +13,9 @@ import { assertSameBytes } from "../helpers/bytes.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import { RawClient } from "../helpers/raw_client.ts";
 import { newDisk, runDst, withExport } from "../helpers/spawn.ts";
+import { silentLogger as quiet } from "../../src/lib/log.ts";
 
 const MiB = 1024 * 1024;
-const quiet = { debug() {}, info() {}, warn() {}, error() {} };
 
 Deno.test("export serves writes and reads, status reports them, SIGTERM exits 0", async () => {
   await withExport("dst-export-serves-", newDisk("16M"), async (server, dir) => {

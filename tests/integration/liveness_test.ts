@@ -33,11 +33,11 @@ import { assertSameBytes, settleAll } from "../helpers/bytes.ts";
 import { FaultProxy } from "../helpers/fault_proxy.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import { runDst, type RunningDst, startExport } from "../helpers/spawn.ts";
+import { silentLogger as quiet } from "../../src/lib/log.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const LOCAL: HostPort = { hostname: "127.0.0.1", port: 0 };
-const quiet: Logger = { debug() {}, info() {}, warn() {}, error() {} };
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 

@@ -28,10 +28,10 @@ import {
 import { assertSameBytes } from "../helpers/bytes.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import { exportImage, scenario, startExport } from "../helpers/spawn.ts";
+import { silentLogger as quiet } from "../../src/lib/log.ts";
 
 const MiB = 1024 * 1024;
 const SIZE = 4 * MiB;
-const quiet = { debug() {}, info() {}, warn() {}, error() {} };
 
 /** Leg B: an export of a volatile disk in this process, that can lose power and come back. */
 class VolatileLeg {

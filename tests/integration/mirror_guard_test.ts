@@ -12,8 +12,7 @@ import { memberName, mirrorStatus, startNewMirror, waitForMirror } from "../help
 import { exportImage, runDst, scenario } from "../helpers/spawn.ts";
 import { RemoteDevice } from "../../src/client/remote_device.ts";
 import type { HostPort } from "../../src/lib/address.ts";
-
-const quiet = { debug() {}, info() {}, warn() {}, error() {} };
+import { silentLogger as quiet } from "../../src/lib/log.ts";
 
 async function generationOf(address: HostPort): Promise<number> {
   const device = await RemoteDevice.connect(address, { writer: false, log: quiet });

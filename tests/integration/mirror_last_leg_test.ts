@@ -19,10 +19,10 @@ import {
 import { assertSameBytes } from "../helpers/bytes.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import { runDst, type RunningExport, scenario, startExport } from "../helpers/spawn.ts";
+import { silentLogger as quiet } from "../../src/lib/log.ts";
 
 const MiB = 1024 * 1024;
 const SIZE = 4 * MiB;
-const quiet = { debug() {}, info() {}, warn() {}, error() {} };
 
 function exportAt(dir: string, name: string, port = 0): Promise<RunningExport> {
   const args = [`${dir}/${name}.img`, "--listen", `127.0.0.1:${port}`];

@@ -13,9 +13,9 @@ import { assertSameBytes } from "../helpers/bytes.ts";
 import { allInSyncAndClean, memberName, startArray, waitForMirror } from "../helpers/array.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import { exportImage, runDst, type RunningDst, scenario, startExport } from "../helpers/spawn.ts";
+import { silentLogger as quiet } from "../../src/lib/log.ts";
 
 const MiB = 1024 * 1024;
-const quiet = { debug() {}, info() {}, warn() {}, error() {} };
 
 async function writeTo(address: HostPort, data: Uint8Array): Promise<void> {
   const device = await RemoteDevice.connect(address, { log: quiet });

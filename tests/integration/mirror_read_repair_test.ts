@@ -23,10 +23,10 @@ import {
 import { assertSameBytes } from "../helpers/bytes.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import { exportImage, scenario } from "../helpers/spawn.ts";
+import { silentLogger as quiet } from "../../src/lib/log.ts";
 
 const MiB = 1024 * 1024;
 const SIZE = 4 * MiB;
-const quiet = { debug() {}, info() {}, warn() {}, error() {} };
 
 /** Reads that touch `bad` fail until a write covers it; with `refuseWrites`, writes fail too. */
 class BadSectorDevice extends MemoryDevice {

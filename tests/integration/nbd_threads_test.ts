@@ -21,8 +21,7 @@ import {
 } from "../helpers/spawn.ts";
 import { missing, toolOk } from "../helpers/tools.ts";
 import { RemoteDevice } from "../../src/client/remote_device.ts";
-
-const quiet = { debug() {}, info() {}, warn() {}, error() {} };
+import { silentLogger as quiet } from "../../src/lib/log.ts";
 
 const MiB = 1024 * 1024;
 const IMAGE_BYTES = 64 * MiB;

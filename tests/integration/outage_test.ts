@@ -12,9 +12,9 @@ import { DeviceError } from "../../src/lib/errors.ts";
 import { assertSameBytes, settleAll } from "../helpers/bytes.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import { newDisk, startExport, withExport } from "../helpers/spawn.ts";
+import { silentLogger as quiet } from "../../src/lib/log.ts";
 
 const MiB = 1024 * 1024;
-const quiet = { debug() {}, info() {}, warn() {}, error() {} };
 
 async function waitFor(condition: () => boolean, ms: number, what: string): Promise<void> {
   const until = performance.now() + ms;

@@ -14,9 +14,9 @@ import { exportImage, runDst, type RunningExport, startExport } from "../helpers
 import { missing, toolOk } from "../helpers/tools.ts";
 import { RawClient } from "../helpers/raw_client.ts";
 import { Command, type RequestHeader } from "../../src/protocol/mod.ts";
+import { silentLogger as quiet } from "../../src/lib/log.ts";
 
 const MiB = 1024 * 1024;
-const quiet = { debug() {}, info() {}, warn() {}, error() {} };
 
 async function generationOf(address: { hostname: string; port: number }): Promise<number> {
   const device = await RemoteDevice.connect(address, { log: quiet, writer: false });

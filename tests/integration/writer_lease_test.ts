@@ -27,9 +27,9 @@ import {
   startAttach,
 } from "../helpers/spawn.ts";
 import { missing, toolOk } from "../helpers/tools.ts";
+import { silentLogger as quiet } from "../../src/lib/log.ts";
 
 const MiB = 1024 * 1024;
-const quiet = { debug() {}, info() {}, warn() {}, error() {} };
 
 /** The bound: a silent holder (30 s idle, checked every 2 s) is replaced within 40 s. */
 const SILENT_HOLDER_REPLACED_MS = 40_000;

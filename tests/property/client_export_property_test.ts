@@ -17,9 +17,9 @@ import { RemoteDevice } from "../../src/client/remote_device.ts";
 import { FileDevice } from "../../src/device/file_device.ts";
 import { Exporter } from "../../src/server/exporter.ts";
 import { assertSameBytes, settleAll } from "../helpers/bytes.ts";
+import { silentLogger as quiet } from "../../src/lib/log.ts";
 
 const SIZE = 1024 * 1024;
-const quiet = { debug() {}, info() {}, warn() {}, error() {} };
 
 /** Ranges biased to collide: small lengths near a few hot spots, some large. */
 const range = fc.oneof(

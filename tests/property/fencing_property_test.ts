@@ -24,9 +24,9 @@ import { MemoryDevice } from "../../src/device/memory_device.ts";
 import { Exporter } from "../../src/server/exporter.ts";
 import { assertSameBytes } from "../helpers/bytes.ts";
 import { FaultProxy } from "../helpers/fault_proxy.ts";
+import { silentLogger as quiet } from "../../src/lib/log.ts";
 
 const SIZE = 256 * 1024;
-const quiet = { debug() {}, info() {}, warn() {}, error() {} };
 
 /** Ranges biased to collide: a few hot spots, so late frames would overwrite newer data. */
 const range = fc.record({
