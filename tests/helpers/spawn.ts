@@ -4,6 +4,7 @@
  * tests and the benchmark.
  */
 
+import assert from "node:assert/strict";
 import { type HostPort, parseHostPort } from "../../src/lib/address.ts";
 import { DENO_RUN_ARGS } from "../../src/cli/self.ts";
 
@@ -31,6 +32,12 @@ export interface RunningDst {
   log(): string;
   /** Sends `signal` (SIGTERM by default) once, and resolves with the exit status. */
   stop(signal?: Deno.Signal): Promise<Deno.CommandStatus>;
+}
+
+/** Stops `process` with SIGTERM and asserts it exited 0 (`what` names it in the failure). */
+export async function stopClean(process: RunningDst, what: string): Promise<void> {
+  const status = await process.stop("SIGTERM");
+  assert.equal(status.code, 0, `${what} exited ${status.code}:\n${process.log()}`);
 }
 
 export interface RunningExport extends RunningDst {

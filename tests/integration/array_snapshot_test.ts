@@ -18,7 +18,7 @@ import {
 import { assertSameBytes } from "../helpers/bytes.ts";
 import { withFuseDisk } from "../helpers/fuse_disk.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
-import { runDst, type RunningDst, startAttach, startExport } from "../helpers/spawn.ts";
+import { runDst, type RunningDst, startAttach, startExport, stopClean } from "../helpers/spawn.ts";
 import { missing, tool, toolOk } from "../helpers/tools.ts";
 
 const MiB = 1024 * 1024;
@@ -58,11 +58,6 @@ async function writeGeneration(address: string): Promise<number> {
   const result = await runDst(["status", address, "--json"]);
   assert.equal(result.code, 0, result.stderr);
   return JSON.parse(result.stdout)[0].status.writeGeneration;
-}
-
-async function stopClean(process: RunningDst, what: string): Promise<void> {
-  const status = await process.stop("SIGTERM");
-  assert.equal(status.code, 0, `${what} exited ${status.code}:\n${process.log()}`);
 }
 
 Deno.test({

@@ -21,13 +21,7 @@ import {
 } from "../helpers/array.ts";
 import { assertSameBytes, concat, settleAll } from "../helpers/bytes.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
-import {
-  runDst,
-  type RunningDst,
-  type RunningExport,
-  scenario,
-  startExport,
-} from "../helpers/spawn.ts";
+import { runDst, type RunningExport, scenario, startExport, stopClean } from "../helpers/spawn.ts";
 import { missing, toolOk } from "../helpers/tools.ts";
 import { silentLogger as quiet } from "../../src/lib/log.ts";
 
@@ -55,11 +49,6 @@ function exportImage(path: string, size?: number, port = 0): Promise<RunningExpo
     "--listen",
     `127.0.0.1:${port}`,
   ]);
-}
-
-async function stopClean(process: RunningDst, what: string): Promise<void> {
-  const status = await process.stop("SIGTERM");
-  assert.equal(status.code, 0, `${what} exited ${status.code}:\n${process.log()}`);
 }
 
 function connect(address: RunningExport["address"], timeoutMs = 5000, retries = 3) {

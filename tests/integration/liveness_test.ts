@@ -32,7 +32,7 @@ import {
 import { assertSameBytes, settleAll } from "../helpers/bytes.ts";
 import { FaultProxy } from "../helpers/fault_proxy.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
-import { runDst, type RunningDst, startExport } from "../helpers/spawn.ts";
+import { runDst, type RunningDst, startExport, stopClean } from "../helpers/spawn.ts";
 import { silentLogger as quiet } from "../../src/lib/log.ts";
 
 const KiB = 1024;
@@ -218,11 +218,6 @@ async function exportStatusCli(address: HostPort): Promise<ExportStatus> {
   const status = rows[0]?.status;
   assert.ok(status !== undefined, `no status in ${result.stdout}`);
   return status;
-}
-
-async function stopClean(process: RunningDst, what: string): Promise<void> {
-  const status = await process.stop("SIGTERM");
-  assert.equal(status.code, 0, `${what} exited ${status.code}:\n${process.log()}`);
 }
 
 Deno.test("a leg behind an 8 MiB/s link stays in sync: no failed request, no reconnect", async () => {

@@ -22,9 +22,9 @@ import {
   exportImage,
   runDst,
   type RunningAttach,
-  type RunningDst,
   scenario,
   startAttach,
+  stopClean,
 } from "../helpers/spawn.ts";
 import { missing, toolOk } from "../helpers/tools.ts";
 import { silentLogger as quiet } from "../../src/lib/log.ts";
@@ -37,12 +37,6 @@ const SILENT_HOLDER_REPLACED_MS = 40_000;
 const CLOSED_HOLDER_REPLACED_MS = 5_000;
 /** How often a test tries again while it waits for the lease to free. */
 const RETRY_MS = 500;
-
-/** `dst export DIR/NAME --create SIZE` on a free local port, with `extra` options. */
-async function stopClean(process: RunningDst, what: string): Promise<void> {
-  const status = await process.stop("SIGTERM");
-  assert.equal(status.code, 0, `${what} exited ${status.code}:\n${process.log()}`);
-}
 
 /** Writes `data` at `offset` through the NBD server at `uri`, with nbdsh (the data goes by file). */
 async function nbdWrite(uri: string, offset: number, data: Uint8Array, dir: string): Promise<void> {
