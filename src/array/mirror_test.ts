@@ -328,6 +328,34 @@ Deno.test("a region's marks are not cleared before every leg holding it was flus
     assert.equal(store.durableBitmap()![5], 0, "both marks clear once both legs flushed");
   }));
 
+Deno.test("a write that enters a region as its legs' flush ends keeps the region marked", async () => {
+  // The sweep clears a region's marks after the legs' flush unless the region was
+  // written meanwhile. A write entering just as the flush resolves must be seen:
+  // try it at every point of the few promise turns between the two.
+  for (let turns = 0; turns < 40; turns++) {
+    await withMirror(volatile("a"), volatile("b"), async (mirror, rig) => {
+      const { legs, store, clock } = rig;
+      const at = 5 * REGION;
+      await mirror.write(at, randomBytes(4096));
+      const flush = rig.hold();
+      legs.b.holdFlushes = flush.promise;
+      clock.advance(MIRROR_CLEAR_DELAY_MS); // the sweep flushes both legs; b's is held
+      await turn();
+      flush.release();
+      for (let i = 0; i < turns; i++) await Promise.resolve();
+      const data = randomBytes(4096);
+      await mirror.write(at + 8192, data);
+      await turn();
+      // Nothing flushed the second write since it landed: its region must stay marked.
+      const unflushed = !sameBytes(legs.b.inner.durable.subarray(at + 8192, at + 12288), data);
+      if (unflushed) {
+        assert.equal(member(mirror, "b")?.dirtyRegions, 1, `written ${turns} turns after`);
+        assert.equal(store.durableBitmap()![5], 0b11, `written ${turns} turns after`);
+      }
+    });
+  }
+});
+
 Deno.test("a leg whose writes fail goes out of sync, the array serves on, and the leg catches up once it answers", () =>
   withMirror(memory("a"), memory("b"), async (mirror, { legs, clock, log }) => {
     const at = 2 * REGION;
