@@ -192,7 +192,7 @@ export class MirrorDevice implements BlockDevice {
       canCopy: () => this.#readLeg() !== null,
       readFromSome: (offset, into) => this.#readFromSome(offset, into),
       legFailed: (leg, error) => this.#legFailed(leg, error),
-      flushWatching: (flush) => this.#flushWatching(flush),
+      flushWatching: (flush, clear) => this.#flushWatching(flush, clear),
       copied: (bytes) => (this.#resyncedBytes += bytes),
       save: () => this.#save(),
       invariants: () => this.#invariants(),
@@ -439,7 +439,7 @@ export class MirrorDevice implements BlockDevice {
     try {
       await op(device);
       if (vouches && leg.connections !== connections) {
-        return new Error("the leg reconnected while it ran");
+        return new Error("the leg's export restarted while it ran");
       }
       if (leg.state.mode === "in-sync" && leg.state.reason !== null) {
         this.#log.info(`leg ${leg.record.name}, the last in-sync leg, answers again`);
@@ -673,32 +673,44 @@ export class MirrorDevice implements BlockDevice {
         state.mode === "in-sync" || (state.mode === "resyncing" && state.pending[region] === 0)
       );
     });
-    const { result: flushed, touched } = await this.#flushWatching(() =>
-      Promise.all(holders.map((leg) => this.#onLeg(leg, (d) => d.flush(), true)))
+    await this.#flushWatching(
+      () => Promise.all(holders.map((leg) => this.#onLeg(leg, (d) => d.flush(), true))),
+      (flushed, touched) => {
+        // A leg whose flush failed keeps its marks; if it is still a holder (the last
+        // in-sync leg, which never leaves sync), the region is tried again once it flushes.
+        const retry = holders.some((leg, i) => !flushed[i] && takesWrites(leg));
+        candidates.forEach((region, j) => {
+          if (touched.has(region)) return; // written meanwhile: it is idle again later
+          let mask = 0;
+          holders.forEach((leg, i) => {
+            if (flushed[i] && heldAtStart[i]![j] && takesWrites(leg)) {
+              mask |= 1 << leg.record.slot;
+            }
+          });
+          this.#bitmap.clear(region, mask);
+          if (retry) this.#idle.add(region);
+        });
+      },
     );
-    // A leg whose flush failed keeps its marks; if it is still a holder (the last in-sync
-    // leg, which never leaves sync), the region is tried again once it flushes.
-    const retry = holders.some((leg, i) => !flushed[i] && takesWrites(leg));
-    candidates.forEach((region, j) => {
-      if (touched.has(region)) return; // written meanwhile: it is idle again later
-      let mask = 0;
-      holders.forEach((leg, i) => {
-        if (flushed[i] && heldAtStart[i]![j] && takesWrites(leg)) mask |= 1 << leg.record.slot;
-      });
-      this.#bitmap.clear(region, mask);
-      if (retry) this.#idle.add(region);
-    });
     await this.#bitmap.flush().catch((error) =>
       this.#log.error(`cannot write the bitmap: ${describeError(error)}`)
     );
   }
 
-  /** Runs `flush`, noting the regions written while it ran. */
-  async #flushWatching<T>(flush: () => Promise<T>): Promise<{ result: T; touched: Set<number> }> {
+  /**
+   * Runs `flush`, then `clear(result, touched)` with the regions written since it began.
+   * `clear` runs while the watch is still on, in the same turn as it learns `touched`: a
+   * write entering a region between the flush's end and the clearing is seen (it was not,
+   * when the watch ended first: found by a test that writes at every turn in between).
+   */
+  async #flushWatching<T>(
+    flush: () => Promise<T>,
+    clear: (result: T, touched: ReadonlySet<number>) => void,
+  ): Promise<void> {
     const touched = new Set<number>();
     this.#flushWatchers.add(touched);
     try {
-      return { result: await flush(), touched };
+      clear(await flush(), touched);
     } finally {
       this.#flushWatchers.delete(touched);
     }

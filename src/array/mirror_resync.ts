@@ -44,8 +44,11 @@ export interface ResyncHost {
   readFromSome(offset: number, into: Uint8Array): Promise<boolean>;
   /** A leg failed: it leaves sync (but the last in-sync one, Invariant 2). */
   legFailed(leg: Leg, error: unknown): void;
-  /** Runs `flush`, noting the regions written while it ran. */
-  flushWatching(flush: () => Promise<void>): Promise<{ touched: Set<number> }>;
+  /** Runs `flush`, then `clear` at once with the regions written since it began (mirror.ts). */
+  flushWatching(
+    flush: () => Promise<void>,
+    clear: (result: void, touched: ReadonlySet<number>) => void,
+  ): Promise<void>;
   /** Counts bytes a resync copied. */
   copied(bytes: number): void;
   /** Saves the state (a leg came in sync). */
@@ -210,12 +213,13 @@ export class Resyncer {
     const copied = run.unflushed.splice(0);
     const quiet = copied.filter((region) => host.regions.writers(region) === 0);
     const connections = leg.connections;
-    const { touched } = await host.flushWatching(() => device.flush());
-    if (leg.connections !== connections) {
-      throw new Error("the leg reconnected while it flushed its copies");
-    }
-    const slot = 1 << leg.record.slot;
-    for (const region of quiet) if (!touched.has(region)) host.bitmap.clear(region, slot);
+    await host.flushWatching(() => device.flush(), (_, touched) => {
+      if (leg.connections !== connections) {
+        throw new Error("the leg's export restarted while it flushed its copies");
+      }
+      const slot = 1 << leg.record.slot;
+      for (const region of quiet) if (!touched.has(region)) host.bitmap.clear(region, slot);
+    });
   }
 
   #logProgress(name: string, p: ResyncProgress): void {
