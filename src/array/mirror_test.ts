@@ -190,6 +190,8 @@ function turn(): Promise<void> {
 class Rig<A extends MemoryDevice, B extends MemoryDevice> {
   readonly legs: { a: TestDevice<A>; b: TestDevice<B> };
   readonly generations = { a: 1, b: 1 };
+  /** Legs whose member cannot be opened now (their export is down). */
+  readonly unreachable = new Set<string>();
   readonly store = new MemoryMirrorStore();
   readonly clock = new ManualClock();
   readonly log = new TestLog();
@@ -207,6 +209,7 @@ class Rig<A extends MemoryDevice, B extends MemoryDevice> {
       log: this.log,
       openLeg: (name) => {
         if (name !== "a" && name !== "b") return Promise.reject(new Error(`no leg ${name}`));
+        if (this.unreachable.has(name)) return Promise.reject(new Error(`${name} is down`));
         return Promise.resolve({
           device: this.legs[name],
           generation: this.generations[name],
@@ -401,6 +404,26 @@ Deno.test("the last in-sync leg never leaves sync: its failures are EIO, and it 
     assert.equal(member(mirror, "a")?.reason, undefined);
     assert.ok(log.has("leg a, the last in-sync leg, answers again"));
   }));
+
+Deno.test("reopened with the other in-sync leg down, a leg someone else wrote to keeps its data, whatever the legs' order", async () => {
+  const rig = new Rig(memory("a"), memory("b"));
+  const { generations, log, unreachable } = rig;
+  const first = await rig.open();
+  await log.when(/leg b is in sync/);
+  await first.close();
+  // While the mirror is down, a is written by another writer and b's export goes down:
+  // a is the only in-sync leg that can be reached, so its data stands (Invariant 2).
+  generations.a = 2;
+  unreachable.add("b");
+  const from = log.lines.length;
+  const mirror = await rig.open();
+  try {
+    assert.equal(member(mirror, "a")?.state, "in-sync");
+    assert.ok(log.has("it is the only in-sync leg, so its data stands", from));
+  } finally {
+    await mirror.close();
+  }
+});
 
 Deno.test("reopened from its state, a mirror gives a leg someone else wrote to a full copy", async () => {
   const rig = new Rig(memory("a"), memory("b"));
