@@ -224,10 +224,14 @@ async function assemble(
     legs.push(leg);
     // A new mirror's records hold the generations it was made with already.
     if (fresh) continue;
-    // The legs not looked at yet count as in sync when their record says so, even if
-    // they turn out unreachable: so which leg keeps its data can depend on their order.
-    const othersInSync = legs.some((l) => l !== leg && l.state.mode === "in-sync") ||
-      state.legs.slice(i + 1).some((r) => r.state === "in-sync");
+    // Another leg in sync as the state says, reachable or not (one that is down holds the
+    // mirror's newest data), unless this loop took it out for a foreign write: whatever
+    // the order the legs are listed in.
+    const othersInSync = state.legs.some((r, j) => {
+      if (r === record || r.state !== "in-sync") return false;
+      const seen = j < i ? legs[j]! : null;
+      return seen === null || seen.state.mode === "in-sync" || deviceOf(seen) === null;
+    });
     await checkGeneration(leg, member, state.legs, othersInSync, bitmap, log);
   }
 
@@ -271,10 +275,16 @@ async function assemble(
  * newest data (the last one never leaves sync), then the one that left sync last.
  */
 function noSourceAdvice(legs: Leg[], members: string[], options: MirrorOptions): string {
+  // In sync as the state says and not taken out now (a leg written by someone else is
+  // reachable, so taken out only if it was): newest; then by when they left sync.
+  const rank = (l: Leg) =>
+    l.record.state === "in-sync" && (l.state.mode === "in-sync" || deviceOf(l) === null)
+      ? Infinity
+      : l.record.leftSyncSeq ?? 0;
+  // Newest first; ties keep the listed order (Infinity - Infinity would be NaN).
   const byNewest = [...legs].filter((l) => l.state.mode !== "detached").sort((a, b) =>
-    (a.record.state === "in-sync" ? Infinity : a.record.leftSyncSeq ?? 0) -
-    (b.record.state === "in-sync" ? Infinity : b.record.leftSyncSeq ?? 0)
-  ).reverse();
+    rank(a) === rank(b) ? 0 : rank(a) > rank(b) ? -1 : 1
+  );
   const newest = byNewest[0]?.record.name ?? members[0]!;
   const why = legs.map((l) => `${l.record.name}: ${reasonOf(l) ?? l.state.mode}`).join("; ");
   return `No in-sync leg of the mirror is reachable (${why}). ${newest} holds the newest ` +
