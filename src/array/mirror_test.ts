@@ -424,6 +424,27 @@ Deno.test("reopened with the other in-sync leg down, a leg someone else wrote to
   }
 });
 
+Deno.test("an open that fails leaves the bitmap closed", async () => {
+  const rig = new Rig(memory("a"), memory("b"));
+  const first = await rig.open();
+  await rig.log.when(/leg b is in sync/);
+  await first.close();
+  let opened = 0;
+  let closed = 0;
+  const openBitmap = rig.store.openBitmap.bind(rig.store);
+  rig.store.openBitmap = (regions, create) => {
+    const file = openBitmap(regions, create);
+    opened += 1;
+    return { ...file, close: () => void (closed += 1) };
+  };
+  // Both legs answer, but the source cannot flush: the open fails after the bitmap opened.
+  rig.legs.a.failing = true;
+  rig.legs.b.failing = true;
+  await assert.rejects(rig.open());
+  assert.equal(opened, 1);
+  assert.equal(closed, 1, "the failed open closed the bitmap it had opened");
+});
+
 Deno.test("reopened from its state, a mirror gives a leg someone else wrote to a full copy", async () => {
   const rig = new Rig(memory("a"), memory("b"));
   const { legs, generations, log } = rig;
