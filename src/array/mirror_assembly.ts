@@ -184,11 +184,33 @@ async function assemble(
   previous: MirrorState | null,
   options: MirrorOptions,
 ): Promise<Omit<Assembled, "lock" | "clientId">> {
-  const log = options.log;
   const fresh = previous === null;
   const state = previous ?? await newState(members, opened, options);
   const regions = regionCount(state.sizeBytes, state.regionBytes);
   const bitmap = DirtyBitmap.open(options.store.openBitmap(regions, fresh), regions);
+  try {
+    return { state, bitmap, ...(await reconcile(state, fresh, bitmap, members, opened, options)) };
+  } catch (error) {
+    // A failed open leaves nothing of its own open (the caller closes the members).
+    await bitmap.close().catch(() => {});
+    throw error;
+  }
+}
+
+/**
+ * The legs of `state` with the members that opened, their stamps checked, and what a
+ * crash left marked reconciled from the first reachable in-sync leg.
+ */
+async function reconcile(
+  state: MirrorState,
+  fresh: boolean,
+  bitmap: DirtyBitmap,
+  members: string[],
+  opened: Array<OpenedMember | Error>,
+  options: MirrorOptions,
+): Promise<{ legs: Leg[]; blockSize: number }> {
+  const log = options.log;
+  const regions = bitmap.regions;
   if (fresh) {
     for (const leg of state.legs) {
       if (leg.state !== "in-sync") await bitmap.markAll(1 << leg.slot);
@@ -240,7 +262,6 @@ async function assemble(
   const source = legs.find((l) => l.state.mode === "in-sync");
   // (Its mode is asked again only to tell the type checker that it has a device.)
   if (source === undefined || source.state.mode !== "in-sync") {
-    await bitmap.close();
     throw new DstError("CONNECT", noSourceAdvice(legs, members, options));
   }
   // Where only the source is marked (a write it took that the others may not have, or
@@ -267,7 +288,7 @@ async function assemble(
   await bitmap.flush();
 
   const blockSize = Math.max(...legs.map((l) => deviceOf(l)?.info.blockSize ?? 512));
-  return { state, legs, bitmap, blockSize };
+  return { legs, blockSize };
 }
 
 /**
