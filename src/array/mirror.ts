@@ -81,7 +81,6 @@ import {
   reattach,
   savedMode,
   slotsMask,
-  stampLeftSync,
   takesWrites,
 } from "./mirror_leg.ts";
 import { Resyncer, type ResyncProgress } from "./mirror_resync.ts";
@@ -484,9 +483,7 @@ export class MirrorDevice implements BlockDevice {
       lastLegFails(leg, reason);
       return;
     }
-    const was = leaveSync(leg, reason);
-    // The order of leaving sync tells which leg is newest; a resyncing leg never was.
-    if (was === "in-sync") stampLeftSync(leg, this.#state.legs);
+    const was = leaveSync(leg, reason, this.#state.legs);
     const left = this.#legs.filter((l) => l.state.mode === "in-sync").length;
     this.#log.warn(
       `leg ${leg.record.name} is out of sync (${

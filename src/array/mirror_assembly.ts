@@ -25,7 +25,6 @@ import {
   noteOutOfSync,
   reasonOf,
   slotsMask,
-  stampLeftSync,
 } from "./mirror_leg.ts";
 import { type LegRecord, type MirrorState, regionCount, STATE_VERSION } from "./mirror_state.ts";
 import type { OpenedMember } from "./members.ts";
@@ -278,6 +277,7 @@ async function reconcile(
       leaveSync(
         leg,
         "regions marked when the array stopped; reconciling them from " + source.record.name,
+        state.legs,
       );
     }
   }
@@ -443,9 +443,7 @@ export function checkGeneration(
     log.warn(`leg ${record.name} ${what}; it gets a full copy`);
     const reason = sameEpoch ? "written by someone else while away" : "its export lost its state";
     if (leg.state.mode === "in-sync" || leg.state.mode === "resyncing") {
-      leaveSync(leg, reason);
-      // Unlike a failure (mirror.ts, #legFailed), this stamps a resyncing leg too.
-      stampLeftSync(leg, records);
+      leaveSync(leg, reason, records);
     } else {
       noteOutOfSync(leg, reason);
     }

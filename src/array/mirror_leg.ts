@@ -165,16 +165,24 @@ export function stopResync(leg: Leg): void {
 
 /**
  * in-sync or resyncing -> out-of-sync, keeping its device; resolves the mode it left.
- * The caller keeps Invariant 2 (it never takes the last in-sync leg out) and decides
- * whether the leg's leftSyncSeq is stamped (stampLeftSync).
+ * A leg that leaves in-sync gets the next leftSyncSeq of `records` (the order of
+ * leaving sync tells which leg is newest; a resyncing leg never was in sync). The
+ * caller keeps Invariant 2 (it never takes the last in-sync leg out).
  */
-export function leaveSync(leg: Leg, reason: string): "in-sync" | "resyncing" {
+export function leaveSync(
+  leg: Leg,
+  reason: string,
+  records: readonly LegRecord[],
+): "in-sync" | "resyncing" {
   const state = leg.state;
   assert(
     state.mode === "in-sync" || state.mode === "resyncing",
     `leaveSync starts from in-sync or resyncing, not ${state.mode}`,
   );
   become(leg, { mode: "out-of-sync", device: state.device, reason });
+  if (state.mode === "in-sync") {
+    leg.record.leftSyncSeq = Math.max(0, ...records.map((r) => r.leftSyncSeq ?? 0)) + 1;
+  }
   return state.mode;
 }
 
@@ -264,9 +272,6 @@ export function slotsMask(records: readonly LegRecord[]): number {
  * Records that `leg` left sync now: the order legs left sync in, kept in the state,
  * tells which holds the newest data (the higher, the later).
  */
-export function stampLeftSync(leg: Leg, records: readonly LegRecord[]): void {
-  leg.record.leftSyncSeq = Math.max(0, ...records.map((r) => r.leftSyncSeq ?? 0)) + 1;
-}
 
 /** What the state records for a leg in `mode` (Invariant 8: resyncing as out-of-sync). */
 export function savedMode(mode: LegMode): LegRecordState {

@@ -491,7 +491,8 @@ Deno.test("leg transitions refuse a leg in another mode, and checkLegs a mirror 
   const leg: Leg = newLeg(record, { mode: "in-sync", device: memory("a"), reason: null });
   assert.throws(() => finishResync(leg), AssertionError);
   checkLegs([leg], [record], REGIONS);
-  leaveSync(leg, "test");
+  leaveSync(leg, "test", [record]);
   assert.equal(leg.state.mode, "out-of-sync");
+  assert.equal(record.leftSyncSeq, 1, "a leg that leaves in-sync is stamped with the order");
   assert.throws(() => checkLegs([leg], [record], REGIONS), /Invariant 2/);
 });
