@@ -18,13 +18,13 @@
 
 import { assert } from "../lib/assert.ts";
 import { DstError } from "../lib/errors.ts";
-import type { BitmapFile } from "./mirror_store.ts";
+import type { ImageFile } from "../device/image_file.ts";
 
 export const LEG_SLOTS_MAX = 8;
 
 export class DirtyBitmap {
   readonly #bytes: Uint8Array;
-  readonly #file: BitmapFile;
+  readonly #file: ImageFile;
   #changedFirst = Infinity;
   #changedLast = -1;
   /**
@@ -40,15 +40,15 @@ export class DirtyBitmap {
   #markDurable: Promise<void> = Promise.resolve();
   #closed = false;
 
-  private constructor(file: BitmapFile, bytes: Uint8Array) {
+  private constructor(file: ImageFile, bytes: Uint8Array) {
     this.#file = file;
     this.#bytes = bytes;
   }
 
   /** Reads the bitmap from `file` (just made, or as a crash left it). */
-  static open(file: BitmapFile, regions: number): DirtyBitmap {
+  static open(file: ImageFile, regions: number): DirtyBitmap {
     assert(Number.isSafeInteger(regions) && regions > 0, "a bitmap has regions");
-    const size = file.size();
+    const size = file.statSize();
     if (size !== regions) {
       file.close();
       throw new DstError(
@@ -58,7 +58,7 @@ export class DirtyBitmap {
       );
     }
     const bytes = new Uint8Array(regions);
-    file.read(bytes, 0);
+    file.readAt(bytes, 0);
     return new DirtyBitmap(file, bytes);
   }
 
@@ -156,7 +156,7 @@ export class DirtyBitmap {
     this.#syncNeeded = false; // until a change or a failure from here on
     if (last >= first) {
       try {
-        this.#file.write(this.#bytes.subarray(first, last + 1), first);
+        this.#file.writeAt(this.#bytes.subarray(first, last + 1), first);
       } catch (error) {
         this.#noteChange(first);
         this.#noteChange(last);
@@ -164,7 +164,7 @@ export class DirtyBitmap {
       }
     }
     try {
-      await this.#file.sync();
+      await this.#file.datasync();
     } catch (error) {
       this.#syncNeeded = true;
       throw error;

@@ -7,7 +7,7 @@ Deno.test("DirtyBitmap: marks are on disk when mark() resolves; clears reach it 
   const dir = await Deno.makeTempDir();
   try {
     const path = `${dir}/bitmap`;
-    const bitmap = DirtyBitmap.open(openBitmapFile(path, 100, true), 100);
+    const bitmap = DirtyBitmap.open(await openBitmapFile(path, 100, true), 100);
     await bitmap.mark(10, 12, 0b11);
     assert.deepEqual([...(await Deno.readFile(path)).subarray(9, 14)], [0, 3, 3, 3, 0]);
     bitmap.clear(11, 0b01);
@@ -20,7 +20,7 @@ Deno.test("DirtyBitmap: marks are on disk when mark() resolves; clears reach it 
     assert.equal(bitmap.count(1), 3);
     await bitmap.close();
 
-    const again = DirtyBitmap.open(openBitmapFile(path, 100, false), 100);
+    const again = DirtyBitmap.open(await openBitmapFile(path, 100, false), 100);
     assert.equal(again.count(1), 3);
     assert.ok(again.has(12, 0) && !again.has(11, 0));
     await again.close();
@@ -31,7 +31,7 @@ Deno.test("DirtyBitmap: marks are on disk when mark() resolves; clears reach it 
 
 Deno.test("DirtyBitmap: a repeated mark waits for the first one's sync, and marks share syncs", async () => {
   const store = new MemoryMirrorStore();
-  const bitmap = DirtyBitmap.open(store.openBitmap(8, true), 8);
+  const bitmap = DirtyBitmap.open(await store.openBitmap(8, true), 8);
   const held = Promise.withResolvers<void>();
   store.holdSyncs = held.promise;
   const settled: string[] = [];
@@ -52,7 +52,7 @@ Deno.test("DirtyBitmap: a repeated mark waits for the first one's sync, and mark
 
 Deno.test("DirtyBitmap: a failed sync fails the mark, and the next mark syncs it again", async () => {
   const store = new MemoryMirrorStore();
-  const bitmap = DirtyBitmap.open(store.openBitmap(8, true), 8);
+  const bitmap = DirtyBitmap.open(await store.openBitmap(8, true), 8);
   store.failSyncs = true;
   await assert.rejects(bitmap.mark(2, 2, 1), /sync/);
   store.failSyncs = false;
@@ -65,7 +65,10 @@ Deno.test("DirtyBitmap: a bitmap file of the wrong size is refused with what to 
   const dir = await Deno.makeTempDir();
   try {
     await Deno.writeFile(`${dir}/bitmap`, new Uint8Array(5));
-    assert.throws(() => DirtyBitmap.open(openBitmapFile(`${dir}/bitmap`, 8, false), 8), /--source/);
+    await assert.rejects(
+      async () => DirtyBitmap.open(await openBitmapFile(`${dir}/bitmap`, 8, false), 8),
+      /--source/,
+    );
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -10,15 +10,16 @@
  */
 
 import { DstError } from "../lib/errors.ts";
-import type { BitmapFile, MirrorStore } from "./mirror_store.ts";
+import type { MirrorStore } from "./mirror_store.ts";
+import type { ImageFile } from "../device/image_file.ts";
+import { PageCacheFile } from "../device/page_cache_file.ts";
 import type { MirrorState } from "./mirror_state.ts";
 import { CLIENT_ID_BYTES } from "../protocol/mod.ts";
 
 /** What the folder holds, shared by the views of the processes that use it in turn. */
 interface Folder {
-  /** The bitmap as the page cache holds it, and as stable storage does. */
-  bitmapCache: Uint8Array | null;
-  bitmapDurable: Uint8Array | null;
+  /** The bitmap, as the page cache holds it and as stable storage does. */
+  bitmap: PageCacheFile | null;
   state: string | null;
   clientId: Uint8Array | null;
   locked: boolean;
@@ -36,8 +37,7 @@ export class MemoryMirrorStore implements MirrorStore {
 
   constructor(readonly where = "memory", folder?: Folder) {
     this.#folder = folder ?? {
-      bitmapCache: null,
-      bitmapDurable: null,
+      bitmap: null,
       state: null,
       clientId: null,
       locked: false,
@@ -70,34 +70,32 @@ export class MemoryMirrorStore implements MirrorStore {
     return this.#folder.clientId.slice();
   }
 
-  openBitmap(regions: number, create: boolean): BitmapFile {
+  openBitmap(regions: number, create: boolean): Promise<ImageFile> {
     const folder = this.#folder;
-    if (create || folder.bitmapCache === null) {
-      folder.bitmapCache = new Uint8Array(regions);
-      folder.bitmapDurable = new Uint8Array(regions);
+    if (create || folder.bitmap === null) {
+      folder.bitmap = new PageCacheFile(regions, `${this.where}/bitmap`);
     }
-    const cache = folder.bitmapCache;
-    const durable = folder.bitmapDurable!;
-    return {
-      name: `${this.where}/bitmap`,
-      size: () => cache.length,
-      read: (into, offset) => into.set(cache.subarray(offset, offset + into.length)),
-      write: (from, offset) => {
-        if (!this.#dead) cache.set(from, offset);
+    const file = folder.bitmap;
+    return Promise.resolve({
+      name: file.name,
+      statSize: () => file.statSize(),
+      readAt: (into, offset) => file.readAt(into, offset),
+      writeAt: (data, offset) => {
+        if (!this.#dead) file.writeAt(data, offset);
       },
-      sync: async () => {
+      datasync: async () => {
         if (this.holdSyncs !== null) await this.holdSyncs;
         if (this.#dead) return new Promise<void>(() => {}); // a dead process waits forever
-        if (this.failSyncs) throw new DstError("STATE", `Cannot sync ${this.where}/bitmap`);
-        durable.set(cache);
+        if (this.failSyncs) throw new DstError("STATE", `Cannot sync ${file.name}`);
+        await file.datasync();
       },
       close: () => {},
-    };
+    });
   }
 
   /** The bitmap's bytes as stable storage holds them (what a power loss would leave). */
   durableBitmap(): Uint8Array | null {
-    return this.#folder.bitmapDurable?.slice() ?? null;
+    return this.#folder.bitmap?.durable.slice() ?? null;
   }
 
   /**
@@ -110,9 +108,7 @@ export class MemoryMirrorStore implements MirrorStore {
     this.#dead = true;
     const folder = this.#folder;
     folder.locked = false;
-    if (options.powerLoss && folder.bitmapDurable !== null) {
-      folder.bitmapCache!.set(folder.bitmapDurable);
-    }
+    if (options.powerLoss) folder.bitmap?.powerLoss();
     return new MemoryMirrorStore(this.where, folder);
   }
 }

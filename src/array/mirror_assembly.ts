@@ -186,7 +186,7 @@ async function assemble(
   const fresh = previous === null;
   const state = previous ?? await newState(members, opened, options);
   const regions = regionCount(state.sizeBytes, state.regionBytes);
-  const bitmap = DirtyBitmap.open(options.store.openBitmap(regions, fresh), regions);
+  const bitmap = DirtyBitmap.open(await options.store.openBitmap(regions, fresh), regions);
   try {
     return { state, bitmap, ...(await reconcile(state, fresh, bitmap, members, opened, options)) };
   } catch (error) {

@@ -7,8 +7,8 @@
  * durably on every change), `bitmap` (dirty_bitmap.ts) and `client-id`.
  */
 
-import * as fs from "node:fs";
 import { DstError } from "../lib/errors.ts";
+import { type ImageFile, openImageFile } from "../device/image_file.ts";
 import { ensureDir, readStateFile, writeStateFile } from "../lib/state_file.ts";
 import {
   formatClientId,
@@ -19,18 +19,6 @@ import {
 } from "./mirror_state.ts";
 import { StateLock } from "./state_lock.ts";
 import { CLIENT_ID_BYTES } from "../protocol/mod.ts";
-
-/** The bitmap's bytes on stable storage: written in place, made durable by sync(). */
-export interface BitmapFile {
-  /** Named in messages. */
-  readonly name: string;
-  size(): number;
-  read(into: Uint8Array, offset: number): void;
-  /** Writes; durable only once a later sync() resolves. */
-  write(from: Uint8Array, offset: number): void;
-  sync(): Promise<void>;
-  close(): void;
-}
 
 export interface MirrorStore {
   /** Where the state is, as the user knows it (the folder). */
@@ -43,8 +31,8 @@ export interface MirrorStore {
   saveState(state: MirrorState): void;
   /** The mirror's identity towards its legs' exports, made once and kept. */
   loadOrCreateClientId(): Uint8Array;
-  /** Opens the bitmap; `create` makes a new, clear one of `regions` bytes. */
-  openBitmap(regions: number, create: boolean): BitmapFile;
+  /** Opens the bitmap; `create` makes a new, clear one of `regions` bytes, durably. */
+  openBitmap(regions: number, create: boolean): Promise<ImageFile>;
 }
 
 /** A mirror's state in a folder of the array's node. */
@@ -76,35 +64,38 @@ export class FolderStore implements MirrorStore {
     return id;
   }
 
-  openBitmap(regions: number, create: boolean): BitmapFile {
+  openBitmap(regions: number, create: boolean): Promise<ImageFile> {
     ensureDir(this.where);
     return openBitmapFile(`${this.where}/bitmap`, regions, create);
   }
 }
 
 /** The bitmap as a file: created full size and synced, or opened as it is. */
-export function openBitmapFile(path: string, regions: number, create: boolean): BitmapFile {
-  let fd: number;
+export async function openBitmapFile(
+  path: string,
+  regions: number,
+  create: boolean,
+): Promise<ImageFile> {
+  let file: ImageFile;
   try {
-    fd = fs.openSync(path, create ? "w+" : "r+", 0o600);
+    file = openImageFile(path, create ? "w+" : "r+");
   } catch (error) {
     throw new DstError("STATE", `Cannot open the mirror bitmap ${path}: ${error}`, {
       cause: error,
     });
   }
   if (create) {
-    fs.writeSync(fd, new Uint8Array(regions), 0, regions, 0);
-    fs.fdatasyncSync(fd);
+    // Durable before the state that names it is saved: a crash never leaves a state
+    // whose bitmap is missing or short.
+    try {
+      file.writeAt(new Uint8Array(regions), 0);
+      await file.datasync();
+    } catch (error) {
+      file.close();
+      throw new DstError("STATE", `Cannot write the mirror bitmap ${path}: ${error}`, {
+        cause: error,
+      });
+    }
   }
-  return {
-    name: path,
-    size: () => fs.fstatSync(fd).size,
-    read: (into, offset) => void fs.readSync(fd, into, 0, into.length, offset),
-    write: (from, offset) => void fs.writeSync(fd, from, 0, from.length, offset),
-    sync: () =>
-      new Promise<void>((resolve, reject) =>
-        fs.fdatasync(fd, (error) => error ? reject(error) : resolve())
-      ),
-    close: () => fs.closeSync(fd),
-  };
+  return file;
 }

@@ -118,8 +118,11 @@ class TestLog implements Logger {
   }
 }
 
+/** A leg's disk in memory, whose bytes a test reads directly. */
+type InMemory = BlockDevice & { readonly bytes: Uint8Array };
+
 /** A leg's device that fails every request while `failing`, and holds flushes on `holdFlushes`. */
-class TestDevice<D extends MemoryDevice = MemoryDevice> implements BlockDevice {
+class TestDevice<D extends InMemory = MemoryDevice> implements BlockDevice {
   failing = false;
   holdFlushes: Promise<void> | null = null;
 
@@ -187,7 +190,7 @@ function turn(): Promise<void> {
 }
 
 /** Mirrors of legs "a" and "b" made of `a` and `b`, on one store, clock and log. */
-class Rig<A extends MemoryDevice, B extends MemoryDevice> {
+class Rig<A extends InMemory, B extends InMemory> {
   readonly legs: { a: TestDevice<A>; b: TestDevice<B> };
   readonly generations = { a: 1, b: 1 };
   /** Legs whose member cannot be opened now (their export is down). */
@@ -244,7 +247,7 @@ class Rig<A extends MemoryDevice, B extends MemoryDevice> {
  * Runs `body` on a new mirror of `a` and `b` once b has its full copy of a; then lets
  * every hold go and closes it.
  */
-async function withMirror<A extends MemoryDevice, B extends MemoryDevice>(
+async function withMirror<A extends InMemory, B extends InMemory>(
   a: A,
   b: B,
   body: (mirror: MirrorDevice, rig: Rig<A, B>) => Promise<void> | void,
@@ -432,8 +435,8 @@ Deno.test("an open that fails leaves the bitmap closed", async () => {
   let opened = 0;
   let closed = 0;
   const openBitmap = rig.store.openBitmap.bind(rig.store);
-  rig.store.openBitmap = (regions, create) => {
-    const file = openBitmap(regions, create);
+  rig.store.openBitmap = async (regions, create) => {
+    const file = await openBitmap(regions, create);
     opened += 1;
     return { ...file, close: () => void (closed += 1) };
   };

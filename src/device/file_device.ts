@@ -1,5 +1,8 @@
 /**
- * A BlockDevice on an image file or a block device.
+ * A BlockDevice on an image file or a block device, over an ImageFile (image_file.ts):
+ * the real file, or one in memory whose syncs a test watches (page_cache_file.ts).
+ * What it owns is when to sync: PREFLUSH syncs before the write, FUA after it, a
+ * flush joins the sync queued behind a running one, close syncs before it closes.
  *
  * Reads and writes are synchronous positional calls (pread/pwrite through node:fs):
  * measured here at 1.2M 4 KiB reads/s against 16-21k for async Deno.FsFile calls,
@@ -13,7 +16,6 @@
  * keep the "reads back as zeroes" promise of DeviceInfo.
  */
 
-import * as fs from "node:fs";
 import { assert } from "../lib/assert.ts";
 import { describeError, DeviceError } from "../lib/errors.ts";
 import {
@@ -27,6 +29,7 @@ import {
 } from "./block_device.ts";
 import { BLOCK_SIZE_DEFAULT } from "../constants.ts";
 import { sha256Hex } from "../lib/hex.ts";
+import { type ImageFile, openImageFile } from "./image_file.ts";
 
 const ZERO_CHUNK_BYTES = 1024 * 1024;
 
@@ -44,7 +47,8 @@ export class FileDevice implements BlockDevice {
   #syncQueued: Promise<void> | null = null;
   #closing: Promise<void> | null = null;
 
-  private constructor(readonly info: DeviceInfo, readonly fd: number) {}
+  /** Over a file already open: FileDevice.open() for a path; VolatileDevice for memory. */
+  protected constructor(readonly info: DeviceInfo, readonly file: ImageFile) {}
 
   static async open(path: string, options: FileDeviceOptions = {}): Promise<FileDevice> {
     const readOnly = options.readOnly ?? false;
@@ -52,9 +56,9 @@ export class FileDevice implements BlockDevice {
       assert(!readOnly, "--create and --read-only are refused by the CLI");
       await growImage(path, options.createBytes);
     }
-    let fd: number;
+    let file: ImageFile;
     try {
-      fd = fs.openSync(path, readOnly ? "r" : "r+");
+      file = openImageFile(path, readOnly ? "r" : "r+");
     } catch (error) {
       throw new DeviceError("ENOENT", `Cannot open ${path}: ${describeError(error)}`, {
         cause: error,
@@ -71,10 +75,10 @@ export class FileDevice implements BlockDevice {
       const id = await stableId(path);
       return new FileDevice(
         { sizeBytes, blockSize: BLOCK_SIZE_DEFAULT, readOnly, id, name: path },
-        fd,
+        file,
       );
     } catch (error) {
-      fs.closeSync(fd);
+      file.close();
       throw error;
     }
   }
@@ -82,13 +86,9 @@ export class FileDevice implements BlockDevice {
   read(offset: number, into: Uint8Array): Promise<void> {
     try {
       checkRange(this.info, "read", offset, into.length);
-      let done = 0;
-      while (done < into.length) {
-        const n = fs.readSync(this.fd, into, done, into.length - done, offset + done);
-        if (n === 0) {
-          throw new DeviceError("EIO", `Short read at ${offset + done} of ${this.info.name}`);
-        }
-        done += n;
+      const done = this.file.readAt(into, offset);
+      if (done < into.length) {
+        throw new DeviceError("EIO", `Short read at ${offset + done} of ${this.info.name}`);
       }
       this.#stats.reads += 1;
       this.#stats.readBytes += into.length;
@@ -105,7 +105,7 @@ export class FileDevice implements BlockDevice {
     try {
       checkWritable(this.info, "write");
       checkRange(this.info, "write", offset, data.length);
-      this.#writeAt(offset, data);
+      this.file.writeAt(data, offset);
       this.#stats.writes += 1;
       this.#stats.writtenBytes += data.length;
     } catch (error) {
@@ -137,7 +137,7 @@ export class FileDevice implements BlockDevice {
       try {
         if (!this.info.readOnly) await this.#sync();
       } finally {
-        fs.closeSync(this.fd);
+        this.file.close();
       }
     })();
     return this.#closing;
@@ -161,9 +161,9 @@ export class FileDevice implements BlockDevice {
       checkRange(this.info, what, offset, length);
       this.#zeroes ??= new Uint8Array(ZERO_CHUNK_BYTES);
       for (let done = 0; done < length; done += ZERO_CHUNK_BYTES) {
-        this.#writeAt(
-          offset + done,
+        this.file.writeAt(
           this.#zeroes.subarray(0, Math.min(ZERO_CHUNK_BYTES, length - done)),
+          offset + done,
         );
       }
       this.#stats[counter] += 1;
@@ -171,13 +171,6 @@ export class FileDevice implements BlockDevice {
       return this.#fail(error, what, offset, length);
     }
     return flags?.fua ? this.#sync() : Promise.resolve();
-  }
-
-  #writeAt(offset: number, data: Uint8Array): void {
-    let done = 0;
-    while (done < data.length) {
-      done += fs.writeSync(this.fd, data, done, data.length - done, offset + done);
-    }
   }
 
   /**
@@ -198,17 +191,19 @@ export class FileDevice implements BlockDevice {
     return this.#syncQueued;
   }
 
-  #fdatasync(): Promise<void> {
-    return new Promise((resolve, reject) => {
-      fs.fdatasync(this.fd, (error) => {
-        if (error === null) {
-          resolve();
-          return;
-        }
-        this.#stats.errors += 1;
-        reject(new DeviceError("EIO", `fdatasync of ${this.info.name} failed: ${error.message}`));
-      });
-    });
+  async #fdatasync(): Promise<void> {
+    try {
+      await this.file.datasync();
+    } catch (error) {
+      this.#stats.errors += 1;
+      throw new DeviceError(
+        "EIO",
+        `fdatasync of ${this.info.name} failed: ${describeError(error)}`,
+        {
+          cause: error,
+        },
+      );
+    }
   }
 
   #fail(error: unknown, what: string, offset: number, length: number): Promise<never> {

@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { DeviceError } from "../lib/errors.ts";
 import { emptyStats } from "./block_device.ts";
 import { FileDevice } from "./file_device.ts";
+import { VolatileDevice } from "./volatile_device.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -298,4 +299,143 @@ Deno.test("FileDevice.close() called twice at once closes the file once, without
   } finally {
     await Deno.remove(path);
   }
+});
+
+// When FileDevice syncs, seen on a disk in memory that records its calls and keeps
+// only what an fdatasync covered across a power loss (VolatileDevice: a FileDevice on
+// a PageCacheFile). A FileDevice that skips an fdatasync fails these; killing a real
+// export cannot show it, as the page cache outlives the process.
+
+function recorded(): VolatileDevice {
+  return new VolatileDevice(64 * KiB, { name: "disk", record: true });
+}
+
+function journal(device: VolatileDevice): string[] {
+  return device.disk.journal!;
+}
+
+/** Lets the event loop run many times: what waits on a held sync must still be waiting after. */
+async function manyTurns(): Promise<void> {
+  for (let i = 0; i < 50; i++) await new Promise((resolve) => setTimeout(resolve, 0));
+}
+
+Deno.test("FileDevice FUA: the write, then an fdatasync, before it resolves; the write survives power loss", async () => {
+  const device = recorded();
+  await device.write(4096, pattern(1, 512), { fua: true });
+  assert.deepEqual(journal(device), ["write 4096+512", "sync", "synced"]);
+  device.powerLoss();
+  assert.deepEqual(await readBack(device, 4096, 512), pattern(1, 512));
+});
+
+Deno.test("FileDevice without FUA: a write is not durable until a flush", async () => {
+  const device = recorded();
+  await device.write(0, pattern(2, 100));
+  assert.deepEqual(journal(device), ["write 0+100"]);
+  device.powerLoss();
+  assert.deepEqual(await readBack(device, 0, 100), new Uint8Array(100), "lost with the cache");
+  await device.write(0, pattern(2, 100));
+  await device.flush();
+  device.powerLoss();
+  assert.deepEqual(await readBack(device, 0, 100), pattern(2, 100), "the flush kept it");
+});
+
+Deno.test("FileDevice PREFLUSH: an fdatasync of what came before, then the write", async () => {
+  const device = recorded();
+  await device.write(0, pattern(3, 100));
+  await device.write(8192, pattern(4, 100), { preflush: true });
+  assert.deepEqual(journal(device), ["write 0+100", "sync", "synced", "write 8192+100"]);
+  device.powerLoss();
+  assert.deepEqual(await readBack(device, 0, 100), pattern(3, 100), "what came before is durable");
+  assert.deepEqual(
+    await readBack(device, 8192, 100),
+    new Uint8Array(100),
+    "the write itself is not",
+  );
+});
+
+Deno.test("FileDevice PREFLUSH with FUA: sync, write, sync; for write, write zeroes and discard", async () => {
+  const device = recorded();
+  await device.write(0, pattern(5, 100), { preflush: true, fua: true });
+  await device.writeZeroes(4096, 10, { preflush: true, fua: true });
+  await device.discard(8192, 10, { preflush: true, fua: true });
+  const each = (entry: string) => ["sync", "synced", entry, "sync", "synced"];
+  assert.deepEqual(journal(device), [
+    ...each("write 0+100"),
+    ...each("write 4096+10"),
+    ...each("write 8192+10"),
+  ]);
+});
+
+Deno.test("FileDevice FUA on write zeroes and discard: the zeroes, then an fdatasync", async () => {
+  const device = recorded();
+  await device.write(0, pattern(6, 8192), { fua: true });
+  journal(device).length = 0;
+  await device.writeZeroes(100, 10, { fua: true });
+  await device.discard(4096, 10, { fua: true });
+  assert.deepEqual(journal(device), [
+    "write 100+10",
+    "sync",
+    "synced",
+    "write 4096+10",
+    "sync",
+    "synced",
+  ]);
+  device.powerLoss();
+  assert.deepEqual(await readBack(device, 100, 10), new Uint8Array(10));
+  assert.deepEqual(await readBack(device, 4096, 10), new Uint8Array(10));
+});
+
+Deno.test("FileDevice flush during a running fdatasync waits for one that starts after it; later flushes share it", async () => {
+  const device = recorded();
+  const held = Promise.withResolvers<void>();
+  device.disk.holdSyncs = held.promise;
+  await device.write(0, pattern(7, 100));
+  const settled: string[] = [];
+  const first = device.flush().then(() => settled.push("first"));
+  await device.write(4096, pattern(8, 100)); // after the running sync began: not covered by it
+  const second = device.flush().then(() => settled.push("second"));
+  const third = device.flush().then(() => settled.push("third"));
+  await manyTurns();
+  assert.deepEqual(settled, [], "no flush resolves while the fdatasync is held");
+  assert.deepEqual(journal(device), ["write 0+100", "sync", "write 4096+100"]);
+  device.disk.holdSyncs = null;
+  held.resolve();
+  await Promise.all([first, second, third]);
+  assert.deepEqual(journal(device), [
+    "write 0+100",
+    "sync",
+    "write 4096+100",
+    "synced",
+    "sync", // one more, for the second and third together
+    "synced",
+  ]);
+  assert.equal(settled[0], "first");
+  device.powerLoss();
+  assert.deepEqual(
+    await readBack(device, 4096, 100),
+    pattern(8, 100),
+    "the second flush covered it",
+  );
+});
+
+Deno.test("FileDevice close: an fdatasync, then the file closes", async () => {
+  const device = recorded();
+  await device.write(0, pattern(9, 100));
+  await device.close();
+  assert.deepEqual(journal(device), ["write 0+100", "sync", "synced", "close"]);
+  device.powerLoss();
+  assert.deepEqual(device.bytes.subarray(0, 100), pattern(9, 100), "close made it durable");
+});
+
+Deno.test("FileDevice: an fdatasync that fails fails the flush with EIO, and the next flush syncs again", async () => {
+  const device = recorded();
+  await device.write(0, pattern(10, 100));
+  device.failFlushes = true;
+  await rejectsWith(device.flush(), "EIO");
+  await rejectsWith(device.write(100, pattern(11, 1), { fua: true }), "EIO");
+  device.failFlushes = false;
+  await device.flush();
+  device.powerLoss();
+  assert.deepEqual(await readBack(device, 0, 100), pattern(10, 100));
+  assert.equal(device.stats().errors, 2);
 });

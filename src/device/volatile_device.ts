@@ -1,58 +1,69 @@
 /**
- * A memory device with a volatile cache, as a disk with write-back caching behaves:
- * what was written is read back at once, but only what a flush (or a FUA write)
- * covered survives powerLoss(). Tests and simulations use it to see whether a layer
- * above relies on data that was never made durable. `failFlushes` makes every flush
- * fail (EIO), as a disk whose cache cannot be written out.
+ * A disk with a write-back cache, in memory: a FileDevice on a PageCacheFile. What
+ * was written is read back at once, but only what an fdatasync covered (a flush, a
+ * FUA or preflush write, a close) survives powerLoss(). Tests and the simulation use
+ * it to see whether a layer above relies on data that was never made durable, and
+ * since it is FileDevice's own sync logic that runs, they also see a FileDevice that
+ * skips an fdatasync. `failFlushes` makes every fdatasync fail (EIO), as a disk whose
+ * cache cannot be written out.
  */
 
-import type { IoFlags } from "./block_device.ts";
-import { DeviceError } from "../lib/errors.ts";
-import { MemoryDevice } from "./memory_device.ts";
+import { BLOCK_SIZE_DEFAULT } from "../constants.ts";
+import { FileDevice } from "./file_device.ts";
+import { PageCacheFile } from "./page_cache_file.ts";
 
-export class VolatileDevice extends MemoryDevice {
+export interface VolatileDeviceOptions {
+  id?: string;
+  name?: string;
+  /** Keep the disk's journal of writes and syncs (see PageCacheFile). */
+  record?: boolean;
+}
+
+export class VolatileDevice extends FileDevice {
+  readonly disk: PageCacheFile;
+
+  constructor(sizeBytes: number, options: VolatileDeviceOptions = {}) {
+    const name = options.name ?? "memory";
+    const disk = new PageCacheFile(sizeBytes, name, { record: options.record });
+    super({
+      sizeBytes,
+      blockSize: BLOCK_SIZE_DEFAULT,
+      readOnly: false,
+      id: options.id ?? "00000000000000000000000000000000",
+      name,
+    }, disk);
+    this.disk = disk;
+  }
+
+  /** What reads see now. */
+  get bytes(): Uint8Array {
+    return this.disk.cache;
+  }
+
   /** What survives a power loss. */
-  readonly durable: Uint8Array;
-  failFlushes = false;
+  get durable(): Uint8Array {
+    return this.disk.durable;
+  }
+
+  get failFlushes(): boolean {
+    return this.disk.failSyncs;
+  }
+
+  set failFlushes(fail: boolean) {
+    this.disk.failSyncs = fail;
+  }
+
   /** While frozen (the node is going down), flushes make nothing durable. */
-  frozen = false;
-
-  constructor(sizeBytes: number, options: { id?: string; name?: string } = {}) {
-    super(sizeBytes, options);
-    this.durable = new Uint8Array(sizeBytes);
+  get frozen(): boolean {
+    return this.disk.frozen;
   }
 
-  override async write(offset: number, data: Uint8Array, flags?: IoFlags): Promise<void> {
-    if (flags?.preflush) await this.flush();
-    await super.write(offset, data);
-    if (flags?.fua) await this.#persist(offset, data.length);
+  set frozen(frozen: boolean) {
+    this.disk.frozen = frozen;
   }
 
-  override async writeZeroes(offset: number, length: number, flags?: IoFlags): Promise<void> {
-    await super.writeZeroes(offset, length);
-    if (flags?.fua) await this.#persist(offset, length);
-  }
-
-  override async discard(offset: number, length: number, flags?: IoFlags): Promise<void> {
-    await super.discard(offset, length);
-    if (flags?.fua) await this.#persist(offset, length);
-  }
-
-  override async flush(): Promise<void> {
-    await super.flush();
-    await this.#persist(0, this.info.sizeBytes);
-  }
-
-  /** The cache is gone: what was not flushed reads as it was before. */
+  /** The cache is gone: what was not synced reads as it was before. */
   powerLoss(): void {
-    this.bytes.set(this.durable);
-  }
-
-  #persist(offset: number, length: number): Promise<void> {
-    if (this.failFlushes) {
-      return Promise.reject(new DeviceError("EIO", "flush failed: the disk's cache is broken"));
-    }
-    if (!this.frozen) this.durable.set(this.bytes.subarray(offset, offset + length), offset);
-    return Promise.resolve();
+    this.disk.powerLoss();
   }
 }

@@ -1,0 +1,87 @@
+/**
+ * An ImageFile in memory with a page cache in front of its stable storage, as a file
+ * on a real disk has: a write is read back at once but survives powerLoss() only once
+ * a datasync() that began after it resolved. Tests watch the order of its calls in
+ * `journal`; they can hold syncs (to see who waits on one), make them fail (a disk
+ * whose cache cannot be written out) or freeze the disk (a node going down: syncs
+ * resolve and make nothing durable). The simulation's disks and the mirror's
+ * in-memory bitmap are built on it.
+ */
+
+import type { ImageFile } from "./image_file.ts";
+
+export class PageCacheFile implements ImageFile {
+  /** What reads see. */
+  readonly cache: Uint8Array;
+  /** What survives a power loss. */
+  readonly durable: Uint8Array;
+  /**
+   * Every call in order, when recording: "write OFFSET+LENGTH", "sync" (a datasync
+   * began), "synced" (it made durable what was written before it began), "close".
+   */
+  readonly journal: string[] | null;
+  /** Syncs fail (EIO) while set. */
+  failSyncs = false;
+  /** While frozen, syncs resolve and make nothing durable. */
+  frozen = false;
+  /** Syncs wait for this while it is set. */
+  holdSyncs: Promise<void> | null = null;
+  #closed = false;
+
+  constructor(
+    sizeBytes: number,
+    readonly name = "memory",
+    options: { record?: boolean } = {},
+  ) {
+    this.cache = new Uint8Array(sizeBytes);
+    this.durable = new Uint8Array(sizeBytes);
+    this.journal = options.record ? [] : null;
+  }
+
+  readAt(into: Uint8Array, offset: number): number {
+    this.#checkOpen();
+    const bytes = this.cache.subarray(offset, offset + into.length);
+    into.set(bytes);
+    return bytes.length;
+  }
+
+  writeAt(data: Uint8Array, offset: number): void {
+    this.#checkOpen();
+    if (offset + data.length > this.cache.length) {
+      throw new RangeError(`${this.name}: a write at ${offset} runs past its end`);
+    }
+    this.journal?.push(`write ${offset}+${data.length}`);
+    this.cache.set(data, offset);
+  }
+
+  async datasync(): Promise<void> {
+    this.#checkOpen();
+    this.journal?.push("sync");
+    // What is written before the call is what this sync promises to make durable.
+    const covered = this.frozen ? null : this.cache.slice();
+    if (this.holdSyncs !== null) await this.holdSyncs;
+    if (this.failSyncs) throw new Error(`${this.name}: EIO, the disk cannot write its cache out`);
+    // Bytes written after the sync began stay as they were on stable storage.
+    if (covered !== null && !this.frozen) this.durable.set(covered);
+    this.journal?.push("synced");
+  }
+
+  statSize(): number {
+    return this.cache.length;
+  }
+
+  close(): void {
+    this.#checkOpen();
+    this.journal?.push("close");
+    this.#closed = true;
+  }
+
+  /** The node lost power: what no sync covered is gone. */
+  powerLoss(): void {
+    this.cache.set(this.durable);
+  }
+
+  #checkOpen(): void {
+    if (this.#closed) throw new Error(`${this.name} is closed`);
+  }
+}
