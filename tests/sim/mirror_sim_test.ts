@@ -22,8 +22,12 @@ const CI_SEEDS = 1000;
  *     were marked for a full copy, but one already resyncing had listed its regions
  *     before, finished "in sync" and kept three marked regions forever (fixed: its
  *     resync starts over).
+ * 1989871208: the only in-sync leg lost power with a write unflushed and came back;
+ *     it stood (nothing better existed), but another leg had flushed that write
+ *     and its mark for the region was cleared: resynced "in sync", it kept the write
+ *     the standing leg had lost, and the legs differed.
  */
-const REGRESSIONS = [127, 433, 521];
+const REGRESSIONS = [127, 433, 521, 1989871208];
 
 Deno.test(`mirror simulation: ${CI_SEEDS} seeds of faults, every acknowledged write and flush kept`, async () => {
   const failures: string[] = [];
