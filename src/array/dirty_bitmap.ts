@@ -93,6 +93,11 @@ export class DirtyBitmap {
         changed = true;
       }
     }
+    return this.#marked(changed);
+  }
+
+  /** What a mark waits for: a flush of its change, or the one that made the bits durable. */
+  #marked(changed: boolean): Promise<void> {
     // Set already, but a sync failed since (or is pending): it is not durable, try again.
     if (changed || this.#syncNeeded) this.#markDurable = this.flush();
     return this.#markDurable;
@@ -101,6 +106,23 @@ export class DirtyBitmap {
   /** Sets the bits of `mask` in every region (a leg that needs a full copy). */
   markAll(mask: number): Promise<void> {
     return this.mark(0, this.regions - 1, mask);
+  }
+
+  /**
+   * Sets the bits of `mask` in every region where `slot`'s bit is set, at once in
+   * memory; resolves once that is durable.
+   */
+  markWhere(slot: number, mask: number): Promise<void> {
+    const bit = 1 << slot;
+    let changed = false;
+    for (let region = 0; region < this.regions; region++) {
+      const byte = this.#bytes[region]!;
+      if ((byte & bit) === 0 || (byte & mask) === mask) continue;
+      this.#bytes[region] = byte | mask;
+      this.#noteChange(region);
+      changed = true;
+    }
+    return this.#marked(changed);
   }
 
   /** Clears the bits of `mask` in `region`, in memory; the next flush writes it. */

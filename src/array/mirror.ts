@@ -545,9 +545,22 @@ export class MirrorDevice implements BlockDevice {
    */
   #reconnected(leg: Leg): void {
     if (!takesWrites(leg)) return;
-    if (this.#bitmap.count(leg.record.slot) === 0) return;
-    // Invariant 2.
-    if (leg.state.mode === "in-sync" && !othersInSync(this.#legs, leg)) return;
+    const slot = leg.record.slot;
+    if (this.#bitmap.count(slot) === 0) return;
+    if (leg.state.mode === "in-sync" && !othersInSync(this.#legs, leg)) {
+      // Invariant 2: it stays in sync and its data stands. But where it may have lost
+      // what it had not flushed, another leg may have kept it (found by the
+      // simulation: a leg that had flushed a write the standing leg lost had its mark
+      // cleared, and resynced "in sync" kept it): every other leg gets those regions
+      // copied from it, and a resync that listed its regions before starts over.
+      const others = slotsMask(this.#state.legs.filter((record) => record !== leg.record));
+      this.#bitmap.markWhere(slot, others).catch((error) => this.#stateFailed(error));
+      for (const other of this.#legs) {
+        if (other === leg || other.state.mode !== "resyncing") continue;
+        this.#legFailed(other, new Error("the in-sync leg restarted; its resync starts over"));
+      }
+      return;
+    }
     this.#legFailed(
       leg,
       new Error(
