@@ -126,7 +126,8 @@ export class NbdServer {
   }
 }
 
-function transmissionFlags(device: BlockDevice): number {
+/** The transmission flags an export of `device` advertises: what this server does for it. */
+export function transmissionFlags(device: BlockDevice): number {
   const F = TransmissionFlag;
   const always = F.HAS_FLAGS | F.SEND_FLUSH | F.CAN_MULTI_CONN;
   if (device.info.readOnly) return always | F.READ_ONLY;

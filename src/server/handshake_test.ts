@@ -1,0 +1,128 @@
+/**
+ * Pins what the export's side of the handshake sends to the numbers of the protocol
+ * README's tables: a literal client hello goes in, and the server hello that comes out
+ * is compared field by field with bytes written out from the spec (status codes,
+ * the 32 MiB payload and 128 requests a v1 export offers, the 112-byte layout).
+ *
+ * Why: the codec tests of both sides share the constants they check, so an export that
+ * offered another limit, or refused with another status code, would pass them while
+ * any client written from the spec would misread it.
+ */
+
+import assert from "node:assert/strict";
+import { assertFrame, type Field, frame, ScriptedConn } from "../../tests/helpers/golden.ts";
+import type { DeviceInfo } from "../device/block_device.ts";
+import { acceptHandshake, type Admission } from "./handshake.ts";
+
+const hex = (first: number, count: number) =>
+  Array.from({ length: count }, (_, i) => (first + i).toString(16).padStart(2, "0")).join("");
+
+function clientHello(
+  fields: { versions?: string; authMethods?: string; protections?: string } = {},
+): Uint8Array {
+  return frame(
+    ["magic DSTC", "44535443"],
+    ["versionMin, versionMax", fields.versions ?? "0100 0100"],
+    ["features WRITER", "01000000"],
+    ["authMethods", fields.authMethods ?? "0100"],
+    ["protections", fields.protections ?? "0100"],
+    ["nonce", hex(0x10, 16)],
+    ["clientId", hex(0x20, 16)],
+  );
+}
+
+const info: DeviceInfo = {
+  sizeBytes: 0x123456789ab000,
+  blockSize: 4096,
+  readOnly: true,
+  id: hex(0xa0, 16),
+  name: "golden",
+};
+
+const admitted: Admission = {
+  ok: true,
+  features: 1,
+  writeGeneration: 7 * 2 ** 32 + 9,
+  writeEpoch: hex(0xc0, 16),
+  exportInstance: hex(0xd0, 16),
+};
+
+/** Runs the export's handshake on `hello`; returns its answer with the random nonce zeroed. */
+async function answer(hello: Uint8Array, admission: Admission = admitted): Promise<Uint8Array> {
+  const conn = new ScriptedConn(hello);
+  await acceptHandshake(conn, info, () => Promise.resolve(admission));
+  const out = conn.written();
+  assert.ok(out.length >= 72, "a whole server hello was sent");
+  out.fill(0, 56, 72); // the nonce (offset 56, 16 bytes) is random
+  return out;
+}
+
+/** A refused hello: version 1, the status, AUTH_NONE and PROTECTION_NONE, then zeroes. */
+function refusal(status: string): Field[] {
+  return [
+    ["magic DSTS", "44535453"],
+    ["version 1", "0100"],
+    ["status", status],
+    ["features", "00000000"],
+    ["authMethod AUTH_NONE", "0100"],
+    ["protection PROTECTION_NONE", "0100"],
+    ["size .. exportId, nonce (zeroed), writeGeneration .. exportInstance", "00".repeat(96)],
+  ];
+}
+
+Deno.test("an accepted client gets the spec's 112-byte server hello: 32 MiB payloads, 128 requests, exportInstance at 96", async () => {
+  assertFrame(await answer(clientHello()), [
+    ["magic DSTS", "44535453"],
+    ["version 1", "0100"],
+    ["status OK", "0000"],
+    ["features SHARED_WRITERS", "01000000"],
+    ["authMethod AUTH_NONE", "0100"],
+    ["protection PROTECTION_NONE", "0100"],
+    ["size", "00b09a7856341200"],
+    ["blockSize 4096", "00100000"],
+    ["exportFlags READ_ONLY", "01000000"],
+    ["payloadBytesMax 32 MiB", "00000002"],
+    ["inFlightMax 128", "80000000"],
+    ["exportId", hex(0xa0, 16)],
+    ["nonce (zeroed)", "00".repeat(16)],
+    ["writeGeneration", "0900000007000000"],
+    ["writeEpoch", hex(0xc0, 16)],
+    ["exportInstance", hex(0xd0, 16)],
+  ], "server hello");
+});
+
+Deno.test("a client without version 1 is refused with status 1, VERSION_UNSUPPORTED, and a reason", async () => {
+  const out = await answer(clientHello({ versions: "0200 0300" }));
+  assertFrame(out.subarray(0, 112), refusal("0100"), "refused hello");
+  const count = new DataView(out.buffer, 112, 2).getUint16(0, true);
+  assert.ok(count > 0 && count <= 512, "a little-endian u16 count of at most 512");
+  assert.equal(out.length, 112 + 2 + count, "the reason's text follows its count");
+});
+
+Deno.test("a client without AUTH_NONE (bit 1) is refused with status 2, AUTH_UNSUPPORTED", async () => {
+  const out = await answer(clientHello({ authMethods: "0200" }));
+  assertFrame(out.subarray(0, 112), refusal("0200"), "refused hello");
+});
+
+Deno.test("a client without PROTECTION_NONE (bit 1) is refused with status 3, PROTECTION_UNSUPPORTED", async () => {
+  const out = await answer(clientHello({ protections: "0600" }));
+  assertFrame(out.subarray(0, 112), refusal("0300"), "refused hello");
+});
+
+Deno.test("a refusal the export decides carries its status, and its reason as a u16 count and UTF-8", async () => {
+  const out = await answer(clientHello(), { ok: false, status: 6, reason: "held" });
+  assertFrame(out, [
+    ...refusal("0600"),
+    ["reason count 4", "0400"],
+    ["reason text", "68656c64"],
+  ], "WRITE_LEASE_HELD");
+});
+
+Deno.test("a hello without the DSTC magic is not answered", async () => {
+  const hello = clientHello();
+  hello.set(frame(["magic DSTS", "44535453"]), 0);
+  const conn = new ScriptedConn(hello);
+  const why = await acceptHandshake(conn, info, () => Promise.resolve(admitted));
+  assert.match(why ?? "", /magic/);
+  assert.equal(conn.written().length, 0);
+});
