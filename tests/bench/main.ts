@@ -6,8 +6,8 @@
  * stays, not what the collector will take back). Each figure is the median of 3 runs.
  * Then a run through a link cut for a second (outage_bench.ts), the NBD comparison
  * (nbd_peers.ts), the mirror's ratios (array_bench.ts) and the simulation's speed
- * (sim_bench.ts). Wherever two things are compared, each run alternates which of them
- * goes first (alternate.ts).
+ * (sim_bench.ts). Where one server is measured against another (DST against nbdkit, a
+ * mirror against its baseline), each run alternates which goes first (alternate.ts).
  *
  * Every run that finishes writes its printed output, under a header saying when, at
  * which commit and on what machine it ran, to bench/results/YYYY-MM-DD.md (results.ts).
