@@ -4,30 +4,38 @@
  *
  *   1. Write throughput through a mirror of two exports vs one export, all on
  *      loopback: sequential 1 MiB writes, 8 in flight, over a 1 GiB image in /dev/shm,
- *      through a RemoteDevice (median of 3). Bar: mirror >= 0.7x. This is CPU-bound:
- *      on a 2-core machine the client, the array and two exports share the cores, and
- *      the mirror sends every byte twice, so it shows what the mirror costs in CPU.
+ *      through a RemoteDevice (median of 3, alternating). Bar: mirror >= 0.7x. This is
+ *      CPU-bound: on a 2-core machine the client, the array and two exports share the
+ *      cores, and the mirror sends every byte twice, so it shows what the mirror costs
+ *      in CPU.
  *   2. Write throughput through a mirror of two legs vs one leg, each leg's export in
  *      its own network namespace behind a veth shaped to 200 Mbit/s each way (tbf):
- *      sequential 1 MiB writes, 8 in flight, over 64 MiB (median of 3). Bar: mirror
- *      >= 0.7x. This is the deployment case, legs on other nodes and the network the
- *      bottleneck: a mirror that writes its legs in parallel takes about as long as
- *      its slower leg (~1.0x); one that wrote them one after the other would show
- *      ~0.5x.
+ *      sequential 1 MiB writes, 8 in flight, over 64 MiB (median of 3, alternating).
+ *      Bar: mirror >= 0.7x. This is the deployment case, legs on other nodes and the
+ *      network the bottleneck: a mirror that writes its legs in parallel takes about
+ *      as long as its slower leg (~1.0x); one that wrote them one after the other
+ *      would show ~0.5x.
  *   3. Read throughput from a mirror of two legs vs one leg, over the same shaped
- *      legs: sequential 1 MiB reads, 16 in flight, over 64 MiB (median of 3). Bar:
- *      mirror >= 1.7x (reads are spread over both links).
+ *      legs: sequential 1 MiB reads, 16 in flight, over 64 MiB (median of 3,
+ *      alternating). Bar: mirror >= 1.7x (reads are spread over both links).
  *   4. Resync time after 1% of the regions were written while a leg was detached
  *      (`dst array detach`, writes, `dst array attach`) vs the full resync of a new
  *      mirror (--source), both timed by the array's own log lines (resync start to
  *      "is in sync"). Bar: 1% resync <= 5% of the full one.
  *
- * Rows 1 and 4 share one pair of exports: the single-export baseline writes to leg A
- * first; then the mirror is made (its initial copy is row 4's full resync), written
- * to, and a leg is detached and attached again. Rows 2 and 3 share one set of shaped
- * legs (withShapedLegs), and need root and iproute2; where the namespaces cannot be
- * made, both are skipped with a line saying why. Every image is written once before
- * timing, so first-touch page allocation in tmpfs is not measured.
+ * In rows 1 to 3 the mirror and its baseline run side by side, and each run measures
+ * both, alternating which goes first (alternate.ts), so the machine's drift falls on
+ * both alike. The baseline is therefore an export of its own, like the legs but not
+ * one of them: the mirror holds its legs' write lease, so a writer straight to a leg
+ * would be refused while the mirror runs.
+ *
+ * Rows 1 and 4 share one pair of exports and the baseline's third one: the mirror is
+ * made (its initial copy is row 4's full resync), its writes are paired with the
+ * baseline's, and a leg is detached and attached again. Rows 2 and 3 share one set of
+ * shaped legs, two for the mirror and one alone (withShapedLegs), and need root and
+ * iproute2; where the namespaces cannot be made, both are skipped with a line saying
+ * why. Every image is written once before timing, so first-touch page allocation in
+ * tmpfs is not measured.
  *
  * Run alone with: deno task bundle && deno run -A tests/bench/array_bench.ts
  */
@@ -45,6 +53,7 @@ import {
   TEST_STATE_HOME,
 } from "../helpers/spawn.ts";
 import { tool } from "../helpers/tools.ts";
+import { alternating, type Paired } from "./alternate.ts";
 import {
   allInSync,
   allInSyncAndClean,
@@ -111,13 +120,9 @@ export async function benchArray(): Promise<ArrayBench> {
   }
 }
 
-/** A row of MiB/s against MiB/s, met when the ratio is at least `atLeast`. */
-function throughputRow(
-  measurement: string,
-  result: number,
-  baseline: number,
-  atLeast: number,
-): ArrayRow {
+/** A row of the mirror's MiB/s (`a`) against the baseline's (`b`), met at `atLeast` or more. */
+function throughputRow(measurement: string, paired: Paired, atLeast: number): ArrayRow {
+  const { a: result, b: baseline } = paired;
   const ratio = result / baseline;
   const mib = (value: number) => {
     const digits = value < 100 ? 1 : 0;
@@ -136,9 +141,11 @@ function throughputRow(
   };
 }
 
+/** Prints the rows as a markdown table, then the notes as a list. */
 export function printArrayBench({ rows, notes }: ArrayBench): void {
   console.log(
-    `\n\`dst array mirror\` (2 legs) against its baseline; throughput is the median of ${RUNS} runs\n`,
+    `\n\`dst array mirror\` (2 legs) against its baseline; throughput is the median of ${RUNS} ` +
+      `runs, each run alternating which of the two goes first\n`,
   );
   console.log("| measurement | result | baseline | ratio | bar | met? |");
   console.log("|---|--:|--:|--:|--:|:-:|");
@@ -153,22 +160,22 @@ export function printArrayBench({ rows, notes }: ArrayBench): void {
   for (const note of notes) console.log(`- ${note}`);
 }
 
-// --- rows 1 and 4: two exports on /dev/shm ----------------------------------------------
+// --- rows 1 and 4: three exports on /dev/shm, two of them the mirror's legs ---------------
 
 async function benchLocalMirror(
   dir: string,
 ): Promise<{ write: ArrayRow; resync: ArrayRow; notes: string[] }> {
-  const images = [`${dir}/a.img`, `${dir}/b.img`];
+  // Legs A and B, and the baseline's own export (the mirror holds its legs' write lease).
+  const images = [`${dir}/a.img`, `${dir}/b.img`, `${dir}/alone.img`];
   for (const image of images) await fillImage(image, LOCAL_IMAGE_BYTES);
-  const legs: RunningExport[] = [];
+  const exports: RunningExport[] = [];
   let mirror: RunningArray | null = null;
   try {
     for (const image of images) {
-      legs.push(await startExport([image, "--listen", "127.0.0.1:0"]));
+      exports.push(await startExport([image, "--listen", "127.0.0.1:0"]));
     }
-    const [a, b] = legs.map((leg) => formatHostPort(leg.address)) as [string, string];
-
-    const single = await throughput(legs[0]!.address, "write", LOCAL_IMAGE_BYTES, WRITE_DEPTH);
+    const [a, b] = exports.map((leg) => formatHostPort(leg.address)) as [string, string];
+    const alone = exports[2]!.address;
 
     // A new mirror: its initial copy of A to B is row 4's full resync.
     mirror = await startNewMirror([a, b], `${dir}/state-local`);
@@ -176,7 +183,7 @@ async function benchLocalMirror(
     await waitForMirror(address, allInSync, SYNC_TIMEOUT_MS);
     const full = await resyncFromLog(mirror, b, 1);
 
-    const mirrored = await throughput(address, "write", LOCAL_IMAGE_BYTES, WRITE_DEPTH);
+    const writes = await pairedThroughput(address, alone, "write", LOCAL_IMAGE_BYTES, WRITE_DEPTH);
 
     // 1%: with every mark swept (else B would take the last writes' regions along),
     // detach B, write one block into 1% of the regions, attach B.
@@ -202,8 +209,7 @@ async function benchLocalMirror(
         `sequential write, 1 MiB, ${WRITE_DEPTH} in flight, ${
           LOCAL_IMAGE_BYTES / MiB
         } MiB: mirror vs one export`,
-        mirrored,
-        single,
+        writes,
         0.7,
       ),
       resync: {
@@ -228,7 +234,7 @@ async function benchLocalMirror(
     };
   } finally {
     await mirror?.stop();
-    await Promise.all(legs.map((leg) => leg.stop()));
+    await Promise.all(exports.map((running) => running.stop()));
   }
 }
 
@@ -242,7 +248,8 @@ interface Namespace {
   nsIp: string;
 }
 
-const NAMESPACES: Namespace[] = [1, 2].map((i) => ({
+/** Two for the mirror's legs, one for the leg alone it is measured against. */
+const NAMESPACES: Namespace[] = [1, 2, 3].map((i) => ({
   ns: `dstbench${i}`,
   hostVeth: `dstb${i}h`,
   nsVeth: `dstb${i}n`,
@@ -251,31 +258,31 @@ const NAMESPACES: Namespace[] = [1, 2].map((i) => ({
 }));
 
 /**
- * Rows 2 and 3 over one set of shaped legs: one leg alone, then a mirror of both (its
- * process in the root namespace, so every byte to or from a leg crosses that leg's
- * link). Returns the line saying why both rows were skipped, if they were.
+ * Rows 2 and 3 over one set of shaped legs: a mirror of two of them (its process in
+ * the root namespace, so every byte to or from a leg crosses that leg's link) against
+ * the third alone, behind a link shaped the same. Returns the line saying why both
+ * rows were skipped, if they were.
  */
 async function benchShapedLegs(
   dir: string,
 ): Promise<{ write: ArrayRow; read: ArrayRow; notes: string[] } | string> {
-  return await withShapedLegs(dir, async (legs) => {
-    const one = parseHostPort(legs[0]!, "127.0.0.1");
-    const singleWrite = await throughput(one, "write", SHAPED_IMAGE_BYTES, WRITE_DEPTH);
-    const singleRead = await throughput(one, "read", SHAPED_IMAGE_BYTES, READ_DEPTH);
-
+  return await withShapedLegs(dir, async ([legA, legB, aloneLeg]) => {
+    const legs = [legA!, legB!];
+    const alone = parseHostPort(aloneLeg!, "127.0.0.1");
     const mirror = await startNewMirror(legs, `${dir}/state-shaped`);
     try {
       const address = mirror.address;
       await waitForMirror(address, allInSync, SYNC_TIMEOUT_MS);
+      // The leg alone is in no mirror, so the per-leg counts are the mirror's traffic only.
       const read = await perLegBytes(
         legs,
         "readBytes",
-        () => throughput(address, "read", SHAPED_IMAGE_BYTES, READ_DEPTH),
+        () => pairedThroughput(address, alone, "read", SHAPED_IMAGE_BYTES, READ_DEPTH),
       );
       const written = await perLegBytes(
         legs,
         "writtenBytes",
-        () => throughput(address, "write", SHAPED_IMAGE_BYTES, WRITE_DEPTH),
+        () => pairedThroughput(address, alone, "write", SHAPED_IMAGE_BYTES, WRITE_DEPTH),
       );
 
       const over = `${SHAPED_IMAGE_BYTES / MiB} MiB, legs behind ${LINK_RATE}/s links`;
@@ -284,13 +291,11 @@ async function benchShapedLegs(
         write: throughputRow(
           `sequential write, 1 MiB, ${WRITE_DEPTH} in flight, ${over}: mirror vs one leg`,
           written.result,
-          singleWrite,
           0.7,
         ),
         read: throughputRow(
           `sequential read, 1 MiB, ${READ_DEPTH} in flight, ${over}: mirror vs one leg`,
           read.result,
-          singleRead,
           1.7,
         ),
         notes: [
@@ -488,20 +493,24 @@ async function sequential(
   return bytes / MiB / ((performance.now() - started) / 1000);
 }
 
-/** The median of RUNS sequential passes through one connection to `address`; MiB/s. */
-function throughput(
-  address: HostPort,
+/**
+ * RUNS sequential passes through one connection to `mirror` and RUNS through one to
+ * `baseline`, each run alternating which goes first; MiB/s, `a` the mirror's.
+ */
+function pairedThroughput(
+  mirror: HostPort,
+  baseline: HostPort,
   kind: "read" | "write",
   bytes: number,
   depth: number,
-): Promise<number> {
-  return withDevice(address, (device) => medianOf(() => sequential(device, kind, bytes, depth)));
-}
-
-async function medianOf(measure: () => Promise<number>): Promise<number> {
-  const values: number[] = [];
-  for (let i = 0; i < RUNS; i++) values.push(await measure());
-  return values.sort((a, b) => a - b)[Math.floor(RUNS / 2)]!;
+): Promise<Paired> {
+  return withDevice(mirror, (mirrored) =>
+    withDevice(baseline, (alone) =>
+      alternating(
+        RUNS,
+        () => sequential(mirrored, kind, bytes, depth),
+        () => sequential(alone, kind, bytes, depth),
+      )));
 }
 
 async function withDevice<T>(

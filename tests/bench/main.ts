@@ -5,9 +5,17 @@
  * bytes the client's JS heap grew per operation (after a full GC, so it is what
  * stays, not what the collector will take back). Each figure is the median of 3 runs.
  * Then a run through a link cut for a second (outage_bench.ts), the NBD comparison
- * (nbd_peers.ts) and the mirror's ratios (array_bench.ts).
+ * (nbd_peers.ts), the mirror's ratios (array_bench.ts) and the simulation's speed
+ * (sim_bench.ts). Where one server is measured against another (DST against nbdkit, a
+ * mirror against its baseline), each run alternates which goes first (alternate.ts).
+ *
+ * Every run that finishes writes its printed output, under a header saying when, at
+ * which commit and on what machine it ran, to bench/results/YYYY-MM-DD.md (results.ts).
  *
  * Run with: deno task bench  (the task passes --v8-flags=--expose-gc)
+ *
+ * One section alone: deno task bench --only NAME, NAME one of client, outage, peers,
+ * array, sim. Its results file says so in its command line.
  */
 
 import { RemoteDevice } from "../../src/client/remote_device.ts";
@@ -17,6 +25,7 @@ import { benchArray, printArrayBench } from "./array_bench.ts";
 import { benchNbdPeers, printNbdPeers } from "./nbd_peers.ts";
 import { benchOutage, printOutageBench } from "./outage_bench.ts";
 import { benchSim, printSimBench } from "./sim_bench.ts";
+import { captureConsole, RESULTS_DIR, runFacts, writeResults } from "./results.ts";
 
 const MiB = 1024 * 1024;
 const IMAGE_BYTES = 1024 * MiB;
@@ -71,7 +80,8 @@ function median(values: Measurement[]): Measurement {
   return sorted[Math.floor(sorted.length / 2)]!;
 }
 
-async function main(): Promise<void> {
+/** The client -> export section: runs it and prints its table. */
+async function benchClient(): Promise<void> {
   const dir = await Deno.makeTempDir({ dir: "/dev/shm", prefix: "dst-bench-" });
   const image = `${dir}/bench.img`;
   const server = await startExport([
@@ -145,13 +155,55 @@ async function main(): Promise<void> {
       } B |`,
     );
   }
+}
 
-  printOutageBench(await benchOutage());
+/** The sections, in the order a full run takes them; --only picks one by its name. */
+const SECTIONS: Array<[string, () => Promise<void>]> = [
+  ["client", benchClient],
+  ["outage", async () => printOutageBench(await benchOutage())],
+  ["peers", async () => printNbdPeers(await benchNbdPeers())],
+  ["array", async () => printArrayBench(await benchArray())],
+  ["sim", async () => printSimBench(await benchSim())],
+];
 
-  printNbdPeers(await benchNbdPeers());
+/** The section `--only NAME` (or `--only=NAME`) names; null: all of them. Throws on anything else. */
+function parseOnly(args: string[]): string | null {
+  const names = SECTIONS.map(([name]) => name);
+  const usage = `usage: deno task bench [--only ${names.join("|")}]`;
+  const words = args.flatMap((arg) =>
+    arg.startsWith("--only=") ? ["--only", arg.slice("--only=".length)] : [arg]
+  );
+  if (words.length === 0) return null;
+  const [flag, name] = words;
+  if (words.length !== 2 || flag !== "--only") throw new Error(usage);
+  if (!names.includes(name!)) throw new Error(`no section "${name}"; ${usage}`);
+  return name!;
+}
 
-  printArrayBench(await benchArray());
-  printSimBench(await benchSim());
+async function main(): Promise<void> {
+  let only: string | null;
+  try {
+    only = parseOnly(Deno.args);
+  } catch (error) {
+    console.error((error as Error).message);
+    Deno.exit(2);
+  }
+  // Taken before the run, so the header describes the code that ran.
+  const facts = await runFacts(Deno.args);
+  const started = new Date();
+  const capture = captureConsole();
+  try {
+    for (const [name, run] of SECTIONS) {
+      if (only === null || only === name) await run();
+    }
+  } finally {
+    capture.stop();
+  }
+  // A run that failed part-way writes no file: a results file is always a whole run.
+  const seconds = (Date.now() - started.getTime()) / 1000;
+  const name = await writeResults(RESULTS_DIR, { ...facts, started, seconds }, capture.text());
+  // On stderr, so stdout stays the bench's output alone.
+  console.error(`bench: this run's output is kept in bench/results/${name}`);
 }
 
 await main();

@@ -2,9 +2,11 @@
  * The NBD part of `deno task bench`: DST against nbdkit, side by side in one run, with
  * the same clients. nbdcopy for sequential (1 GiB, median of 5), fio's nbd engine for
  * 4 KiB random at 32 and at 1 in flight (3 s each, median of 5). Both servers of a
- * pairing run at once and the runs alternate between them, so the machine's drift
- * falls on both alike. Every image is written once before timing: the first write into a sparse tmpfs file measures page allocation
- * (3-4 s per GiB here, for nbdkit and DST alike), not the server. Two pairings:
+ * pairing run at once, and each measurement alternates which of them goes first, run
+ * by run (alternate.ts), so the machine's drift falls on both alike. Every image is
+ * written once before timing: the first write into a sparse tmpfs file measures page
+ * allocation (3-4 s per GiB here, for nbdkit and DST alike), not the server. Two
+ * pairings:
  *
  *   1. `dst export --nbd` vs nbdkit's file plugin, on images in /dev/shm;
  *   2. `dst attach` -> `dst export` vs nbdkit's nbd plugin -> nbdkit's file plugin
@@ -18,6 +20,7 @@
 import { randomBytes } from "../helpers/random_bytes.ts";
 import { newDisk, startAttach, startExport } from "../helpers/spawn.ts";
 import { missing, spawnTool, tool, toolOk } from "../helpers/tools.ts";
+import { alternating } from "./alternate.ts";
 
 const MiB = 1024 * 1024;
 const IMAGE_BYTES = 1024 * MiB;
@@ -88,9 +91,9 @@ export async function benchNbdPeers(): Promise<PeerPairing[]> {
 }
 
 /**
- * Both servers run side by side, and each measurement alternates between them run by
- * run: the machine's drift (other load, page cache, CPU frequency) then falls on both
- * alike, instead of on whichever went second.
+ * Both servers run side by side, and each measurement alternates which of them goes
+ * first, run by run: the machine's drift (other load, page cache, CPU frequency) then
+ * falls on both alike, instead of on whichever always went first or second.
  */
 async function compare(
   source: string,
@@ -107,12 +110,8 @@ async function compare(
       await nbdcopy(source, b.uri);
       const rows: PeerRow[] = [];
       for (const [i, [measurement, unit, runs, run]] of measurements(source).entries()) {
-        const [dstValue, nbdkitValue] = await alternating(
-          runs,
-          () => run(a.uri),
-          () => run(b.uri),
-        );
-        rows.push({ measurement, unit, dst: dstValue, nbdkit: nbdkitValue, bar: bars[i] ?? null });
+        const paired = await alternating(runs, () => run(a.uri), () => run(b.uri));
+        rows.push({ measurement, unit, dst: paired.a, nbdkit: paired.b, bar: bars[i] ?? null });
       }
       return rows;
     } finally {
@@ -135,29 +134,12 @@ function measurements(source: string): Measurement[] {
   ];
 }
 
-/** `runs` runs of each, alternating; the median of each. */
-async function alternating(
-  runs: number,
-  first: () => Promise<number>,
-  second: () => Promise<number>,
-): Promise<[number, number]> {
-  const a: number[] = [];
-  const b: number[] = [];
-  for (let i = 0; i < runs; i++) {
-    a.push(await first());
-    b.push(await second());
-  }
-  return [median(a), median(b)];
-}
-
-function median(values: number[]): number {
-  return [...values].sort((x, y) => x - y)[Math.floor(values.length / 2)]!;
-}
-
+/** Prints each pairing as a markdown table, with the ratio and whether it meets its bar. */
 export function printNbdPeers(pairings: PeerPairing[]): void {
   for (const { title, rows } of pairings) {
     console.log(
-      `\n${title} (same clients and /dev/shm, runs alternating; nbdcopy: median of ${COPY_RUNS}, ` +
+      `\n${title} (same clients and /dev/shm; each run alternates which server goes first; ` +
+        `nbdcopy: median of ${COPY_RUNS}, ` +
         `fio: ${FIO_SECONDS} s, median of ${FIO_RUNS})\n`,
     );
     console.log("| measurement | DST | nbdkit | DST / nbdkit | bar | met? |");
