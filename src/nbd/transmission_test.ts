@@ -150,6 +150,41 @@ Deno.test("a WRITE past the end is ENOSPC (28); its data is drained, so the next
   assertFrame(second!, simpleReply("00000000", COOKIE_2), "FLUSH after it");
 });
 
+Deno.test("a TRIM past the end is EINVAL (22), a WRITE_ZEROES past the end ENOSPC (28), as the spec's error section says", async () => {
+  const cases: Array<[string, string]> = [["0004", "00000016"], ["0006", "0000001c"]];
+  for (const [type, error] of cases) {
+    const sent = request({ type, offset: "00000000000ffffe", length: "00000004" });
+    const { out } = await serve({}, sent, FLUSH_2);
+    const [refused, flushed] = simpleReplies(out);
+    assertFrame(refused!, simpleReply(error), `type ${type} past the end`);
+    assertFrame(flushed!, simpleReply("00000000", COOKIE_2), "the stream stays framed");
+  }
+});
+
+Deno.test("READ (0) and FLUSH (3) with FUA (bit 0) are accepted: the spec makes FUA valid on every command once SEND_FUA is negotiated", async () => {
+  const read = request({
+    type: "0000",
+    flags: "0001",
+    offset: "0000000000000200",
+    length: "00000004",
+  });
+  const flush = request({
+    type: "0003",
+    flags: "0001",
+    cookie: COOKIE_2,
+    offset: "0".repeat(16),
+    length: "0".repeat(8),
+  });
+  const before = (d: MemoryDevice) => d.bytes.set([1, 2, 3, 4], 0x200);
+  const { out } = await serve({ before }, read, flush);
+  assertFrame(
+    out.subarray(0, 20),
+    [...simpleReply("00000000"), ["data", "01020304"]],
+    "READ with FUA",
+  );
+  assertFrame(out.subarray(20), simpleReply("00000000", COOKIE_2), "FLUSH with FUA");
+});
+
 Deno.test("WRITE (1), TRIM (4) and WRITE_ZEROES (6) on a read-only export are EPERM (1)", async () => {
   const cases: Array<[string, string]> = [["0001", "61626364"], ["0004", ""], ["0006", ""]];
   for (const [type, data] of cases) {
