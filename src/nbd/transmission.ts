@@ -3,8 +3,8 @@
  * parsed in place, validated completely, then run against the BlockDevice; replies
  * out of order as each completes (the loop, limits and backpressure are RequestLoop's).
  *
- * Errors as the spec maps them: EINVAL for reads past the end, unknown commands and
- * flags; ENOSPC for writes past the end; EPERM for writes to a read-only export; EIO
+ * Errors as the spec maps them: EINVAL for reads and trims past the end, unknown
+ * commands and flags; ENOSPC for writes and write-zeroes past the end; EPERM for writes to a read-only export; EIO
  * for device failures (including a DST transaction that used up its resends). After
  * an error reply the connection stays usable: an invalid WRITE's payload is drained.
  * A request with a bad magic, or a WRITE too large to drain, closes the connection
@@ -68,12 +68,15 @@ export interface NbdContext {
 
 /**
  * The flags each command accepts; FAST_ZERO and DF are not advertised, so they are
- * invalid. DISC is not here: it ends the connection before any validation.
+ * invalid. FUA is valid on every command (the spec: a server that advertises
+ * SEND_FUA MUST accept it everywhere, and clients are known to set it on reads and
+ * flushes); a read writes nothing and a flush is durable anyway, so there it changes
+ * nothing. DISC is not here: it ends the connection before any validation.
  */
 const FLAGS_ALLOWED: Record<number, number> = {
-  [Cmd.READ]: 0,
+  [Cmd.READ]: CmdFlag.FUA,
   [Cmd.WRITE]: CmdFlag.FUA,
-  [Cmd.FLUSH]: 0,
+  [Cmd.FLUSH]: CmdFlag.FUA,
   [Cmd.TRIM]: CmdFlag.FUA,
   [Cmd.WRITE_ZEROES]: CmdFlag.FUA | CmdFlag.NO_HOLE,
 };
@@ -181,8 +184,11 @@ export class NbdConnection extends RequestLoop {
       return { error: NbdError.EINVAL, reason: `READ of ${r.length} bytes > ${BLOCK_SIZE_MAX}` };
     }
     if (r.offset < 0 || r.offset + r.length > info.sizeBytes) {
+      // The spec's error section: ENOSPC for a write or write-zeroes past the end,
+      // EINVAL for a read or a trim.
+      const full = r.type === Cmd.WRITE || r.type === Cmd.WRITE_ZEROES;
       return {
-        error: writes ? NbdError.ENOSPC : NbdError.EINVAL,
+        error: full ? NbdError.ENOSPC : NbdError.EINVAL,
         reason:
           `${name} of ${r.length} bytes at offset ${r.offset}: the export is ${info.sizeBytes} bytes`,
       };
