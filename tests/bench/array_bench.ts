@@ -44,7 +44,7 @@ import { RemoteDevice, type RemoteDeviceOptions } from "../../src/client/remote_
 import { formatHostPort, type HostPort, parseHostPort } from "../../src/lib/address.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import {
-  BUNDLE,
+  freshBundle,
   runDst,
   type RunningDst,
   type RunningExport,
@@ -402,7 +402,7 @@ async function commandOk(command: string, args: string[]): Promise<void> {
  */
 async function startInNamespace(ns: string, args: string[], ready: RegExp): Promise<RunningDst> {
   const process = new Deno.Command("ip", {
-    args: ["netns", "exec", ns, Deno.execPath(), "run", "-A", BUNDLE, ...args],
+    args: ["netns", "exec", ns, Deno.execPath(), "run", "-A", await freshBundle(), ...args],
     env: { XDG_STATE_HOME: TEST_STATE_HOME },
     stdout: "piped",
     stderr: "piped",

@@ -1,6 +1,7 @@
 /**
- * Starting the real CLI (dist/dst.js, made by `deno task bundle`) as a child
- * process, the way a user would, with Deno.execPath(). Used by the integration
+ * Starting the real CLI (dist/dst.js, made by `deno task bundle`, and rebuilt first
+ * when any source is newer: fresh_bundle.ts) as a child process, the way a user
+ * would, with Deno.execPath(). Used by the integration
  * tests and the benchmark.
  */
 
@@ -8,7 +9,9 @@ import assert from "node:assert/strict";
 import { type HostPort, parseHostPort } from "../../src/lib/address.ts";
 import { DENO_RUN_ARGS } from "../../src/cli/self.ts";
 
-export const BUNDLE = new URL("../../dist/dst.js", import.meta.url).pathname;
+import { BUNDLE, freshBundle } from "./fresh_bundle.ts";
+
+export { BUNDLE, freshBundle };
 
 /**
  * Spawned processes keep their state (write generations, mirror state) here, not in
@@ -70,7 +73,7 @@ export async function startAttach(args: string[]): Promise<RunningAttach> {
 
 /** Spawns `dst ARGS...` and waits until its stdout has a line matching `ready`. */
 export async function startDst(args: string[], ready: RegExp): Promise<RunningDst> {
-  await ensureBundle();
+  await freshBundle();
   const process = new Deno.Command(Deno.execPath(), {
     args: [...DENO_RUN_ARGS, BUNDLE, ...args],
     env: { XDG_STATE_HOME: TEST_STATE_HOME },
@@ -159,7 +162,7 @@ const RUN_TIMEOUT_MS = 60_000;
 export async function runDst(
   args: string[],
 ): Promise<{ code: number; stdout: string; stderr: string }> {
-  await ensureBundle();
+  await freshBundle();
   const output = await new Deno.Command(Deno.execPath(), {
     args: [...DENO_RUN_ARGS, BUNDLE, ...args],
     env: { XDG_STATE_HOME: TEST_STATE_HOME },
@@ -174,14 +177,6 @@ export async function runDst(
     stdout: decoder.decode(output.stdout),
     stderr: decoder.decode(output.stderr),
   };
-}
-
-async function ensureBundle(): Promise<void> {
-  try {
-    await Deno.stat(BUNDLE);
-  } catch {
-    throw new Error(`${BUNDLE} is missing: run \`deno task bundle\` first (deno task test does)`);
-  }
 }
 
 /**

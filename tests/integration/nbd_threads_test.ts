@@ -11,7 +11,7 @@ import assert from "node:assert/strict";
 import { assertSameBytes } from "../helpers/bytes.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import {
-  BUNDLE,
+  freshBundle,
   newDisk,
   runDst,
   type RunningExport,
@@ -144,7 +144,15 @@ Deno.test({
   fn: async () => {
     const dir = await Deno.makeTempDir({ prefix: "dst-nbd-threads-" });
     const process = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", BUNDLE, "export", ...newDisk("1M")(dir), "--nbd", "127.0.0.1:0"],
+      args: [
+        "run",
+        "-A",
+        await freshBundle(),
+        "export",
+        ...newDisk("1M")(dir),
+        "--nbd",
+        "127.0.0.1:0",
+      ],
       env: { XDG_STATE_HOME: TEST_STATE_HOME },
       stdout: "piped",
       stderr: "piped",
