@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { DirtyBitmap, LEG_SLOTS_MAX } from "./dirty_bitmap.ts";
 import { MemoryMirrorStore } from "./memory_mirror_store.ts";
 import { openBitmapFile } from "./mirror_store.ts";
+import { manyTurns } from "../../tests/helpers/turns.ts";
 
 Deno.test("DirtyBitmap: marks are on disk when mark() resolves; clears reach it on flush", async () => {
   const dir = await Deno.makeTempDir();
@@ -38,8 +39,7 @@ Deno.test("DirtyBitmap: a repeated mark waits for the first one's sync, and mark
   const first = bitmap.mark(0, 0, 1).then(() => settled.push("first"));
   const second = bitmap.mark(0, 0, 1).then(() => settled.push("second"));
   const other = bitmap.mark(1, 1, 1).then(() => settled.push("other"));
-  // Many turns of the event loop: nothing may resolve while the sync is held.
-  for (let i = 0; i < 20; i++) await new Promise((r) => setTimeout(r, 1));
+  await manyTurns(); // nothing may resolve while the sync is held
   assert.deepEqual(settled, [], "no mark is durable before its sync completed");
   assert.equal(store.durableBitmap()![0], 0);
   store.holdSyncs = null;

@@ -19,6 +19,7 @@ import { MemoryMirrorStore } from "./memory_mirror_store.ts";
 import { MirrorDevice } from "./mirror.ts";
 import { checkLegs, finishResync, leaveSync, type Leg, newLeg } from "./mirror_leg.ts";
 import type { LegRecord } from "./mirror_state.ts";
+import { manyTurns } from "../../tests/helpers/turns.ts";
 
 const SIZE = 1024 * 1024;
 const REGION = 64 * 1024;
@@ -184,11 +185,6 @@ function sameBytes(x: Uint8Array, y: Uint8Array): boolean {
   return x.length === y.length && x.every((byte, i) => byte === y[i]);
 }
 
-/** Lets every promise that can settle now settle (legs and store here answer at once). */
-function turn(): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, 0));
-}
-
 /** Mirrors of legs "a" and "b" made of `a` and `b`, on one store, clock and log. */
 class Rig<A extends InMemory, B extends InMemory> {
   readonly legs: { a: TestDevice<A>; b: TestDevice<B> };
@@ -301,7 +297,7 @@ Deno.test("a write reaches no leg before its mark is durable", () =>
     const sync = rig.hold();
     store.holdSyncs = sync.promise;
     const writing = mirror.write(at, data);
-    await turn();
+    await manyTurns();
     const zeroes = new Uint8Array(data.length);
     assert.notEqual(store.durableBitmap()![3], 0b11, "the mark is not durable yet");
     assert.deepEqual(legs.a.inner.bytes.subarray(at, at + data.length), zeroes, "a waits");
@@ -323,13 +319,13 @@ Deno.test("a region's marks are not cleared before every leg holding it was flus
     const flush = rig.hold();
     legs.b.holdFlushes = flush.promise;
     clock.advance(MIRROR_CLEAR_DELAY_MS); // the region is idle: the sweep flushes both legs
-    await turn();
+    await manyTurns();
     assert.deepEqual(legs.a.inner.durable.subarray(at, at + data.length), data, "a flushed");
     assert.notDeepEqual(legs.b.inner.durable.subarray(at, at + data.length), data, "b did not");
     assert.equal(store.durableBitmap()![5], 0b11, "no mark cleared while b's flush runs");
     assert.equal(member(mirror, "b")?.dirtyRegions, 1);
     flush.release();
-    await turn();
+    await manyTurns();
     assert.deepEqual(legs.b.inner.durable.subarray(at, at + data.length), data);
     assert.equal(store.durableBitmap()![5], 0, "both marks clear once both legs flushed");
   }));
@@ -346,12 +342,12 @@ Deno.test("a write that enters a region as its legs' flush ends keeps the region
       const flush = rig.hold();
       legs.b.holdFlushes = flush.promise;
       clock.advance(MIRROR_CLEAR_DELAY_MS); // the sweep flushes both legs; b's is held
-      await turn();
+      await manyTurns();
       flush.release();
       for (let i = 0; i < turns; i++) await Promise.resolve();
       const data = randomBytes(4096);
       await mirror.write(at + 8192, data);
-      await turn();
+      await manyTurns();
       // Nothing flushed the second write since it landed: its region must stay marked.
       const unflushed = !sameBytes(legs.b.inner.durable.subarray(at + 8192, at + 12288), data);
       if (unflushed) {

@@ -1,7 +1,6 @@
 import assert from "node:assert/strict";
 import { RegionActivity } from "./region_activity.ts";
-
-const tick = () => new Promise((resolve) => setTimeout(resolve, 0));
+import { manyTurns } from "../../tests/helpers/turns.ts";
 
 Deno.test("RegionActivity: a copy waits for the writers of its region, and new writers wait for it", async () => {
   const idle: number[] = [];
@@ -9,17 +8,17 @@ Deno.test("RegionActivity: a copy waits for the writers of its region, and new w
   await regions.enterWrite(3, 4);
   let copying = false;
   const copy = regions.lockCopy(4).then(() => (copying = true));
-  await tick();
+  await manyTurns();
   assert.equal(copying, false, "the copy waits for the writer");
   let secondWriter = false;
   const writer = regions.enterWrite(4, 4).then(() => (secondWriter = true));
-  await tick();
+  await manyTurns();
   assert.equal(secondWriter, false, "a new writer waits behind the copy");
   regions.exitWrite(3, 4);
   await copy;
   assert.equal(copying, true);
   assert.deepEqual(idle, [3, 4]);
-  await tick();
+  await manyTurns();
   assert.equal(secondWriter, false, "still held by the copy");
   regions.unlockCopy(4);
   await writer;

@@ -3,6 +3,7 @@ import { DeviceError } from "../lib/errors.ts";
 import { emptyStats } from "./block_device.ts";
 import { FileDevice } from "./file_device.ts";
 import { VolatileDevice } from "./volatile_device.ts";
+import { manyTurns } from "../../tests/helpers/turns.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -312,11 +313,6 @@ function recorded(): VolatileDevice {
 
 function journal(device: VolatileDevice): string[] {
   return device.disk.journal!;
-}
-
-/** Lets the event loop run many times: what waits on a held sync must still be waiting after. */
-async function manyTurns(): Promise<void> {
-  for (let i = 0; i < 50; i++) await new Promise((resolve) => setTimeout(resolve, 0));
 }
 
 Deno.test("FileDevice FUA: the write, then an fdatasync, before it resolves; the write survives power loss", async () => {

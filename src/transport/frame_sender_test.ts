@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { concat, pattern } from "../../tests/helpers/bytes.ts";
 import type { ByteConn } from "./byte_conn.ts";
 import { FrameSender, type FrameSenderOptions } from "./frame_sender.ts";
+import { manyTurns } from "../../tests/helpers/turns.ts";
 
 interface WriteRecord {
   /** The very buffer write() was given. */
@@ -66,10 +67,8 @@ class RecordingConn implements ByteConn {
 
 const OPTIONS: FrameSenderOptions = { coalesceBytes: 64, zeroCopyBytesMin: 32, queueBytesMax: 48 };
 
-/** Lets every pending microtask and timer-free promise chain run. */
-function settle(): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, 0));
-}
+/** Lets pending work run, many turns of it (a check that something waits means it then). */
+const settle = manyTurns;
 
 /** Whether `promise` has settled, after letting pending work run. */
 async function isSettled(promise: Promise<unknown>): Promise<boolean> {
