@@ -1,0 +1,30 @@
+/**
+ * `dst demo`, the quick start's first command: it exports a temporary image, writes
+ * and reads back through the DST client, shows the status, stops the export cleanly
+ * and checks the image, and leaves nothing behind.
+ */
+
+import assert from "node:assert/strict";
+import { runDst } from "../helpers/spawn.ts";
+
+/** The demo folders (dst-demo-*) in the temp folder now. */
+function demoFolders(): Set<string> {
+  const tmp = Deno.env.get("TMPDIR") ?? "/tmp";
+  const names = new Set<string>();
+  for (const entry of Deno.readDirSync(tmp)) {
+    if (entry.name.startsWith("dst-demo-")) names.add(entry.name);
+  }
+  return names;
+}
+
+Deno.test("dst demo writes, reads back and verifies through a real export, stops it cleanly and leaves nothing behind", async () => {
+  const before = demoFolders();
+  const result = await runDst(["demo", "--size", "16M"]);
+  assert.equal(result.code, 0, result.stderr);
+  assert.match(result.stdout, /verified: all 16777216 bytes read back identical/);
+  assert.match(result.stdout, /export exited with code 0/);
+  assert.match(result.stdout, /holds exactly what was written/);
+  assert.match(result.stdout, /demo OK/);
+  const left = [...demoFolders()].filter((name) => !before.has(name));
+  assert.deepEqual(left, [], "the demo removed its temporary folder");
+});
