@@ -59,80 +59,150 @@ function filled(byte: number, length: number): Uint8Array {
   return new Uint8Array(length).fill(byte);
 }
 
+/**
+ * Runs `body` with `disk`: a file (nbdfuse) over an nbdkit disk (`plugin`: its name
+ * and arguments) that logs every request to `logFile`.
+ */
+async function withWatchedDisk(
+  plugin: string[],
+  body: (disk: string, logFile: string) => Promise<void>,
+): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "dst-durability-" });
+  const socket = `${dir}/disk.sock`;
+  const logFile = `${dir}/disk.log`;
+  const nbdkit = spawnTool("nbdkit", [
+    "-f",
+    "-U",
+    socket,
+    "--filter=log",
+    ...plugin,
+    `logfile=${logFile}`,
+  ]);
+  try {
+    await waitForFile(socket);
+    await withFuseDisk(
+      `nbd+unix:///?socket=${socket}`,
+      `${dir}/mnt`,
+      (disk) => body(disk, logFile),
+    );
+  } finally {
+    nbdkit.kill("SIGKILL"); // a flush of the slow disk may still be sleeping
+    await nbdkit.status;
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+/** A 16 MiB disk in memory. */
+const MEMORY_DISK = ["memory", "16M"];
+
+/**
+ * A disk whose flush takes 5 s (nbdkit's eval plugin: reads are zeroes, writes are
+ * dropped), so an fdatasync of a file on it is seen running.
+ */
+const SLOW_FLUSH_DISK = [
+  "eval",
+  "get_size=echo 16777216",
+  "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none",
+  "pwrite=cat >/dev/null",
+  "can_write=exit 0",
+  "can_flush=exit 0",
+  "flush=sleep 5",
+];
+
 Deno.test({
   name:
     "FUA, preflush, flush and SIGTERM reach the export's disk as fdatasync, after the writes they cover",
   ignore: missing("nbdkit", "nbdfuse"),
-  async fn() {
-    const dir = await Deno.makeTempDir({ prefix: "dst-durability-" });
-    const socket = `${dir}/disk.sock`;
-    const logFile = `${dir}/disk.log`;
-    const nbdkit = spawnTool("nbdkit", [
-      "-f",
-      "-U",
-      socket,
-      "--filter=log",
-      "memory",
-      "16M",
-      `logfile=${logFile}`,
-    ]);
-    try {
-      await waitForFile(socket);
-      await withFuseDisk(`nbd+unix:///?socket=${socket}`, `${dir}/mnt`, async (disk) => {
-        const server = await startExport([disk, "--listen", "127.0.0.1:0"]);
-        try {
-          const device = await RemoteDevice.connect(server.address, { log: quiet });
+  fn: () =>
+    withWatchedDisk(MEMORY_DISK, async (disk, logFile) => {
+      const server = await startExport([disk, "--listen", "127.0.0.1:0"]);
+      try {
+        const device = await RemoteDevice.connect(server.address, { log: quiet });
 
-          // A plain write: no fdatasync, so the disk sees no flush.
-          await device.write(0, filled(1, 4 * KiB));
-          assert.equal(flushFrom(await diskOps(logFile), 0), -1, "no flush without FUA");
+        // A plain write: no fdatasync, so the disk sees no flush.
+        await device.write(0, filled(1, 4 * KiB));
+        assert.equal(flushFrom(await diskOps(logFile), 0), -1, "no flush without FUA");
 
-          // FUA: the write reaches the disk, then a flush, before the client hears back.
-          await device.write(64 * KiB, filled(2, 4 * KiB), { fua: true });
-          let ops = await diskOps(logFile);
-          const fuaWrite = writeCovering(ops, 64 * KiB);
-          assert.ok(fuaWrite >= 0, "the FUA write reached the disk");
-          assert.ok(flushFrom(ops, fuaWrite + 1) > fuaWrite, "a flush after the FUA write");
+        // FUA: the write reaches the disk, then a flush, before the client hears back.
+        await device.write(64 * KiB, filled(2, 4 * KiB), { fua: true });
+        let ops = await diskOps(logFile);
+        const fuaWrite = writeCovering(ops, 64 * KiB);
+        assert.ok(fuaWrite >= 0, "the FUA write reached the disk");
+        assert.ok(flushFrom(ops, fuaWrite + 1) > fuaWrite, "a flush after the FUA write");
 
-          // Preflush: what came before is flushed before the write itself reaches the disk.
-          const before = ops.length;
-          await device.write(128 * KiB, filled(3, 4 * KiB));
-          await device.write(192 * KiB, filled(4, 4 * KiB), { preflush: true });
-          ops = await diskOps(logFile);
-          const earlier = writeCovering(ops, 128 * KiB, before);
-          assert.ok(earlier >= 0, "the earlier write reached the disk");
-          const preflush = flushFrom(ops, earlier + 1);
-          assert.ok(preflush > earlier, "a flush after the earlier write");
-          const later = writeCovering(ops, 192 * KiB, before);
-          assert.ok(later === -1 || later > preflush, "the preflush write comes after that flush");
+        // Preflush: what came before is flushed before the write itself reaches the disk.
+        const before = ops.length;
+        await device.write(128 * KiB, filled(3, 4 * KiB));
+        await device.write(192 * KiB, filled(4, 4 * KiB), { preflush: true });
+        ops = await diskOps(logFile);
+        const earlier = writeCovering(ops, 128 * KiB, before);
+        assert.ok(earlier >= 0, "the earlier write reached the disk");
+        const preflush = flushFrom(ops, earlier + 1);
+        assert.ok(preflush > earlier, "a flush after the earlier write");
+        const later = writeCovering(ops, 192 * KiB, before);
+        assert.ok(later === -1 || later > preflush, "the preflush write comes after that flush");
 
-          // Flush: everything written so far, then a flush.
-          await device.flush();
-          ops = await diskOps(logFile);
-          const flushed = writeCovering(ops, 192 * KiB, before);
-          assert.ok(flushed >= 0, "the preflush write reached the disk");
-          assert.ok(flushFrom(ops, flushed + 1) > flushed, "a flush after it");
+        // Flush: everything written so far, then a flush.
+        await device.flush();
+        ops = await diskOps(logFile);
+        const flushed = writeCovering(ops, 192 * KiB, before);
+        assert.ok(flushed >= 0, "the preflush write reached the disk");
+        assert.ok(flushFrom(ops, flushed + 1) > flushed, "a flush after it");
 
-          // A clean stop syncs what the last writes left in the cache.
-          const beforeStop = ops.length;
-          await device.write(256 * KiB, filled(5, 4 * KiB));
-          await device.close();
-          assert.equal((await server.stop("SIGTERM")).code, 0);
-          ops = await diskOps(logFile);
-          const last = writeCovering(ops, 256 * KiB, beforeStop);
-          assert.ok(last >= 0, "the last write reached the disk");
-          assert.ok(flushFrom(ops, last + 1) > last, "SIGTERM flushed after the last write");
-        } finally {
-          await server.stop("SIGKILL");
-        }
-      });
-    } finally {
-      nbdkit.kill("SIGTERM");
-      await nbdkit.status;
-      await Deno.remove(dir, { recursive: true });
-    }
-  },
+        // A clean stop syncs what the last writes left in the cache.
+        const beforeStop = ops.length;
+        await device.write(256 * KiB, filled(5, 4 * KiB));
+        await device.close();
+        assert.equal((await server.stop("SIGTERM")).code, 0);
+        ops = await diskOps(logFile);
+        const last = writeCovering(ops, 256 * KiB, beforeStop);
+        assert.ok(last >= 0, "the last write reached the disk");
+        // Two: the stop's fdatasync, and the flush nbdfuse sends for any close() of the
+        // file (so one alone says nothing about the fdatasync).
+        const flushes = ops.slice(last + 1).filter((o) => o.op === "Flush").length;
+        assert.ok(flushes >= 2, `SIGTERM fdatasynced after the last write (${flushes} flushes)`);
+      } finally {
+        await server.stop("SIGKILL");
+      }
+    }),
 });
+
+Deno.test({
+  name:
+    "SIGTERM waits for the export's fdatasync to finish; a second signal exits without finishing, with code 130",
+  ignore: missing("nbdkit", "nbdfuse"),
+  fn: () =>
+    withWatchedDisk(SLOW_FLUSH_DISK, async (disk, logFile) => {
+      const server = await startExport([disk, "--listen", "127.0.0.1:0"]);
+      try {
+        const device = await RemoteDevice.connect(server.address, { log: quiet });
+        await device.write(0, filled(6, 4 * KiB));
+        await device.close();
+        let exited: Deno.CommandStatus | null = null;
+        const stopping = server.stop("SIGTERM").then((status) => (exited = status));
+        await waitFor(async () => flushFrom(await diskOps(logFile), 0) >= 0, "the stop's sync");
+        await new Promise((resolve) => setTimeout(resolve, 500));
+        assert.equal(exited, null, "the first signal waits for the sync");
+        server.process.kill("SIGTERM");
+        // It leaves without finishing. (Not sooner than the fdatasync under way: no
+        // process can leave the kernel in the middle of one.)
+        const status = await stopping;
+        assert.equal(status.code, 130, "the second signal exits without finishing");
+        assert.doesNotMatch(server.log(), /stopped cleanly/);
+      } finally {
+        await server.stop("SIGKILL");
+      }
+    }),
+});
+
+/** Polls `condition` every 50 ms for at most 10 s (a log file gives no event to wait on). */
+async function waitFor(condition: () => Promise<boolean>, what: string): Promise<void> {
+  for (let i = 0; i < 200; i++) {
+    if (await condition()) return;
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
 
 /** nbdkit makes its socket once it serves; waits for it (at most 10 s). */
 async function waitForFile(path: string): Promise<void> {
