@@ -4,9 +4,10 @@
  * out of order as each completes (the loop, limits and backpressure are RequestLoop's).
  *
  * Errors as the spec maps them: EINVAL for reads and trims past the end, unknown
- * commands and flags; ENOSPC for writes and write-zeroes past the end; EPERM for writes to a read-only export; EIO
- * for device failures (including a DST transaction that used up its resends). After
- * an error reply the connection stays usable: an invalid WRITE's payload is drained.
+ * commands and flags; ENOSPC for writes and write-zeroes past the end; EPERM for
+ * writes to a read-only export; EIO for device failures (including a DST transaction
+ * that used up its resends). After an error reply the connection stays usable: an
+ * invalid WRITE's payload is drained.
  * A request with a bad magic, or a WRITE too large to drain, closes the connection
  * with one log line. DISC: what is in flight is finished and answered, then close.
  *
@@ -184,11 +185,10 @@ export class NbdConnection extends RequestLoop {
       return { error: NbdError.EINVAL, reason: `READ of ${r.length} bytes > ${BLOCK_SIZE_MAX}` };
     }
     if (r.offset < 0 || r.offset + r.length > info.sizeBytes) {
-      // The spec's error section: ENOSPC for a write or write-zeroes past the end,
-      // EINVAL for a read or a trim.
-      const full = r.type === Cmd.WRITE || r.type === Cmd.WRITE_ZEROES;
+      // The spec: ENOSPC for a write past the end, EINVAL for a read or trim past it.
+      const noSpace = r.type === Cmd.WRITE || r.type === Cmd.WRITE_ZEROES;
       return {
-        error: full ? NbdError.ENOSPC : NbdError.EINVAL,
+        error: noSpace ? NbdError.ENOSPC : NbdError.EINVAL,
         reason:
           `${name} of ${r.length} bytes at offset ${r.offset}: the export is ${info.sizeBytes} bytes`,
       };

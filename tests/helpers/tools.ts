@@ -84,6 +84,20 @@ export function spawnTool(command: string, args: string[]): Deno.ChildProcess {
   }).spawn();
 }
 
+/**
+ * Starts a tool that a test talks to while it runs (an nbdsh script that says when it
+ * is ready and waits for a line before it goes on): stdin, stdout and stderr piped.
+ */
+export function spawnToolPiped(command: string, args: string[]): Deno.ChildProcess {
+  return new Deno.Command(command, {
+    args,
+    env: { PATH: TOOL_PATH },
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+}
+
 /** `qemu-img compare` of two raw images (paths or NBD URIs); throws unless they are identical. */
 export async function assertImagesIdentical(a: string, b: string): Promise<void> {
   const compare = await tool("qemu-img", ["compare", "-f", "raw", "-F", "raw", a, b]);
