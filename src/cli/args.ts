@@ -52,7 +52,8 @@ export const CLIENT_OPTIONS_HELP =
                   were outstanding and a ping went unanswered; a slow but live export is
                   never dead (default ${CLIENT_TIMEOUT_MS_DEFAULT})
   --retries N     dead connections (or MS without one) a request survives before it
-                  fails: an outage of MS x (N + 1) is ridden out (default ${CLIENT_RETRIES_DEFAULT})
+                  fails: an outage shorter than MS x N is ridden out; a request fails after
+                  MS x N to MS x (N + 1) of one (default ${CLIENT_RETRIES_DEFAULT})
   --ping MS       ping when nothing was sent for MS, so the export knows this client is
                   alive (default ${CLIENT_PING_MS_DEFAULT}, at most ${CLIENT_PING_MS_MAX})`;
 
