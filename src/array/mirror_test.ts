@@ -7,7 +7,12 @@
 
 import assert from "node:assert/strict";
 import { MIRROR_CLEAR_DELAY_MS, MIRROR_SUPERVISE_MS } from "../constants.ts";
-import type { BlockDevice, DeviceStats, IoFlags } from "../device/block_device.ts";
+import type {
+  BlockDevice,
+  DeviceStats,
+  IoFlags,
+  ReconnectListener,
+} from "../device/block_device.ts";
 import { MemoryDevice } from "../device/memory_device.ts";
 import { VolatileDevice } from "../device/volatile_device.ts";
 import { AssertionError } from "../lib/assert.ts";
@@ -173,6 +178,26 @@ class TestDevice<D extends InMemory = MemoryDevice> implements BlockDevice {
   }
 }
 
+/**
+ * A leg whose connection can be made again to a restarted export (Reconnecting), as a
+ * RemoteDevice reports it: restart() is a power loss of its disk, then the reconnect.
+ */
+class RestartingDevice extends TestDevice<VolatileDevice> {
+  readonly connected = true;
+  readonly gaveUp = false;
+  #listener: ReconnectListener | null = null;
+
+  setReconnectListener(listener: ReconnectListener): void {
+    this.#listener = listener;
+  }
+
+  /** The export's node lost power and came back: what it had not flushed is gone. */
+  restart(): void {
+    this.inner.powerLoss();
+    this.#listener?.({ writeGeneration: 1, writeEpoch: "e".repeat(32), restarted: true });
+  }
+}
+
 function memory(name: string): MemoryDevice {
   return new MemoryDevice(SIZE, { id: name.repeat(32), name });
 }
@@ -196,8 +221,12 @@ class Rig<A extends InMemory, B extends InMemory> {
   readonly log = new TestLog();
   readonly #releases: Array<() => void> = [];
 
-  constructor(a: A, b: B) {
-    this.legs = { a: new TestDevice(a), b: new TestDevice(b) };
+  /** Legs are wrapped in a TestDevice, unless given as one (a RestartingDevice, say). */
+  constructor(a: A | TestDevice<A>, b: B | TestDevice<B>) {
+    this.legs = {
+      a: a instanceof TestDevice ? a : new TestDevice(a),
+      b: b instanceof TestDevice ? b : new TestDevice(b),
+    };
   }
 
   open(): Promise<MirrorDevice> {
@@ -494,4 +523,87 @@ Deno.test("leg transitions refuse a leg in another mode, and checkLegs a mirror 
   assert.equal(leg.state.mode, "out-of-sync");
   assert.equal(record.leftSyncSeq, 1, "a leg that leaves in-sync is stamped with the order");
   assert.throws(() => checkLegs([leg], [record], REGIONS), /Invariant 2/);
+});
+
+/**
+ * The only in-sync leg, a, holds a write b missed (unflushed); b is resyncing, its
+ * copy of that region in its cache and its flush held. Then a's node loses power and
+ * its export comes back: returns the rig, the mirror and where the write was.
+ */
+async function lastLegRestartsDuringResync() {
+  const a = new RestartingDevice(volatile("a"));
+  const rig = new Rig(a, volatile("b"));
+  const mirror = await rig.open();
+  await rig.log.when(/leg b is in sync/);
+  const { legs, clock } = rig;
+  for (let i = 0; i < 2; i++) {
+    clock.advance(MIRROR_CLEAR_DELAY_MS); // the first copy's marks clear
+    await manyTurns();
+  }
+  const at = 5 * REGION;
+  const data = randomBytes(4096);
+  legs.b.failing = true;
+  await mirror.write(at, data); // a takes it, unflushed; b fails and leaves sync
+  legs.b.failing = false;
+  assert.equal(member(mirror, "b")?.state, "out-of-sync");
+  const aFlush = rig.hold();
+  a.holdFlushes = aFlush.promise;
+  const bFlush = rig.hold();
+  legs.b.holdFlushes = bFlush.promise;
+  clock.advance(MIRROR_SUPERVISE_MS); // b's resync copies the region; its flush is held
+  await manyTurns();
+  assert.equal(member(mirror, "b")?.state, "resyncing");
+  assert.deepEqual(legs.b.inner.bytes.subarray(at, at + data.length), data, "b has the copy");
+  a.restart();
+  await manyTurns();
+  return { rig, mirror, a, at, data, release: () => [aFlush, bFlush].forEach((h) => h.release()) };
+}
+
+Deno.test("the only in-sync leg restarts while a resync flushes its copies: the legs end equal", async () => {
+  const { rig, mirror, at, data, release } = await lastLegRestartsDuringResync();
+  try {
+    release(); // b's flush of the copy it made before a lost the write
+    await manyTurns();
+    for (let i = 0; i < 10; i++) {
+      rig.clock.advance(MIRROR_SUPERVISE_MS);
+      await manyTurns();
+    }
+    assert.deepEqual(
+      mirror.status().members.map((m) => [m.name, m.state, m.dirtyRegions]),
+      [["a", "in-sync", 0], ["b", "in-sync", 0]],
+    );
+    const aBytes = rig.legs.a.inner.bytes.subarray(at, at + data.length);
+    const bBytes = rig.legs.b.inner.bytes.subarray(at, at + data.length);
+    assert.ok(sameBytes(aBytes, bBytes), "both in-sync legs hold the same bytes");
+  } finally {
+    rig.releaseAll();
+    await mirror.close();
+  }
+});
+
+Deno.test("a mirror flush that spans the only in-sync leg's restart fails, and so does the next one", async () => {
+  const a = new RestartingDevice(volatile("a"));
+  const rig = new Rig(a, volatile("b"));
+  const mirror = await rig.open();
+  try {
+    await rig.log.when(/leg b is in sync/);
+    const at = 5 * REGION;
+    rig.legs.b.failing = true;
+    await mirror.write(at, randomBytes(4096)); // acknowledged by a alone, unflushed
+    const hold = rig.hold();
+    a.holdFlushes = hold.promise;
+    const spanning = mirror.flush();
+    await manyTurns();
+    a.restart(); // the write is gone with a's cache
+    hold.release();
+    await assert.rejects(spanning, /EIO|restarted|lost/, "the flush cannot vouch for the write");
+    await manyTurns();
+    rig.legs.b.failing = false;
+    await assert.rejects(mirror.flush(), /lost/, "the next flush reports the loss too");
+    await mirror.flush(); // reported once: later flushes vouch for what came after
+  } finally {
+    rig.legs.b.failing = false;
+    rig.releaseAll();
+    await mirror.close();
+  }
 });
