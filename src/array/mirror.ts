@@ -158,6 +158,12 @@ export class MirrorDevice implements BlockDevice {
   #closing = false;
   /** Why the state could not be made durable; while set, writes fail (see #stateFailed). */
   #stateError: Error | null = null;
+  /**
+   * Set when the only in-sync leg came back from a restart with regions marked: writes
+   * acknowledged since the last flush may be gone with its cache. The next flush
+   * reports it (EIO), once, as a disk reports a lost write-back on the next fsync.
+   */
+  #lostSinceFlush: string | null = null;
   #retryingState = false;
   /** The tail of the queue of detach and attach operations: they run one at a time. */
   #controlTurn: Promise<unknown> = Promise.resolve();
@@ -334,7 +340,21 @@ export class MirrorDevice implements BlockDevice {
   }
 
   async flush(): Promise<void> {
+    const lost = this.#lostSinceFlush;
+    if (lost !== null) {
+      this.#lostSinceFlush = null;
+      this.#stats.errors += 1;
+      throw new DeviceError("EIO", `${this.info.name}: ${lost}`);
+    }
     await this.#onWriteLegs("flush", (d) => d.flush());
+    // The only in-sync leg restarted while this flush ran: it cannot vouch for what
+    // was written before it (Invariant 6).
+    const lostMeanwhile = this.#lostSinceFlush;
+    if (lostMeanwhile !== null) {
+      this.#lostSinceFlush = null;
+      this.#stats.errors += 1;
+      throw new DeviceError("EIO", `${this.info.name}: ${lostMeanwhile}`);
+    }
     this.#stats.flushes += 1;
   }
 
@@ -555,6 +575,8 @@ export class MirrorDevice implements BlockDevice {
       // copied from it, and a resync that listed its regions before starts over.
       const others = slotsMask(this.#state.legs.filter((record) => record !== leg.record));
       this.#bitmap.markWhere(slot, others).catch((error) => this.#stateFailed(error));
+      this.#lostSinceFlush = `leg ${leg.record.name}, the only in-sync leg, restarted with ` +
+        "writes not yet flushed: writes acknowledged since the last flush may be lost";
       for (const other of this.#legs) {
         if (other === leg || other.state.mode !== "resyncing") continue;
         this.#legFailed(other, new Error("the in-sync leg restarted; its resync starts over"));
@@ -677,6 +699,9 @@ export class MirrorDevice implements BlockDevice {
     if (candidates.length === 0) return;
     const holders = this.#legs.filter(takesWrites);
     // What each leg held when its flush started: a resync copy landing later is not covered.
+    // A leg whose state changed meanwhile (a resync stopped and started again, say)
+    // clears nothing this time: marks set for it since must stay.
+    const statesAtStart = holders.map((leg) => leg.state);
     const heldAtStart = holders.map((leg) => {
       const state = leg.state;
       return candidates.map((region) =>
@@ -688,12 +713,15 @@ export class MirrorDevice implements BlockDevice {
       (flushed, touched) => {
         // A leg whose flush failed keeps its marks; if it is still a holder (the last
         // in-sync leg, which never leaves sync), the region is tried again once it flushes.
-        const retry = holders.some((leg, i) => !flushed[i] && takesWrites(leg));
+        // So is a region of a holder whose state changed meanwhile.
+        const retry = holders.some((leg, i) =>
+          (!flushed[i] || leg.state !== statesAtStart[i]) && takesWrites(leg)
+        );
         candidates.forEach((region, j) => {
           if (touched.has(region)) return; // written meanwhile: it is idle again later
           let mask = 0;
           holders.forEach((leg, i) => {
-            if (flushed[i] && heldAtStart[i]![j] && takesWrites(leg)) {
+            if (flushed[i] && heldAtStart[i]![j] && leg.state === statesAtStart[i]) {
               mask |= 1 << leg.record.slot;
             }
           });

@@ -217,6 +217,12 @@ export class Resyncer {
       if (leg.connections !== connections) {
         throw new Error("the leg's export restarted while it flushed its copies");
       }
+      // The run was stopped meanwhile (the in-sync leg it copied from restarted, say):
+      // its copies may be of bytes that leg has lost since, and marks set for it since
+      // must stay (found by review: cleared, a later run copied nothing and the legs
+      // differed).
+      const state = leg.state;
+      if (state.mode !== "resyncing" || state.run !== run) return;
       const slot = 1 << leg.record.slot;
       for (const region of quiet) if (!touched.has(region)) host.bitmap.clear(region, slot);
     });

@@ -581,29 +581,27 @@ Deno.test("the only in-sync leg restarts while a resync flushes its copies: the 
   }
 });
 
-Deno.test("a mirror flush that spans the only in-sync leg's restart fails, and so does the next one", async () => {
-  const a = new RestartingDevice(volatile("a"));
-  const rig = new Rig(a, volatile("b"));
-  const mirror = await rig.open();
-  try {
-    await rig.log.when(/leg b is in sync/);
-    const at = 5 * REGION;
-    rig.legs.b.failing = true;
-    await mirror.write(at, randomBytes(4096)); // acknowledged by a alone, unflushed
-    const hold = rig.hold();
-    a.holdFlushes = hold.promise;
-    const spanning = mirror.flush();
-    await manyTurns();
-    a.restart(); // the write is gone with a's cache
-    hold.release();
-    await assert.rejects(spanning, /EIO|restarted|lost/, "the flush cannot vouch for the write");
-    await manyTurns();
-    rig.legs.b.failing = false;
-    await assert.rejects(mirror.flush(), /lost/, "the next flush reports the loss too");
-    await mirror.flush(); // reported once: later flushes vouch for what came after
-  } finally {
-    rig.legs.b.failing = false;
-    rig.releaseAll();
-    await mirror.close();
-  }
-});
+for (const when of ["spans", "follows"] as const) {
+  Deno.test(`a mirror flush that ${when} the only in-sync leg's restart fails (EIO), once`, async () => {
+    const a = new RestartingDevice(volatile("a"));
+    const rig = new Rig(a, volatile("b"));
+    const mirror = await rig.open();
+    try {
+      await rig.log.when(/leg b is in sync/);
+      rig.legs.b.failing = true;
+      await mirror.write(5 * REGION, randomBytes(4096)); // acknowledged by a alone, unflushed
+      const hold = rig.hold();
+      if (when === "spans") a.holdFlushes = hold.promise;
+      const flushing = when === "spans" ? mirror.flush() : null;
+      await manyTurns();
+      a.restart(); // the write is gone with a's cache
+      hold.release();
+      await assert.rejects(flushing ?? mirror.flush(), /may be lost/, "it cannot vouch for it");
+      await mirror.flush(); // reported once: later flushes vouch for what came after
+    } finally {
+      rig.legs.b.failing = false;
+      rig.releaseAll();
+      await mirror.close();
+    }
+  });
+}
