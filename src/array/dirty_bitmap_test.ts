@@ -73,3 +73,26 @@ Deno.test("DirtyBitmap: a bitmap file of the wrong size is refused with what to 
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("DirtyBitmap: after a failed sync and a later good one, marking a durable region again resolves", async () => {
+  const store = new MemoryMirrorStore();
+  const bitmap = DirtyBitmap.open(await store.openBitmap(8, true), 8);
+  store.failSyncs = true;
+  await assert.rejects(bitmap.mark(2, 2, 1), /sync/);
+  store.failSyncs = false;
+  await bitmap.flush(); // the sweep's flush makes region 2's mark durable
+  assert.equal(store.durableBitmap()![2], 1);
+  await bitmap.mark(2, 2, 1); // set and durable: nothing to wait for, and no stale failure
+  await bitmap.close();
+});
+
+Deno.test("DirtyBitmap: the write a failed sync covered is written again before the next sync (the kernel may have dropped it)", async () => {
+  const store = new MemoryMirrorStore();
+  const bitmap = DirtyBitmap.open(await store.openBitmap(8, true), 8);
+  store.failSyncs = true;
+  await assert.rejects(bitmap.mark(4, 5, 1), /sync/);
+  store.failSyncs = false;
+  await bitmap.mark(6, 6, 1); // another region: the next sync must cover 4 and 5 again
+  assert.deepEqual([...store.durableBitmap()!.subarray(4, 7)], [1, 1, 1]);
+  await bitmap.close();
+});

@@ -86,8 +86,11 @@ export class MemoryMirrorStore implements MirrorStore {
       datasync: async () => {
         if (this.holdSyncs !== null) await this.holdSyncs;
         if (this.#dead) return new Promise<void>(() => {}); // a dead process waits forever
-        if (this.failSyncs) throw new DstError("STATE", `Cannot sync ${file.name}`);
-        await file.datasync();
+        // The file fails the sync, and so loses what it covered, as a real one does.
+        file.failSyncs = this.failSyncs;
+        await file.datasync().catch((error) => {
+          throw new DstError("STATE", `Cannot sync ${file.name}: ${error.message}`);
+        });
       },
       close: () => {},
     });

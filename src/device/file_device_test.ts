@@ -3,6 +3,7 @@ import { DeviceError } from "../lib/errors.ts";
 import { emptyStats } from "./block_device.ts";
 import { FileDevice } from "./file_device.ts";
 import { VolatileDevice } from "./volatile_device.ts";
+import { PageCacheFile } from "./page_cache_file.ts";
 import { manyTurns } from "../../tests/helpers/turns.ts";
 
 const KiB = 1024;
@@ -423,15 +424,45 @@ Deno.test("FileDevice close: an fdatasync, then the file closes", async () => {
   assert.deepEqual(device.bytes.subarray(0, 100), pattern(9, 100), "close made it durable");
 });
 
-Deno.test("FileDevice: an fdatasync that fails fails the flush with EIO, and the next flush syncs again", async () => {
+Deno.test("FileDevice: an fdatasync that fails fails the flush (and a FUA write) with EIO; the next flush covers what was written since", async () => {
   const device = recorded();
   await device.write(0, pattern(10, 100));
   device.failFlushes = true;
-  await rejectsWith(device.flush(), "EIO");
+  await rejectsWith(device.flush(), "EIO"); // the caller learns: what it wrote may be lost
   await rejectsWith(device.write(100, pattern(11, 1), { fua: true }), "EIO");
   device.failFlushes = false;
+  await device.write(200, pattern(12, 100));
   await device.flush();
   device.powerLoss();
-  assert.deepEqual(await readBack(device, 0, 100), pattern(10, 100));
+  assert.deepEqual(await readBack(device, 200, 100), pattern(12, 100));
   assert.equal(device.stats().errors, 2);
+});
+
+Deno.test("PageCacheFile: a failed sync loses what it covered, as Linux marks those pages clean; later writes sync", async () => {
+  const file = new PageCacheFile(16, "disk");
+  file.writeAt(Uint8Array.of(1, 2), 0);
+  file.failSyncs = true;
+  await assert.rejects(file.datasync(), /EIO/);
+  file.failSyncs = false;
+  file.writeAt(Uint8Array.of(3), 8);
+  await file.datasync();
+  assert.deepEqual([...file.durable.subarray(0, 2)], [0, 0], "not written again: never durable");
+  assert.equal(file.durable[8], 3);
+  file.powerLoss();
+  assert.deepEqual([...file.cache.subarray(0, 2)], [0, 0]);
+});
+
+Deno.test("PageCacheFile: a write made while a sync runs is not covered by it", async () => {
+  const file = new PageCacheFile(16, "disk");
+  const held = Promise.withResolvers<void>();
+  file.holdSyncs = held.promise;
+  file.writeAt(Uint8Array.of(1), 0);
+  const sync = file.datasync();
+  file.writeAt(Uint8Array.of(2), 1);
+  file.holdSyncs = null;
+  held.resolve();
+  await sync;
+  assert.deepEqual([...file.durable.subarray(0, 2)], [1, 0]);
+  await file.datasync();
+  assert.deepEqual([...file.durable.subarray(0, 2)], [1, 2]);
 });

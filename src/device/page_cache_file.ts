@@ -1,7 +1,9 @@
 /**
  * An ImageFile in memory with a page cache in front of its stable storage, as a file
  * on a real disk has: a write is read back at once but survives powerLoss() only once
- * a datasync() that began after it resolved. Tests watch the order of its calls in
+ * a datasync() that began after it resolved. A sync that fails loses what it covered
+ * for good, as Linux does: the pages it was writing back are marked clean, so a later
+ * sync that succeeds does not write them unless they are written again. Tests watch the order of its calls in
  * `journal`; they can hold syncs (to see who waits on one), make them fail (a disk
  * whose cache cannot be written out) or freeze the disk (a node going down: syncs
  * resolve and make nothing durable). The simulation's disks and the mirror's
@@ -27,6 +29,8 @@ export class PageCacheFile implements ImageFile {
   /** Syncs wait for this while it is set. */
   holdSyncs: Promise<void> | null = null;
   #closed = false;
+  /** The bytes written since a sync took them (1 = dirty). */
+  readonly #dirty: Uint8Array;
 
   constructor(
     sizeBytes: number,
@@ -36,6 +40,7 @@ export class PageCacheFile implements ImageFile {
     this.cache = new Uint8Array(sizeBytes);
     this.durable = new Uint8Array(sizeBytes);
     this.journal = options.record ? [] : null;
+    this.#dirty = new Uint8Array(sizeBytes);
   }
 
   readAt(into: Uint8Array, offset: number): number {
@@ -52,17 +57,21 @@ export class PageCacheFile implements ImageFile {
     }
     this.journal?.push(`write ${offset}+${data.length}`);
     this.cache.set(data, offset);
+    this.#dirty.fill(1, offset, offset + data.length);
   }
 
   async datasync(): Promise<void> {
     this.#checkOpen();
     this.journal?.push("sync");
-    // What is written before the call is what this sync promises to make durable.
-    const covered = this.frozen ? null : this.cache.slice();
+    // What is written before the call is what this sync writes back: those pages are
+    // clean from here on (a write made meanwhile dirties them again).
+    const covered = this.cache.slice();
+    const dirty = this.#dirty.slice();
+    this.#dirty.fill(0);
     if (this.holdSyncs !== null) await this.holdSyncs;
     if (this.failSyncs) throw new Error(`${this.name}: EIO, the disk cannot write its cache out`);
-    // Bytes written after the sync began stay as they were on stable storage.
-    if (covered !== null && !this.frozen) this.durable.set(covered);
+    if (this.frozen) return;
+    for (let i = 0; i < dirty.length; i++) if (dirty[i] === 1) this.durable[i] = covered[i]!;
     this.journal?.push("synced");
   }
 
@@ -79,6 +88,7 @@ export class PageCacheFile implements ImageFile {
   /** The node lost power: what no sync covered is gone. */
   powerLoss(): void {
     this.cache.set(this.durable);
+    this.#dirty.fill(0);
   }
 
   #checkOpen(): void {
