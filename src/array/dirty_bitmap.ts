@@ -37,7 +37,6 @@ export class DirtyBitmap {
   #scheduled: Promise<void> | null = null;
   #running: Promise<void> | null = null;
   /** The flush that makes the latest mark durable (a repeated mark waits for it too). */
-  #markDurable: Promise<void> = Promise.resolve();
   #closed = false;
 
   private constructor(file: ImageFile, bytes: Uint8Array) {
@@ -96,11 +95,15 @@ export class DirtyBitmap {
     return this.#marked(changed);
   }
 
-  /** What a mark waits for: a flush of its change, or the one that made the bits durable. */
+  /**
+   * What a mark waits for: a flush of its change; or, with every change taken by a
+   * write-out already, the one running (if it fails, so does the mark); or nothing,
+   * as the last one succeeded (a failed one leaves #syncNeeded set, so a mark whose
+   * bits were set already but not made durable flushes again).
+   */
   #marked(changed: boolean): Promise<void> {
-    // Set already, but a sync failed since (or is pending): it is not durable, try again.
-    if (changed || this.#syncNeeded) this.#markDurable = this.flush();
-    return this.#markDurable;
+    if (changed || this.#syncNeeded) return this.flush();
+    return this.#running ?? Promise.resolve();
   }
 
   /** Sets the bits of `mask` in every region (a leg that needs a full copy). */
@@ -188,7 +191,13 @@ export class DirtyBitmap {
     try {
       await this.#file.datasync();
     } catch (error) {
+      // The kernel may have marked the pages of a failed sync clean (Linux does): the
+      // next write-out writes them again, not only syncs.
       this.#syncNeeded = true;
+      if (last >= first) {
+        this.#noteChange(first);
+        this.#noteChange(last);
+      }
       throw error;
     }
   }

@@ -17,6 +17,8 @@ export interface VolatileDeviceOptions {
   name?: string;
   /** Keep the disk's journal of writes and syncs (see PageCacheFile). */
   record?: boolean;
+  /** The disk, when it outlives this device (an export process restarted on it). */
+  disk?: PageCacheFile;
 }
 
 export class VolatileDevice extends FileDevice {
@@ -24,7 +26,7 @@ export class VolatileDevice extends FileDevice {
 
   constructor(sizeBytes: number, options: VolatileDeviceOptions = {}) {
     const name = options.name ?? "memory";
-    const disk = new PageCacheFile(sizeBytes, name, { record: options.record });
+    const disk = options.disk ?? new PageCacheFile(sizeBytes, name, { record: options.record });
     super({
       sizeBytes,
       blockSize: BLOCK_SIZE_DEFAULT,
