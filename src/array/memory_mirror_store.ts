@@ -73,7 +73,10 @@ export class MemoryMirrorStore implements MirrorStore {
   openBitmap(regions: number, create: boolean): Promise<ImageFile> {
     const folder = this.#folder;
     if (create || folder.bitmap === null) {
-      folder.bitmap = new PageCacheFile(regions, `${this.where}/bitmap`);
+      // A failed sync drops what it covered, as Linux does: the bitmap must write it again.
+      folder.bitmap = new PageCacheFile(regions, `${this.where}/bitmap`, {
+        dropOnFailedSync: true,
+      });
     }
     const file = folder.bitmap;
     return Promise.resolve({

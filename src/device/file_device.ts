@@ -46,6 +46,13 @@ export class FileDevice implements BlockDevice {
   #syncRunning: Promise<void> | null = null;
   #syncQueued: Promise<void> | null = null;
   #closing: Promise<void> | null = null;
+  /**
+   * Set once an fdatasync failed: Linux may have marked the pages it was writing
+   * clean, so a later fdatasync that succeeds would not cover them. Every sync fails
+   * from then on (as PostgreSQL stops at a failed fsync): the caller was told its
+   * writes may be lost, and only a new process, whose clients write again, goes on.
+   */
+  #syncFailed: string | null = null;
 
   /** Over a file already open: FileDevice.open() for a path; VolatileDevice for memory. */
   protected constructor(readonly info: DeviceInfo, readonly file: ImageFile) {}
@@ -178,6 +185,17 @@ export class FileDevice implements BlockDevice {
    * have come after that sync began), so it joins the single sync queued behind it.
    */
   #sync(): Promise<void> {
+    if (this.#syncFailed !== null) {
+      this.#stats.errors += 1;
+      return Promise.reject(
+        new DeviceError(
+          "EIO",
+          `an earlier fdatasync of ${this.info.name} failed (${this.#syncFailed}): what was ` +
+            "written before it may not be on disk, and no later sync can say otherwise; " +
+            "restart the export (clients then write again what they have not seen flushed)",
+        ),
+      );
+    }
     if (this.#syncRunning === null) {
       this.#syncRunning = this.#fdatasync().finally(() => {
         this.#syncRunning = null;
@@ -196,6 +214,7 @@ export class FileDevice implements BlockDevice {
       await this.file.datasync();
     } catch (error) {
       this.#stats.errors += 1;
+      this.#syncFailed ??= describeError(error);
       throw new DeviceError(
         "EIO",
         `fdatasync of ${this.info.name} failed: ${describeError(error)}`,

@@ -441,8 +441,8 @@ Deno.test("FileDevice: after an fdatasync fails, every sync fails with EIO and s
   assert.deepEqual(await readBack(again, 0, 100), pattern(10, 100));
 });
 
-Deno.test("PageCacheFile: a failed sync loses what it covered, as Linux marks those pages clean; later writes sync", async () => {
-  const file = new PageCacheFile(16, "disk");
+Deno.test("PageCacheFile with dropOnFailedSync: a failed sync loses what it covered, as Linux marks those pages clean; later writes sync", async () => {
+  const file = new PageCacheFile(16, "disk", { dropOnFailedSync: true });
   file.writeAt(Uint8Array.of(1, 2), 0);
   file.failSyncs = true;
   await assert.rejects(file.datasync(), /EIO/);

@@ -1,9 +1,10 @@
 /**
  * An ImageFile in memory with a page cache in front of its stable storage, as a file
  * on a real disk has: a write is read back at once but survives powerLoss() only once
- * a datasync() that began after it resolved. A sync that fails loses what it covered
- * for good, as Linux does: the pages it was writing back are marked clean, so a later
- * sync that succeeds does not write them unless they are written again. Tests watch the order of its calls in
+ * a datasync() that began after it resolved. With `dropOnFailedSync`, a sync that
+ * fails loses what it covered for good, as Linux does: the pages it was writing back
+ * are marked clean, so a later sync that succeeds does not write them unless they are
+ * written again. Without it, they stay dirty and a later sync writes them. Tests watch the order of its calls in
  * `journal`; they can hold syncs (to see who waits on one), make them fail (a disk
  * whose cache cannot be written out) or freeze the disk (a node going down: syncs
  * resolve and make nothing durable). The simulation's disks and the mirror's
@@ -31,16 +32,18 @@ export class PageCacheFile implements ImageFile {
   #closed = false;
   /** The bytes written since a sync took them (1 = dirty). */
   readonly #dirty: Uint8Array;
+  readonly #dropOnFailedSync: boolean;
 
   constructor(
     sizeBytes: number,
     readonly name = "memory",
-    options: { record?: boolean } = {},
+    options: { record?: boolean; dropOnFailedSync?: boolean } = {},
   ) {
     this.cache = new Uint8Array(sizeBytes);
     this.durable = new Uint8Array(sizeBytes);
     this.journal = options.record ? [] : null;
     this.#dirty = new Uint8Array(sizeBytes);
+    this.#dropOnFailedSync = options.dropOnFailedSync ?? false;
   }
 
   readAt(into: Uint8Array, offset: number): number {
@@ -69,7 +72,12 @@ export class PageCacheFile implements ImageFile {
     const dirty = this.#dirty.slice();
     this.#dirty.fill(0);
     if (this.holdSyncs !== null) await this.holdSyncs;
-    if (this.failSyncs) throw new Error(`${this.name}: EIO, the disk cannot write its cache out`);
+    if (this.failSyncs) {
+      if (!this.#dropOnFailedSync) {
+        for (let i = 0; i < dirty.length; i++) this.#dirty[i] ||= dirty[i]!;
+      }
+      throw new Error(`${this.name}: EIO, the disk cannot write its cache out`);
+    }
     if (this.frozen) return;
     for (let i = 0; i < dirty.length; i++) if (dirty[i] === 1) this.durable[i] = covered[i]!;
     this.journal?.push("synced");
@@ -83,6 +91,12 @@ export class PageCacheFile implements ImageFile {
     this.#checkOpen();
     this.journal?.push("close");
     this.#closed = true;
+  }
+
+  /** Opened again, by a new process (what the cache holds stays, as the kernel keeps it). */
+  reopen(): this {
+    this.#closed = false;
+    return this;
   }
 
   /** The node lost power: what no sync covered is gone. */

@@ -26,7 +26,8 @@ export class VolatileDevice extends FileDevice {
 
   constructor(sizeBytes: number, options: VolatileDeviceOptions = {}) {
     const name = options.name ?? "memory";
-    const disk = options.disk ?? new PageCacheFile(sizeBytes, name, { record: options.record });
+    const disk = options.disk?.reopen() ??
+      new PageCacheFile(sizeBytes, name, { record: options.record });
     super({
       sizeBytes,
       blockSize: BLOCK_SIZE_DEFAULT,

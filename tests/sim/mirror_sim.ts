@@ -23,7 +23,7 @@ import { digest, DiskModel, SECTOR } from "./model.ts";
 import { SimNetwork } from "./network.ts";
 import { prng } from "./prng.ts";
 import { Scheduler } from "./scheduler.ts";
-import { World } from "./world.ts";
+import { type ExportNode, World } from "./world.ts";
 
 export interface SimOutcome {
   seed: number;
@@ -122,7 +122,7 @@ export async function simulate(
       // Settled while legs restarted or failed flushes: if no leg the mirror may count
       // on holds what may read back, a leg that took it earlier may have lost it since.
       const inSync = inSyncLegs();
-      const failing = world.nodes.some((node) => node.device.failFlushes);
+      const failing = world.nodes.some((node) => node.disk.failSyncs);
       op.values!.forEach((_, k) => {
         const s = first + k;
         if (model.isBusy(s) || (!model.hasSuspects(s) && !failing)) return;
@@ -236,8 +236,8 @@ export async function simulate(
   const trustedCopy = (s: number, inSync: boolean[] | null, values: ReadonlySet<number>) =>
     inSync !== null &&
     world.nodes.some((node, j) =>
-      inSync[j] && !model.isSuspect(s, j) && !node.device.failFlushes &&
-      values.has(sectorDigest(node.device.bytes, s))
+      inSync[j] && !model.isSuspect(s, j) && !node.disk.failSyncs &&
+      values.has(sectorDigest(node.disk.cache, s))
     );
 
   /** Invariant 2, on `count` sampled sectors (or all). */
@@ -250,12 +250,12 @@ export async function simulate(
       if (model.isBusy(s)) return;
       world.nodes.forEach((node, slot) => {
         if (!inSync[slot] || (bitmap[regionOf(s)]! & (1 << slot)) !== 0) return;
-        const value = sectorDigest(node.device.bytes, s);
+        const value = sectorDigest(node.disk.cache, s);
         if (!model.allowed(s).has(value)) {
           fail(
             `leg ${node.address} is in sync and region ${regionOf(s)} is clean for it, but ` +
               `sector ${s} holds ${value.toString(16)} (on stable storage ` +
-              `${sectorDigest(node.device.durable, s).toString(16)}), not one of ` +
+              `${sectorDigest(node.disk.durable, s).toString(16)}), not one of ` +
               [...model.allowed(s)].map((v) => v.toString(16)).join(", "),
           );
         }
@@ -328,14 +328,31 @@ export async function simulate(
       // pages after a failed fsync): the mirror can count on that leg no more than on
       // a restarted one.
       legSuspect(node.index, false);
-      node.device.failFlushes = true;
-      scheduler.at(ms, () => (node.device.failFlushes = false));
+      node.disk.failSyncs = true;
+      node.syncFailed = true;
+      scheduler.at(ms, () => {
+        node.disk.failSyncs = false;
+        restartFailedExport(node);
+      });
     } else {
       if (world.arrayProcess === null) return;
       crashArray(chance(0.3));
       const ms = int(50, 2000);
       scheduler.at(ms, () => void reopenArray());
     }
+  };
+
+  /**
+   * The disk works again, but an export whose fdatasync failed fails every sync until
+   * it is restarted (what the failed one covered may not be on disk): its operator
+   * restarts it, as its errors say.
+   */
+  const restartFailedExport = (node: ExportNode) => {
+    if (!node.syncFailed || !node.up) return;
+    note(`restart ${node.address} (its fdatasync failed)`);
+    legSuspect(node.index, false);
+    node.crash(false);
+    node.start();
   };
 
   const step = async (ms: number) => {
@@ -370,7 +387,8 @@ export async function simulate(
     note("heal");
     for (const node of world.nodes) {
       network.partition(`leg${node.index}`, false);
-      node.device.failFlushes = false;
+      node.disk.failSyncs = false;
+      restartFailedExport(node);
       if (!node.up) node.start();
     }
     network.deliverLate();
@@ -417,9 +435,9 @@ export async function simulate(
     if (!flushed) throw new SimFailure(failure ?? "the final flush did not finish");
     for (const node of world.nodes) {
       for (
-        const [what, bytes] of [["cache", node.device.bytes], [
+        const [what, bytes] of [["cache", node.disk.cache], [
           "stable storage",
-          node.device.durable,
+          node.disk.durable,
         ]] as const
       ) {
         const at = bytes.findIndex((b, i) => b !== whole[i]);

@@ -10,6 +10,7 @@
 import { RemoteDevice } from "../../src/client/remote_device.ts";
 import type { BlockDevice, DeviceInfo, IoFlags } from "../../src/device/block_device.ts";
 import { VolatileDevice } from "../../src/device/volatile_device.ts";
+import { PageCacheFile } from "../../src/device/page_cache_file.ts";
 import { parseHostPort } from "../../src/lib/address.ts";
 import type { Logger } from "../../src/lib/log.ts";
 import { MemoryMirrorStore } from "../../src/array/memory_mirror_store.ts";
@@ -66,7 +67,12 @@ class ProcessDevice implements BlockDevice {
 
 /** One leg's node: its disk (cache and stable storage), its export state, its export process. */
 export class ExportNode {
-  readonly device: VolatileDevice;
+  /** The node's disk: its page cache and stable storage, outliving export processes. */
+  readonly disk: PageCacheFile;
+  /** The device the export process serves, opened anew by each one (a FileDevice on the disk). */
+  device: VolatileDevice;
+  /** A sync of the disk failed: its export fails every sync until it is restarted. */
+  syncFailed = false;
   /** The export's state (write generation, epoch): it survives crashes, unless lost. */
   generation = new MemoryGeneration();
   process: SimProcess | null = null;
@@ -77,10 +83,8 @@ export class ExportNode {
     readonly index: number,
     sizeBytes: number,
   ) {
-    this.device = new VolatileDevice(sizeBytes, {
-      id: (index + 1).toString(16).padStart(2, "0").repeat(16),
-      name: `leg${index}`,
-    });
+    this.disk = new PageCacheFile(sizeBytes, `leg${index}`);
+    this.device = this.#open();
   }
 
   get address(): string {
@@ -93,6 +97,9 @@ export class ExportNode {
 
   start(): void {
     const world = this.world;
+    this.device = this.#open();
+    // A disk that fails syncs now fails this process's first one too.
+    this.syncFailed = this.disk.failSyncs;
     const process = world.scheduler.process(`export${this.index}#${this.restarts++}`);
     const clock = world.scheduler.clock(process);
     this.process = process;
@@ -110,7 +117,16 @@ export class ExportNode {
   /** The export process dies; with `powerLoss` the node went down and its disk's cache is gone. */
   crash(powerLoss: boolean): void {
     this.process?.kill();
-    if (powerLoss) this.device.powerLoss();
+    if (powerLoss) this.disk.powerLoss();
+  }
+
+  /** The disk as a new export process opens it. */
+  #open(): VolatileDevice {
+    return new VolatileDevice(this.disk.cache.length, {
+      id: (this.index + 1).toString(16).padStart(2, "0").repeat(16),
+      name: `leg${this.index}`,
+      disk: this.disk,
+    });
   }
 
   /** The export's state is lost (a new epoch: generations start over). */
