@@ -251,6 +251,14 @@ export class RecordingLogger implements Logger {
       .filter((message) => pattern.test(message));
   }
 
+  /** Every line about `peer`, with its level: what a failure report shows of the server's side. */
+  about(peer: string): string {
+    return this.lines
+      .filter((line) => line.message.startsWith(`${peer}: `))
+      .map((line) => `${line.level} ${line.message}`)
+      .join("\n");
+  }
+
   errors(): string[] {
     return this.lines.filter((line) => line.level === "error").map((line) => line.message);
   }
@@ -266,6 +274,13 @@ export type Ending = "half-close" | "abort";
 export interface SessionOutcome {
   /** Everything the server sent, in order (nothing for "abort"). */
   output: Uint8Array;
+  /**
+   * The connection ended with a reset, not an end of stream. A server that closes while
+   * bytes it never read are waiting makes its kernel send a reset, which may discard
+   * what it had sent and the fuzzer had not read yet (the read may even end as if the
+   * stream had ended). It happens only when the server stopped reading before the end.
+   */
+  reset: boolean;
   /** How the server names this connection in its log lines. */
   peer: string;
 }
@@ -291,6 +306,7 @@ export async function runSession(
   conn.setNoDelay(true);
   const received: Uint8Array[] = [];
   let total = 0;
+  let reset = false;
   const reading = (async () => {
     if (ending === "abort") return;
     const buffer = new Uint8Array(256 * 1024);
@@ -299,7 +315,8 @@ export async function runSession(
       try {
         n = await conn.read(buffer);
       } catch {
-        return; // reset by the server after it closed with our bytes unread: the end too
+        reset = true; // the server closed with our bytes unread: see SessionOutcome.reset
+        return;
       }
       if (n === null) return;
       received.push(buffer.slice(0, n));
@@ -359,7 +376,7 @@ export async function runSession(
     output.set(part, offset);
     offset += part.length;
   }
-  return { output, peer };
+  return { output, peer, reset };
 }
 
 /**
@@ -465,10 +482,20 @@ export class StreamBuilder {
   }
 }
 
-/** Reads a server's output front to back; each read says what it expected when too little is left. */
+/**
+ * What OutputReader throws when a cut-short output ends: the reply it was reading
+ * never arrived whole, and nothing more can be checked.
+ */
+export class OutputCut extends Error {}
+
+/**
+ * Reads a server's output front to back; each read says what it expected when too
+ * little is left. A `complete` output ending early is a failure; one cut short by a
+ * reset (see SessionOutcome.reset) just ends there, with OutputCut.
+ */
 export class OutputReader {
   #at = 0;
-  constructor(readonly bytes: Uint8Array) {}
+  constructor(readonly bytes: Uint8Array, readonly complete: boolean) {}
 
   get remaining(): number {
     return this.bytes.length - this.#at;
@@ -480,10 +507,9 @@ export class OutputReader {
 
   take(length: number, what: string): DataView {
     if (this.remaining < length) {
-      throw new Error(
-        `the server's output ends at byte ${this.bytes.length}, in the middle of ${what} ` +
-          `(${this.remaining} of ${length} bytes there)`,
-      );
+      const message = `the server's output ends at byte ${this.bytes.length}, in the middle ` +
+        `of ${what} (${this.remaining} of ${length} bytes there)`;
+      throw this.complete ? new Error(message) : new OutputCut(message);
     }
     const view = new DataView(this.bytes.buffer, this.bytes.byteOffset + this.#at, length);
     this.#at += length;

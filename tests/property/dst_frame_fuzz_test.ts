@@ -54,6 +54,7 @@ import {
   type DeviceCall,
   type Ending,
   GuardDevice,
+  OutputCut,
   OutputReader,
   RecordingLogger,
   runSession,
@@ -433,6 +434,8 @@ interface Expectation {
   refused: number;
   /** A frame the export cannot trust ended the connection. */
   untrusted: boolean;
+  /** Where the export stops reading and closes, when that is before the stream's end. */
+  stop: number | null;
 }
 
 function expect(stream: Uint8Array): Expectation {
@@ -443,20 +446,27 @@ function expect(stream: Uint8Array): Expectation {
     calls: [],
     refused: 0,
     untrusted: false,
+    stop: null,
   };
   const view = new DataView(stream.buffer, stream.byteOffset, stream.byteLength);
-  if (stream.length < 4 || view.getUint32(0, true) !== MAGIC.DSTC) return e;
+  const stopAt = (at: number) => {
+    if (at < stream.length) e.stop = at;
+    return e;
+  };
+  // The export reads the magic first and stops there when it is wrong.
+  if (stream.length < 4) return e;
+  if (view.getUint32(0, true) !== MAGIC.DSTC) return stopAt(4);
   if (stream.length < 48) return e;
   const versionMin = view.getUint16(4, true);
   const versionMax = view.getUint16(6, true);
-  if (versionMin > versionMax) return e;
+  if (versionMin > versionMax) return stopAt(48);
   if (versionMin > 1 || versionMax < 1) e.helloStatus = VERSION_UNSUPPORTED;
   else if ((view.getUint16(12, true) & 1) === 0) e.helloStatus = AUTH_UNSUPPORTED;
   else if ((view.getUint16(14, true) & 1) === 0) e.helloStatus = PROTECTION_UNSUPPORTED;
   else e.helloStatus = STATUS_OK;
   if (e.helloStatus !== STATUS_OK) {
     e.hello = "refused";
-    return e;
+    return stopAt(48);
   }
   e.hello = "ok";
   let at = 48;
@@ -466,7 +476,7 @@ function expect(stream: Uint8Array): Expectation {
     const txHigh = view.getUint32(at + 12, true);
     if (magic !== MAGIC.DSTQ || payloadLength > PAYLOAD_MAX || txHigh >= 2 ** 21) {
       e.untrusted = true;
-      break;
+      return stopAt(at + 32);
     }
     if (stream.length - at < 32 + payloadLength) break; // incomplete: the stream ends inside it
     const command = view.getUint16(at + 4, true);
@@ -547,8 +557,17 @@ function refusal(
 }
 
 /** Checks the export's whole output to one connection against the oracle. */
-function checkOutput(output: Uint8Array, e: Expectation): void {
-  const out = new OutputReader(output);
+function checkOutput(output: Uint8Array, e: Expectation, complete: boolean): void {
+  const out = new OutputReader(output, complete);
+  try {
+    checkReplies(out, e);
+  } catch (error) {
+    if (!(error instanceof OutputCut)) throw error;
+  }
+}
+
+function checkReplies(out: OutputReader, e: Expectation): void {
+  const output = out.bytes;
   if (e.hello === "silent") {
     assert.equal(output.length, 0, "a hello the export must not answer was answered");
     return;
@@ -615,7 +634,7 @@ function checkOutput(output: Uint8Array, e: Expectation): void {
     }
   }
   const missing = [...pending.values()].flat();
-  assert.deepEqual(missing, [], "requests the export never answered");
+  if (out.complete) assert.deepEqual(missing, [], "requests the export never answered");
 }
 
 // ---------------------------------------------------------------------------------
@@ -695,7 +714,7 @@ Deno.test("DST frame fuzzing: no crash, no hang, no write outside the device, ot
         let errors = 0;
         sessions.forEach((s, i) => {
           const e = expect(streams[i]!);
-          const { output, peer } = outcomes[i]!;
+          const { output, peer, reset } = outcomes[i]!;
           if (s.ending === "abort") {
             may.push(...e.calls);
             return;
@@ -703,9 +722,17 @@ Deno.test("DST frame fuzzing: no crash, no hang, no write outside the device, ot
           must.push(...e.calls);
           const where = `connection ${i} (${peer}, ${streams[i]!.length} bytes sent)`;
           try {
-            checkOutput(output, e);
+            // A export that stops reading before the stream's end closes with bytes unread,
+            // which makes its kernel reset the connection; a reset may drop replies the
+            // fuzzer had not read yet, so then only what arrived is checked.
+            const stopped = e.stop !== null;
+            assert.ok(!reset || stopped, "a reset, though the export read the whole stream");
+            checkOutput(output, e, !stopped);
           } catch (error) {
-            throw new Error(`${where}: ${(error as Error).message}`, { cause: error });
+            const said = log.about(peer);
+            throw new Error(`${where}: ${(error as Error).message}\nthe server logged:\n${said}`, {
+              cause: error,
+            });
           }
           const closing = log.warnings(peer, /closing this connection/);
           assert.equal(closing.length, e.untrusted ? 1 : 0, `${where}: ${closing.join(" | ")}`);
