@@ -78,6 +78,7 @@ export class TrackingListener implements ConnListener {
       },
       remoteAddr: conn.remoteAddr,
       setNoDelay: (on?: boolean) => conn.setNoDelay(on),
+      closeWrite: () => conn.closeWrite(),
     } as AcceptedConn;
   }
 
