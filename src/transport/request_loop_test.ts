@@ -1,22 +1,23 @@
 /**
- * A server that closes a connection because of a frame it cannot trust first answers
- * every request it had dispatched (protocol README, "Invalid input"), and those answers
- * must reach the client also when the client had sent more after the bad frame, as a
- * client pipelining requests does. Closing a socket with bytes unread makes the kernel
- * reset the connection, and the reset drops what the client had not read yet. Found by
- * the frame fuzzing (tests/property/*_frame_fuzz_test.ts); DST and NBD alike.
+ * RequestLoop's close, through both servers that use it, in one process (real sockets
+ * on loopback). A server that closes a connection because of a frame it cannot trust
+ * first answers every request it had dispatched (protocol README, "Invalid input"), and
+ * those answers must reach the client also when the client had sent more after the bad
+ * frame, as a client pipelining requests does. Closing a socket with bytes unread makes
+ * the kernel reset the connection, and the reset drops what the client had not read
+ * yet. Found by the frame fuzzing (tests/property/*_frame_fuzz_test.ts).
  */
 
 import assert from "node:assert/strict";
-import { MemoryDevice } from "../../src/device/memory_device.ts";
-import { silentLogger as quiet } from "../../src/lib/log.ts";
-import { NbdServer } from "../../src/nbd/server.ts";
-import { Command } from "../../src/protocol/mod.ts";
-import { Exporter } from "../../src/server/exporter.ts";
-import { closeQuietly, readExact, writeAll } from "../../src/transport/byte_conn.ts";
-import { concat } from "../helpers/bytes.ts";
-import { within } from "../helpers/frame_fuzz.ts";
-import { RawClient } from "../helpers/raw_client.ts";
+import { MemoryDevice } from "../device/memory_device.ts";
+import { silentLogger as quiet } from "../lib/log.ts";
+import { NbdServer } from "../nbd/server.ts";
+import { Command } from "../protocol/mod.ts";
+import { Exporter } from "../server/exporter.ts";
+import { closeQuietly, readExact, writeAll } from "./byte_conn.ts";
+import { concat } from "../../tests/helpers/bytes.ts";
+import { within } from "../../tests/helpers/frame_fuzz.ts";
+import { RawClient } from "../../tests/helpers/raw_client.ts";
 
 const READS = 100;
 const READ_BYTES = 64 * 1024;
