@@ -308,6 +308,8 @@ export async function runSession(
   const received: Uint8Array[] = [];
   let total = 0;
   let reset = false;
+  let runaway = false;
+  // Never rejects, so it needs no handler while the sending goes on.
   const reading = (async () => {
     if (ending === "abort") return;
     const buffer = new Uint8Array(256 * 1024);
@@ -322,7 +324,10 @@ export async function runSession(
       if (n === null) return;
       received.push(buffer.slice(0, n));
       total += n;
-      if (total > OUTPUT_BYTES_MAX) throw new Error(`the server sent more than ${total} bytes`);
+      if (total > OUTPUT_BYTES_MAX) {
+        runaway = true;
+        return;
+      }
     }
   })();
   const sending = async () => {
@@ -369,8 +374,9 @@ export async function runSession(
     );
   } finally {
     closeQuietly(conn);
-    await reading.catch(() => {});
+    await reading;
   }
+  if (runaway) throw new Error(`the server sent more than ${OUTPUT_BYTES_MAX} bytes`);
   const output = new Uint8Array(total);
   let offset = 0;
   for (const part of received) {

@@ -21,12 +21,16 @@
  * 1. No crash: no uncaught error (Deno fails the test on one), no error-level log line;
  *    the server still serves and shuts down.
  * 2. No hang: every connection is answered and closed within 5 s of ending its stream;
- *    the server closes every fuzzing connection; shutdown completes.
+ *    the server closes every fuzzing connection, a dropped one too, once what it started
+ *    has finished; shutdown completes.
  * 3. Replies: the greeting; then each option's replies in order (the right option,
  *    reply types and info types, the export's size and flags); then every whole request
  *    before a frame that cannot be trusted, or DISC, gets exactly one reply with its
  *    cookie and the expected error (a READ its data: simple, or one OFFSET_DATA or
- *    ERROR chunk once structured replies were negotiated); nothing else is sent.
+ *    ERROR chunk once structured replies were negotiated), also when more bytes followed
+ *    the frame that ended the connection; nothing else is sent. (Only after a close in
+ *    the handshake, which leaves bytes unread, may a TCP reset cut the output short;
+ *    then what arrived is checked.)
  * 4. No write outside the device: no call with a range outside [0, size) reaches the
  *    device, and the data-changing calls that do are exactly the valid writes, trims
  *    and write-zeroes sent, with their data; none sent after a frame that closed the
