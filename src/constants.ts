@@ -106,6 +106,16 @@ export const RANGE_BYTES_MAX = 1024 * MiB;
 /** Handshakes that take longer than this are dropped, so a silent peer cannot hold a slot. */
 export const HANDSHAKE_TIMEOUT_MS = 10_000;
 
+/**
+ * How long a server that ended a connection itself (a frame it cannot trust, NBD's
+ * DISC) goes on reading and dropping what the client still sends, after its last reply
+ * and its end of stream, before it closes. Closing with bytes unread makes the kernel
+ * reset the connection, and the reset drops the replies the client has not read yet.
+ * A client that reads its replies sees the end and closes within a round trip; this
+ * bounds one that does not.
+ */
+export const CLOSE_LINGER_MS = 2_000;
+
 /** A mirror's dirty-tracking region: small enough that a resync copies little, large enough that the bitmap stays small (1 TiB = 1 MiB of bitmap). */
 export const MIRROR_REGION_BYTES_DEFAULT = 1 * MiB;
 

@@ -19,7 +19,12 @@
  * client has replaced (protocol README, "Fencing").
  */
 
-import { RECEIVE_SLAB_BYTES, SEND_COALESCE_BYTES, SEND_ZERO_COPY_BYTES_MIN } from "../constants.ts";
+import {
+  CLOSE_LINGER_MS,
+  RECEIVE_SLAB_BYTES,
+  SEND_COALESCE_BYTES,
+  SEND_ZERO_COPY_BYTES_MIN,
+} from "../constants.ts";
 import { assert } from "../lib/assert.ts";
 import { type Clock, systemClock } from "../lib/clock.ts";
 import { errnoOf } from "../lib/errno.ts";
@@ -120,12 +125,16 @@ export abstract class RequestLoop {
   /** Serves requests until the client leaves, breaks the protocol, or stop() is called. */
   async serve(): Promise<void> {
     let need = this.limits.headerBytes;
+    let closing = false;
     try {
       while (!this.#stopping) {
         if (!(await this.receive.fill(this.#timedConn, need))) break;
         if (this.#stopping) break;
         need = this.dispatchArrived();
-        if (need === CLOSE) break;
+        if (need === CLOSE) {
+          closing = true;
+          break;
+        }
         await this.#backpressure();
       }
     } catch (error) {
@@ -133,7 +142,7 @@ export abstract class RequestLoop {
         this.log.debug(`${this.peer}: connection ended: ${describeError(error)}`);
       }
     }
-    await this.#finish();
+    await this.#finish(closing);
   }
 
   /** Stops reading requests; what is in flight is finished and answered, then the socket closes. */
@@ -215,11 +224,38 @@ export abstract class RequestLoop {
     );
   }
 
-  async #finish(): Promise<void> {
+  /** `linger`: this side ended the connection while the client may still be sending. */
+  async #finish(linger = false): Promise<void> {
     while (this.#inFlight > 0) await this.#nextEnd();
     await this.sender.drain();
+    if (linger && !this.#stopping && !this.sender.broken) await this.#linger();
     closeQuietly(this.conn); // also wakes a serve() that is blocked reading
     this.ended();
+  }
+
+  /**
+   * Ends this side's stream after the last reply, then reads and drops what the client
+   * still sends until it closes too, for CLOSE_LINGER_MS at most. Closing with bytes
+   * unread would make the kernel reset the connection, and the reset drops the replies
+   * the client has not read yet: the answers to the requests dispatched before the frame
+   * that ended the connection would be lost. A connection without a half-close (the
+   * simulation's) closes at once.
+   */
+  async #linger(): Promise<void> {
+    const conn = this.conn as ByteConn & { closeWrite?: () => Promise<void> };
+    if (typeof conn.closeWrite !== "function") return;
+    const timer = this.#clock.after(CLOSE_LINGER_MS, () => closeQuietly(conn));
+    try {
+      await conn.closeWrite();
+      const dropped = new Uint8Array(64 * 1024);
+      while ((await conn.read(dropped)) !== null) {
+        // What comes after the end is not read as frames, only drained.
+      }
+    } catch {
+      // Closed (by the timer, a fence or the client): nothing more to wait for.
+    } finally {
+      timer.cancel();
+    }
   }
 
   async #backpressure(): Promise<void> {

@@ -1,0 +1,797 @@
+/**
+ * Seeded fuzzing of DST frames against an in-process Exporter of a small MemoryDevice.
+ *
+ * Each run starts an export and opens 1 to 3 fuzzing connections to it at once. A
+ * connection's stream is a client hello (mostly valid; or refused; or one the export
+ * must not answer) and up to 50 requests, each valid, well framed but bad (past the
+ * end, huge length, unknown command, bad flags, offset near 2^53 or 2^64, zero length,
+ * wrong payload length, nonzero range on a command without one) or a frame the export
+ * cannot trust (bad magic, payload length over 32 MiB, txId from 2^53). A third of the
+ * streams are then corrupted part-way: bytes flipped, cut mid-frame (the connection
+ * ends there), garbage from there on, or bytes inserted. The stream goes out in random
+ * pieces; the connection then ends its stream and reads to the end, or (one in ten)
+ * drops the socket.
+ *
+ * An oracle written from src/protocol/README.md, not from the export's code, reads
+ * the same bytes and says what the export must do. Invariants checked:
+ * 1. No crash: no uncaught error (Deno fails the test on one), no error-level log line;
+ *    the export still serves and shuts down.
+ * 2. No hang: every connection is answered and closed within 5 s of ending its stream;
+ *    the export closes every fuzzing connection, a dropped one too, once what it started
+ *    has finished; shutdown completes.
+ * 3. Replies: a hello is answered with the status the spec's order gives (or not at
+ *    all, for a bad magic or versionMin > versionMax); every whole request before a
+ *    frame that cannot be trusted gets exactly one reply, with its txId and command and
+ *    the spec's error code and payload length, also when more bytes followed that frame;
+ *    nothing else is sent. (Only after a close in the handshake, which leaves bytes
+ *    unread, may a TCP reset cut the output short; then what arrived is checked.)
+ * 4. No write outside the device: no call with a range outside [0, size) reaches the
+ *    device, and the data-changing calls that do are exactly the valid writes, discards
+ *    and write-zeroes sent, with their data; none sent after a frame that closed the
+ *    connection, or after a refused hello, runs.
+ * 5. The device holds its initial bytes with those calls applied, read directly and
+ *    through a bystander connection that was open all along.
+ * 6. Other clients are served: the bystander answers a PING and reads the whole device;
+ *    then a new client handshakes, writes, and reads its data back.
+ * 7. Log: a frame that cannot be trusted gets exactly one line saying the connection
+ *    closes, a refused or unanswered hello one line, and refused requests one line
+ *    each, at most 5.
+ * 8. STATUS counts every refused request, broken frame and refused hello in `errors`.
+ *
+ * Replay a failure with the seed and path fast-check prints:
+ *   DST_SEED=<seed> DST_PATH=<path> deno test -A --unstable-net tests/property/dst_frame_fuzz_test.ts
+ */
+
+import assert from "node:assert/strict";
+import fc from "fast-check";
+import { MemoryDevice } from "../../src/device/memory_device.ts";
+import { Exporter } from "../../src/server/exporter.ts";
+import { MemoryGeneration } from "../../src/server/write_generation.ts";
+import { WriterLease } from "../../src/server/writer_lease.ts";
+import { Command, type RequestHeader, WireError } from "../../src/protocol/mod.ts";
+import { assertSameBytes } from "../helpers/bytes.ts";
+import {
+  applyCalls,
+  corrupt,
+  type Corruption,
+  corruption,
+  type DeviceCall,
+  type Ending,
+  GuardDevice,
+  OutputCut,
+  OutputReader,
+  RecordingLogger,
+  runSession,
+  StreamBuilder,
+  TrackingListener,
+  unexpectedCalls,
+  within,
+} from "../helpers/frame_fuzz.ts";
+import { replayOptions, seededBytes } from "../helpers/property.ts";
+import { RawClient } from "../helpers/raw_client.ts";
+
+/** Not a multiple of any block size, so a range check that rounds shows. */
+const SIZE = 80 * 1024 + 37;
+const MiB = 1024 * 1024;
+const TWO_32 = 2 ** 32;
+const WAIT_MS = 5000;
+
+// The spec's numbers, written out here rather than imported, so the oracle does not
+// share a mistake with the code under test.
+const MAGIC = { DSTC: 0x43545344, DSTS: 0x53545344, DSTQ: 0x51545344, DSTR: 0x52545344 };
+const READ = 1, WRITE = 2, FLUSH = 3, DISCARD = 4, WRITE_ZEROES = 5;
+const INFO = 6, PING = 7, STATUS = 8, CONTROL = 9;
+const RANGED = [READ, WRITE, DISCARD, WRITE_ZEROES];
+const EINVAL = 22, ENOSPC = 28, ENOTSUP = 95;
+const STATUS_OK = 0, VERSION_UNSUPPORTED = 1, AUTH_UNSUPPORTED = 2, PROTECTION_UNSUPPORTED = 3;
+const PAYLOAD_MAX = 32 * MiB;
+const RANGE_MAX = 1024 * MiB;
+const CONTROL_MAX = 4096;
+
+// ---------------------------------------------------------------------------------
+// Generators
+
+interface RawHello {
+  magic: number;
+  versionMin: number;
+  versionMax: number;
+  features: number;
+  authMethods: number;
+  protections: number;
+  nonce: Uint8Array;
+  /** Null: anonymous (all zero); else these bytes with the last one the session's number. */
+  clientId: Uint8Array | null;
+}
+
+/** A request's fields as raw as the wire has them: u64s as bigints, any magic. */
+interface RawRequest {
+  magic: number;
+  command: number;
+  flags: number;
+  /** Null: the session numbers it, counting up from its txBase, so ids are unique. */
+  txId: bigint | null;
+  offset: bigint;
+  length: number;
+  payloadLength: number;
+  payload: Payload;
+}
+
+/** `length` bytes made from `seed` (so a counterexample prints short), or the bytes given. */
+type Payload = { seed: number; length: number } | Uint8Array;
+
+function payloadBytes(payload: Payload): Uint8Array {
+  return payload instanceof Uint8Array ? payload : seededBytes(payload.seed, payload.length);
+}
+
+function request(command: number, fields: Partial<RawRequest> = {}): RawRequest {
+  const payload = fields.payload ?? new Uint8Array();
+  return {
+    magic: MAGIC.DSTQ,
+    command,
+    flags: 0,
+    txId: null,
+    offset: 0n,
+    length: 0,
+    payloadLength: payload.length,
+    ...fields,
+    payload,
+  };
+}
+
+const u16 = fc.integer({ min: 0, max: 0xffff });
+const u32 = fc.integer({ min: 0, max: 0xffffffff });
+const bytes16 = fc.uint8Array({ minLength: 16, maxLength: 16 });
+
+const validHello: fc.Arbitrary<RawHello> = fc.record({
+  magic: fc.constant(MAGIC.DSTC),
+  versionMin: fc.constantFrom(0, 1),
+  versionMax: fc.constantFrom(1, 2, 0xffff),
+  features: fc.oneof(fc.constantFrom(0, 1), u32),
+  authMethods: u16.map((mask) => mask | 1),
+  protections: u16.map((mask) => mask | 1),
+  nonce: bytes16,
+  clientId: fc.option(bytes16, { nil: null }),
+});
+
+const hello: fc.Arbitrary<RawHello> = fc.oneof(
+  { weight: 60, arbitrary: validHello },
+  // Refused with a status: no version in common, no auth, no protection.
+  {
+    weight: 1,
+    arbitrary: fc.tuple(validHello, fc.integer({ min: 2, max: 0xffff })).map(([h, min]) => ({
+      ...h,
+      versionMin: min,
+      versionMax: Math.max(min, h.versionMax),
+    })),
+  },
+  { weight: 1, arbitrary: validHello.map((h) => ({ ...h, versionMin: 0, versionMax: 0 })) },
+  { weight: 1, arbitrary: validHello.map((h) => ({ ...h, authMethods: h.authMethods & ~1 })) },
+  { weight: 1, arbitrary: validHello.map((h) => ({ ...h, protections: h.protections & ~1 })) },
+  // Not answered: a wrong magic, or versionMin > versionMax.
+  {
+    weight: 1,
+    arbitrary: fc.tuple(validHello, u32.filter((m) => m !== MAGIC.DSTC)).map(([h, magic]) => ({
+      ...h,
+      magic,
+    })),
+  },
+  {
+    weight: 1,
+    arbitrary: fc.tuple(validHello, fc.integer({ min: 1, max: 0xffff })).map(([h, gap]) => ({
+      ...h,
+      versionMin: Math.min(0xffff, h.versionMax + gap),
+      versionMax: Math.min(h.versionMax, 0xfffe),
+    })),
+  },
+);
+
+/** In-range ranges, mostly small, some up to the whole device. */
+const range = fc.record({
+  offset: fc.nat({ max: SIZE - 1 }),
+  length: fc.oneof(
+    fc.integer({ min: 1, max: 64 }),
+    fc.integer({ min: 1, max: 8192 }),
+    fc.integer({ min: 1, max: SIZE }),
+  ),
+}).map(({ offset, length }) => ({ offset, length: Math.min(length, SIZE - offset) }));
+
+/** Ranges that end past the device. */
+const pastEnd = fc.record({
+  offset: fc.oneof(fc.constantFrom(0, SIZE - 1, SIZE), fc.integer({ min: 0, max: SIZE + 4096 })),
+  // Often by a byte or a few, where an off-by-one in a range check shows.
+  over: fc.oneof(
+    fc.constant(1),
+    fc.integer({ min: 1, max: 16 }),
+    fc.integer({ min: 1, max: 9000 }),
+  ),
+}).map(({ offset, over }) => ({ offset, length: Math.max(1, SIZE - offset + over) }));
+
+/** Offsets a careless sum overflows at: around 2^53 and up to 2^64 - 1. */
+const hugeOffset = fc.oneof(
+  fc.constantFrom(2n ** 53n - 1n, 2n ** 53n, 2n ** 53n + 1n, 2n ** 63n, 2n ** 64n - 1n),
+  fc.bigInt({ min: 2n ** 53n - 100_000n, max: 2n ** 53n + 100_000n }),
+  fc.bigInt({ min: 2n ** 64n - 100_000n, max: 2n ** 64n - 1n }),
+  fc.bigInt({ min: 0n, max: 2n ** 64n - 1n }),
+);
+
+const ioFlags = fc.constantFrom(0, 1, 2, 3);
+const rangedCommand = fc.constantFrom(...RANGED);
+const nonRangedCommand = fc.constantFrom(FLUSH, INFO, PING, STATUS);
+
+/** A ranged request with a payload exactly when it is a WRITE. */
+function ranged(command: number, offset: bigint, length: number, seed: number, flags = 0) {
+  const payload = command === WRITE ? { seed, length } : new Uint8Array();
+  return request(command, { offset, length, payload, flags });
+}
+
+const valid: fc.Arbitrary<RawRequest> = fc.oneof(
+  {
+    weight: 3,
+    arbitrary: range.map((r) => request(READ, { offset: BigInt(r.offset), length: r.length })),
+  },
+  {
+    weight: 4,
+    arbitrary: fc.tuple(range, ioFlags, fc.integer()).map(([r, flags, seed]) =>
+      ranged(WRITE, BigInt(r.offset), r.length, seed, flags)
+    ),
+  },
+  {
+    weight: 1,
+    arbitrary: fc.tuple(fc.constantFrom(DISCARD, WRITE_ZEROES), range, ioFlags).map((
+      [command, r, flags],
+    ) => ranged(command, BigInt(r.offset), r.length, 0, flags)),
+  },
+  { weight: 2, arbitrary: nonRangedCommand.map((command) => request(command)) },
+);
+
+const wellFramedBad: fc.Arbitrary<RawRequest> = fc.oneof(
+  // Past the end (a WRITE carries all of its payload).
+  fc.tuple(rangedCommand, pastEnd, fc.integer()).map(([command, r, seed]) =>
+    ranged(command, BigInt(r.offset), r.length, seed)
+  ),
+  // An offset at or past 2^53, or just below it so that offset + length overflows.
+  fc.tuple(rangedCommand, hugeOffset, fc.integer({ min: 1, max: 4096 }), fc.integer()).map((
+    [command, offset, length, seed],
+  ) => ranged(command, offset, length, seed)),
+  // Huge lengths: a READ over 32 MiB, a DISCARD over 1 GiB, a WRITE that does not carry them.
+  fc.tuple(fc.nat({ max: SIZE }), fc.integer({ min: PAYLOAD_MAX, max: 0xffffffff })).map((
+    [offset, length],
+  ) => request(READ, { offset: BigInt(offset), length })),
+  fc.tuple(
+    fc.constantFrom(DISCARD, WRITE_ZEROES),
+    fc.nat({ max: SIZE }),
+    fc.oneof(
+      fc.integer({ min: SIZE, max: RANGE_MAX + 1 }),
+      fc.integer({ min: RANGE_MAX, max: 0xffffffff }),
+    ),
+  ).map(([command, offset, length]) => request(command, { offset: BigInt(offset), length })),
+  fc.tuple(fc.nat({ max: SIZE }), fc.integer({ min: PAYLOAD_MAX - 1, max: 0xffffffff })).map((
+    [offset, length],
+  ) => request(WRITE, { offset: BigInt(offset), length })),
+  // Zero length.
+  fc.tuple(rangedCommand, fc.nat({ max: SIZE + 10 })).map(([command, offset]) =>
+    request(command, { offset: BigInt(offset), length: 0 })
+  ),
+  // An unknown command, with whatever else.
+  fc.record({
+    command: fc.oneof(fc.constant(0), fc.integer({ min: 10, max: 0xffff })),
+    flags: u16,
+    offset: fc.bigInt({ min: 0n, max: 2n ** 64n - 1n }),
+    length: u32,
+    payload: fc.uint8Array({ maxLength: 64 }),
+  }).map((fields) => request(fields.command, fields)),
+  // Flags the command does not accept, on an otherwise valid request.
+  fc.tuple(valid, fc.integer({ min: 0, max: 15 }), u16).map(([r, bit, more]) => {
+    const allowed = r.command === WRITE || r.command === DISCARD || r.command === WRITE_ZEROES
+      ? 3
+      : 0;
+    const bad = allowed === 0 ? 1 << bit : 1 << Math.max(2, bit);
+    return { ...r, flags: (r.flags | bad | (more & ~allowed)) & 0xffff };
+  }),
+  // A payload length the command does not take (the payload is sent, so framing holds).
+  fc.tuple(valid, fc.integer({ min: 1, max: 300 })).map(([r, extra]) => {
+    const payload = { seed: extra, length: r.payload.length + extra };
+    return { ...r, payload, payloadLength: payload.length };
+  }),
+  fc.tuple(range, fc.integer({ min: 0, max: 1000 })).map(([r, payloadLength]) =>
+    request(WRITE, {
+      offset: BigInt(r.offset),
+      length: payloadLength === r.length ? r.length + 1 : r.length,
+      payload: { seed: r.length, length: payloadLength },
+    })
+  ),
+  // A command without a range that has one.
+  fc.tuple(nonRangedCommand, fc.bigInt({ min: 0n, max: 2n ** 64n - 1n }), u32).filter((
+    [, offset, length],
+  ) => offset !== 0n || length !== 0).map(([command, offset, length]) =>
+    request(command, { offset, length })
+  ),
+  // CONTROL: a plain export has no owner to ask (ENOTSUP); outside 1 .. 4 KiB, EINVAL.
+  fc.oneof(
+    fc.constantFrom('{"op":"detach","leg":"a"}', "{", "null").map((text) =>
+      new TextEncoder().encode(text)
+    ),
+    fc.uint8Array({ minLength: 0, maxLength: CONTROL_MAX + 100 }),
+  ).map((payload) => request(CONTROL, { payload })),
+);
+
+const untrusted: fc.Arbitrary<RawRequest> = fc.oneof(
+  fc.tuple(
+    valid,
+    fc.oneof(
+      fc.constantFrom(MAGIC.DSTR, MAGIC.DSTC, MAGIC.DSTS, 0, 0x13956025),
+      u32,
+    ).filter((m) => m !== MAGIC.DSTQ),
+  ).map(([r, magic]) => ({ ...r, magic })),
+  fc.tuple(valid, fc.integer({ min: PAYLOAD_MAX + 1, max: 0xffffffff })).map((
+    [r, payloadLength],
+  ) => ({ ...r, payloadLength, payload: new Uint8Array() })),
+  fc.tuple(valid, fc.bigInt({ min: 2n ** 53n, max: 2n ** 64n - 1n })).map(([r, txId]) => ({
+    ...r,
+    txId,
+  })),
+);
+
+const frame = fc.oneof(
+  { weight: 30, arbitrary: valid },
+  { weight: 25, arbitrary: wellFramedBad },
+  { weight: 1, arbitrary: untrusted },
+);
+
+interface Session {
+  hello: RawHello;
+  frames: RawRequest[];
+  /** The first txId the session numbers its requests from; near 2^53 it runs past it. */
+  txBase: number;
+  corruption: Corruption | null;
+  chunkSeed: number;
+  ending: Ending;
+}
+
+const session: fc.Arbitrary<Session> = fc.record({
+  hello,
+  frames: fc.array(frame, { maxLength: 50, size: "max" }),
+  txBase: fc.oneof(
+    { weight: 4, arbitrary: fc.constant(1) },
+    { weight: 2, arbitrary: fc.integer({ min: 1, max: 2 ** 53 - 100 }) },
+    { weight: 1, arbitrary: fc.integer({ min: 2 ** 53 - 40, max: 2 ** 53 - 1 }) },
+  ),
+  corruption: fc.oneof(
+    { weight: 2, arbitrary: fc.constant(null) },
+    { weight: 1, arbitrary: corruption },
+  ),
+  chunkSeed: fc.integer(),
+  ending: fc.oneof(
+    { weight: 9, arbitrary: fc.constant("half-close" as const) },
+    { weight: 1, arbitrary: fc.constant("abort" as const) },
+  ),
+});
+
+const run = fc.record({
+  sessions: fc.array(session, { minLength: 1, maxLength: 3 }),
+  deviceSeed: fc.integer(),
+  checker: fc.tuple(range, fc.integer()),
+});
+
+// ---------------------------------------------------------------------------------
+// Encoding
+
+function encodeHello(h: RawHello, sessionNumber: number): Uint8Array {
+  const bytes = new Uint8Array(48);
+  const view = new DataView(bytes.buffer);
+  view.setUint32(0, h.magic, true);
+  view.setUint16(4, h.versionMin, true);
+  view.setUint16(6, h.versionMax, true);
+  view.setUint32(8, h.features, true);
+  view.setUint16(12, h.authMethods, true);
+  view.setUint16(14, h.protections, true);
+  bytes.set(h.nonce, 16);
+  if (h.clientId !== null) {
+    // Distinct per session: a second connection of one client would fence the first.
+    bytes.set(h.clientId, 32);
+    bytes[47] = sessionNumber + 1;
+  }
+  return bytes;
+}
+
+function encodeRequest(r: RawRequest, txId: bigint): Uint8Array {
+  const payload = payloadBytes(r.payload);
+  const bytes = new Uint8Array(32 + payload.length);
+  const view = new DataView(bytes.buffer);
+  view.setUint32(0, r.magic, true);
+  view.setUint16(4, r.command, true);
+  view.setUint16(6, r.flags, true);
+  view.setBigUint64(8, txId, true);
+  view.setBigUint64(16, r.offset, true);
+  view.setUint32(24, r.length, true);
+  view.setUint32(28, r.payloadLength, true);
+  bytes.set(payload, 32);
+  return bytes;
+}
+
+function encodeSession(s: Session, sessionNumber: number): Uint8Array {
+  const stream = new StreamBuilder();
+  stream.frame(encodeHello(s.hello, sessionNumber));
+  s.frames.forEach((r, i) => stream.frame(encodeRequest(r, r.txId ?? BigInt(s.txBase + i))));
+  const bytes = stream.bytes();
+  return s.corruption === null ? bytes : corrupt(bytes, stream.starts, s.corruption);
+}
+
+// ---------------------------------------------------------------------------------
+// The oracle: what the export must do with a stream, from the spec
+
+interface ExpectedReply {
+  txId: number;
+  command: number;
+  error: number;
+  /** A READ's length, or what the payload is; "none" for every error and most commands. */
+  payload: number | "none" | "info" | "status";
+}
+
+interface Expectation {
+  /** "silent": closed without an answer; "refused": a hello with `helloStatus`, then closed. */
+  hello: "silent" | "refused" | "ok";
+  helloStatus: number;
+  replies: ExpectedReply[];
+  /** The data-changing calls the valid requests make. */
+  calls: DeviceCall[];
+  /** Well-framed requests refused by the spec's check order (each counted and maybe logged). */
+  refused: number;
+  /** A frame the export cannot trust ended the connection. */
+  untrusted: boolean;
+  /**
+   * The export stops reading in the handshake, before the stream's end, and closes with
+   * bytes unread: its kernel then resets the connection, and the reset may drop what it
+   * sent last. (After the handshake it reads to the client's end before it closes.)
+   */
+  cut: boolean;
+}
+
+function expect(stream: Uint8Array): Expectation {
+  const e: Expectation = {
+    hello: "silent",
+    helloStatus: -1,
+    replies: [],
+    calls: [],
+    refused: 0,
+    untrusted: false,
+    cut: false,
+  };
+  const view = new DataView(stream.buffer, stream.byteOffset, stream.byteLength);
+  const stopAt = (at: number) => {
+    e.cut = at < stream.length;
+    return e;
+  };
+  // The export reads the magic first and stops there when it is wrong.
+  if (stream.length < 4) return e;
+  if (view.getUint32(0, true) !== MAGIC.DSTC) return stopAt(4);
+  if (stream.length < 48) return e;
+  const versionMin = view.getUint16(4, true);
+  const versionMax = view.getUint16(6, true);
+  if (versionMin > versionMax) return stopAt(48);
+  if (versionMin > 1 || versionMax < 1) e.helloStatus = VERSION_UNSUPPORTED;
+  else if ((view.getUint16(12, true) & 1) === 0) e.helloStatus = AUTH_UNSUPPORTED;
+  else if ((view.getUint16(14, true) & 1) === 0) e.helloStatus = PROTECTION_UNSUPPORTED;
+  else e.helloStatus = STATUS_OK;
+  if (e.helloStatus !== STATUS_OK) {
+    e.hello = "refused";
+    return stopAt(48);
+  }
+  e.hello = "ok";
+  let at = 48;
+  while (stream.length - at >= 32) {
+    const magic = view.getUint32(at, true);
+    const payloadLength = view.getUint32(at + 28, true);
+    const txHigh = view.getUint32(at + 12, true);
+    if (magic !== MAGIC.DSTQ || payloadLength > PAYLOAD_MAX || txHigh >= 2 ** 21) {
+      e.untrusted = true;
+      return e;
+    }
+    if (stream.length - at < 32 + payloadLength) break; // incomplete: the stream ends inside it
+    const command = view.getUint16(at + 4, true);
+    const flags = view.getUint16(at + 6, true);
+    const txId = txHigh * TWO_32 + view.getUint32(at + 8, true);
+    const offsetHigh = view.getUint32(at + 20, true);
+    const offset = offsetHigh >= 2 ** 21
+      ? null
+      : offsetHigh * TWO_32 + view.getUint32(at + 16, true);
+    const length = view.getUint32(at + 24, true);
+    const payload = stream.subarray(at + 32, at + 32 + payloadLength);
+    at += 32 + payloadLength;
+    const error = refusal(command, flags, offset, length, payloadLength);
+    if (error !== null) {
+      e.refused += 1;
+      e.replies.push({ txId, command, error, payload: "none" });
+      continue;
+    }
+    const reply = (error: number, payload: ExpectedReply["payload"] = "none") =>
+      e.replies.push({ txId, command, error, payload });
+    switch (command) {
+      case READ:
+        reply(0, length);
+        break;
+      case WRITE:
+        e.calls.push({ kind: "write", offset: offset!, length, data: payload.slice() });
+        reply(0);
+        break;
+      case DISCARD:
+        e.calls.push({ kind: "discard", offset: offset!, length, data: null });
+        reply(0);
+        break;
+      case WRITE_ZEROES:
+        e.calls.push({ kind: "zeroes", offset: offset!, length, data: null });
+        reply(0);
+        break;
+      case INFO:
+        reply(0, "info");
+        break;
+      case STATUS:
+        reply(0, "status");
+        break;
+      case CONTROL:
+        reply(ENOTSUP); // a plain export has no owner to run it
+        break;
+      default: // FLUSH, PING
+        reply(0);
+    }
+  }
+  return e;
+}
+
+/** The spec's check order ("Error codes"), for a writable export of SIZE bytes. */
+function refusal(
+  command: number,
+  flags: number,
+  offset: number | null,
+  length: number,
+  payloadLength: number,
+): number | null {
+  if (command < READ || command > CONTROL) return ENOTSUP;
+  const accepted = command === WRITE || command === DISCARD || command === WRITE_ZEROES ? 3 : 0;
+  if ((flags & ~accepted) !== 0) return EINVAL;
+  const payloadOk = command === WRITE
+    ? payloadLength === length
+    : command === CONTROL
+    ? payloadLength >= 1 && payloadLength <= CONTROL_MAX
+    : payloadLength === 0;
+  if (!payloadOk) return EINVAL;
+  if (RANGED.includes(command)) {
+    if (offset === null || length === 0) return EINVAL;
+    if (length > (command === READ || command === WRITE ? PAYLOAD_MAX : RANGE_MAX)) return EINVAL;
+    if (offset + length > SIZE) return command === READ ? EINVAL : ENOSPC;
+  } else if (offset !== 0 || length !== 0) {
+    return EINVAL;
+  }
+  return null;
+}
+
+/** Checks the export's whole output to one connection against the oracle. */
+function checkOutput(output: Uint8Array, e: Expectation, complete: boolean): void {
+  const out = new OutputReader(output, complete);
+  try {
+    checkReplies(out, e);
+  } catch (error) {
+    if (!(error instanceof OutputCut)) throw error;
+  }
+}
+
+function checkReplies(out: OutputReader, e: Expectation): void {
+  const output = out.bytes;
+  if (e.hello === "silent") {
+    assert.equal(output.length, 0, "a hello the export must not answer was answered");
+    return;
+  }
+  const hello = out.take(112, "the server hello");
+  assert.equal(hello.getUint32(0, true), MAGIC.DSTS, "server hello magic");
+  assert.equal(hello.getUint16(4, true), 1, "server hello version");
+  assert.equal(hello.getUint16(6, true), e.helloStatus, "server hello status");
+  if (e.hello === "refused") {
+    const reasonLength = out.take(2, "the refusal reason's length").getUint16(0, true);
+    assert.ok(reasonLength <= 512, `a refusal reason of ${reasonLength} bytes`);
+    out.take(reasonLength, "the refusal reason");
+    assert.equal(out.remaining, 0, "bytes after a refused hello");
+    return;
+  }
+  assert.equal(hello.getUint32(8, true), 1, "features: SHARED_WRITERS");
+  assert.equal(hello.getBigUint64(16, true), BigInt(SIZE), "export size");
+  assert.equal(hello.getUint32(24, true), 4096, "block size");
+  assert.equal(hello.getUint32(28, true), 0, "export flags");
+  assert.equal(hello.getUint32(32, true), PAYLOAD_MAX, "payloadBytesMax");
+  assert.equal(hello.getUint32(36, true), 128, "inFlightMax");
+
+  const pending = new Map<number, ExpectedReply[]>();
+  for (const reply of e.replies) {
+    const list = pending.get(reply.txId) ?? [];
+    list.push(reply);
+    pending.set(reply.txId, list);
+  }
+  while (out.remaining > 0) {
+    const at = out.position;
+    const header = out.take(24, "a reply header");
+    assert.equal(header.getUint32(0, true), MAGIC.DSTR, `reply magic at byte ${at}`);
+    const command = header.getUint16(4, true);
+    const txId = Number(header.getBigUint64(8, true));
+    const error = header.getUint32(16, true);
+    const payloadLength = header.getUint32(20, true);
+    const what = `the reply at byte ${at} (txId ${txId}, command ${command}, error ${error})`;
+    assert.equal(header.getUint16(6, true), 0, `${what}: reserved field`);
+    const candidates = pending.get(txId) ?? [];
+    const index = candidates.findIndex((r) => r.command === command && r.error === error);
+    assert.ok(
+      index >= 0,
+      `${what} answers no request; expected for this txId: ${JSON.stringify(candidates)}`,
+    );
+    const expected = candidates.splice(index, 1)[0]!;
+    if (candidates.length === 0) pending.delete(txId);
+    const payload = out.take(payloadLength, `${what}'s payload`);
+    if (typeof expected.payload === "number") {
+      assert.equal(payloadLength, expected.payload, `${what}: payload length`);
+    } else if (expected.payload === "none") {
+      assert.equal(payloadLength, 0, `${what}: payload length`);
+    } else if (expected.payload === "info") {
+      assert.equal(payloadLength, 16, `${what}: INFO payload length`);
+      assert.equal(payload.getBigUint64(0, true), BigInt(SIZE), `${what}: INFO size`);
+      assert.equal(payload.getUint32(8, true), 4096, `${what}: INFO block size`);
+      assert.equal(payload.getUint32(12, true), 0, `${what}: INFO flags`);
+    } else {
+      const text = new TextDecoder().decode(
+        new Uint8Array(payload.buffer, payload.byteOffset, payload.byteLength),
+      );
+      const status = JSON.parse(text);
+      assert.equal(status.kind, "export", `${what}: STATUS kind`);
+      assert.equal(status.sizeBytes, SIZE, `${what}: STATUS size`);
+    }
+  }
+  const missing = [...pending.values()].flat();
+  if (out.complete) assert.deepEqual(missing, [], "requests the export never answered");
+}
+
+// ---------------------------------------------------------------------------------
+// The well-behaved clients
+
+function header(command: number, txId: number, offset: number, length: number): RequestHeader {
+  return {
+    command,
+    flags: 0,
+    txId,
+    offset,
+    length,
+    payloadLength: command === Command.WRITE ? length : 0,
+  };
+}
+
+/** One request and its reply on a well-behaved connection, bounded. */
+async function ask(
+  client: RawClient,
+  h: RequestHeader,
+  payload?: Uint8Array,
+): Promise<Uint8Array> {
+  const what = `the reply to a well-behaved client's command ${h.command}`;
+  return await within(
+    WAIT_MS,
+    what,
+    (async () => {
+      await client.send(RawClient.frame(h, payload));
+      const reply = await client.reply();
+      assert.equal(reply.header.txId, h.txId, `${what}: txId`);
+      assert.equal(reply.header.error, WireError.OK, `${what}: error`);
+      return reply.payload;
+    })(),
+    () => client.close(),
+  );
+}
+
+// ---------------------------------------------------------------------------------
+
+Deno.test("DST frame fuzzing: no crash, no hang, no write outside the device, other clients served", async () => {
+  await fc.assert(
+    fc.asyncProperty(run, async ({ sessions, deviceSeed, checker }) => {
+      const memory = new MemoryDevice(SIZE);
+      memory.bytes.set(seededBytes(deviceSeed, SIZE));
+      const initial = memory.bytes.slice();
+      const device = new GuardDevice(memory);
+      const log = new RecordingLogger();
+      const listener = new TrackingListener();
+      const exporter = Exporter.serve(device, listener, {
+        log,
+        // Concurrent fuzzing writers would otherwise race for the lease.
+        lease: new WriterLease(new MemoryGeneration(), true),
+      });
+      let failed = true;
+      let bystander: RawClient | null = null;
+      try {
+        bystander = await within(
+          WAIT_MS,
+          "the bystander's handshake",
+          RawClient.connect(exporter.address),
+        );
+        await ask(bystander, header(Command.PING, 1, 0, 0));
+
+        const streams = sessions.map((s, i) => encodeSession(s, i));
+        const outcomes = await Promise.all(
+          sessions.map((s, i) =>
+            runSession(exporter.address, streams[i]!, s.chunkSeed, s.ending, WAIT_MS)
+          ),
+        );
+
+        // A dropped connection's requests may still be running: wait until it has ended.
+        await listener.settled(1 + sessions.length, 1, WAIT_MS);
+        // First what matters most, so it is what a failure reports.
+        assert.deepEqual(device.outside, [], `outside the device: ${device.outside.join("; ")}`);
+
+        const must: DeviceCall[] = [];
+        const may: DeviceCall[] = [];
+        let errors = 0;
+        sessions.forEach((s, i) => {
+          const e = expect(streams[i]!);
+          const { output, peer, reset } = outcomes[i]!;
+          if (s.ending === "abort") {
+            may.push(...e.calls);
+            return;
+          }
+          must.push(...e.calls);
+          const where = `connection ${i} (${peer}, ${streams[i]!.length} bytes sent)`;
+          try {
+            // Of an output that may be cut short (see Expectation.cut), what arrived is checked.
+            assert.ok(!reset || e.cut, "a reset, though the export read the whole stream");
+            checkOutput(output, e, !e.cut);
+          } catch (error) {
+            const said = log.about(peer);
+            throw new Error(`${where}: ${(error as Error).message}\nthe server logged:\n${said}`, {
+              cause: error,
+            });
+          }
+          const closing = log.warnings(peer, /closing this connection/);
+          assert.equal(closing.length, e.untrusted ? 1 : 0, `${where}: ${closing.join(" | ")}`);
+          const refusedHello = log.warnings(peer, /handshake refused/);
+          assert.equal(refusedHello.length, e.hello === "ok" ? 0 : 1, `${where}: hello log`);
+          const refusedRequests = log.warnings(peer, /refused request/);
+          assert.equal(refusedRequests.length, Math.min(5, e.refused), `${where}: refusals logged`);
+          errors += (e.hello === "ok" ? 0 : 1) + e.refused + (e.untrusted ? 1 : 0);
+        });
+        const wrong = unexpectedCalls(device.calls, must, may);
+        assert.deepEqual(wrong, [], wrong.join("; "));
+        assert.equal(memory.bytes.length, SIZE, "the device's size");
+        const model = applyCalls(initial, device.calls);
+        assertSameBytes(memory.bytes, model, "the device after the fuzzing");
+        if (sessions.every((s) => s.ending === "half-close")) {
+          assert.equal(exporter.status().errors, errors, "STATUS errors");
+        }
+
+        // Other clients: the bystander kept its connection through all of it.
+        await ask(bystander, header(Command.PING, 2, 0, 0));
+        const whole = await ask(bystander, header(Command.READ, 3, 0, SIZE));
+        assertSameBytes(whole, model, "the bystander's read of the whole device");
+        const [r, seed] = checker;
+        const newcomer = await within(
+          WAIT_MS,
+          "a new client's handshake",
+          RawClient.connect(exporter.address),
+        );
+        try {
+          const data = seededBytes(seed, r.length);
+          await ask(newcomer, header(Command.WRITE, 1, r.offset, r.length), data);
+          const back = await ask(newcomer, header(Command.READ, 2, r.offset, r.length));
+          assertSameBytes(back, data, "a new client's write read back");
+        } finally {
+          newcomer.close();
+        }
+        assert.deepEqual(log.errors(), [], "error-level log lines");
+        failed = false;
+      } finally {
+        bystander?.close();
+        // After a failure the export may be stuck (that may be the failure): it gets a short
+        // while to shut down, and the failure is what is reported.
+        const shutdown = within(
+          failed ? 1000 : WAIT_MS,
+          "the export's shutdown",
+          exporter.shutdown(),
+        );
+        await (failed ? shutdown.catch(() => {}) : shutdown);
+      }
+    }),
+    // A hang costs seconds per run while fast-check shrinks it: past 90 s it reports the
+    // smallest failure found so far.
+    { ...replayOptions(300), interruptAfterTimeLimit: 90_000 },
+  );
+});
