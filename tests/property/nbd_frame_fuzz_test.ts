@@ -303,8 +303,8 @@ const hugeOffset = fc.oneof(
 );
 
 const rangedType = fc.constantFrom(READ, WRITE, TRIM, WRITE_ZEROES);
-const accepted = (type: number) =>
-  type === WRITE || type === TRIM ? FUA : type === WRITE_ZEROES ? FUA | NO_HOLE : 0;
+/** FUA is valid on every command (the spec, once SEND_FUA is advertised); NO_HOLE on WRITE_ZEROES. */
+const accepted = (type: number) => type === WRITE_ZEROES ? FUA | NO_HOLE : FUA;
 
 /** A ranged request with a payload exactly when it is a WRITE. */
 function ranged(type: number, offset: bigint, length: number, seed: number, flags = 0) {
@@ -629,14 +629,17 @@ function parseInfo(data: Uint8Array): { name: string; infos: number[] } | null {
   return { name: new TextDecoder().decode(data.subarray(4, 4 + nameLength)), infos };
 }
 
-/** The error a request gets, or null when it is valid (src/nbd/transmission.ts's mapping). */
+/** The error a request gets, or null when it is valid (the spec's error section). */
 function refusal(type: number, flags: number, offset: bigint, length: number): number | null {
   if (![READ, WRITE, FLUSH, TRIM, WRITE_ZEROES].includes(type)) return EINVAL;
   if ((flags & ~accepted(type)) !== 0) return EINVAL;
   if (type === FLUSH) return null;
   if (length === 0) return EINVAL;
   if (type === READ && length > BLOCK_MAX) return EINVAL;
-  if (offset + BigInt(length) > BigInt(SIZE)) return type === READ ? EINVAL : ENOSPC;
+  // ENOSPC for a write or write-zeroes past the end, EINVAL for a read or trim.
+  if (offset + BigInt(length) > BigInt(SIZE)) {
+    return type === WRITE || type === WRITE_ZEROES ? ENOSPC : EINVAL;
+  }
   return null;
 }
 
