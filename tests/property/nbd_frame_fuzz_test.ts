@@ -303,8 +303,12 @@ const hugeOffset = fc.oneof(
 );
 
 const rangedType = fc.constantFrom(READ, WRITE, TRIM, WRITE_ZEROES);
+/**
+ * The flags a command accepts: FUA on every one (the spec requires it once SEND_FUA is
+ * advertised), and NO_HOLE on WRITE_ZEROES.
+ */
 const accepted = (type: number) =>
-  type === WRITE || type === TRIM ? FUA : type === WRITE_ZEROES ? FUA | NO_HOLE : 0;
+  type === WRITE_ZEROES ? FUA | NO_HOLE : [READ, WRITE, FLUSH, TRIM].includes(type) ? FUA : 0;
 
 /** A ranged request with a payload exactly when it is a WRITE. */
 function ranged(type: number, offset: bigint, length: number, seed: number, flags = 0) {
@@ -636,7 +640,10 @@ function refusal(type: number, flags: number, offset: bigint, length: number): n
   if (type === FLUSH) return null;
   if (length === 0) return EINVAL;
   if (type === READ && length > BLOCK_MAX) return EINVAL;
-  if (offset + BigInt(length) > BigInt(SIZE)) return type === READ ? EINVAL : ENOSPC;
+  // Past the end: ENOSPC for a write or write-zeroes, EINVAL for a read or trim (the spec).
+  if (offset + BigInt(length) > BigInt(SIZE)) {
+    return type === WRITE || type === WRITE_ZEROES ? ENOSPC : EINVAL;
+  }
   return null;
 }
 
