@@ -16,7 +16,7 @@ import { Command } from "../protocol/mod.ts";
 import { Exporter } from "../server/exporter.ts";
 import { closeQuietly, readExact, writeAll } from "./byte_conn.ts";
 import { concat } from "../../tests/helpers/bytes.ts";
-import { within } from "../../tests/helpers/frame_fuzz.ts";
+import { readToEnd, within } from "../../tests/helpers/frame_fuzz.ts";
 import { RawClient } from "../../tests/helpers/raw_client.ts";
 
 const READS = 100;
@@ -31,19 +31,16 @@ async function sendThenBadFrame(conn: Deno.Conn, requests: Uint8Array): Promise<
   await writeAll(conn, concat(requests, new Uint8Array(32).fill(0x42)));
   await new Promise((resolve) => setTimeout(resolve, 50));
   await writeAll(conn, new Uint8Array(100_000)).catch(() => {});
-  const parts: Uint8Array[] = [];
-  const buffer = new Uint8Array(1024 * 1024);
-  for (;;) {
-    let n: number | null;
-    try {
-      n = await conn.read(buffer);
-    } catch {
-      break; // reset
-    }
-    if (n === null) break;
-    parts.push(buffer.slice(0, n));
-  }
-  return concat(...parts);
+  return (await readToEnd(conn)).bytes; // up to the close, or a reset
+}
+
+/** Checks that `output` is READS replies of `replyBytes` each. */
+function assertAllReplies(output: Uint8Array, replyBytes: number): void {
+  assert.equal(
+    output.length,
+    READS * replyBytes,
+    `${Math.floor(output.length / replyBytes)} of ${READS} replies arrived`,
+  );
 }
 
 Deno.test("DST: the replies to requests before a frame that cannot be trusted all arrive, though the client sent more", async () => {
@@ -69,12 +66,7 @@ Deno.test("DST: the replies to requests before a frame that cannot be trusted al
       "the export's close",
       sendThenBadFrame(client.conn as Deno.Conn, requests),
     );
-    const replyBytes = 24 + READ_BYTES;
-    assert.equal(
-      output.length,
-      READS * replyBytes,
-      `${Math.floor(output.length / replyBytes)} of ${READS} replies arrived`,
-    );
+    assertAllReplies(output, 24 + READ_BYTES);
   } finally {
     client.close();
     await exporter.shutdown();
@@ -107,12 +99,7 @@ Deno.test("NBD: the replies to requests before a frame that cannot be trusted al
       view.setUint32(i * 28 + 24, READ_BYTES);
     }
     const output = await within(10_000, "the server's close", sendThenBadFrame(conn, requests));
-    const replyBytes = 16 + READ_BYTES;
-    assert.equal(
-      output.length,
-      READS * replyBytes,
-      `${Math.floor(output.length / replyBytes)} of ${READS} replies arrived`,
-    );
+    assertAllReplies(output, 16 + READ_BYTES);
   } finally {
     closeQuietly(conn);
     await server.shutdown();

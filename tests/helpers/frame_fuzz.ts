@@ -1,18 +1,28 @@
 /**
  * What the frame fuzz tests of both protocols share (tests/property/*_frame_fuzz_test.ts):
- * a device wrapper that catches any call outside the device, a logger that keeps its
- * lines, a fuzzing connection that sends a byte stream in random pieces and collects
- * everything the server answers, stream corruptions (bytes flipped, a cut, garbage
- * from half-way), and bounded waits, so a hang fails the test instead of stalling it.
+ * the run itself (fuzzFrames: a server of a guarded device, fuzzing connections, a
+ * bystander and a new client, and the checks that do not depend on the protocol), the
+ * generators of ranges and offsets for a device of a given size, a device wrapper that
+ * catches any call outside the device, a logger that keeps its lines, a fuzzing
+ * connection that sends a byte stream in random pieces and collects everything the
+ * server answers, stream corruptions (bytes flipped, a cut, garbage from half-way), and
+ * bounded waits, so a hang fails the test instead of stalling it. Each protocol's test
+ * keeps its own oracle: its frames, what the server must answer, and what it must log.
  */
 
+import assert from "node:assert/strict";
 import fc from "fast-check";
 import type { BlockDevice, DeviceStats, IoFlags } from "../../src/device/block_device.ts";
-import type { MemoryDevice } from "../../src/device/memory_device.ts";
+import { MemoryDevice } from "../../src/device/memory_device.ts";
 import { formatHostPort, type HostPort } from "../../src/lib/address.ts";
 import type { Logger } from "../../src/lib/log.ts";
 import type { AcceptedConn, ConnListener } from "../../src/transport/accept_loop.ts";
 import { closeQuietly, writeAll } from "../../src/transport/byte_conn.ts";
+import { assertSameBytes, concat } from "./bytes.ts";
+import { replayOptions, seededBytes } from "./property.ts";
+
+/** How long a fuzzing run waits for any one thing (an answer, a close, a shutdown). */
+export const WAIT_MS = 5000;
 
 /** Resolves as `promise`, or throws a "hang" error naming `what` after `ms` (then runs `onTimeout`). */
 export async function within<T>(
@@ -289,6 +299,44 @@ export interface SessionOutcome {
 /** The server may send this much to one fuzzing connection; more is a runaway reply. */
 const OUTPUT_BYTES_MAX = 64 * 1024 * 1024;
 
+/** What readToEnd got. */
+export interface Received {
+  bytes: Uint8Array;
+  /** The read ended with a reset, not an end of stream (see SessionOutcome.reset). */
+  reset: boolean;
+  /** More than the limit arrived: reading stopped there. */
+  overLimit: boolean;
+}
+
+/**
+ * Reads `conn` until the other side ends its stream, the connection is reset, or more
+ * than `limit` bytes arrived. Never rejects, so it needs no handler while a sender runs.
+ */
+export async function readToEnd(conn: Deno.Conn, limit = Infinity): Promise<Received> {
+  const parts: Uint8Array[] = [];
+  const buffer = new Uint8Array(256 * 1024);
+  let total = 0;
+  let reset = false;
+  let overLimit = false;
+  for (;;) {
+    let n: number | null;
+    try {
+      n = await conn.read(buffer);
+    } catch {
+      reset = true; // the server closed with our bytes unread: see SessionOutcome.reset
+      break;
+    }
+    if (n === null) break;
+    parts.push(buffer.slice(0, n));
+    total += n;
+    if (total > limit) {
+      overLimit = true;
+      break;
+    }
+  }
+  return { bytes: concat(...parts), reset, overLimit };
+}
+
 /**
  * Connects to `address`, sends `bytes` in pieces cut by a PRNG from `chunkSeed` (so a
  * frame arrives split at any byte), then ends as `ending` says. The server may close
@@ -305,31 +353,9 @@ export async function runSession(
   const conn = await within(ms, "connecting", Deno.connect(address));
   const peer = formatHostPort(conn.localAddr as Deno.NetAddr);
   conn.setNoDelay(true);
-  const received: Uint8Array[] = [];
-  let total = 0;
-  let reset = false;
-  let runaway = false;
-  // Never rejects, so it needs no handler while the sending goes on.
-  const reading = (async () => {
-    if (ending === "abort") return;
-    const buffer = new Uint8Array(256 * 1024);
-    for (;;) {
-      let n: number | null;
-      try {
-        n = await conn.read(buffer);
-      } catch {
-        reset = true; // the server closed with our bytes unread: see SessionOutcome.reset
-        return;
-      }
-      if (n === null) return;
-      received.push(buffer.slice(0, n));
-      total += n;
-      if (total > OUTPUT_BYTES_MAX) {
-        runaway = true;
-        return;
-      }
-    }
-  })();
+  const reading: Promise<Received> = ending === "abort"
+    ? Promise.resolve({ bytes: new Uint8Array(), reset: false, overLimit: false })
+    : readToEnd(conn, OUTPUT_BYTES_MAX);
   const sending = async () => {
     let x = chunkSeed | 1;
     const next = () => {
@@ -376,15 +402,62 @@ export async function runSession(
     closeQuietly(conn);
     await reading;
   }
-  if (runaway) throw new Error(`the server sent more than ${OUTPUT_BYTES_MAX} bytes`);
-  const output = new Uint8Array(total);
-  let offset = 0;
-  for (const part of received) {
-    output.set(part, offset);
-    offset += part.length;
-  }
+  const { bytes: output, reset, overLimit } = await reading;
+  if (overLimit) throw new Error(`the server sent more than ${OUTPUT_BYTES_MAX} bytes`);
   return { output, peer, reset };
 }
+
+// ---------------------------------------------------------------------------------
+// Generators both protocols' streams are made of
+
+export const u16: fc.Arbitrary<number> = fc.integer({ min: 0, max: 0xffff });
+export const u32: fc.Arbitrary<number> = fc.integer({ min: 0, max: 0xffffffff });
+
+/** `length` bytes made from `seed` (so a counterexample prints short), or the bytes given. */
+export type Payload = { seed: number; length: number } | Uint8Array;
+
+export function payloadBytes(payload: Payload): Uint8Array {
+  return payload instanceof Uint8Array ? payload : seededBytes(payload.seed, payload.length);
+}
+
+/** A byte range on a device. */
+export interface Range {
+  offset: number;
+  length: number;
+}
+
+/** In-range ranges of a device of `size` bytes, mostly small, some up to the whole device. */
+export function rangeIn(size: number): fc.Arbitrary<Range> {
+  return fc.record({
+    offset: fc.nat({ max: size - 1 }),
+    length: fc.oneof(
+      fc.integer({ min: 1, max: 64 }),
+      fc.integer({ min: 1, max: 8192 }),
+      fc.integer({ min: 1, max: size }),
+    ),
+  }).map(({ offset, length }) => ({ offset, length: Math.min(length, size - offset) }));
+}
+
+/** Ranges that end past a device of `size` bytes. */
+export function pastEnd(size: number): fc.Arbitrary<Range> {
+  return fc.record({
+    offset: fc.oneof(fc.constantFrom(0, size - 1, size), fc.integer({ min: 0, max: size + 4096 })),
+    // Often by a byte or a few, where an off-by-one in a range check shows.
+    over: fc.oneof(
+      fc.constant(1),
+      fc.integer({ min: 1, max: 16 }),
+      fc.integer({ min: 1, max: 9000 }),
+    ),
+  }).map(({ offset, over }) => ({ offset, length: Math.max(1, size - offset + over) }));
+}
+
+/** Offsets a careless sum overflows at: around 2^53 and up to 2^64 - 1. */
+export const hugeOffset: fc.Arbitrary<bigint> = fc.oneof(
+  fc.constantFrom(2n ** 53n - 1n, 2n ** 53n, 2n ** 53n + 1n, 2n ** 63n, 2n ** 64n - 1n),
+  fc.bigInt({ min: 2n ** 53n - 100_000n, max: 2n ** 53n + 100_000n }),
+  fc.bigInt({ min: 2n ** 64n - 100_000n, max: 2n ** 64n - 1n }),
+  fc.bigInt({ min: 0n, max: 2n ** 64n - 1n }),
+);
 
 /**
  * Where in a stream a corruption starts: in frame `frame` (a fraction of the frame
@@ -426,6 +499,30 @@ export const corruption: fc.Arbitrary<Corruption> = fc.oneof(
     garbage: fc.uint8Array({ minLength: 1, maxLength: 40 }),
   }),
 );
+
+/** How a fuzzing session's stream is delivered, whatever the protocol. */
+export interface Delivery {
+  corruption: Corruption | null;
+  /** Seeds how the stream is cut into pieces (see runSession). */
+  chunkSeed: number;
+  ending: Ending;
+}
+
+/**
+ * The generators of a Delivery's fields, to spread last into a session's fc.record: a
+ * third of the streams corrupted, and one in ten connections dropped.
+ */
+export const delivery = {
+  corruption: fc.oneof(
+    { weight: 2, arbitrary: fc.constant(null) },
+    { weight: 1, arbitrary: corruption },
+  ),
+  chunkSeed: fc.integer(),
+  ending: fc.oneof(
+    { weight: 9, arbitrary: fc.constant("half-close" as const) },
+    { weight: 1, arbitrary: fc.constant("abort" as const) },
+  ),
+};
 
 /**
  * `bytes` with `c` applied; `starts` are the stream's frame starts (the first is 0).
@@ -521,5 +618,207 @@ export class OutputReader {
     const view = new DataView(this.bytes.buffer, this.bytes.byteOffset + this.#at, length);
     this.#at += length;
     return view;
+  }
+}
+
+/**
+ * Runs `check` on a reader of a server's whole output to one connection. An output that
+ * is not `complete` (a reset may have cut it short) is checked as far as it goes.
+ */
+export function checkOutput(
+  output: Uint8Array,
+  complete: boolean,
+  check: (out: OutputReader) => void,
+): void {
+  try {
+    check(new OutputReader(output, complete));
+  } catch (error) {
+    if (!(error instanceof OutputCut)) throw error;
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// The run
+
+/** What both protocols' oracles say about one connection, as far as fuzzFrames checks it. */
+export interface Expected {
+  /** The data-changing calls the valid requests make. */
+  calls: DeviceCall[];
+  /**
+   * The server stops reading in the handshake, before the stream's end, and closes with
+   * bytes unread: its kernel then resets the connection, and the reset may drop what it
+   * sent last. (After the handshake it reads to the client's end before it closes.)
+   */
+  cut: boolean;
+}
+
+/** A well-behaved client: each call is one request and its reply, bounded by WAIT_MS. */
+export interface PlainClient {
+  /** A request that changes no data and is answered at once (DST PING, NBD FLUSH). */
+  ping(): Promise<void>;
+  read(offset: number, length: number): Promise<Uint8Array>;
+  write(offset: number, data: Uint8Array): Promise<void>;
+  close(): void;
+}
+
+/** A server under fuzzing: it can be shut down. */
+export interface Shutdown {
+  shutdown(): Promise<void>;
+}
+
+/** One protocol's part of a frame fuzzing run: what fuzzFrames cannot know by itself. */
+export interface FrameFuzzing<S extends Delivery, E extends Expected, Server extends Shutdown> {
+  /** What failure messages call the server ("export") and its handshake ("handshake"). */
+  server: string;
+  handshake: string;
+  /** The device's size in bytes. */
+  size: number;
+  session: fc.Arbitrary<S>;
+  /** Serves `device` on `listener`, logging to `log`. */
+  serve(device: GuardDevice, listener: TrackingListener, log: RecordingLogger): Server;
+  /**
+   * A well-behaved client that has done its handshake: the bystander, connected before
+   * the fuzzing and kept open through it, or the newcomer, connected after it.
+   */
+  connect(address: HostPort, who: "bystander" | "newcomer"): Promise<PlainClient>;
+  /** Session number `index`'s stream. */
+  encode(session: S, index: number): Uint8Array;
+  /** The oracle: what the server must do with a stream. */
+  expect(stream: Uint8Array): E;
+  /** Checks the server's output to a connection that ended its stream against the oracle. */
+  checkReplies(out: OutputReader, e: E): void;
+  /** Checks what the server logged about that connection (`where` names it in failures). */
+  checkLog(log: RecordingLogger, peer: string, e: E, where: string): void;
+  /** Checks the server itself once the device was checked; given every session. */
+  checkServer?(server: Server, sessions: S[], expectations: E[]): void;
+}
+
+/** One generated run: the fuzzing sessions, the device's initial bytes, the new client's write. */
+interface FuzzRun<S> {
+  sessions: S[];
+  deviceSeed: number;
+  checker: [Range, number];
+}
+
+/**
+ * Fuzzes a server of `p.size` bytes with `p.session`s, 300 runs (or the one DST_SEED and
+ * DST_PATH name). Each run serves a MemoryDevice of seeded bytes behind a GuardDevice,
+ * connects a bystander, sends 1 to 3 sessions at once, waits until the server closed
+ * each of them, and checks: no call outside the device; each connection that ended its
+ * stream got what the oracle says (`checkReplies`) and logged it (`checkLog`); the calls
+ * that reached the device are the valid requests' (a dropped connection's may be
+ * missing); the device holds its initial bytes with them applied; the bystander is
+ * still served and reads the same; a new client writes and reads its data back; no
+ * error-level log line; the server shuts down within WAIT_MS.
+ */
+export async function fuzzFrames<S extends Delivery, E extends Expected, Server extends Shutdown>(
+  p: FrameFuzzing<S, E, Server>,
+): Promise<void> {
+  const run: fc.Arbitrary<FuzzRun<S>> = fc.record({
+    sessions: fc.array(p.session, { minLength: 1, maxLength: 3 }),
+    deviceSeed: fc.integer(),
+    checker: fc.tuple(rangeIn(p.size), fc.integer()),
+  });
+  await fc.assert(
+    fc.asyncProperty(run, (r) => fuzzOnce(p, r)),
+    // A hang costs seconds per run while fast-check shrinks it: past 90 s it reports the
+    // smallest failure found so far.
+    { ...replayOptions(300), interruptAfterTimeLimit: 90_000 },
+  );
+}
+
+async function fuzzOnce<S extends Delivery, E extends Expected, Server extends Shutdown>(
+  p: FrameFuzzing<S, E, Server>,
+  { sessions, deviceSeed, checker }: FuzzRun<S>,
+): Promise<void> {
+  const memory = new MemoryDevice(p.size);
+  memory.bytes.set(seededBytes(deviceSeed, p.size));
+  const initial = memory.bytes.slice();
+  const device = new GuardDevice(memory);
+  const log = new RecordingLogger();
+  const listener = new TrackingListener();
+  const server = p.serve(device, listener, log);
+  let failed = true;
+  let bystander: PlainClient | null = null;
+  try {
+    bystander = await within(
+      WAIT_MS,
+      `the bystander's ${p.handshake}`,
+      p.connect(listener.address, "bystander"),
+    );
+    await bystander.ping();
+
+    const streams = sessions.map((s, i) => p.encode(s, i));
+    const outcomes = await Promise.all(
+      sessions.map((s, i) =>
+        runSession(listener.address, streams[i]!, s.chunkSeed, s.ending, WAIT_MS)
+      ),
+    );
+    // A dropped connection's requests may still be running: wait until it has ended.
+    await listener.settled(1 + sessions.length, 1, WAIT_MS);
+    // First what matters most, so it is what a failure reports.
+    assert.deepEqual(device.outside, [], `outside the device: ${device.outside.join("; ")}`);
+
+    const expectations = streams.map((stream) => p.expect(stream));
+    const must: DeviceCall[] = [];
+    const may: DeviceCall[] = [];
+    sessions.forEach((s, i) => {
+      const e = expectations[i]!;
+      const { output, peer, reset } = outcomes[i]!;
+      if (s.ending === "abort") {
+        may.push(...e.calls);
+        return;
+      }
+      must.push(...e.calls);
+      const where = `connection ${i} (${peer}, ${streams[i]!.length} bytes sent)`;
+      try {
+        // Of an output that may be cut short (see Expected.cut), what arrived is checked.
+        assert.ok(!reset || e.cut, `a reset, though the ${p.server} read the whole stream`);
+        checkOutput(output, !e.cut, (out) => p.checkReplies(out, e));
+      } catch (error) {
+        const said = log.about(peer);
+        throw new Error(`${where}: ${(error as Error).message}\nthe server logged:\n${said}`, {
+          cause: error,
+        });
+      }
+      p.checkLog(log, peer, e, where);
+    });
+    const wrong = unexpectedCalls(device.calls, must, may);
+    assert.deepEqual(wrong, [], wrong.join("; "));
+    assert.equal(memory.bytes.length, p.size, "the device's size");
+    const model = applyCalls(initial, device.calls);
+    assertSameBytes(memory.bytes, model, "the device after the fuzzing");
+    p.checkServer?.(server, sessions, expectations);
+
+    // Other clients: the bystander kept its connection through all of it.
+    await bystander.ping();
+    const whole = await bystander.read(0, p.size);
+    assertSameBytes(whole, model, "the bystander's read of the whole device");
+    const [r, seed] = checker;
+    const newcomer = await within(
+      WAIT_MS,
+      `a new client's ${p.handshake}`,
+      p.connect(listener.address, "newcomer"),
+    );
+    try {
+      const data = seededBytes(seed, r.length);
+      await newcomer.write(r.offset, data);
+      const back = await newcomer.read(r.offset, r.length);
+      assertSameBytes(back, data, "a new client's write read back");
+    } finally {
+      newcomer.close();
+    }
+    assert.deepEqual(log.errors(), [], "error-level log lines");
+    failed = false;
+  } finally {
+    bystander?.close();
+    // After a failure the server may be stuck (that may be the failure): it gets a short
+    // while to shut down, and the failure is what is reported.
+    const shutdown = within(
+      failed ? 1000 : WAIT_MS,
+      `the ${p.server}'s shutdown`,
+      server.shutdown(),
+    );
+    await (failed ? shutdown.catch(() => {}) : shutdown);
   }
 }

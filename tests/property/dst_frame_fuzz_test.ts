@@ -44,37 +44,37 @@
 
 import assert from "node:assert/strict";
 import fc from "fast-check";
-import { MemoryDevice } from "../../src/device/memory_device.ts";
+import type { HostPort } from "../../src/lib/address.ts";
 import { Exporter } from "../../src/server/exporter.ts";
 import { MemoryGeneration } from "../../src/server/write_generation.ts";
 import { WriterLease } from "../../src/server/writer_lease.ts";
-import { Command, type RequestHeader, WireError } from "../../src/protocol/mod.ts";
-import { assertSameBytes } from "../helpers/bytes.ts";
+import { Command, WireError } from "../../src/protocol/mod.ts";
 import {
-  applyCalls,
   corrupt,
-  type Corruption,
-  corruption,
-  type DeviceCall,
-  type Ending,
-  GuardDevice,
-  OutputCut,
-  OutputReader,
-  RecordingLogger,
-  runSession,
+  type Delivery,
+  delivery,
+  type Expected,
+  fuzzFrames,
+  hugeOffset,
+  type OutputReader,
+  pastEnd,
+  type Payload,
+  payloadBytes,
+  type PlainClient,
+  rangeIn,
+  type RecordingLogger,
   StreamBuilder,
-  TrackingListener,
-  unexpectedCalls,
+  u16,
+  u32,
+  WAIT_MS,
   within,
 } from "../helpers/frame_fuzz.ts";
-import { replayOptions, seededBytes } from "../helpers/property.ts";
 import { RawClient } from "../helpers/raw_client.ts";
 
 /** Not a multiple of any block size, so a range check that rounds shows. */
 const SIZE = 80 * 1024 + 37;
 const MiB = 1024 * 1024;
 const TWO_32 = 2 ** 32;
-const WAIT_MS = 5000;
 
 // The spec's numbers, written out here rather than imported, so the oracle does not
 // share a mistake with the code under test.
@@ -116,13 +116,6 @@ interface RawRequest {
   payload: Payload;
 }
 
-/** `length` bytes made from `seed` (so a counterexample prints short), or the bytes given. */
-type Payload = { seed: number; length: number } | Uint8Array;
-
-function payloadBytes(payload: Payload): Uint8Array {
-  return payload instanceof Uint8Array ? payload : seededBytes(payload.seed, payload.length);
-}
-
 function request(command: number, fields: Partial<RawRequest> = {}): RawRequest {
   const payload = fields.payload ?? new Uint8Array();
   return {
@@ -138,8 +131,6 @@ function request(command: number, fields: Partial<RawRequest> = {}): RawRequest 
   };
 }
 
-const u16 = fc.integer({ min: 0, max: 0xffff });
-const u32 = fc.integer({ min: 0, max: 0xffffffff });
 const bytes16 = fc.uint8Array({ minLength: 16, maxLength: 16 });
 
 const validHello: fc.Arbitrary<RawHello> = fc.record({
@@ -185,34 +176,7 @@ const hello: fc.Arbitrary<RawHello> = fc.oneof(
   },
 );
 
-/** In-range ranges, mostly small, some up to the whole device. */
-const range = fc.record({
-  offset: fc.nat({ max: SIZE - 1 }),
-  length: fc.oneof(
-    fc.integer({ min: 1, max: 64 }),
-    fc.integer({ min: 1, max: 8192 }),
-    fc.integer({ min: 1, max: SIZE }),
-  ),
-}).map(({ offset, length }) => ({ offset, length: Math.min(length, SIZE - offset) }));
-
-/** Ranges that end past the device. */
-const pastEnd = fc.record({
-  offset: fc.oneof(fc.constantFrom(0, SIZE - 1, SIZE), fc.integer({ min: 0, max: SIZE + 4096 })),
-  // Often by a byte or a few, where an off-by-one in a range check shows.
-  over: fc.oneof(
-    fc.constant(1),
-    fc.integer({ min: 1, max: 16 }),
-    fc.integer({ min: 1, max: 9000 }),
-  ),
-}).map(({ offset, over }) => ({ offset, length: Math.max(1, SIZE - offset + over) }));
-
-/** Offsets a careless sum overflows at: around 2^53 and up to 2^64 - 1. */
-const hugeOffset = fc.oneof(
-  fc.constantFrom(2n ** 53n - 1n, 2n ** 53n, 2n ** 53n + 1n, 2n ** 63n, 2n ** 64n - 1n),
-  fc.bigInt({ min: 2n ** 53n - 100_000n, max: 2n ** 53n + 100_000n }),
-  fc.bigInt({ min: 2n ** 64n - 100_000n, max: 2n ** 64n - 1n }),
-  fc.bigInt({ min: 0n, max: 2n ** 64n - 1n }),
-);
+const range = rangeIn(SIZE);
 
 const ioFlags = fc.constantFrom(0, 1, 2, 3);
 const rangedCommand = fc.constantFrom(...RANGED);
@@ -246,7 +210,7 @@ const valid: fc.Arbitrary<RawRequest> = fc.oneof(
 
 const wellFramedBad: fc.Arbitrary<RawRequest> = fc.oneof(
   // Past the end (a WRITE carries all of its payload).
-  fc.tuple(rangedCommand, pastEnd, fc.integer()).map(([command, r, seed]) =>
+  fc.tuple(rangedCommand, pastEnd(SIZE), fc.integer()).map(([command, r, seed]) =>
     ranged(command, BigInt(r.offset), r.length, seed)
   ),
   // An offset at or past 2^53, or just below it so that offset + length overflows.
@@ -338,14 +302,11 @@ const frame = fc.oneof(
   { weight: 1, arbitrary: untrusted },
 );
 
-interface Session {
+interface Session extends Delivery {
   hello: RawHello;
   frames: RawRequest[];
   /** The first txId the session numbers its requests from; near 2^53 it runs past it. */
   txBase: number;
-  corruption: Corruption | null;
-  chunkSeed: number;
-  ending: Ending;
 }
 
 const session: fc.Arbitrary<Session> = fc.record({
@@ -356,21 +317,7 @@ const session: fc.Arbitrary<Session> = fc.record({
     { weight: 2, arbitrary: fc.integer({ min: 1, max: 2 ** 53 - 100 }) },
     { weight: 1, arbitrary: fc.integer({ min: 2 ** 53 - 40, max: 2 ** 53 - 1 }) },
   ),
-  corruption: fc.oneof(
-    { weight: 2, arbitrary: fc.constant(null) },
-    { weight: 1, arbitrary: corruption },
-  ),
-  chunkSeed: fc.integer(),
-  ending: fc.oneof(
-    { weight: 9, arbitrary: fc.constant("half-close" as const) },
-    { weight: 1, arbitrary: fc.constant("abort" as const) },
-  ),
-});
-
-const run = fc.record({
-  sessions: fc.array(session, { minLength: 1, maxLength: 3 }),
-  deviceSeed: fc.integer(),
-  checker: fc.tuple(range, fc.integer()),
+  ...delivery,
 });
 
 // ---------------------------------------------------------------------------------
@@ -428,23 +375,15 @@ interface ExpectedReply {
   payload: number | "none" | "info" | "status";
 }
 
-interface Expectation {
+interface Expectation extends Expected {
   /** "silent": closed without an answer; "refused": a hello with `helloStatus`, then closed. */
   hello: "silent" | "refused" | "ok";
   helloStatus: number;
   replies: ExpectedReply[];
-  /** The data-changing calls the valid requests make. */
-  calls: DeviceCall[];
   /** Well-framed requests refused by the spec's check order (each counted and maybe logged). */
   refused: number;
   /** A frame the export cannot trust ended the connection. */
   untrusted: boolean;
-  /**
-   * The export stops reading in the handshake, before the stream's end, and closes with
-   * bytes unread: its kernel then resets the connection, and the reset may drop what it
-   * sent last. (After the handshake it reads to the client's end before it closes.)
-   */
-  cut: boolean;
 }
 
 function expect(stream: Uint8Array): Expectation {
@@ -566,15 +505,6 @@ function refusal(
 }
 
 /** Checks the export's whole output to one connection against the oracle. */
-function checkOutput(output: Uint8Array, e: Expectation, complete: boolean): void {
-  const out = new OutputReader(output, complete);
-  try {
-    checkReplies(out, e);
-  } catch (error) {
-    if (!(error instanceof OutputCut)) throw error;
-  }
-}
-
 function checkReplies(out: OutputReader, e: Expectation): void {
   const output = out.bytes;
   if (e.hello === "silent") {
@@ -646,152 +576,106 @@ function checkReplies(out: OutputReader, e: Expectation): void {
   if (out.complete) assert.deepEqual(missing, [], "requests the export never answered");
 }
 
-// ---------------------------------------------------------------------------------
-// The well-behaved clients
-
-function header(command: number, txId: number, offset: number, length: number): RequestHeader {
-  return {
-    command,
-    flags: 0,
-    txId,
-    offset,
-    length,
-    payloadLength: command === Command.WRITE ? length : 0,
-  };
+/**
+ * What the export logs about a connection: one line when it closes it or refuses the hello,
+ * and one per refused request, at most 5.
+ */
+function checkLog(log: RecordingLogger, peer: string, e: Expectation, where: string): void {
+  const closing = log.warnings(peer, /closing this connection/);
+  assert.equal(closing.length, e.untrusted ? 1 : 0, `${where}: ${closing.join(" | ")}`);
+  const refusedHello = log.warnings(peer, /handshake refused/);
+  assert.equal(refusedHello.length, e.hello === "ok" ? 0 : 1, `${where}: hello log`);
+  const refusedRequests = log.warnings(peer, /refused request/);
+  assert.equal(refusedRequests.length, Math.min(5, e.refused), `${where}: refusals logged`);
 }
 
-/** One request and its reply on a well-behaved connection, bounded. */
-async function ask(
-  client: RawClient,
-  h: RequestHeader,
-  payload?: Uint8Array,
-): Promise<Uint8Array> {
-  const what = `the reply to a well-behaved client's command ${h.command}`;
-  return await within(
-    WAIT_MS,
-    what,
-    (async () => {
-      await client.send(RawClient.frame(h, payload));
-      const reply = await client.reply();
-      assert.equal(reply.header.txId, h.txId, `${what}: txId`);
-      assert.equal(reply.header.error, WireError.OK, `${what}: error`);
-      return reply.payload;
-    })(),
-    () => client.close(),
-  );
+/**
+ * STATUS counts every refused request, broken frame and refused hello in `errors` (checked
+ * when no connection was dropped, as a dropped one's count is not known).
+ */
+function checkStatus(exporter: Exporter, sessions: Session[], expectations: Expectation[]): void {
+  if (sessions.every((s) => s.ending === "half-close")) {
+    const errors = expectations.reduce(
+      (sum, e) => sum + (e.hello === "ok" ? 0 : 1) + e.refused + (e.untrusted ? 1 : 0),
+      0,
+    );
+    assert.equal(exporter.status().errors, errors, "STATUS errors");
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// A well-behaved client: RawClient, one request at a time, txIds counting from 1
+
+class DstClient implements PlainClient {
+  #txId = 0;
+  private constructor(readonly client: RawClient) {}
+
+  static async connect(address: HostPort): Promise<DstClient> {
+    return new DstClient(await RawClient.connect(address));
+  }
+
+  async ping(): Promise<void> {
+    await this.#ask(Command.PING, 0, 0);
+  }
+
+  read(offset: number, length: number): Promise<Uint8Array> {
+    return this.#ask(Command.READ, offset, length);
+  }
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    await this.#ask(Command.WRITE, offset, data.length, data);
+  }
+
+  close(): void {
+    this.client.close();
+  }
+
+  /** One request and its reply, bounded. */
+  #ask(command: number, offset: number, length: number, payload?: Uint8Array) {
+    const txId = ++this.#txId;
+    const h = {
+      command,
+      flags: 0,
+      txId,
+      offset,
+      length,
+      payloadLength: command === Command.WRITE ? length : 0,
+    };
+    const what = `the reply to a well-behaved client's command ${command}`;
+    return within(
+      WAIT_MS,
+      what,
+      (async () => {
+        await this.client.send(RawClient.frame(h, payload));
+        const reply = await this.client.reply();
+        assert.equal(reply.header.txId, txId, `${what}: txId`);
+        assert.equal(reply.header.error, WireError.OK, `${what}: error`);
+        return reply.payload;
+      })(),
+      () => this.client.close(),
+    );
+  }
 }
 
 // ---------------------------------------------------------------------------------
 
 Deno.test("DST frame fuzzing: no crash, no hang, no write outside the device, other clients served", async () => {
-  await fc.assert(
-    fc.asyncProperty(run, async ({ sessions, deviceSeed, checker }) => {
-      const memory = new MemoryDevice(SIZE);
-      memory.bytes.set(seededBytes(deviceSeed, SIZE));
-      const initial = memory.bytes.slice();
-      const device = new GuardDevice(memory);
-      const log = new RecordingLogger();
-      const listener = new TrackingListener();
-      const exporter = Exporter.serve(device, listener, {
+  await fuzzFrames({
+    server: "export",
+    handshake: "handshake",
+    size: SIZE,
+    session,
+    serve: (device, listener, log) =>
+      Exporter.serve(device, listener, {
         log,
         // Concurrent fuzzing writers would otherwise race for the lease.
         lease: new WriterLease(new MemoryGeneration(), true),
-      });
-      let failed = true;
-      let bystander: RawClient | null = null;
-      try {
-        bystander = await within(
-          WAIT_MS,
-          "the bystander's handshake",
-          RawClient.connect(exporter.address),
-        );
-        await ask(bystander, header(Command.PING, 1, 0, 0));
-
-        const streams = sessions.map((s, i) => encodeSession(s, i));
-        const outcomes = await Promise.all(
-          sessions.map((s, i) =>
-            runSession(exporter.address, streams[i]!, s.chunkSeed, s.ending, WAIT_MS)
-          ),
-        );
-
-        // A dropped connection's requests may still be running: wait until it has ended.
-        await listener.settled(1 + sessions.length, 1, WAIT_MS);
-        // First what matters most, so it is what a failure reports.
-        assert.deepEqual(device.outside, [], `outside the device: ${device.outside.join("; ")}`);
-
-        const must: DeviceCall[] = [];
-        const may: DeviceCall[] = [];
-        let errors = 0;
-        sessions.forEach((s, i) => {
-          const e = expect(streams[i]!);
-          const { output, peer, reset } = outcomes[i]!;
-          if (s.ending === "abort") {
-            may.push(...e.calls);
-            return;
-          }
-          must.push(...e.calls);
-          const where = `connection ${i} (${peer}, ${streams[i]!.length} bytes sent)`;
-          try {
-            // Of an output that may be cut short (see Expectation.cut), what arrived is checked.
-            assert.ok(!reset || e.cut, "a reset, though the export read the whole stream");
-            checkOutput(output, e, !e.cut);
-          } catch (error) {
-            const said = log.about(peer);
-            throw new Error(`${where}: ${(error as Error).message}\nthe server logged:\n${said}`, {
-              cause: error,
-            });
-          }
-          const closing = log.warnings(peer, /closing this connection/);
-          assert.equal(closing.length, e.untrusted ? 1 : 0, `${where}: ${closing.join(" | ")}`);
-          const refusedHello = log.warnings(peer, /handshake refused/);
-          assert.equal(refusedHello.length, e.hello === "ok" ? 0 : 1, `${where}: hello log`);
-          const refusedRequests = log.warnings(peer, /refused request/);
-          assert.equal(refusedRequests.length, Math.min(5, e.refused), `${where}: refusals logged`);
-          errors += (e.hello === "ok" ? 0 : 1) + e.refused + (e.untrusted ? 1 : 0);
-        });
-        const wrong = unexpectedCalls(device.calls, must, may);
-        assert.deepEqual(wrong, [], wrong.join("; "));
-        assert.equal(memory.bytes.length, SIZE, "the device's size");
-        const model = applyCalls(initial, device.calls);
-        assertSameBytes(memory.bytes, model, "the device after the fuzzing");
-        if (sessions.every((s) => s.ending === "half-close")) {
-          assert.equal(exporter.status().errors, errors, "STATUS errors");
-        }
-
-        // Other clients: the bystander kept its connection through all of it.
-        await ask(bystander, header(Command.PING, 2, 0, 0));
-        const whole = await ask(bystander, header(Command.READ, 3, 0, SIZE));
-        assertSameBytes(whole, model, "the bystander's read of the whole device");
-        const [r, seed] = checker;
-        const newcomer = await within(
-          WAIT_MS,
-          "a new client's handshake",
-          RawClient.connect(exporter.address),
-        );
-        try {
-          const data = seededBytes(seed, r.length);
-          await ask(newcomer, header(Command.WRITE, 1, r.offset, r.length), data);
-          const back = await ask(newcomer, header(Command.READ, 2, r.offset, r.length));
-          assertSameBytes(back, data, "a new client's write read back");
-        } finally {
-          newcomer.close();
-        }
-        assert.deepEqual(log.errors(), [], "error-level log lines");
-        failed = false;
-      } finally {
-        bystander?.close();
-        // After a failure the export may be stuck (that may be the failure): it gets a short
-        // while to shut down, and the failure is what is reported.
-        const shutdown = within(
-          failed ? 1000 : WAIT_MS,
-          "the export's shutdown",
-          exporter.shutdown(),
-        );
-        await (failed ? shutdown.catch(() => {}) : shutdown);
-      }
-    }),
-    // A hang costs seconds per run while fast-check shrinks it: past 90 s it reports the
-    // smallest failure found so far.
-    { ...replayOptions(300), interruptAfterTimeLimit: 90_000 },
-  );
+      }),
+    connect: (address) => DstClient.connect(address),
+    encode: encodeSession,
+    expect,
+    checkReplies,
+    checkLog,
+    checkServer: checkStatus,
+  });
 });

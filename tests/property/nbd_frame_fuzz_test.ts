@@ -49,35 +49,35 @@
 
 import assert from "node:assert/strict";
 import fc from "fast-check";
-import { MemoryDevice } from "../../src/device/memory_device.ts";
 import type { HostPort } from "../../src/lib/address.ts";
 import { NbdServer } from "../../src/nbd/server.ts";
 import { closeQuietly, readExact, writeAll } from "../../src/transport/byte_conn.ts";
-import { assertSameBytes } from "../helpers/bytes.ts";
+import { concat } from "../helpers/bytes.ts";
 import {
-  applyCalls,
   corrupt,
-  type Corruption,
-  corruption,
-  type DeviceCall,
-  type Ending,
-  GuardDevice,
-  OutputCut,
-  OutputReader,
-  RecordingLogger,
-  runSession,
+  type Delivery,
+  delivery,
+  type Expected,
+  fuzzFrames,
+  hugeOffset,
+  type OutputReader,
+  pastEnd,
+  type Payload,
+  payloadBytes,
+  type PlainClient,
+  rangeIn,
+  type RecordingLogger,
   StreamBuilder,
-  TrackingListener,
-  unexpectedCalls,
+  u16,
+  u32,
+  WAIT_MS,
   within,
 } from "../helpers/frame_fuzz.ts";
-import { replayOptions, seededBytes } from "../helpers/property.ts";
 
 /** Not a multiple of any block size, so a range check that rounds shows. */
 const SIZE = 80 * 1024 + 37;
 const NAME = "fuzzed";
 const MiB = 1024 * 1024;
-const WAIT_MS = 5000;
 
 // The protocol's numbers, written out here rather than imported, so the oracle does
 // not share a mistake with the code under test. NBD is big-endian.
@@ -105,13 +105,6 @@ const REPLY_TYPE_ERROR = 2 ** 15 + 1;
 
 // ---------------------------------------------------------------------------------
 // Generators
-
-/** `length` bytes made from `seed` (so a counterexample prints short), or the bytes given. */
-type Payload = { seed: number; length: number } | Uint8Array;
-
-function payloadBytes(payload: Payload): Uint8Array {
-  return payload instanceof Uint8Array ? payload : seededBytes(payload.seed, payload.length);
-}
 
 /** An option as raw as the wire has it; `length` may differ from the data's size. */
 interface RawOption {
@@ -148,8 +141,6 @@ function request(type: number, fields: Partial<RawRequest> = {}): RawRequest {
   };
 }
 
-const u16 = fc.integer({ min: 0, max: 0xffff });
-const u32 = fc.integer({ min: 0, max: 0xffffffff });
 const text = (s: string) => new TextEncoder().encode(s);
 
 /** INFO and GO data: name length, name, count of info requests, the requests. */
@@ -273,38 +264,15 @@ const negotiation = fc.record({
   choice,
 });
 
-/** In-range ranges, mostly small, some up to the whole device. */
-const range = fc.record({
-  offset: fc.nat({ max: SIZE - 1 }),
-  length: fc.oneof(
-    fc.integer({ min: 1, max: 64 }),
-    fc.integer({ min: 1, max: 8192 }),
-    fc.integer({ min: 1, max: SIZE }),
-  ),
-}).map(({ offset, length }) => ({ offset, length: Math.min(length, SIZE - offset) }));
-
-/** Ranges that end past the device. */
-const pastEnd = fc.record({
-  offset: fc.oneof(fc.constantFrom(0, SIZE - 1, SIZE), fc.integer({ min: 0, max: SIZE + 4096 })),
-  // Often by a byte or a few, where an off-by-one in a range check shows.
-  over: fc.oneof(
-    fc.constant(1),
-    fc.integer({ min: 1, max: 16 }),
-    fc.integer({ min: 1, max: 9000 }),
-  ),
-}).map(({ offset, over }) => ({ offset, length: Math.max(1, SIZE - offset + over) }));
-
-/** Offsets a careless sum overflows at: around 2^53 and up to 2^64 - 1. */
-const hugeOffset = fc.oneof(
-  fc.constantFrom(2n ** 53n - 1n, 2n ** 53n, 2n ** 53n + 1n, 2n ** 63n, 2n ** 64n - 1n),
-  fc.bigInt({ min: 2n ** 53n - 100_000n, max: 2n ** 53n + 100_000n }),
-  fc.bigInt({ min: 2n ** 64n - 100_000n, max: 2n ** 64n - 1n }),
-  fc.bigInt({ min: 0n, max: 2n ** 64n - 1n }),
-);
+const range = rangeIn(SIZE);
 
 const rangedType = fc.constantFrom(READ, WRITE, TRIM, WRITE_ZEROES);
-/** FUA is valid on every command (the spec, once SEND_FUA is advertised); NO_HOLE on WRITE_ZEROES. */
-const accepted = (type: number) => type === WRITE_ZEROES ? FUA | NO_HOLE : FUA;
+/**
+ * The flags a command accepts: FUA on every one (the spec requires it once SEND_FUA is
+ * advertised), and NO_HOLE on WRITE_ZEROES.
+ */
+const accepted = (type: number) =>
+  type === WRITE_ZEROES ? FUA | NO_HOLE : [READ, WRITE, FLUSH, TRIM].includes(type) ? FUA : 0;
 
 /** A ranged request with a payload exactly when it is a WRITE. */
 function ranged(type: number, offset: bigint, length: number, seed: number, flags = 0) {
@@ -340,7 +308,7 @@ const valid: fc.Arbitrary<RawRequest> = fc.oneof(
 
 const wellFramedBad: fc.Arbitrary<RawRequest> = fc.oneof(
   // Past the end (a WRITE carries all of its payload).
-  fc.tuple(rangedType, pastEnd, fc.integer()).map(([type, r, seed]) =>
+  fc.tuple(rangedType, pastEnd(SIZE), fc.integer()).map(([type, r, seed]) =>
     ranged(type, BigInt(r.offset), r.length, seed)
   ),
   // An offset at or past 2^53, or just below it so that offset + length overflows.
@@ -392,35 +360,18 @@ const frame = fc.oneof(
   { weight: 1, arbitrary: fc.constant(request(DISC)) },
 );
 
-interface Session {
+interface Session extends Delivery {
   negotiation: { flags: number; options: RawOption[]; choice: RawOption | null };
   frames: RawRequest[];
   /** Cookies count up from here (they are opaque to the server; unique, replies are matched by them). */
   cookieBase: bigint;
-  corruption: Corruption | null;
-  chunkSeed: number;
-  ending: Ending;
 }
 
 const session: fc.Arbitrary<Session> = fc.record({
   negotiation,
   frames: fc.array(frame, { maxLength: 50, size: "max" }),
   cookieBase: fc.oneof(fc.constant(1n), fc.bigInt({ min: 0n, max: 2n ** 64n - 100n })),
-  corruption: fc.oneof(
-    { weight: 2, arbitrary: fc.constant(null) },
-    { weight: 1, arbitrary: corruption },
-  ),
-  chunkSeed: fc.integer(),
-  ending: fc.oneof(
-    { weight: 9, arbitrary: fc.constant("half-close" as const) },
-    { weight: 1, arbitrary: fc.constant("abort" as const) },
-  ),
-});
-
-const run = fc.record({
-  sessions: fc.array(session, { minLength: 1, maxLength: 3 }),
-  deviceSeed: fc.integer(),
-  checker: fc.tuple(range, fc.integer()),
+  ...delivery,
 });
 
 // ---------------------------------------------------------------------------------
@@ -483,22 +434,15 @@ interface ExpectedReply {
   length: number;
 }
 
-interface Expectation {
+interface Expectation extends Expected {
   optionReplies: ExpectedOptionReply[];
   /** The export was chosen with EXPORT_NAME: its size and flags follow, padded unless NO_ZEROES. */
   exportNameReply: "none" | "short" | "padded";
   structured: boolean;
   replies: ExpectedReply[];
-  calls: DeviceCall[];
   refused: number;
   /** The server had to stop reading because of what it got, and says so in one log line. */
   closing: boolean;
-  /**
-   * The server stops reading in the handshake, before the stream's end, and closes with
-   * bytes unread: its kernel then resets the connection, and the reset may drop what it
-   * sent last. (After the handshake it reads to the client's end before it closes.)
-   */
-  cut: boolean;
 }
 
 function expect(stream: Uint8Array): Expectation {
@@ -629,14 +573,14 @@ function parseInfo(data: Uint8Array): { name: string; infos: number[] } | null {
   return { name: new TextDecoder().decode(data.subarray(4, 4 + nameLength)), infos };
 }
 
-/** The error a request gets, or null when it is valid (the spec's error section). */
+/** The error a request gets, or null when it is valid (src/nbd/transmission.ts's mapping). */
 function refusal(type: number, flags: number, offset: bigint, length: number): number | null {
   if (![READ, WRITE, FLUSH, TRIM, WRITE_ZEROES].includes(type)) return EINVAL;
   if ((flags & ~accepted(type)) !== 0) return EINVAL;
   if (type === FLUSH) return null;
   if (length === 0) return EINVAL;
   if (type === READ && length > BLOCK_MAX) return EINVAL;
-  // ENOSPC for a write or write-zeroes past the end, EINVAL for a read or trim.
+  // Past the end: ENOSPC for a write or write-zeroes, EINVAL for a read or trim (the spec).
   if (offset + BigInt(length) > BigInt(SIZE)) {
     return type === WRITE || type === WRITE_ZEROES ? ENOSPC : EINVAL;
   }
@@ -644,15 +588,6 @@ function refusal(type: number, flags: number, offset: bigint, length: number): n
 }
 
 /** Checks the server's whole output to one connection against the oracle. */
-function checkOutput(output: Uint8Array, e: Expectation, complete: boolean): void {
-  const out = new OutputReader(output, complete);
-  try {
-    checkReplies(out, e);
-  } catch (error) {
-    if (!(error instanceof OutputCut)) throw error;
-  }
-}
-
 function checkReplies(out: OutputReader, e: Expectation): void {
   const greeting = out.take(18, "the greeting");
   assert.equal(greeting.getBigUint64(0), NBDMAGIC, "greeting: NBDMAGIC");
@@ -753,10 +688,21 @@ function show(value: unknown): string {
   return JSON.stringify(value, (_, v) => typeof v === "bigint" ? `${v}n` : v);
 }
 
+/**
+ * What the server logs about a connection: one line when it stops reading because of what it
+ * got, and one per refused request, at most 5.
+ */
+function checkLog(log: RecordingLogger, peer: string, e: Expectation, where: string): void {
+  const closing = log.warnings(peer, /closing/);
+  assert.equal(closing.length, e.closing ? 1 : 0, `${where}: ${closing.join(" | ")}`);
+  const refused = log.warnings(peer, /refused NBD request/);
+  assert.equal(refused.length, Math.min(5, e.refused), `${where}: refusals logged`);
+}
+
 // ---------------------------------------------------------------------------------
 // A well-behaved NBD client: negotiates with GO or EXPORT_NAME, then simple replies
 
-class NbdClient {
+class NbdClient implements PlainClient {
   #cookie = 0n;
   private constructor(readonly conn: Deno.TcpConn) {}
 
@@ -793,8 +739,20 @@ class NbdClient {
     }
   }
 
+  async ping(): Promise<void> {
+    await this.#ask(FLUSH, 0, 0);
+  }
+
+  read(offset: number, length: number): Promise<Uint8Array> {
+    return this.#ask(READ, offset, length);
+  }
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    await this.#ask(WRITE, offset, data.length, data);
+  }
+
   /** One request and its simple reply (with a READ's data), bounded. */
-  ask(type: number, offset: number, length: number, payload?: Uint8Array): Promise<Uint8Array> {
+  #ask(type: number, offset: number, length: number, payload?: Uint8Array): Promise<Uint8Array> {
     const cookie = ++this.#cookie;
     const what = `the reply to a well-behaved client's NBD command ${type}`;
     return within(
@@ -822,120 +780,26 @@ class NbdClient {
   }
 }
 
-function concat(a: Uint8Array, b: Uint8Array): Uint8Array {
-  const out = new Uint8Array(a.length + b.length);
-  out.set(a);
-  out.set(b, a.length);
-  return out;
-}
-
 // ---------------------------------------------------------------------------------
 
 Deno.test("NBD frame fuzzing: no crash, no hang, no write outside the device, other clients served", async () => {
-  await fc.assert(
-    fc.asyncProperty(run, async ({ sessions, deviceSeed, checker }) => {
-      const memory = new MemoryDevice(SIZE);
-      memory.bytes.set(seededBytes(deviceSeed, SIZE));
-      const initial = memory.bytes.slice();
-      const device = new GuardDevice(memory);
-      const log = new RecordingLogger();
-      const listener = new TrackingListener();
-      // NbdServer takes a Deno.Listener; it uses only accept, close and addr of it.
-      const server = NbdServer.serve(device, listener as unknown as Deno.Listener, {
+  await fuzzFrames({
+    server: "server",
+    handshake: "negotiation",
+    size: SIZE,
+    session,
+    // NbdServer takes a Deno.Listener; it uses only accept, close and addr of it.
+    serve: (device, listener, log) =>
+      NbdServer.serve(device, listener as unknown as Deno.Listener, {
         name: NAME,
         description: "a device under fuzzing",
         log,
-      });
-      let failed = true;
-      let bystander: NbdClient | null = null;
-      try {
-        bystander = await within(
-          WAIT_MS,
-          "the bystander's negotiation",
-          NbdClient.connect(listener.address, true),
-        );
-        await bystander.ask(FLUSH, 0, 0);
-
-        const streams = sessions.map((s) => encodeSession(s));
-        const outcomes = await Promise.all(
-          sessions.map((s, i) =>
-            runSession(listener.address, streams[i]!, s.chunkSeed, s.ending, WAIT_MS)
-          ),
-        );
-        // A dropped connection's requests may still be running: wait until it has ended.
-        await listener.settled(1 + sessions.length, 1, WAIT_MS);
-        // First what matters most, so it is what a failure reports.
-        assert.deepEqual(device.outside, [], `outside the device: ${device.outside.join("; ")}`);
-
-        const must: DeviceCall[] = [];
-        const may: DeviceCall[] = [];
-        sessions.forEach((s, i) => {
-          const e = expect(streams[i]!);
-          const { output, peer, reset } = outcomes[i]!;
-          if (s.ending === "abort") {
-            may.push(...e.calls);
-            return;
-          }
-          must.push(...e.calls);
-          const where = `connection ${i} (${peer}, ${streams[i]!.length} bytes sent)`;
-          try {
-            // Of an output that may be cut short (see Expectation.cut), what arrived is checked.
-            assert.ok(!reset || e.cut, "a reset, though the server read the whole stream");
-            checkOutput(output, e, !e.cut);
-          } catch (error) {
-            const said = log.about(peer);
-            throw new Error(`${where}: ${(error as Error).message}\nthe server logged:\n${said}`, {
-              cause: error,
-            });
-          }
-          const closing = log.warnings(peer, /closing/);
-          assert.equal(closing.length, e.closing ? 1 : 0, `${where}: ${closing.join(" | ")}`);
-          const refused = log.warnings(peer, /refused NBD request/);
-          assert.equal(refused.length, Math.min(5, e.refused), `${where}: refusals logged`);
-        });
-        const wrong = unexpectedCalls(device.calls, must, may);
-        assert.deepEqual(wrong, [], wrong.join("; "));
-        assert.equal(memory.bytes.length, SIZE, "the device's size");
-        const model = applyCalls(initial, device.calls);
-        assertSameBytes(memory.bytes, model, "the device after the fuzzing");
-
-        // Other clients: the bystander kept its connection through all of it.
-        await bystander.ask(FLUSH, 0, 0);
-        const whole = await bystander.ask(READ, 0, SIZE);
-        assertSameBytes(whole, model, "the bystander's read of the whole device");
-        const [r, seed] = checker;
-        const newcomer = await within(
-          WAIT_MS,
-          "a new client's negotiation",
-          NbdClient.connect(listener.address, false),
-        );
-        try {
-          const data = seededBytes(seed, r.length);
-          await newcomer.ask(WRITE, r.offset, r.length, data);
-          assertSameBytes(
-            await newcomer.ask(READ, r.offset, r.length),
-            data,
-            "a new client's write read back",
-          );
-        } finally {
-          newcomer.close();
-        }
-        assert.deepEqual(log.errors(), [], "error-level log lines");
-        failed = false;
-      } finally {
-        bystander?.close();
-        // After a failure the server may be stuck (that may be the failure): it gets a short
-        // while to shut down, and the failure is what is reported.
-        const shutdown = within(
-          failed ? 1000 : WAIT_MS,
-          "the server's shutdown",
-          server.shutdown(),
-        );
-        await (failed ? shutdown.catch(() => {}) : shutdown);
-      }
-    }),
-    // A hang costs seconds per run while fast-check shrinks it: past 90 s it reports the
-    // smallest failure found so far.
-    { ...replayOptions(300), interruptAfterTimeLimit: 90_000 },
-  );
+      }),
+    // The bystander chooses the export with GO, the newcomer with EXPORT_NAME.
+    connect: (address, who) => NbdClient.connect(address, who === "bystander"),
+    encode: encodeSession,
+    expect,
+    checkReplies,
+    checkLog,
+  });
 });
