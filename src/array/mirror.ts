@@ -340,22 +340,21 @@ export class MirrorDevice implements BlockDevice {
   }
 
   async flush(): Promise<void> {
-    const lost = this.#lostSinceFlush;
-    if (lost !== null) {
-      this.#lostSinceFlush = null;
-      this.#stats.errors += 1;
-      throw new DeviceError("EIO", `${this.info.name}: ${lost}`);
-    }
+    this.#reportLoss();
     await this.#onWriteLegs("flush", (d) => d.flush());
     // The only in-sync leg restarted while this flush ran: it cannot vouch for what
     // was written before it (Invariant 6).
-    const lostMeanwhile = this.#lostSinceFlush;
-    if (lostMeanwhile !== null) {
-      this.#lostSinceFlush = null;
-      this.#stats.errors += 1;
-      throw new DeviceError("EIO", `${this.info.name}: ${lostMeanwhile}`);
-    }
+    this.#reportLoss();
     this.#stats.flushes += 1;
+  }
+
+  /** A possible loss #reconnected noted and no flush reported yet: reported now, once. */
+  #reportLoss(): void {
+    const lost = this.#lostSinceFlush;
+    if (lost === null) return;
+    this.#lostSinceFlush = null;
+    this.#stats.errors += 1;
+    throw new DeviceError("EIO", `${this.info.name}: ${lost}`);
   }
 
   stats(): DeviceStats {
