@@ -10,6 +10,7 @@ import { formatBytes, formatDuration } from "../lib/units.ts";
 import type { ExportStatus } from "../server/exporter.ts";
 import { parseCommand } from "./args.ts";
 import { formatTable } from "./table.ts";
+import { printable } from "../lib/printable.ts";
 
 export const STATUS_HELP = `Usage: dst status HOST:PORT... [--json]
 
@@ -109,7 +110,7 @@ export function renderStatus(rows: Row[]): string {
     renderArray(row.address, row.status!.array as ArrayStatus)
   );
   const failures = rows.filter((row) => row.error !== undefined).map((row) =>
-    `${row.address}: ${row.error}`
+    `${row.address}: ${printable(row.error ?? "")}`
   );
   return [
     table,

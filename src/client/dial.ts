@@ -23,6 +23,7 @@ import {
   ServerHelloLayout,
 } from "../protocol/mod.ts";
 import { type ByteConn, closeQuietly, readExact, writeAll } from "../transport/byte_conn.ts";
+import { printable } from "../lib/printable.ts";
 
 export type Dialer = (address: HostPort) => Promise<ByteConn>;
 
@@ -99,7 +100,10 @@ export async function dialExport(address: HostPort, options: DialOptions = {}): 
     if (hello.status !== HelloStatus.OK) {
       const why = await readRefusalReason(conn) ??
         HELLO_STATUS_TEXT[hello.status] ?? `status ${hello.status}`;
-      throw new HandshakeRefused(hello.status, `${where} refused the connection: ${why}`);
+      throw new HandshakeRefused(
+        hello.status,
+        `${where} refused the connection: ${printable(why)}`,
+      );
     }
     return { conn, hello };
   } catch (error) {

@@ -4,6 +4,8 @@
  * The level comes from DST_LOG (debug, info, warn, error; default info).
  */
 
+import { printable } from "./printable.ts";
+
 const LEVELS = { debug: 10, info: 20, warn: 30, error: 40 } as const;
 type Level = keyof typeof LEVELS;
 
@@ -23,9 +25,9 @@ const encoder = new TextEncoder();
 
 function emit(level: Level, component: string, message: string): void {
   if (LEVELS[level] < threshold) return;
-  const line = `${new Date().toISOString()} ${
-    level.toUpperCase().padEnd(5)
-  } ${component}: ${message}\n`;
+  const line = `${new Date().toISOString()} ${level.toUpperCase().padEnd(5)} ${component}: ${
+    printable(message)
+  }\n`;
   Deno.stderr.writeSync(encoder.encode(line));
 }
 

@@ -129,3 +129,21 @@ Deno.test("EXPORT_NAME from an old-style client (no NO_ZEROES) gets size, flags 
     },
   );
 });
+
+Deno.test("an NBD export name with control characters is logged escaped: it cannot forge a log line or drive the terminal", async () => {
+  await withExport(
+    "dst-nbd-name-",
+    (dir) => [...newDisk("4M")(dir), "--nbd", "127.0.0.1:0"],
+    async (server) => {
+      const port = Number(new URL(server.nbdUri!).port);
+      const conn = await greet(port, 3);
+      const name = new TextEncoder().encode("x\n2026-01-01T00:00:00.000Z INFO forged\x1b[31m");
+      await writeAll(conn, option(1, name.length, name)); // EXPORT_NAME of an unknown export
+      assert.ok(await closedByServer(conn), "an unknown export name closes the connection");
+      const log = server.log();
+      assert.match(log, /unknown export "x\\x0a2026-01-01T00:00:00\.000Z INFO forged\\x1b\[31m"/);
+      assert.ok(!log.includes("\x1b"), "no escape character reaches the log");
+      assert.ok(!/^2026-01-01T00:00:00\.000Z INFO forged/m.test(log), "no forged line");
+    },
+  );
+});
