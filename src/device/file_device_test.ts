@@ -469,3 +469,13 @@ Deno.test("PageCacheFile: a write made while a sync runs is not covered by it", 
   await file.datasync();
   assert.deepEqual([...file.durable.subarray(0, 2)], [1, 2]);
 });
+
+Deno.test("FileDevice: a large discard or write-zeroes lets other work run while it goes (it yields between chunks)", async () => {
+  const device = new VolatileDevice(32 * MiB, { name: "disk" });
+  for (const zero of [() => device.discard(0, 32 * MiB), () => device.writeZeroes(0, 32 * MiB)]) {
+    let otherWorkRan = false;
+    setTimeout(() => (otherWorkRan = true), 0); // another client's PING, say
+    await zero();
+    assert.ok(otherWorkRan, "a timer due meanwhile ran before the zeroing finished");
+  }
+});
