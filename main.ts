@@ -11,6 +11,7 @@ import { arrayCommand } from "./src/cli/array.ts";
 import { attachCommand } from "./src/cli/attach.ts";
 import { demoCommand } from "./src/cli/demo.ts";
 import { exportCommand } from "./src/cli/export.ts";
+import { keygenCommand } from "./src/cli/keygen.ts";
 import { statusCommand } from "./src/cli/status.ts";
 import { AssertionError } from "./src/lib/assert.ts";
 import { DstError, UsageError } from "./src/lib/errors.ts";
@@ -23,6 +24,7 @@ const COMMANDS: Record<string, (argv: string[]) => Promise<number>> = {
   attach: attachCommand,
   array: arrayCommand,
   status: statusCommand,
+  keygen: keygenCommand,
   demo: demoCommand,
 };
 
@@ -35,6 +37,7 @@ Commands:
   attach ADDR      serve a remote export as a local NBD disk
   array KIND ...   join exports and paths into a linear or mirror array, and serve it
   status ADDR...   show what exports are doing
+  keygen FILE      add a new random key to a key file (for the keyed protocol, not built yet)
   demo             run the whole job on temporary images and check every byte
 
 Run \`dst COMMAND --help\` for a command's options.`;

@@ -43,6 +43,17 @@ export class ConnectionClosedError extends DstError {
   }
 }
 
+/**
+ * A key file is unsafe or malformed (src/lib/key_file.ts). Its message says what
+ * to run, and never quotes the file's content: that may be key material.
+ */
+export class KeyFileError extends DstError {
+  override name = "KeyFileError";
+  constructor(message: string, options?: ErrorOptions) {
+    super("KEY_FILE", message, options);
+  }
+}
+
 /** A short description of any thrown value, for log lines. */
 export function describeError(error: unknown): string {
   if (error instanceof Error) return error.message;
