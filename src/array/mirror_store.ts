@@ -7,6 +7,7 @@
  * durably on every change), `bitmap` (dirty_bitmap.ts) and `client-id`.
  */
 
+import * as fs from "node:fs";
 import { DstError } from "../lib/errors.ts";
 import { type ImageFile, openImageFile } from "../device/image_file.ts";
 import { ensureDir, readStateFile, writeStateFile } from "../lib/state_file.ts";
@@ -78,7 +79,10 @@ export async function openBitmapFile(
 ): Promise<ImageFile> {
   let file: ImageFile;
   try {
-    file = openImageFile(path, create ? "w+" : "r+");
+    // A new bitmap replaces what is there, exclusively: a link at the path is removed,
+    // never written through.
+    if (create) fs.rmSync(path, { force: true });
+    file = openImageFile(path, create ? "wx+" : "r+");
   } catch (error) {
     throw new DstError("STATE", `Cannot open the mirror bitmap ${path}: ${error}`, {
       cause: error,

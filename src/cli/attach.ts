@@ -11,6 +11,7 @@ import { formatHostPort, parseHostPort } from "../lib/address.ts";
 import { describeError, DstError, UsageError } from "../lib/errors.ts";
 import { logger } from "../lib/log.ts";
 import { formatBytes } from "../lib/units.ts";
+import { checkPrivateFolder } from "../lib/private_folder.ts";
 import { type NbdListen, NbdServer } from "../nbd/mod.ts";
 import {
   CLIENT_OPTIONS,
@@ -136,11 +137,17 @@ async function defaultSocketPath(host: string, port: number): Promise<string> {
     ? `${runtime}/dst`
     : `${Deno.env.get("TMPDIR") || "/tmp"}/dst-${uid}`;
   await Deno.mkdir(dir, { recursive: true, mode: 0o700 });
-  const stat = await Deno.stat(dir);
-  if (stat.uid !== Deno.uid() || ((stat.mode ?? 0) & 0o077) !== 0) {
+  // Not through a link (lstat): another user could have made one at this path first.
+  try {
+    checkPrivateFolder(
+      dir,
+      { what: "socket folder", forbidden: 0o077, followLink: false },
+      "SOCKET_DIR",
+    );
+  } catch (error) {
     throw new DstError(
       "SOCKET_DIR",
-      `${dir} is not private to this user; give a socket path with --socket`,
+      `${describeError(error)}; or give a socket path with --socket`,
     );
   }
   return `${dir}/attach-${host.replace(/[^\w.-]/g, "_")}-${port}.sock`;

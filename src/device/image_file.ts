@@ -27,8 +27,11 @@ export interface ImageFile {
   close(): void;
 }
 
-/** How openImageFile opens: read-only, read-write, or created empty (truncated) read-write. */
-export type OpenMode = "r" | "r+" | "w+";
+/**
+ * How openImageFile opens: read-only, read-write, or created read-write and exclusively
+ * (it fails on anything already at the path, a symlink too: nothing is written through one).
+ */
+export type OpenMode = "r" | "r+" | "wx+";
 
 /** Opens a real file with node:fs; throws what the open throws (ENOENT, EACCES...). */
 export function openImageFile(path: string, mode: OpenMode): ImageFile {

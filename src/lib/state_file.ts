@@ -7,6 +7,7 @@
 
 import * as fs from "node:fs";
 import { DstError } from "./errors.ts";
+import { checkPrivateFolder } from "./private_folder.ts";
 
 /** `$XDG_STATE_HOME/dst`, else `~/.local/state/dst`: where dst keeps what it must remember. */
 export function stateRoot(): string {
@@ -22,7 +23,10 @@ export function stateRoot(): string {
   return `${home}/.local/state/dst`;
 }
 
-/** Creates `dir` (and parents) with mode 0700; a clear error when it cannot. */
+/**
+ * Creates `dir` (and parents) with mode 0700; a clear error when it cannot, or when it
+ * is a folder others can write (they could plant a link where dst writes).
+ */
 export function ensureDir(dir: string): void {
   try {
     fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
@@ -31,6 +35,7 @@ export function ensureDir(dir: string): void {
       cause: error,
     });
   }
+  checkPrivateFolder(dir, { what: "state folder", forbidden: 0o022, followLink: true }, "STATE");
 }
 
 /** The file's text, or null when it does not exist. */
@@ -48,7 +53,9 @@ export function writeStateFile(path: string, text: string): void {
   const temporary = `${path}.tmp`;
   const dir = path.slice(0, Math.max(path.lastIndexOf("/"), 0)) || ".";
   try {
-    const fd = fs.openSync(temporary, "w", 0o600);
+    // Exclusively: a link planted at the temporary name is removed, never written through.
+    fs.rmSync(temporary, { force: true });
+    const fd = fs.openSync(temporary, "wx", 0o600);
     try {
       fs.writeFileSync(fd, text);
       fs.fdatasyncSync(fd);
