@@ -7,7 +7,14 @@
 import assert from "node:assert/strict";
 import type { Clock, Timer } from "../lib/clock.ts";
 import type { Logger } from "../lib/log.ts";
-import { type AcceptedConn, AcceptLoop, clientSlots, type ConnListener } from "./accept_loop.ts";
+import {
+  type AcceptedConn,
+  AcceptLoop,
+  CLIENT_SLOTS_SHARED_BYTES,
+  type ClientSlots,
+  clientSlots,
+  type ConnListener,
+} from "./accept_loop.ts";
 
 /** Time that moves only when the test fires a timer; tells the test when one is set. */
 class TurnedClock implements Clock {
@@ -159,19 +166,29 @@ class Sessions {
   }
 }
 
+/** clientSlots that tell the test when a connection's address place is given back. */
+function watchedSlots(perAddressMax: number) {
+  const slots = clientSlots(64, undefined, perAddressMax);
+  let left = Promise.withResolvers<string>();
+  const watched: ClientSlots = {
+    ...slots,
+    leaveAddress(address) {
+      slots.leaveAddress(address);
+      left.resolve(address);
+      left = Promise.withResolvers();
+    },
+  };
+  return { slots: watched, nextLeave: () => left.promise };
+}
+
 function setup(perAddressMax = 16) {
   const listener = new ScriptedListener();
   const clock = new TurnedClock();
   const log = new LinesLog();
   const sessions = new Sessions();
-  const loop = new AcceptLoop(
-    listener,
-    clientSlots(64, undefined, perAddressMax),
-    sessions.session,
-    log,
-    clock,
-  );
-  return { listener, clock, log, sessions, loop };
+  const { slots, nextLeave } = watchedSlots(perAddressMax);
+  const loop = new AcceptLoop(listener, slots, sessions.session, log, clock);
+  return { listener, clock, log, sessions, loop, nextLeave };
 }
 
 const FAILED = /accept failed.*retrying/;
@@ -219,7 +236,7 @@ Deno.test("accept: a listener closed under the loop ends it with one error line,
 });
 
 Deno.test("accept: past the per-address limit a connection is closed at once; closing one lets a new one in", async () => {
-  const { listener, clock, log, sessions, loop } = setup(2);
+  const { listener, clock, log, sessions, loop, nextLeave } = setup(2);
   const first = tcpFrom("127.0.0.1", 1);
   const second = tcpFrom("127.0.0.1", 2);
   for (const conn of [first, second]) {
@@ -245,7 +262,9 @@ Deno.test("accept: past the per-address limit a connection is closed at once; cl
   assert.equal(await started, other);
 
   // Closing one of the first two frees its place.
+  const left = nextLeave();
   first.close();
+  assert.equal(await left, "127.0.0.1");
   const fifth = tcpFrom("127.0.0.1", 5);
   started = sessions.started();
   listener.push(fifth);
@@ -274,4 +293,19 @@ Deno.test("accept: Unix-socket connections have no address and no per-address li
   assert.ok(conns.every((conn) => !conn.isClosed));
   for (const conn of conns) conn.close();
   await loop.shutdown();
+});
+
+Deno.test("client slots over one shared array count together, as the NBD threads' do", () => {
+  const shared = new Int32Array(new SharedArrayBuffer(CLIENT_SLOTS_SHARED_BYTES));
+  const one = clientSlots(4, shared, 2);
+  const other = clientSlots(4, shared, 2);
+  assert.ok(one.enterAddress("127.0.0.1"));
+  assert.ok(other.enterAddress("127.0.0.1"));
+  assert.ok(!one.enterAddress("127.0.0.1"), "the address's limit spans both");
+  other.leaveAddress("127.0.0.1");
+  assert.ok(one.enterAddress("127.0.0.1"), "and a place given back in one frees it in both");
+
+  const entered = [one.enter(), other.enter(), one.enter(), other.enter()];
+  assert.deepEqual(entered, [true, true, true, true]);
+  assert.ok(!other.enter(), "the client limit spans both");
 });
