@@ -27,6 +27,32 @@ export const IN_FLIGHT_BYTES_PER_CONNECTION_MAX = 64 * MiB;
 export const CLIENTS_PER_EXPORT_MAX = 64;
 
 /**
+ * Connections one remote IP address may hold at once (Unix-socket clients are exempt).
+ * Without it one host could take all 64 places and lock every other client out; 16
+ * is four times what any real client opens (nbdcopy opens four, a DST client one),
+ * so only a runaway or hostile host meets it. Connections over it are closed before
+ * any handshake work.
+ */
+export const CLIENTS_PER_ADDRESS_MAX = 16;
+/**
+ * Per-address counts are kept in this many buckets, by a hash of the address, so NBD
+ * threads can share them in one SharedArrayBuffer. Two addresses in one bucket share
+ * a limit; with at most 64 clients that is rare, and only ever stricter.
+ */
+export const ADDRESS_BUCKETS = 1024;
+/** At most one "refused, too many from that address" line per this long, with the count it left out. */
+export const ADDRESS_REFUSAL_LOG_MS = 10_000;
+
+/**
+ * A failed accept that is not a closed listener (EMFILE and ENFILE: out of descriptors;
+ * ENOMEM; ECONNABORTED) passes once something is freed, so the server retries after
+ * this delay, doubling to the cap; a success resets it. The cap bounds how late a
+ * freed descriptor is noticed; the start keeps a brief shortage from costing much.
+ */
+export const ACCEPT_RETRY_MS_MIN = 10;
+export const ACCEPT_RETRY_MS_MAX = 1_000;
+
+/**
  * Free read buffers a server (DST or NBD) keeps for reuse: four of the largest request.
  * The NBD threads of one export split it among them.
  */
@@ -163,6 +189,8 @@ assert(
   IN_FLIGHT_BYTES_PER_CONNECTION_MAX >= PAYLOAD_BYTES_MAX,
   "the export admits the largest frame",
 );
+assert(CLIENTS_PER_ADDRESS_MAX <= CLIENTS_PER_EXPORT_MAX, "one address can still connect");
+assert(ACCEPT_RETRY_MS_MIN <= ACCEPT_RETRY_MS_MAX, "the accept backoff starts below its cap");
 assert(RANGE_BYTES_MAX < 2 ** 32, "range lengths travel as u32");
 assert(PAYLOAD_BYTES_MAX < 2 ** 32, "payload lengths travel as u32");
 assert(RECONNECT_DELAY_MS_MAX < CLIENT_TIMEOUT_MS_DEFAULT, "a reconnect try fits in one timeout");

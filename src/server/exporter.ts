@@ -136,6 +136,7 @@ export class Exporter {
       clientSlots(CLIENTS_PER_EXPORT_MAX),
       (conn, peer, admitted) => this.#session(conn, peer, admitted),
       this.#log,
+      this.#clock,
     );
     this.#leaseIdleMs = options.leaseIdleMs ?? LEASE_IDLE_MS;
     this.#silenceCheck = this.#clock.every(

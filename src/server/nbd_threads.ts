@@ -31,7 +31,7 @@ import { describeError, DeviceError, DstError } from "../lib/errors.ts";
 import { type Logger, logger } from "../lib/log.ts";
 import { CLIENTS_PER_EXPORT_MAX, POOL_RETAINED_BYTES_MAX } from "../constants.ts";
 import { NbdServer } from "../nbd/mod.ts";
-import { clientSlots } from "../transport/accept_loop.ts";
+import { CLIENT_SLOTS_SHARED_BYTES, clientSlots } from "../transport/accept_loop.ts";
 import { listenTcp, ReusePortUnavailable } from "../transport/listen.ts";
 import type { WriteGrant } from "./writer_lease.ts";
 
@@ -111,7 +111,7 @@ export class NbdThreads {
       listener = listenTcp(address, "--nbd");
     }
     // One client limit for all threads, and the buffers kept for reuse split among them.
-    const clients = new SharedArrayBuffer(4);
+    const clients = new SharedArrayBuffer(CLIENT_SLOTS_SHARED_BYTES);
     const retainedBytesMax = Math.floor(POOL_RETAINED_BYTES_MAX / threads);
     const server = NbdServer.serve(options.device, listener, {
       name: "",

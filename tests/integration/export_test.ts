@@ -14,6 +14,8 @@ import { randomBytes } from "../helpers/random_bytes.ts";
 import { RawClient } from "../helpers/raw_client.ts";
 import { newDisk, runDst, withExport } from "../helpers/spawn.ts";
 import { silentLogger as quiet } from "../../src/lib/log.ts";
+import { CLIENTS_PER_ADDRESS_MAX } from "../../src/constants.ts";
+import { eventually } from "../helpers/frame_fuzz.ts";
 
 const MiB = 1024 * 1024;
 
@@ -280,6 +282,40 @@ Deno.test("a frame that breaks framing closes that connection only, with one log
     assert.match(log, /bad request magic 0x41414141; closing this connection/);
     assert.match(log, /payload length 4294967280 > 33554432; closing this connection/);
     assert.match(log, /handshake refused: not a DST client/);
+  });
+});
+
+Deno.test("one address gets at most CLIENTS_PER_ADDRESS_MAX connections; the next is closed before any handshake", async () => {
+  await withExport("dst-export-per-address-", newDisk("1M"), async (server) => {
+    const clients: RawClient[] = [];
+    for (let i = 0; i < CLIENTS_PER_ADDRESS_MAX; i++) {
+      clients.push(await RawClient.connect(server.address));
+    }
+
+    // Over the limit: closed at once, without reading the hello it would have sent.
+    const over = await Deno.connect(server.address);
+    assert.equal(await over.read(new Uint8Array(1024)), null, "closed before any handshake");
+    over.close();
+    await eventually(5000, "the refusal's log line", () => /refused/.test(server.log()));
+    assert.match(
+      server.log(),
+      new RegExp(`127\\.0\\.0\\.1: connection refused, ${CLIENTS_PER_ADDRESS_MAX}`),
+    );
+
+    // The first ones are still served, and when one leaves a new one gets in.
+    const served = await RawClient.connect(server.address).then(
+      () => "admitted",
+      () => "refused",
+    );
+    assert.equal(served, "refused", "still full");
+    clients.pop()!.conn.close();
+    await eventually(
+      5000,
+      "the server to see the client leave",
+      () => server.log().includes(`client left (${CLIENTS_PER_ADDRESS_MAX - 1} now)`),
+    );
+    clients.push(await RawClient.connect(server.address));
+    for (const client of clients) client.conn.close();
   });
 });
 
