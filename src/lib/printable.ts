@@ -6,6 +6,8 @@
  * here; JSON output escapes by itself.
  */
 
+// Control characters are exactly what this matches, on purpose.
+// deno-lint-ignore no-control-regex
 const UNPRINTABLE = /[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
 
 /** `text` with every control or bidi-override character escaped (`\x1b`, `\u{202e}`). */
