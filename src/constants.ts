@@ -142,6 +142,14 @@ export const HANDSHAKE_TIMEOUT_MS = 10_000;
  */
 export const CLOSE_LINGER_MS = 2_000;
 
+/**
+ * How long a clean stop (SIGTERM) waits for clients to finish what they have in
+ * flight. A client that never reads its replies would hold it for ever (its replies
+ * can never be sent); past this the export stops without them, after its flush, and
+ * says so. Requests it never answered were never acknowledged.
+ */
+export const SHUTDOWN_DEADLINE_MS = 10_000;
+
 /** A mirror's dirty-tracking region: small enough that a resync copies little, large enough that the bitmap stays small (1 TiB = 1 MiB of bitmap). */
 export const MIRROR_REGION_BYTES_DEFAULT = 1 * MiB;
 

@@ -14,6 +14,7 @@ import { NbdThreads } from "../server/nbd_threads.ts";
 import type { WriteGeneration } from "../server/write_generation.ts";
 import { type WriteGrant, WriterLease } from "../server/writer_lease.ts";
 import { untilSignal } from "./signals.ts";
+import { SHUTDOWN_DEADLINE_MS } from "../constants.ts";
 
 /** The lease identity of an export's own NBD port (DST identities are 32 hex digits). */
 const NBD_PORT_CLIENT = "the export's NBD port";
@@ -80,7 +81,23 @@ export async function serveUntilSignal(device: BlockDevice, options: ServeOption
   }
   const signal = await stopping;
   options.log.info(`${signal}: no new clients; finishing what is in flight`);
-  await Promise.all([exporter?.shutdown(), nbd?.shutdown()]);
+  const stopped = Promise.all([exporter?.shutdown(), nbd?.shutdown()]).then(() => true);
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<false>((resolve) => {
+    timer = setTimeout(() => resolve(false), SHUTDOWN_DEADLINE_MS);
+  });
+  try {
+    if (!await Promise.race([stopped, late])) {
+      stopped.catch(() => {}); // what it still does is abandoned with it
+      options.log.error(
+        `clients did not finish within ${SHUTDOWN_DEADLINE_MS / 1000} s (one that does not read ` +
+          "its replies, say): stopping without them; the requests they were not answered were " +
+          "never acknowledged",
+      );
+    }
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 /**
