@@ -5,7 +5,7 @@
  */
 
 import type { BlockDevice } from "../device/block_device.ts";
-import { formatHostPort, type HostPort } from "../lib/address.ts";
+import { formatHostPort, type HostPort, isLoopbackHost } from "../lib/address.ts";
 import type { Logger } from "../lib/log.ts";
 import { logger } from "../lib/log.ts";
 import { NbdServer } from "../nbd/mod.ts";
@@ -79,6 +79,8 @@ export async function serveUntilSignal(device: BlockDevice, options: ServeOption
         `as NBD at ${nbd.uri}`,
     );
   }
+  warnIfOpen(options, exporter === null ? null : exporter.address);
+
   const signal = await stopping;
   options.log.info(`${signal}: no new clients; finishing what is in flight`);
   const stopped = Promise.all([exporter?.shutdown(), nbd?.shutdown()]).then(() => true);
@@ -134,4 +136,24 @@ async function startNbd(
     });
   claimant.peer = `NBD clients of ${server.uri.replace(/^nbd:\/\/|\/$/g, "")}`;
   return server;
+}
+
+/**
+ * DST has no keys yet: an export reachable beyond this machine can be read, written
+ * and its lease taken by anyone who can reach it. Said once at start, so nobody
+ * serves a disk to a network by accident.
+ */
+function warnIfOpen(options: ServeOptions, dst: HostPort | null): void {
+  const open = [
+    ...(dst !== null && !isLoopbackHost(dst.hostname) ? [`${formatHostPort(dst)} (DST)`] : []),
+    ...(options.nbd !== null && !isLoopbackHost(options.nbd.hostname)
+      ? [`${formatHostPort(options.nbd)} (NBD)`]
+      : []),
+  ];
+  if (open.length === 0) return;
+  options.log.warn(
+    `${open.join(" and ")} can be reached beyond this machine, and DST has no keys yet: anyone ` +
+      `who can reach it can read and write ${options.label}; serve it only on a network you ` +
+      "trust, or listen on 127.0.0.1",
+  );
 }

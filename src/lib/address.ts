@@ -45,3 +45,12 @@ export function formatHostPort(address: HostPort): string {
   const host = address.hostname.includes(":") ? `[${address.hostname}]` : address.hostname;
   return `${host}:${address.port}`;
 }
+
+/**
+ * Whether a listening host is reachable from this machine only: a loopback address
+ * (127.0.0.0/8, ::1) or "localhost". A wildcard (0.0.0.0, ::) or any other address is not.
+ */
+export function isLoopbackHost(hostname: string): boolean {
+  const host = hostname.replace(/^\[|\]$/g, "").toLowerCase();
+  return host === "localhost" || host === "::1" || /^127\.\d+\.\d+\.\d+$/.test(host);
+}

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { formatHostPort, parseHostPort } from "./address.ts";
+import { formatHostPort, isLoopbackHost, parseHostPort } from "./address.ts";
 import { UsageError } from "./errors.ts";
 
 Deno.test("parseHostPort() reads HOST:PORT", () => {
@@ -57,5 +57,16 @@ Deno.test("formatHostPort() brackets IPv6 hosts only", () => {
 Deno.test("formatHostPort() output parses back to the same address", () => {
   for (const address of [{ hostname: "::1", port: 1 }, { hostname: "db-1", port: 65535 }]) {
     assert.deepEqual(parseHostPort(formatHostPort(address), "0.0.0.0"), address);
+  }
+});
+
+Deno.test("isLoopbackHost() is true for 127.0.0.0/8, ::1 and localhost only", () => {
+  for (const host of ["127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost", "LOCALHOST"]) {
+    assert.equal(isLoopbackHost(host), true, host);
+  }
+  for (
+    const host of ["0.0.0.0", "::", "10.0.0.5", "128.0.0.1", "example.org", "127.0.0.1.example"]
+  ) {
+    assert.equal(isLoopbackHost(host), false, host);
   }
 });

@@ -12,7 +12,7 @@ import { Command, RequestFlag, WireError } from "../../src/protocol/mod.ts";
 import { assertSameBytes } from "../helpers/bytes.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import { RawClient } from "../helpers/raw_client.ts";
-import { newDisk, runDst, withExport } from "../helpers/spawn.ts";
+import { newDisk, runDst, startExport, stopClean, withExport } from "../helpers/spawn.ts";
 import { silentLogger as quiet } from "../../src/lib/log.ts";
 import { CLIENTS_PER_ADDRESS_MAX } from "../../src/constants.ts";
 import { eventually } from "../helpers/frame_fuzz.ts";
@@ -401,4 +401,24 @@ Deno.test("a client that ignores the in-flight limit is throttled, not refused: 
     assert.equal(seen.size, count);
     raw.close();
   });
+});
+
+Deno.test("an export reachable beyond loopback warns that anyone who can reach it can read and write it; on 127.0.0.1 it does not", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "dst-open-" });
+  try {
+    for (const [listen, warns] of [["0.0.0.0:0", true], ["127.0.0.1:0", false]] as const) {
+      const server = await startExport([`${dir}/disk.img`, "--create", "1M", "--listen", listen]);
+      try {
+        await stopClean(server, `export on ${listen}`);
+        const said = /can be reached beyond this machine, and DST has no keys yet/.test(
+          server.log(),
+        );
+        assert.equal(said, warns, `${listen}:\n${server.log()}`);
+      } finally {
+        await server.stop("SIGKILL");
+      }
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
