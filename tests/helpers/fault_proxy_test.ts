@@ -10,6 +10,7 @@ import { closeQuietly, readExact, writeAll } from "../../src/transport/byte_conn
 import { assertSameBytes, concat, pattern, settleAll } from "./bytes.ts";
 import { FaultProxy } from "./fault_proxy.ts";
 import { randomBytes } from "./random_bytes.ts";
+import { waitUntil } from "./wait.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -159,15 +160,6 @@ async function settlesWithin(promise: Promise<unknown>, delayMs: number): Promis
   }
 }
 
-/** For what has no event to wait on (the proxy noticing a server's FIN). */
-async function waitFor(condition: () => boolean, delayMs: number, what: string): Promise<void> {
-  const untilMs = performance.now() + delayMs;
-  while (!condition()) {
-    if (performance.now() > untilMs) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 10));
-  }
-}
-
 /** Sends `bytes` and reads as many back, at the same time (an echo must not deadlock). */
 async function roundTrip(conn: Deno.Conn, bytes: Uint8Array): Promise<Uint8Array> {
   const back = new Uint8Array(bytes.length);
@@ -187,7 +179,10 @@ Deno.test("fault proxy: forwards both directions byte for byte, and the FIN", as
       await client.closeWrite();
       await side.ended; // the client's FIN reached the server
       assert.equal(await firstEvent(client, 2000), "ended"); // and the server's came back
-      await waitFor(() => proxy.stats().connections === 0, 2000, "the pair to close");
+      await waitUntil(() => proxy.stats().connections === 0, "the pair to close", {
+        timeoutMs: 2000,
+        everyMs: 10,
+      });
     } finally {
       closeQuietly(client);
     }
@@ -263,7 +258,10 @@ Deno.test("fault proxy: an abandoned held connection stays open at the server; d
     assert.equal(proxy.heldBytes(), 0);
     await side.ended; // the FIN comes after the late bytes
     assertSameBytes(side.bytes(), concat(before, late), "what the server received");
-    await waitFor(() => proxy.stats().connections === 0, 2000, "the pair to close");
+    await waitUntil(() => proxy.stats().connections === 0, "the pair to close", {
+      timeoutMs: 2000,
+      everyMs: 10,
+    });
   });
 });
 
@@ -276,7 +274,10 @@ Deno.test("fault proxy: deliverHeld to a connection the server already closed de
       await writeAll(client, pattern(0, 1000));
       await proxy.whenHeldBytes(1000);
       side.close();
-      await waitFor(() => proxy.stats().connections === 0, 2000, "the proxy to see the FIN");
+      await waitUntil(() => proxy.stats().connections === 0, "the proxy to see the FIN", {
+        timeoutMs: 2000,
+        everyMs: 10,
+      });
       assert.equal(await proxy.deliverHeld(), 0);
       assert.equal(proxy.heldBytes(), 0);
       assert.equal(await firstEvent(client, 200), "silent", "the client heard of the close");

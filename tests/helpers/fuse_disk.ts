@@ -5,6 +5,7 @@
  */
 
 import { spawnTool, tool } from "./tools.ts";
+import { waitUntil } from "./wait.ts";
 
 /**
  * Mounts `uri` as the file `mountpoint/disk` with nbdfuse, runs `body`, unmounts.
@@ -23,15 +24,9 @@ export async function withFuseDisk(
     uri,
   ]);
   try {
-    for (let i = 0;; i++) {
-      try {
-        if ((await Deno.stat(`${mountpoint}/disk`)).size > 0) break;
-      } catch {
-        // not mounted yet
-      }
-      if (i > 200) throw new Error("nbdfuse did not expose the disk within 10 s");
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
+    const mounted = async () =>
+      ((await Deno.stat(`${mountpoint}/disk`).catch(() => null))?.size ?? 0) > 0;
+    await waitUntil(mounted, "nbdfuse to expose the disk", { timeoutMs: 10_000, everyMs: 50 });
     await body(`${mountpoint}/disk`);
   } finally {
     const unmounted = await tool("fusermount3", ["-u", mountpoint]);

@@ -17,6 +17,7 @@ import { silentLogger as quiet } from "../../src/lib/log.ts";
 import { withFuseDisk } from "../helpers/fuse_disk.ts";
 import { startExport } from "../helpers/spawn.ts";
 import { missing, spawnTool } from "../helpers/tools.ts";
+import { exists, waitUntil } from "../helpers/wait.ts";
 
 const KiB = 1024;
 
@@ -79,7 +80,11 @@ async function withWatchedDisk(
     `logfile=${logFile}`,
   ]);
   try {
-    await waitForFile(socket);
+    // nbdkit makes its socket once it serves.
+    await waitUntil(() => exists(socket), `${socket} to appear`, {
+      timeoutMs: 10_000,
+      everyMs: 50,
+    });
     await withFuseDisk(
       `nbd+unix:///?socket=${socket}`,
       `${dir}/mnt`,
@@ -180,7 +185,10 @@ Deno.test({
         await device.close();
         let exited: Deno.CommandStatus | null = null;
         const stopping = server.stop("SIGTERM").then((status) => (exited = status));
-        await waitFor(async () => flushFrom(await diskOps(logFile), 0) >= 0, "the stop's sync");
+        await waitUntil(async () => flushFrom(await diskOps(logFile), 0) >= 0, "the stop's sync", {
+          timeoutMs: 10_000,
+          everyMs: 50,
+        });
         await new Promise((resolve) => setTimeout(resolve, 500));
         assert.equal(exited, null, "the first signal waits for the sync");
         server.process.kill("SIGTERM");
@@ -194,25 +202,3 @@ Deno.test({
       }
     }),
 });
-
-/** Polls `condition` every 50 ms for at most 10 s (a log file gives no event to wait on). */
-async function waitFor(condition: () => Promise<boolean>, what: string): Promise<void> {
-  for (let i = 0; i < 200; i++) {
-    if (await condition()) return;
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
-
-/** nbdkit makes its socket once it serves; waits for it (at most 10 s). */
-async function waitForFile(path: string): Promise<void> {
-  for (let i = 0; i < 200; i++) {
-    try {
-      await Deno.stat(path);
-      return;
-    } catch {
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
-  }
-  throw new Error(`${path} did not appear within 10 s`);
-}

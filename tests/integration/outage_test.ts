@@ -13,16 +13,9 @@ import { assertSameBytes, settleAll } from "../helpers/bytes.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import { newDisk, startExport, withExport } from "../helpers/spawn.ts";
 import { silentLogger as quiet } from "../../src/lib/log.ts";
+import { waitUntil } from "../helpers/wait.ts";
 
 const MiB = 1024 * 1024;
-
-async function waitFor(condition: () => boolean, ms: number, what: string): Promise<void> {
-  const until = performance.now() + ms;
-  while (!condition()) {
-    if (performance.now() > until) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
-}
 
 Deno.test("kill -9 of the export mid-write and a restart: no error, every acknowledged byte is there", async () => {
   const dir = await Deno.makeTempDir({ prefix: "dst-outage-" });
@@ -133,9 +126,11 @@ Deno.test("an idle ping notices a frozen export, and the client reconnects when 
       log: quiet,
     });
     server.process.kill("SIGSTOP");
-    await waitFor(() => !client.connected, 5000, "the ping to notice the frozen export");
+    await waitUntil(() => !client.connected, "the ping to notice the frozen export", {
+      timeoutMs: 5000,
+    });
     server.process.kill("SIGCONT");
-    await waitFor(() => client.connected, 10000, "the client to reconnect");
+    await waitUntil(() => client.connected, "the client to reconnect", { timeoutMs: 10000 });
     await client.write(0, new Uint8Array(4096).fill(9));
     const back = new Uint8Array(4096);
     await client.read(0, back);
