@@ -54,6 +54,17 @@ export class KeyFileError extends DstError {
   }
 }
 
+/**
+ * A v2 record failed its check: flipped, replayed, reordered, duplicated or cut
+ * bytes. The connection closes before any byte of the record is used.
+ */
+export class ChannelTamperedError extends DstError {
+  override name = "ChannelTamperedError";
+  constructor(message: string) {
+    super("TAMPERED", message);
+  }
+}
+
 /** A short description of any thrown value, for log lines. */
 export function describeError(error: unknown): string {
   if (error instanceof Error) return error.message;

@@ -3,3 +3,4 @@
 export * from "./wire.ts";
 export * from "./handshake.ts";
 export * from "./messages.ts";
+export * from "./key_exchange.ts";

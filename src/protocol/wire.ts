@@ -8,6 +8,11 @@ import { assert } from "../lib/assert.ts";
 import { Errno } from "../lib/errno.ts";
 
 export const PROTOCOL_VERSION = 1;
+/**
+ * Version 2 is version 1 behind an authenticated, protected channel (README.md,
+ * "Version 2: keys"): a client with a key speaks only 2, one without only 1.
+ */
+export const PROTOCOL_VERSION_KEYED = 2;
 
 /** Magics are four ASCII letters, read as a little-endian u32 ("DSTC" etc.). */
 const magic = (text: string) =>
@@ -17,6 +22,9 @@ export const MAGIC_CLIENT_HELLO = magic("DSTC") >>> 0;
 export const MAGIC_SERVER_HELLO = magic("DSTS") >>> 0;
 export const MAGIC_REQUEST = magic("DSTQ") >>> 0;
 export const MAGIC_REPLY = magic("DSTR") >>> 0;
+export const MAGIC_CLIENT_KEY_SHARE = magic("DSTK") >>> 0;
+export const MAGIC_SERVER_KEY_SHARE = magic("DSTA") >>> 0;
+export const MAGIC_CLIENT_PROOF = magic("DSTF") >>> 0;
 
 export const Command = {
   READ: 1,
@@ -89,6 +97,12 @@ export const HELLO_STATUS_TEXT: Record<number, string> = {
 /** Bit masks of authentication methods and frame protections; only NONE exists in v1. */
 export const AUTH_NONE = 1;
 export const PROTECTION_NONE = 1;
+/** v2: both sides prove a pre-shared key, bound to ephemeral X25519 keys and both nonces. */
+export const AUTH_PSK = 2;
+/** v2: every record carries an HMAC-SHA-256 tag; the bytes travel in the clear. */
+export const PROTECTION_MAC = 2;
+/** v2: every record is sealed with AES-256-GCM. */
+export const PROTECTION_ENCRYPT = 4;
 
 /** Client hello feature bits. */
 export const ClientFeature = {
@@ -161,6 +175,49 @@ export const ServerHelloLayout = {
   SIZE: 112,
 } as const;
 
+/** X25519 public keys, HMAC-SHA-256 proofs and keys are 32 bytes. */
+export const PUBLIC_KEY_BYTES = 32;
+export const PROOF_BYTES = 32;
+/** A key name on the wire: 1 to 64 bytes, zero-padded (the key file's own limit). */
+export const KEY_NAME_BYTES_MAX = 64;
+
+/** v2 client key share: 104 bytes, right after a client hello that offers AUTH_PSK. */
+export const ClientKeyShareLayout = {
+  magic: 0, // u32 "DSTK"
+  publicKey: 4, // 32 bytes, X25519
+  keyNameLength: 36, // u16, 1..64
+  reserved: 38, // u16, zero
+  keyName: 40, // 64 bytes, UTF-8, zero-padded
+  SIZE: 104,
+} as const;
+
+/** v2 server key share: 88 bytes, the export's answer to a client key share. */
+export const ServerKeyShareLayout = {
+  magic: 0, // u32 "DSTA"
+  version: 4, // u16, 2
+  protection: 6, // u16, one bit: PROTECTION_MAC or PROTECTION_ENCRYPT
+  nonce: 8, // 16 bytes
+  publicKey: 24, // 32 bytes, X25519
+  proof: 56, // 32 bytes, HMAC over the transcript with the server's proof key
+  SIZE: 88,
+} as const;
+
+/** v2 client proof: 36 bytes, the client's answer to a server key share it verified. */
+export const ClientProofLayout = {
+  magic: 0, // u32 "DSTF"
+  proof: 4, // 32 bytes
+  SIZE: 36,
+} as const;
+
+/**
+ * v2 record: a u32 count of the sealed bytes that follow (plaintext + tag). A record
+ * holds 1 to RECORD_PLAINTEXT_BYTES_MAX bytes of the v1 byte stream.
+ */
+export const RECORD_HEADER_BYTES = 4;
+export const RECORD_PLAINTEXT_BYTES_MAX = 1024 * 1024;
+export const GCM_TAG_BYTES = 16;
+export const MAC_TAG_BYTES = 32;
+
 /** Request header: 32 bytes, followed by `payloadLength` bytes. */
 export const RequestLayout = {
   magic: 0, // u32
@@ -207,6 +264,15 @@ assert(
   ServerHelloLayout.exportInstance + EXPORT_INSTANCE_BYTES === ServerHelloLayout.SIZE,
   "hello layout",
 );
+assert(
+  ClientKeyShareLayout.keyName + KEY_NAME_BYTES_MAX === ClientKeyShareLayout.SIZE,
+  "client key share is 104 bytes",
+);
+assert(
+  ServerKeyShareLayout.proof + PROOF_BYTES === ServerKeyShareLayout.SIZE,
+  "server key share is 88 bytes",
+);
+assert(ClientProofLayout.proof + PROOF_BYTES === ClientProofLayout.SIZE, "client proof: 36 bytes");
 assert(RequestLayout.payloadLength + 4 === RequestLayout.SIZE, "request header is 32 bytes");
 assert(ReplyLayout.payloadLength + 4 === ReplyLayout.SIZE, "reply header is 24 bytes");
 assert(InfoLayout.exportFlags + 4 === InfoLayout.SIZE, "info payload is 16 bytes");
