@@ -1,6 +1,11 @@
 /**
  * Opening a connection to an export: TCP connect and the client's side of the
  * handshake. Errors say which address failed and what to check.
+ *
+ * With a key the client speaks version 2 only (protocol README, "Version 2: keys"):
+ * it names its key, checks the export's proof before it proves anything itself,
+ * and refuses an export that answers without a proof (no downgrade). The connection
+ * it returns is then the protected one.
  */
 
 import { HANDSHAKE_TIMEOUT_MS } from "../constants.ts";
@@ -9,20 +14,42 @@ import { type Clock, systemClock } from "../lib/clock.ts";
 import { describeError, DstError } from "../lib/errors.ts";
 import {
   AUTH_NONE,
+  AUTH_PSK,
   CLIENT_ID_BYTES,
   ClientFeature,
+  type ClientHello,
   decodeRefusalReasonLength,
   decodeServerHello,
+  decodeServerKeyShare,
   encodeClientHello,
+  encodeClientKeyShare,
+  encodeClientProof,
   HELLO_STATUS_TEXT,
+  type HelloExpectation,
   HelloStatus,
+  MAGIC_SERVER_HELLO,
+  MAGIC_SERVER_KEY_SHARE,
   NONCE_BYTES,
+  PROTECTION_ENCRYPT,
+  PROTECTION_MAC,
   PROTECTION_NONE,
   PROTOCOL_VERSION,
+  PROTOCOL_VERSION_KEYED,
   type ServerHello,
   ServerHelloLayout,
+  ServerKeyShareLayout,
 } from "../protocol/mod.ts";
 import { type ByteConn, closeQuietly, readExact, writeAll } from "../transport/byte_conn.ts";
+import {
+  checkProof,
+  deriveChannelKeys,
+  makeEphemeral,
+  makeProof,
+  sharedSecret,
+  transcriptHash,
+} from "../transport/channel_keys.ts";
+import { SecureConn } from "../transport/secure_conn.ts";
+import type { Key } from "../lib/key_file.ts";
 import { printable } from "../lib/printable.ts";
 
 export type Dialer = (address: HostPort) => Promise<ByteConn>;
@@ -49,6 +76,19 @@ export interface DialOptions {
   writer?: boolean;
   /** The client's identity, the same on each of its connections (default: anonymous, zeros). */
   clientId?: Uint8Array;
+  /** Prove this key (protocol version 2); without one, version 1 and no protection. */
+  key?: Key;
+}
+
+/**
+ * The export could not prove the key, or answered a keyed client without keys.
+ * Retrying cannot help: the key files differ.
+ */
+export class AuthenticationFailed extends DstError {
+  override name = "AuthenticationFailed";
+  constructor(message: string) {
+    super("AUTHENTICATION", message);
+  }
 }
 
 /** The export refused the handshake; `status` is its HelloStatus, the message its reason. */
@@ -81,30 +121,39 @@ export async function dialExport(address: HostPort, options: DialOptions = {}): 
     () => closeQuietly(conn),
   );
   try {
-    await writeAll(
-      conn,
-      encodeClientHello({
-        versionMin: PROTOCOL_VERSION,
-        versionMax: PROTOCOL_VERSION,
-        features: options.writer ? ClientFeature.WRITER : 0,
-        authMethods: AUTH_NONE,
-        protections: PROTECTION_NONE,
-        nonce: crypto.getRandomValues(new Uint8Array(NONCE_BYTES)),
-        clientId: options.clientId ?? new Uint8Array(CLIENT_ID_BYTES),
-      }),
-    );
+    const helloOut: ClientHello = {
+      versionMin: options.key ? PROTOCOL_VERSION_KEYED : PROTOCOL_VERSION,
+      versionMax: options.key ? PROTOCOL_VERSION_KEYED : PROTOCOL_VERSION,
+      features: options.writer ? ClientFeature.WRITER : 0,
+      authMethods: options.key ? AUTH_PSK : AUTH_NONE,
+      protections: options.key ? PROTECTION_MAC | PROTECTION_ENCRYPT : PROTECTION_NONE,
+      nonce: crypto.getRandomValues(new Uint8Array(NONCE_BYTES)),
+      clientId: options.clientId ?? new Uint8Array(CLIENT_ID_BYTES),
+    };
+    const channel = options.key
+      ? await authenticate(conn, where, helloOut, options.key)
+      : await plain(conn, helloOut);
     const bytes = new Uint8Array(ServerHelloLayout.SIZE);
-    await readExact(conn, bytes);
-    const hello = decodeServerHello(bytes);
+    bytes.set(channel.helloStart);
+    await readExact(channel.conn, bytes.subarray(channel.helloStart.length));
+    const hello = decodeServerHello(bytes, channel.expect);
     if (typeof hello === "string") throw new DstError("HANDSHAKE", `${where}: ${hello}`);
     if (hello.status !== HelloStatus.OK) {
-      const why = await readRefusalReason(conn) ??
+      const why = await readRefusalReason(channel.conn) ??
         HELLO_STATUS_TEXT[hello.status] ?? `status ${hello.status}`;
       throw new HandshakeRefused(
         hello.status,
         `${where} refused the connection: ${printable(why)}`,
       );
     }
+    if (channel.downgraded) {
+      throw new AuthenticationFailed(
+        `${where} answered without proving key "${options.key!.name}": it runs without ` +
+          `keys, or something between us removed them; not connecting (give the export ` +
+          `--key with the same key file, or connect without --key)`,
+      );
+    }
+    conn = channel.conn;
     return { conn, hello };
   } catch (error) {
     closeQuietly(conn);
@@ -119,6 +168,98 @@ export async function dialExport(address: HostPort, options: DialOptions = {}): 
   } finally {
     timer.cancel();
   }
+}
+
+/** Where the server hello comes from, and what it may choose. */
+interface Channel {
+  conn: ByteConn;
+  /** Bytes of the server hello already read (its magic, when the client had to look). */
+  helloStart: Uint8Array;
+  expect: HelloExpectation;
+  /** A keyed client got a plain server hello: only a refusal is believed from it. */
+  downgraded: boolean;
+}
+
+async function plain(conn: ByteConn, hello: ClientHello): Promise<Channel> {
+  await writeAll(conn, encodeClientHello(hello));
+  return {
+    conn,
+    helloStart: new Uint8Array(0),
+    expect: { version: PROTOCOL_VERSION, authMethod: AUTH_NONE, protections: PROTECTION_NONE },
+    downgraded: false,
+  };
+}
+
+/**
+ * Version 2's key exchange: send the hello and key share, check the export's proof
+ * of the key before sending the client's own, then run over protected records.
+ * An export without keys answers with a plain server hello instead; its refusal is
+ * reported, anything else is a downgrade and refused.
+ */
+async function authenticate(
+  conn: ByteConn,
+  where: string,
+  hello: ClientHello,
+  key: Key,
+): Promise<Channel> {
+  const own = await makeEphemeral();
+  const helloBytes = encodeClientHello(hello);
+  const shareBytes = encodeClientKeyShare({ publicKey: own.publicKey, keyName: key.name });
+  const out = new Uint8Array(helloBytes.length + shareBytes.length);
+  out.set(helloBytes);
+  out.set(shareBytes, helloBytes.length);
+  await writeAll(conn, out);
+
+  const magicBytes = new Uint8Array(4);
+  await readExact(conn, magicBytes);
+  const magic = new DataView(magicBytes.buffer).getUint32(0, true);
+  if (magic === MAGIC_SERVER_HELLO) {
+    return {
+      conn,
+      helloStart: magicBytes,
+      // Only its status is believed; an OK is a downgrade (checked by the caller).
+      expect: { version: PROTOCOL_VERSION, authMethod: AUTH_NONE, protections: PROTECTION_NONE },
+      downgraded: true,
+    };
+  }
+  if (magic !== MAGIC_SERVER_KEY_SHARE) {
+    throw new DstError("HANDSHAKE", `${where}: not a DST export (bad answer to the key share)`);
+  }
+  const shareIn = new Uint8Array(ServerKeyShareLayout.SIZE);
+  shareIn.set(magicBytes);
+  await readExact(conn, shareIn.subarray(4));
+  const serverShare = decodeServerKeyShare(shareIn);
+  if (typeof serverShare === "string") throw new DstError("HANDSHAKE", `${where}: ${serverShare}`);
+  const secret = await sharedSecret(own, serverShare.publicKey);
+  const transcript = await transcriptHash(
+    helloBytes,
+    shareBytes,
+    shareIn.subarray(0, ServerKeyShareLayout.proof),
+  );
+  const keys = await deriveChannelKeys(key.bytes.slice(), secret, transcript);
+  if (!await checkProof(keys, transcript, "server", serverShare.proof)) {
+    throw new AuthenticationFailed(
+      `${where} could not prove it holds key "${key.name}" (fingerprint ${key.fingerprint}): ` +
+        `its key by that name differs, or it has no key by that name; both key files must ` +
+        `hold the same line (compare the fingerprints \`dst keygen\` printed)`,
+    );
+  }
+  await writeAll(conn, encodeClientProof(await makeProof(keys, transcript, "client")));
+  return {
+    conn: new SecureConn(conn, {
+      protection: serverShare.protection,
+      sendKey: keys.clientToServer,
+      receiveKey: keys.serverToClient,
+      peer: `the export at ${where}`,
+    }),
+    helloStart: new Uint8Array(0),
+    expect: {
+      version: PROTOCOL_VERSION_KEYED,
+      authMethod: AUTH_PSK,
+      protections: serverShare.protection,
+    },
+    downgraded: false,
+  };
 }
 
 /** The reason after a refused hello, or null when the export sent none (it closed). */

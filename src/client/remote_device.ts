@@ -96,7 +96,14 @@ import { FrameSender } from "../transport/frame_sender.ts";
 import { ReceiveBuffer } from "../transport/receive_buffer.ts";
 import type { Gated } from "./overlap_gate.ts";
 import { OverlapGate } from "./overlap_gate.ts";
-import { type Dialer, dialExport, HandshakeRefused, tcpDialer } from "./dial.ts";
+import {
+  AuthenticationFailed,
+  type Dialer,
+  dialExport,
+  HandshakeRefused,
+  tcpDialer,
+} from "./dial.ts";
+import type { Key } from "../lib/key_file.ts";
 
 export interface RemoteDeviceOptions {
   /**
@@ -129,6 +136,8 @@ export interface RemoteDeviceOptions {
    * keeps its own in its state, so a restarted mirror is the same writer.
    */
   clientId?: Uint8Array;
+  /** Prove this key to the export (protocol version 2, protected records); none: version 1. */
+  key?: Key;
 }
 
 type TxState = "blocked" | "queued" | "sent" | "done";
@@ -211,6 +220,9 @@ export class RemoteDevice implements BlockDevice, Reconnecting {
   readonly #log: Logger;
   readonly #where: string;
   readonly #writer: boolean;
+  readonly #key: Key | undefined;
+  /** The last authentication failure logged while reconnecting (each new one is logged). */
+  #authFailure = "";
   readonly #sharedWriters: boolean;
   #onReconnect: ReconnectListener | null = null;
   #writeGeneration: number;
@@ -266,6 +278,7 @@ export class RemoteDevice implements BlockDevice, Reconnecting {
     this.#exportId = bytesToHex(hello.exportId);
     this.#dial = options.dial ?? tcpDialer;
     this.#writer = options.writer ?? true;
+    this.#key = options.key;
     this.#sharedWriters = (hello.features & ServerFeature.SHARED_WRITERS) !== 0;
     this.#writeGeneration = hello.writeGeneration;
     this.#writeEpoch = bytesToHex(hello.writeEpoch);
@@ -303,6 +316,7 @@ export class RemoteDevice implements BlockDevice, Reconnecting {
       clock: options.clock,
       writer: options.writer ?? true,
       clientId,
+      key: options.key,
     });
     return new RemoteDevice(address, hello, conn, options, clientId);
   }
@@ -947,11 +961,16 @@ export class RemoteDevice implements BlockDevice, Reconnecting {
             clock: this.#clock,
             writer: this.#writer && this.#leaseLost === null,
             clientId: this.clientId,
+            key: this.#key,
           }));
         } catch (error) {
           if (error instanceof HandshakeRefused && error.code === "WRITE_LEASE_HELD") {
             this.#loseLease(error.message);
             delayMs = RECONNECT_DELAY_MS_MIN; // as a reader it is welcome at once
+          } else if (error instanceof AuthenticationFailed) {
+            // The keys no longer match (rotated on one side only): say so, once per reason.
+            if (error.message !== this.#authFailure) this.#log.warn(error.message);
+            this.#authFailure = error.message;
           } else {
             this.#log.debug(`reconnect to ${this.#where} failed: ${describeError(error)}`);
           }

@@ -111,7 +111,24 @@ export function encodeServerHello(hello: ServerHello): Uint8Array {
   return bytes;
 }
 
-export function decodeServerHello(bytes: Uint8Array): ServerHello | string {
+/** What the client offered, so what a server hello may choose. */
+export interface HelloExpectation {
+  version: number;
+  authMethod: number;
+  /** A mask: the protection chosen must be one of these bits. */
+  protections: number;
+}
+
+const V1_EXPECTATION: HelloExpectation = {
+  version: PROTOCOL_VERSION,
+  authMethod: AUTH_NONE,
+  protections: PROTECTION_NONE,
+};
+
+export function decodeServerHello(
+  bytes: Uint8Array,
+  expect: HelloExpectation = V1_EXPECTATION,
+): ServerHello | string {
   if (bytes.length !== S.SIZE) return `server hello is ${bytes.length} bytes, not ${S.SIZE}`;
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   if (view.getUint32(S.magic, true) !== MAGIC_SERVER_HELLO) {
@@ -135,10 +152,14 @@ export function decodeServerHello(bytes: Uint8Array): ServerHello | string {
     exportInstance: bytes.slice(S.exportInstance, S.exportInstance + EXPORT_INSTANCE_BYTES),
   };
   if (hello.status !== 0) return hello; // the other fields mean nothing; the caller reports status
-  if (hello.version !== PROTOCOL_VERSION) {
-    return `server hello: chose protocol version ${hello.version}, which this dst does not speak`;
+  if (hello.version !== expect.version) {
+    return `server hello: chose protocol version ${hello.version}, not the ${expect.version} offered`;
   }
-  if (hello.authMethod !== AUTH_NONE || hello.protection !== PROTECTION_NONE) {
+  if (
+    hello.authMethod !== expect.authMethod ||
+    (hello.protection & expect.protections) === 0 ||
+    (hello.protection & (hello.protection - 1)) !== 0
+  ) {
     return "server hello: chose an authentication or protection this dst did not offer";
   }
   if (hello.sizeBytes < 0) return "server hello: export size is not below 2^53";

@@ -14,6 +14,7 @@
  */
 
 import {
+  ADDRESS_REFUSAL_LOG_MS,
   CLIENTS_PER_EXPORT_MAX,
   HANDSHAKE_TIMEOUT_MS,
   LEASE_IDLE_CHECK_MS,
@@ -26,7 +27,14 @@ import { BufferPool } from "../lib/buffer_pool.ts";
 import { type Clock, systemClock, type Timer } from "../lib/clock.ts";
 import { type Logger, logger } from "../lib/log.ts";
 import { bytesToHex, randomId } from "../lib/hex.ts";
-import { ClientFeature, type ClientHello, HelloStatus, ServerFeature } from "../protocol/mod.ts";
+import type { Key } from "../lib/key_file.ts";
+import {
+  ClientFeature,
+  type ClientHello,
+  HelloStatus,
+  PROTECTION_ENCRYPT,
+  ServerFeature,
+} from "../protocol/mod.ts";
 import {
   type AcceptedConn,
   AcceptLoop,
@@ -35,7 +43,7 @@ import {
 } from "../transport/accept_loop.ts";
 import { listenTcp } from "../transport/listen.ts";
 import { ExportConnection } from "./export_connection.ts";
-import { acceptHandshake, type Admission, refuse } from "./handshake.ts";
+import { acceptHandshake, type Admission, type ExportKeys, refuse } from "./handshake.ts";
 import { MemoryGeneration } from "./write_generation.ts";
 import {
   LeaseHeldError,
@@ -64,6 +72,10 @@ export interface ExportStatus {
   discards: number;
   zeroes: number;
   errors: number;
+  /** Records that failed their check (keyed exports): tampering, or a broken link. */
+  tampered: number;
+  /** "encrypt", "mac", or "none" (no key: anyone who reaches the port is served). */
+  protection: string;
   writeGeneration: number;
   /** The export state's epoch (32 hex digits): generations count within one epoch. */
   writeEpoch: string;
@@ -88,10 +100,18 @@ export interface ExporterOptions {
    * device is an array (the exporter itself knows nothing of arrays).
    */
   owner?: ExportOwner;
+  /** Keys and protection (protocol version 2); absent: version 1, no keys. */
+  keys?: ExportKeySettings;
   /** How long a silent lease holder keeps the lease (default LEASE_IDLE_MS; shorter in tests). */
   leaseIdleMs?: number;
   clock?: Clock;
   log?: Logger;
+}
+
+/** A keyed export's settings: the keys as they are now, and the protection. */
+export interface ExportKeySettings {
+  keys(): readonly Key[];
+  protection: number;
 }
 
 /** What an array adds to its export: its own status, and runtime commands. */
@@ -119,6 +139,9 @@ export class Exporter {
   readonly #instance = randomId();
   #anonymous = 0;
   #protocolErrors = 0;
+  #tampered = 0;
+  #tamperLoggedMs = -Infinity;
+  readonly #keys: ExportKeys | null;
 
   private constructor(
     readonly device: BlockDevice,
@@ -139,6 +162,12 @@ export class Exporter {
       this.#clock,
     );
     this.#leaseIdleMs = options.leaseIdleMs ?? LEASE_IDLE_MS;
+    const keySettings = options.keys;
+    this.#keys = keySettings === undefined ? null : {
+      keys: () => keySettings.keys(),
+      protection: keySettings.protection,
+      onTampered: (peer, message) => this.#countTampered(peer, message),
+    };
     this.#silenceCheck = this.#clock.every(
       Math.min(LEASE_IDLE_CHECK_MS, this.#leaseIdleMs / 4),
       () => this.#fenceSilentHolders(),
@@ -190,6 +219,8 @@ export class Exporter {
       discards: stats.discards,
       zeroes: stats.zeroes,
       errors: stats.errors + this.#protocolErrors,
+      tampered: this.#tampered,
+      protection: this.#keys === null ? "none" : protectionWord(this.#keys.protection),
       writeGeneration: this.#lease.generation.current,
       writeEpoch: this.#lease.generation.epoch,
       writeLease: this.#lease.holder,
@@ -218,7 +249,7 @@ export class Exporter {
     let grant: WriteGrant | null = null;
     let unlock: (() => void) | null = null;
     try {
-      const refusal = await acceptHandshake(conn, this.device.info, async (hello) => {
+      const handshake = await acceptHandshake(conn, this.device.info, async (hello) => {
         if (!admitted) return refuse(HelloStatus.BUSY);
         key = this.#clientKey(hello);
         const helloMs = this.#clock.nowMs();
@@ -238,13 +269,13 @@ export class Exporter {
           }
         }
         return this.#admitted(grant);
-      }, this.#clock);
-      if (refusal !== null) {
+      }, { peer, keys: this.#keys, clock: this.#clock });
+      if (!handshake.ok) {
         this.#protocolErrors += 1;
-        this.#log.warn(`${peer}: handshake refused: ${refusal}`);
+        this.#log.warn(`${peer}: handshake refused: ${handshake.reason}`);
         return null;
       }
-      const connection: ExportConnection = new ExportConnection(conn, peer, {
+      const connection: ExportConnection = new ExportConnection(handshake.conn, peer, {
         device: this.device,
         pool: this.#pool,
         log: this.#log,
@@ -269,6 +300,15 @@ export class Exporter {
     } finally {
       (unlock as (() => void) | null)?.();
     }
+  }
+
+  /** One warning per ADDRESS_REFUSAL_LOG_MS, so a flood of tampering stays one screen. */
+  #countTampered(peer: string, message: string): void {
+    this.#tampered += 1;
+    const nowMs = this.#clock.nowMs();
+    if (nowMs - this.#tamperLoggedMs < ADDRESS_REFUSAL_LOG_MS) return;
+    this.#tamperLoggedMs = nowMs;
+    this.#log.warn(`${peer}: ${message} (${this.#tampered} so far; see \`dst status\`)`);
   }
 
   #admitted(grant: WriteGrant | null): Admission {
@@ -342,4 +382,8 @@ export class Exporter {
       }
     }
   }
+}
+
+function protectionWord(protection: number): string {
+  return protection === PROTECTION_ENCRYPT ? "encrypt" : "mac";
 }

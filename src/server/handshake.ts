@@ -1,9 +1,14 @@
 /**
- * The export's side of the handshake (protocol README, "Handshake"): read the client
- * hello, pick the version, authentication and protection, answer with the export's
- * geometry, or refuse with a reason. Only version 1 with no authentication and no
- * protection exists yet; the fields are there so a later version adds them without a
- * new frame.
+ * The export's side of the handshake (protocol README, "Handshake" and "Version 2:
+ * keys"): read the client hello, pick the version, authentication and protection,
+ * answer with the export's geometry, or refuse with a reason.
+ *
+ * Without keys it speaks version 1 only. With keys it speaks version 2 only: the
+ * client names a key and both sides prove it (channel_keys.ts); only then is the
+ * client admitted (lease, write generation, fencing), and the server hello and
+ * everything after it travel in protected records (secure_conn.ts). Configuring a
+ * key means requiring it: a keyed export refuses unkeyed clients, and a keyed
+ * client refuses an export that cannot prove the key.
  */
 
 import {
@@ -14,11 +19,18 @@ import {
 import type { DeviceInfo } from "../device/block_device.ts";
 import {
   AUTH_NONE,
+  AUTH_PSK,
   type ClientHello,
   ClientHelloLayout,
+  ClientKeyShareLayout,
+  ClientProofLayout,
   decodeClientHello,
+  decodeClientKeyShare,
+  decodeClientProof,
   encodeRefusalReason,
   encodeServerHello,
+  encodeServerKeyShare,
+  encodeServerKeyShareBody,
   EXPORT_ID_BYTES,
   EXPORT_INSTANCE_BYTES,
   ExportFlag,
@@ -26,14 +38,51 @@ import {
   HelloStatus,
   MAGIC_CLIENT_HELLO,
   NONCE_BYTES,
+  PROTECTION_ENCRYPT,
   PROTECTION_NONE,
   PROTOCOL_VERSION,
+  PROTOCOL_VERSION_KEYED,
   type ServerHello,
   WRITE_EPOCH_BYTES,
 } from "../protocol/mod.ts";
 import { type ByteConn, readExact, writeAll } from "../transport/byte_conn.ts";
+import {
+  checkProof,
+  deriveChannelKeys,
+  makeEphemeral,
+  makeProof,
+  sharedSecret,
+  transcriptHash,
+} from "../transport/channel_keys.ts";
+import { SecureConn } from "../transport/secure_conn.ts";
 import { hexToBytes } from "../lib/hex.ts";
 import { type Clock, systemClock } from "../lib/clock.ts";
+import { describeError } from "../lib/errors.ts";
+import { type Key, KEY_BYTES } from "../lib/key_file.ts";
+import { printable } from "../lib/printable.ts";
+
+/** A keyed export's keys and protection. */
+export interface ExportKeys {
+  /** The keys a client may prove, as they are now (a reload changes them). */
+  keys(): readonly Key[];
+  /** PROTECTION_ENCRYPT (default) or PROTECTION_MAC. */
+  protection: number;
+  /** A record from `peer` failed its check. */
+  onTampered(peer: string, message: string): void;
+}
+
+export interface HandshakeOptions {
+  /** Who connected, for messages. */
+  peer: string;
+  /** Null: no key, version 1. */
+  keys: ExportKeys | null;
+  clock?: Clock;
+}
+
+/** A finished handshake: the connection to serve (protected when keyed) and the key proved. */
+export type Handshake =
+  | { ok: true; conn: ByteConn; key: Key | null }
+  | { ok: false; reason: string };
 
 /** What the export decided about a client whose hello it could accept. */
 export type Admission =
@@ -43,60 +92,228 @@ export type Admission =
     writeGeneration: number;
     writeEpoch: string;
     exportInstance: string;
+    /** This client may only read (an allow rule's `ro`): the hello says READ_ONLY. */
+    readOnly?: boolean;
   }
   | { ok: false; status: number; reason: string };
 
 /**
- * Runs the handshake; returns null on success, or why the client was turned away.
- * `admit(hello)` decides about a client that speaks this version (busy, lease, fencing
- * happen there) and runs before the server hello is sent: whatever it waits for is
- * done before the client can send its first request.
+ * Runs the handshake. `admit(hello, key)` decides about a client that speaks this
+ * version and, when keyed, proved a key (busy, access, lease, fencing happen there);
+ * it runs before the server hello is sent, so whatever it waits for is done before
+ * the client can send its first request.
  */
 export async function acceptHandshake(
   conn: ByteConn,
   info: DeviceInfo,
-  admit: (hello: ClientHello) => Promise<Admission>,
-  clock: Clock = systemClock,
-): Promise<string | null> {
+  admit: (hello: ClientHello, key: Key | null) => Promise<Admission>,
+  options: HandshakeOptions,
+): Promise<Handshake> {
+  const clock = options.clock ?? systemClock;
   const helloBytes = new Uint8Array(ClientHelloLayout.SIZE);
   const timer = clock.after(HANDSHAKE_TIMEOUT_MS, () => conn.close());
   try {
-    // The magic first: a client speaking something else is told so at once, not after a timeout.
-    await readExact(conn, helloBytes.subarray(0, 4));
-    const magic = new DataView(helloBytes.buffer).getUint32(ClientHelloLayout.magic, true);
-    if (magic !== MAGIC_CLIENT_HELLO) {
-      return "not a DST client (bad client hello magic)";
+    try {
+      // The magic first: a client speaking something else is told so at once, not after a timeout.
+      await readExact(conn, helloBytes.subarray(0, 4));
+      const magic = new DataView(helloBytes.buffer).getUint32(ClientHelloLayout.magic, true);
+      if (magic !== MAGIC_CLIENT_HELLO) {
+        return { ok: false, reason: "not a DST client (bad client hello magic)" };
+      }
+      await readExact(conn, helloBytes.subarray(4));
+    } catch {
+      return { ok: false, reason: `no client hello within ${HANDSHAKE_TIMEOUT_MS} ms` };
     }
-    await readExact(conn, helloBytes.subarray(4));
-  } catch {
-    return `no client hello within ${HANDSHAKE_TIMEOUT_MS} ms`;
+    const hello = decodeClientHello(helloBytes);
+    if (typeof hello === "string") return { ok: false, reason: hello };
+    // A key share follows every hello that offers a key; it is read even when the
+    // export will refuse, so the refusal is not lost to a reset over unread bytes.
+    let shareBytes: Uint8Array | null = null;
+    if (offersKey(hello)) {
+      shareBytes = new Uint8Array(ClientKeyShareLayout.SIZE);
+      try {
+        await readExact(conn, shareBytes);
+      } catch {
+        return { ok: false, reason: `no key share within ${HANDSHAKE_TIMEOUT_MS} ms` };
+      }
+    }
+    if (options.keys === null) {
+      return await answer(conn, info, PROTOCOL_VERSION, admitV1(hello, admit));
+    }
+    if (shareBytes === null) {
+      return await answer(
+        conn,
+        info,
+        PROTOCOL_VERSION,
+        Promise.resolve({
+          ok: false,
+          status: HelloStatus.ACCESS_DENIED,
+          reason: "this export requires a key: give the client --key FILE holding one of " +
+            "the export's keys (made with `dst keygen`)",
+        }),
+      );
+    }
+    if (hello.versionMin > PROTOCOL_VERSION_KEYED || hello.versionMax < PROTOCOL_VERSION_KEYED) {
+      return await answer(
+        conn,
+        info,
+        PROTOCOL_VERSION_KEYED,
+        Promise.resolve(refuse(HelloStatus.VERSION_UNSUPPORTED)),
+      );
+    }
+    if ((hello.protections & options.keys.protection) === 0) {
+      return await answer(
+        conn,
+        info,
+        PROTOCOL_VERSION_KEYED,
+        Promise.resolve({
+          ok: false,
+          status: HelloStatus.PROTECTION_UNSUPPORTED,
+          reason: `this export protects every record with ${
+            protectionName(options.keys.protection)
+          }, which the client does not accept`,
+        }),
+      );
+    }
+    return await authenticate(conn, info, hello, helloBytes, shareBytes, admit, options, timer);
   } finally {
     timer.cancel();
   }
-  const hello = decodeClientHello(helloBytes);
-  if (typeof hello === "string") return hello;
+}
 
-  let admission: Admission;
-  if (hello.versionMin > PROTOCOL_VERSION || hello.versionMax < PROTOCOL_VERSION) {
-    admission = refuse(HelloStatus.VERSION_UNSUPPORTED);
-  } else if ((hello.authMethods & AUTH_NONE) === 0) {
-    admission = refuse(HelloStatus.AUTH_UNSUPPORTED);
-  } else if ((hello.protections & PROTECTION_NONE) === 0) {
-    admission = refuse(HelloStatus.PROTECTION_UNSUPPORTED);
-  } else {
-    admission = await admit(hello);
+function offersKey(hello: ClientHello): boolean {
+  return (hello.authMethods & AUTH_PSK) !== 0 && hello.versionMax >= PROTOCOL_VERSION_KEYED;
+}
+
+export function protectionName(protection: number): string {
+  return protection === PROTECTION_ENCRYPT ? "encryption (AES-256-GCM)" : "HMAC-SHA-256";
+}
+
+/** Version 1's checks, then the caller's. */
+function admitV1(
+  hello: ClientHello,
+  admit: (hello: ClientHello, key: Key | null) => Promise<Admission>,
+): Promise<Admission> {
+  if (offersKey(hello) && (hello.authMethods & AUTH_NONE) === 0) {
+    return Promise.resolve({
+      ok: false,
+      status: HelloStatus.AUTH_UNSUPPORTED,
+      reason: "this export has no key, and the client was given one: start the export " +
+        "with --key FILE, or connect without --key",
+    });
   }
+  if (hello.versionMin > PROTOCOL_VERSION || hello.versionMax < PROTOCOL_VERSION) {
+    return Promise.resolve(refuse(HelloStatus.VERSION_UNSUPPORTED));
+  }
+  if ((hello.authMethods & AUTH_NONE) === 0) {
+    return Promise.resolve(refuse(HelloStatus.AUTH_UNSUPPORTED));
+  }
+  if ((hello.protections & PROTECTION_NONE) === 0) {
+    return Promise.resolve(refuse(HelloStatus.PROTECTION_UNSUPPORTED));
+  }
+  return admit(hello, null);
+}
+
+/**
+ * Version 2: prove the key both ways, then admit the client and answer inside the
+ * protected channel. A key name the export does not have is answered with a proof
+ * made from a random key, so from outside it looks like a wrong key.
+ */
+async function authenticate(
+  conn: ByteConn,
+  info: DeviceInfo,
+  hello: ClientHello,
+  helloBytes: Uint8Array,
+  shareBytes: Uint8Array,
+  admit: (hello: ClientHello, key: Key | null) => Promise<Admission>,
+  options: HandshakeOptions,
+  timer: { cancel(): void },
+): Promise<Handshake> {
+  const exportKeys = options.keys!;
+  const share = decodeClientKeyShare(shareBytes);
+  if (typeof share === "string") return { ok: false, reason: share };
+  const named = `key "${printable(share.keyName)}"`;
+  const key = exportKeys.keys().find((candidate) => candidate.name === share.keyName) ?? null;
+  const preSharedKey = key?.bytes.slice() ?? crypto.getRandomValues(new Uint8Array(KEY_BYTES));
+  const own = await makeEphemeral();
+  let secret: Uint8Array<ArrayBuffer>;
+  try {
+    secret = await sharedSecret(own, share.publicKey);
+  } catch (error) {
+    return { ok: false, reason: `${describeError(error)} (${named})` };
+  }
+  const body = encodeServerKeyShareBody({
+    version: PROTOCOL_VERSION_KEYED,
+    protection: exportKeys.protection,
+    nonce: crypto.getRandomValues(new Uint8Array(NONCE_BYTES)),
+    publicKey: own.publicKey,
+  });
+  const transcript = await transcriptHash(helloBytes, shareBytes, body);
+  const keys = await deriveChannelKeys(preSharedKey, secret, transcript);
+  const proof = await makeProof(keys, transcript, "server");
+  const shareOut = encodeServerKeyShare({
+    version: PROTOCOL_VERSION_KEYED,
+    protection: exportKeys.protection,
+    nonce: body.subarray(8, 8 + NONCE_BYTES),
+    publicKey: own.publicKey,
+    proof,
+  });
+  await writeAll(conn, shareOut);
+  const proofBytes = new Uint8Array(ClientProofLayout.SIZE);
+  try {
+    await readExact(conn, proofBytes);
+  } catch {
+    return {
+      ok: false,
+      reason: key === null
+        ? `the client named ${named}, which this export does not have`
+        : `the client did not prove ${named} (its key by that name differs, or it gave up)`,
+    };
+  }
+  timer.cancel();
+  const clientProof = decodeClientProof(proofBytes);
+  if (typeof clientProof === "string") return { ok: false, reason: clientProof };
+  if (key === null || !await checkProof(keys, transcript, "client", clientProof)) {
+    return { ok: false, reason: `the client's proof of ${named} is wrong` };
+  }
+  const secure = new SecureConn(conn, {
+    protection: exportKeys.protection,
+    sendKey: keys.serverToClient,
+    receiveKey: keys.clientToServer,
+    peer: `client ${options.peer}`,
+    onTampered: (message) => exportKeys.onTampered(options.peer, message),
+  });
+  const result = await answer(
+    secure,
+    info,
+    PROTOCOL_VERSION_KEYED,
+    admit(hello, key),
+    { authMethod: AUTH_PSK, protection: exportKeys.protection },
+  );
+  return result.ok ? { ok: true, conn: secure, key } : result;
+}
+
+/** Sends the server hello for `admission` (and the reason, when it refuses). */
+async function answer(
+  conn: ByteConn,
+  info: DeviceInfo,
+  version: number,
+  admitted: Promise<Admission>,
+  chosen = { authMethod: AUTH_NONE, protection: PROTECTION_NONE },
+): Promise<Handshake> {
+  const admission = await admitted;
   const ok = admission.ok;
+  const readOnly = info.readOnly || (admission.ok && admission.readOnly === true);
   // A refused client learns why, and nothing about the export.
   const reply: ServerHello = {
-    version: PROTOCOL_VERSION,
+    version,
     status: admission.ok ? HelloStatus.OK : admission.status,
     features: admission.ok ? admission.features : 0,
-    authMethod: AUTH_NONE,
-    protection: PROTECTION_NONE,
+    authMethod: chosen.authMethod,
+    protection: chosen.protection,
     sizeBytes: ok ? info.sizeBytes : 0,
     blockSize: ok ? info.blockSize : 0,
-    exportFlags: ok && info.readOnly ? ExportFlag.READ_ONLY : 0,
+    exportFlags: ok && readOnly ? ExportFlag.READ_ONLY : 0,
     payloadBytesMax: ok ? PAYLOAD_BYTES_MAX : 0,
     inFlightMax: ok ? IN_FLIGHT_PER_CONNECTION_MAX : 0,
     exportId: ok ? hexToBytes(info.id) : new Uint8Array(EXPORT_ID_BYTES),
@@ -110,15 +327,14 @@ export async function acceptHandshake(
   const helloOut = encodeServerHello(reply);
   if (admission.ok) {
     await writeAll(conn, helloOut);
-    return null;
+    return { ok: true, conn, key: null };
   }
-  const reason = admission.reason;
-  const reasonOut = encodeRefusalReason(reason);
+  const reasonOut = encodeRefusalReason(admission.reason);
   const both = new Uint8Array(helloOut.length + reasonOut.length);
   both.set(helloOut);
   both.set(reasonOut, helloOut.length);
   await writeAll(conn, both);
-  return reason;
+  return { ok: false, reason: admission.reason };
 }
 
 /** A refusal whose reason is the status's own text. */

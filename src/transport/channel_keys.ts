@@ -46,9 +46,15 @@ export async function makeEphemeral(): Promise<Ephemeral> {
  * would give a secret an attacker knows) is refused by WebCrypto; it fails the
  * handshake like any other bad key share.
  */
-export async function sharedSecret(own: Ephemeral, peerPublic: Bytes): Promise<Bytes> {
+export async function sharedSecret(own: Ephemeral, peerPublic: Uint8Array): Promise<Bytes> {
   try {
-    const peer = await crypto.subtle.importKey("raw", peerPublic, { name: "X25519" }, false, []);
+    const peer = await crypto.subtle.importKey(
+      "raw",
+      peerPublic.slice(),
+      { name: "X25519" },
+      false,
+      [],
+    );
     return new Uint8Array(
       await crypto.subtle.deriveBits({ name: "X25519", public: peer }, own.privateKey, 256),
     );
@@ -133,8 +139,8 @@ export async function checkProof(
   keys: ChannelKeys,
   transcript: Bytes,
   role: Role,
-  proof: Bytes,
+  proof: Uint8Array,
 ): Promise<boolean> {
   const key = await hmacKey(role === "server" ? keys.serverProof : keys.clientProof, "verify");
-  return await crypto.subtle.verify("HMAC", key, proof, proofInput(transcript, role));
+  return await crypto.subtle.verify("HMAC", key, proof.slice(), proofInput(transcript, role));
 }
