@@ -10,6 +10,7 @@ import {
 import { UsageError } from "../lib/errors.ts";
 import { parseCount } from "../lib/units.ts";
 import type { RemoteDeviceOptions } from "../client/remote_device.ts";
+import { CLIENT_KEY_HELP, CLIENT_KEY_OPTIONS, clientKey } from "./key_options.ts";
 
 type OptionSpec = Record<string, { type: "string" | "boolean"; short?: string }>;
 
@@ -45,6 +46,7 @@ export const CLIENT_OPTIONS: OptionSpec = {
   timeout: { type: "string" },
   retries: { type: "string" },
   ping: { type: "string" },
+  ...CLIENT_KEY_OPTIONS,
 };
 
 export const CLIENT_OPTIONS_HELP =
@@ -55,10 +57,14 @@ export const CLIENT_OPTIONS_HELP =
                   fails: an outage shorter than MS x N is ridden out; a request fails after
                   MS x N to MS x (N + 1) of one (default ${CLIENT_RETRIES_DEFAULT})
   --ping MS       ping when nothing was sent for MS, so the export knows this client is
-                  alive (default ${CLIENT_PING_MS_DEFAULT}, at most ${CLIENT_PING_MS_MAX})`;
+                  alive (default ${CLIENT_PING_MS_DEFAULT}, at most ${CLIENT_PING_MS_MAX})
+${CLIENT_KEY_HELP}`;
 
-export function clientOptions(parsed: Parsed): RemoteDeviceOptions {
+/** The client options given, the key file loaded (a bad one throws, saying what to run). */
+export async function clientOptions(parsed: Parsed, command: string): Promise<RemoteDeviceOptions> {
   const options: RemoteDeviceOptions = {};
+  const key = await clientKey(parsed, command);
+  if (key !== undefined) options.key = key;
   const timeout = stringOption(parsed, "timeout");
   const retries = stringOption(parsed, "retries");
   const ping = stringOption(parsed, "ping");

@@ -29,14 +29,15 @@ import {
   parseCommand,
   stringOption,
 } from "./args.ts";
+import { CLIENT_KEY_OPTIONS, clientKey, serveKeys } from "./key_options.ts";
 import { serveUntilSignal } from "./serve.ts";
 
 export const ARRAY_HELP =
   `Usage: dst array linear MEMBER... (--export [HOST]:PORT | --nbd [HOST]:PORT) [OPTIONS]
        dst array mirror MEMBER... (--export [HOST]:PORT | --nbd [HOST]:PORT) [--state DIR]
                                   [--source MEMBER] [--region SIZE] [OPTIONS]
-       dst array detach ARRAY-ADDR LEG [--force]
-       dst array attach ARRAY-ADDR LEG
+       dst array detach ARRAY-ADDR LEG [--force] [--key FILE [--key-name NAME]]
+       dst array attach ARRAY-ADDR LEG [--key FILE [--key-name NAME]]
 
 Joins devices into one and serves it. A MEMBER is HOST:PORT of a DST export (an
 array's export too: that is how trees are built) or a local path.
@@ -57,6 +58,9 @@ array's export too: that is how trees are built) or a local path.
                         for --source, when more were, or a leg holds data DST never wrote
   --region SIZE         a new mirror's dirty-tracking region (default 1M; 64K to 64M)
 ${CLIENT_OPTIONS_HELP}
+                  The array proves this key to its members, and (with --export) requires
+                  one of FILE's keys from its own clients
+  --protect MODE  with --key and --export: encrypt (default) or mac, as \`dst export\`
 
   detach ARRAY-ADDR LEG   take LEG out of the running mirror at ARRAY-ADDR: it keeps the
                           data as of now (a snapshot); what it misses is tracked. A leg
@@ -87,6 +91,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
     state: { type: "string" },
     source: { type: "string" },
     region: { type: "string" },
+    protect: { type: "string" },
     ...CLIENT_OPTIONS,
   });
   if (parsed.values.help) {
@@ -115,7 +120,8 @@ export async function arrayCommand(argv: string[]): Promise<number> {
     : parseHostPort(exportText, "0.0.0.0", EXPORT_PORT_DEFAULT);
   const nbd = nbdText === undefined ? null : parseHostPort(nbdText, "127.0.0.1", NBD_PORT_DEFAULT);
   if (listen !== null) refuseOwnExport(members, listen);
-  const client = clientOptions(parsed);
+  const client = await clientOptions(parsed, "array");
+  const keys = await serveKeys(parsed, "array");
   const log = logger("array");
 
   if (kind === "linear") {
@@ -133,6 +139,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
         nbd,
         generation: PersistedGeneration.open(defaultExportStateDir(), device.info.id),
         sharedWriters: false,
+        keys,
         owner: {
           status: () => device.status(),
           control: () =>
@@ -173,6 +180,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
       nbd,
       generation: PersistedGeneration.open(stateDir, mirror.info.id),
       sharedWriters: false,
+      keys,
       owner: {
         status: () => mirror.status(),
         control: (request) => mirrorControl(mirror, request),
@@ -240,7 +248,9 @@ async function controlCommand(op: "detach" | "attach", argv: string[]): Promise<
   const parsed = parseCommand(
     `array ${op}`,
     argv,
-    op === "detach" ? { force: { type: "boolean" } } : {},
+    op === "detach"
+      ? { force: { type: "boolean" }, ...CLIENT_KEY_OPTIONS }
+      : { ...CLIENT_KEY_OPTIONS },
   );
   if (parsed.values.help) {
     console.log(ARRAY_HELP);
@@ -251,7 +261,11 @@ async function controlCommand(op: "detach" | "attach", argv: string[]): Promise<
   }
   const [addressText, leg] = parsed.positionals as [string, string];
   const address = parseHostPort(addressText, "127.0.0.1", EXPORT_PORT_DEFAULT);
-  const device = await RemoteDevice.connect(address, { retries: 0, writer: false });
+  const device = await RemoteDevice.connect(address, {
+    retries: 0,
+    writer: false,
+    key: await clientKey(parsed, `array ${op}`),
+  });
   let answer: { ok?: boolean; message?: string; error?: string };
   try {
     const request = parsed.values.force === true ? { op, leg, force: true } : { op, leg };

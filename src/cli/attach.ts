@@ -75,7 +75,7 @@ export async function attachCommand(argv: string[]): Promise<number> {
 
   const log = logger("attach");
   const options = {
-    ...clientOptions(parsed),
+    ...(await clientOptions(parsed, "attach")),
     writer: parsed.values["read-only"] !== true,
     log: logger("client"),
   };

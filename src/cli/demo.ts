@@ -19,7 +19,7 @@ import {
 import { selfCommand, waitForLine } from "./self.ts";
 import { renderStatus } from "./status.ts";
 
-export const DEMO_HELP = `Usage: dst demo [--size SIZE] [--timeout MS] [--retries N] [--ping MS]
+export const DEMO_HELP = `Usage: dst demo [--size SIZE] [--timeout MS] [--retries N] [--ping MS] [--key FILE]
 
 Exports a temporary image, writes and verifies data through the DST client, prints
 the export's status, stops it cleanly and checks the image file. Needs nothing but
@@ -40,6 +40,8 @@ export async function demoCommand(argv: string[]): Promise<number> {
   if (sizeBytes < 4 * MiB || sizeBytes % 4096 !== 0) {
     throw new Error("dst demo: --size must be at least 4M and a multiple of 4K");
   }
+  const keyPath = stringOption(parsed, "key");
+  const client = await clientOptions(parsed, "demo"); // a bad key file fails before anything starts
   const dir = await Deno.makeTempDir({ prefix: "dst-demo-" });
   const image = `${dir}/disk.img`;
   const step = (text: string) => console.log(`\n== ${text}`);
@@ -56,6 +58,8 @@ export async function demoCommand(argv: string[]): Promise<number> {
         String(sizeBytes),
         "--listen",
         "127.0.0.1:0",
+        // With --key the demo shows the keyed channel: the export requires the key too.
+        ...(keyPath === undefined ? [] : ["--key", keyPath]),
       ],
       stdout: "piped",
       stderr: "inherit",
@@ -64,7 +68,7 @@ export async function demoCommand(argv: string[]): Promise<number> {
     const address = parseHostPort(match[1]!, "127.0.0.1");
 
     step("connect the DST client");
-    const device = await RemoteDevice.connect(address, clientOptions(parsed));
+    const device = await RemoteDevice.connect(address, client);
     console.log(
       `connected: ${
         formatBytes(device.info.sizeBytes)

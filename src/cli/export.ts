@@ -14,10 +14,11 @@ import { formatBytes, parseCount, parseSize } from "../lib/units.ts";
 import { defaultExportStateDir, PersistedGeneration } from "../server/write_generation.ts";
 import { parseCommand, stringOption } from "./args.ts";
 import { serveUntilSignal } from "./serve.ts";
+import { SERVE_KEY_HELP, SERVE_KEY_OPTIONS, serveKeys } from "./key_options.ts";
 
 export const EXPORT_HELP =
   `Usage: dst export PATH [--listen [HOST]:PORT] [--read-only] [--create SIZE] [--nbd [HOST]:PORT] [--nbd-threads N] [--state DIR]
-                   [--shared-writers]
+                   [--shared-writers] [--key FILE [--protect encrypt|mac]]
 
 Serves PATH (an image file or a block device) to DST clients.
 
@@ -33,6 +34,7 @@ Serves PATH (an image file or a block device) to DST clients.
                         themselves, as a cluster filesystem does). Without it one client
                         holds the write lease and others may only read; the NBD port
                         counts as one writer
+${SERVE_KEY_HELP}
 
 Example: dst export /var/lib/dst/disk0.img --create 10G --listen :1025`;
 
@@ -45,6 +47,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
     "nbd-threads": { type: "string" },
     state: { type: "string" },
     "shared-writers": { type: "boolean" },
+    ...SERVE_KEY_OPTIONS,
   });
   if (parsed.values.help) {
     console.log(EXPORT_HELP);
@@ -80,6 +83,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
     ? NBD_THREADS_DEFAULT
     : parseCount(threadsText, "--nbd-threads", 1, NBD_THREADS_MAX);
 
+  const keys = await serveKeys(parsed, "export");
   const log = logger("export");
   const device = await FileDevice.open(path, { readOnly, createBytes });
   try {
@@ -94,6 +98,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
       nbdThreads: { path, threads: nbdThreads },
       generation,
       sharedWriters: parsed.values["shared-writers"] === true,
+      keys,
       label: path,
       details:
         `${formatBytes(info.sizeBytes)}, ${info.sizeBytes} bytes, block ${info.blockSize}, ` +

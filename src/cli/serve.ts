@@ -15,6 +15,9 @@ import type { WriteGeneration } from "../server/write_generation.ts";
 import { type WriteGrant, WriterLease } from "../server/writer_lease.ts";
 import { untilSignal } from "./signals.ts";
 import { SHUTDOWN_DEADLINE_MS } from "../constants.ts";
+import { describeError } from "../lib/errors.ts";
+import { protectionName } from "../server/handshake.ts";
+import type { KeyRing, ServeKeys } from "./key_options.ts";
 
 /** The lease identity of an export's own NBD port (DST identities are 32 hex digits). */
 const NBD_PORT_CLIENT = "the export's NBD port";
@@ -38,6 +41,8 @@ export interface ServeOptions {
   details: string;
   command: string;
   log: Logger;
+  /** --key and --protect: clients must prove a key; SIGHUP rereads the file. */
+  keys?: ServeKeys;
 }
 
 /** Serves `device` until SIGINT/SIGTERM, then finishes what is in flight. Closes nothing. */
@@ -56,6 +61,9 @@ export async function serveUntilSignal(device: BlockDevice, options: ServeOption
         lease,
         owner: options.owner,
         stats: threads === null ? undefined : () => threads.stats(),
+        ...(options.keys === undefined ? {} : {
+          keys: { keys: () => options.keys!.ring.keys, protection: options.keys.protection },
+        }),
       });
     }
   } catch (error) {
@@ -79,9 +87,19 @@ export async function serveUntilSignal(device: BlockDevice, options: ServeOption
         `as NBD at ${nbd.uri}`,
     );
   }
+  if (options.keys !== undefined && exporter !== null) {
+    options.log.info(
+      `clients must prove a key of ${options.keys.ring.path}: ${options.keys.ring.describe()}; ` +
+        `records are ${protectionName(options.keys.protection)}; SIGHUP rereads the file`,
+    );
+  }
   warnIfOpen(options, exporter === null ? null : exporter.address);
+  const stopReloading = options.keys !== undefined && exporter !== null
+    ? reloadOnHangup(options.keys.ring, exporter, options.log)
+    : () => {};
 
   const signal = await stopping;
+  stopReloading();
   options.log.info(`${signal}: no new clients; finishing what is in flight`);
   const stopped = Promise.all([exporter?.shutdown(), nbd?.shutdown()]).then(() => true);
   let timer: ReturnType<typeof setTimeout> | undefined;
@@ -145,15 +163,44 @@ async function startNbd(
  */
 function warnIfOpen(options: ServeOptions, dst: HostPort | null): void {
   const open = [
-    ...(dst !== null && !isLoopbackHost(dst.hostname) ? [`${formatHostPort(dst)} (DST)`] : []),
+    ...(dst !== null && options.keys === undefined && !isLoopbackHost(dst.hostname)
+      ? [`${formatHostPort(dst)} (DST)`]
+      : []),
     ...(options.nbd !== null && !isLoopbackHost(options.nbd.hostname)
       ? [`${formatHostPort(options.nbd)} (NBD)`]
       : []),
   ];
   if (open.length === 0) return;
   options.log.warn(
-    `${open.join(" and ")} can be reached beyond this machine, and DST has no keys yet: anyone ` +
-      `who can reach it can read and write ${options.label}; serve it only on a network you ` +
-      "trust, or listen on 127.0.0.1",
+    `${open.join(" and ")} can be reached beyond this machine without a key: anyone who can ` +
+      `reach it can read and write ${options.label}; give DST --key FILE (NBD has no keys: ` +
+      "keep it on 127.0.0.1), or serve only on a network you trust",
   );
+}
+
+/**
+ * SIGHUP rereads the key file: new keys work at once, and connections that proved a
+ * removed key are closed (their clients reconnect, and must prove a key that is
+ * still there). A file that became unreadable or unsafe keeps the old keys.
+ */
+function reloadOnHangup(ring: KeyRing, exporter: Exporter, log: Logger): () => void {
+  const reload = async () => {
+    try {
+      const { added, removed } = await ring.reload();
+      const closed = exporter.closeConnectionsOf(removed);
+      log.info(
+        `SIGHUP: reread ${ring.path}: ${ring.describe()}` +
+          (added.length > 0 ? `; added ${added.map((key) => key.name).join(", ")}` : "") +
+          (removed.length > 0
+            ? `; removed ${removed.map((key) => key.name).join(", ")}, closing ${closed} ` +
+              "connection(s) that used it"
+            : ""),
+      );
+    } catch (error) {
+      log.error(`SIGHUP: kept the old keys: ${describeError(error)}`);
+    }
+  };
+  const listener = () => void reload();
+  Deno.addSignalListener("SIGHUP", listener);
+  return () => Deno.removeSignalListener("SIGHUP", listener);
 }

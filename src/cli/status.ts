@@ -9,10 +9,12 @@ import { describeError, UsageError } from "../lib/errors.ts";
 import { formatBytes, formatDuration } from "../lib/units.ts";
 import type { ExportStatus } from "../server/exporter.ts";
 import { parseCommand } from "./args.ts";
+import { CLIENT_KEY_HELP, CLIENT_KEY_OPTIONS, clientKey } from "./key_options.ts";
+import type { Key } from "../lib/key_file.ts";
 import { formatTable } from "./table.ts";
 import { printable } from "../lib/printable.ts";
 
-export const STATUS_HELP = `Usage: dst status HOST:PORT... [--json]
+export const STATUS_HELP = `Usage: dst status HOST:PORT... [--json] [--key FILE [--key-name NAME]]
 
 Shows each export's path, size, block size, read-only bit, who holds its write lease
 (WRITER: the holder's address, "shared" with --shared-writers, "-" when free), clients,
@@ -21,6 +23,7 @@ export, also its kind and each member: a mirror leg's state (in-sync, resyncing 
 progress, out-of-sync, detached), dirty regions, requests in flight and errors.
 
   --json   one JSON document: [{"address": ..., "status": {...}} or {"address": ..., "error": ...}]
+${CLIENT_KEY_HELP}
 
 Example: dst status 10.0.0.5:1025 10.0.0.6:1025`;
 
@@ -34,7 +37,10 @@ interface Row {
 }
 
 export async function statusCommand(argv: string[]): Promise<number> {
-  const parsed = parseCommand("status", argv, { json: { type: "boolean" } });
+  const parsed = parseCommand("status", argv, {
+    json: { type: "boolean" },
+    ...CLIENT_KEY_OPTIONS,
+  });
   if (parsed.values.help) {
     console.log(STATUS_HELP);
     return 0;
@@ -45,10 +51,11 @@ export async function statusCommand(argv: string[]): Promise<number> {
   const addresses = parsed.positionals.map((text) =>
     parseHostPort(text, "127.0.0.1", EXPORT_PORT_DEFAULT)
   );
+  const key = await clientKey(parsed, "status");
   const rows = await Promise.all(addresses.map(async (address): Promise<Row> => {
     const where = formatHostPort(address);
     try {
-      return { address: where, status: await queryStatus(address) };
+      return { address: where, status: await queryStatus(address, key) };
     } catch (error) {
       return { address: where, error: describeError(error) };
     }
@@ -57,8 +64,12 @@ export async function statusCommand(argv: string[]): Promise<number> {
   return rows.some((row) => row.error !== undefined) ? 1 : 0;
 }
 
-async function queryStatus(address: { hostname: string; port: number }): Promise<ExportStatus> {
+async function queryStatus(
+  address: { hostname: string; port: number },
+  key: Key | undefined,
+): Promise<ExportStatus> {
   const device = await RemoteDevice.connect(address, {
+    key,
     timeoutMs: STATUS_TIMEOUT_MS,
     retries: 0,
     pingMs: 60_000,

@@ -142,6 +142,8 @@ export class Exporter {
   #tampered = 0;
   #tamperLoggedMs = -Infinity;
   readonly #keys: ExportKeys | null;
+  /** The key each keyed connection proved, for closing them when it is removed. */
+  readonly #connectionKeys = new Map<ExportConnection, Key>();
 
   private constructor(
     readonly device: BlockDevice,
@@ -287,9 +289,13 @@ export class Exporter {
         // A client that writes without having said so asks for the lease then.
         acquire: readOnly ? null : () => this.#lease.acquire({ key, peer }),
         grant,
-        ended: (ended) => this.#forget(key, ended),
+        ended: (ended) => {
+          this.#forget(key, ended);
+          this.#connectionKeys.delete(ended);
+        },
         control: this.#owner === null ? null : (request) => this.#owner!.control(request),
       });
+      if (handshake.key !== null) this.#connectionKeys.set(connection, handshake.key);
       let connections = this.#clients.get(key);
       if (connections === undefined) this.#clients.set(key, connections = new Set());
       connections.add(connection);
@@ -300,6 +306,24 @@ export class Exporter {
     } finally {
       (unlock as (() => void) | null)?.();
     }
+  }
+
+  /**
+   * Closes every connection that proved one of `keys` (removed from the key file);
+   * returns how many. Each is fenced: what it started finishes, the rest is dropped,
+   * and its client reconnects with a key that is still there, or not at all.
+   */
+  closeConnectionsOf(keys: readonly Key[]): number {
+    let closed = 0;
+    for (const [connection, key] of this.#connectionKeys) {
+      if (!keys.some((gone) => gone.name === key.name && gone.fingerprint === key.fingerprint)) {
+        continue;
+      }
+      this.#log.info(`${connection.peer}: key "${key.name}" was removed; closing its connection`);
+      void connection.fence();
+      closed += 1;
+    }
+    return closed;
   }
 
   /** One warning per ADDRESS_REFUSAL_LOG_MS, so a flood of tampering stays one screen. */
