@@ -12,10 +12,13 @@ import { parseCount } from "../lib/units.ts";
 import type { RemoteDeviceOptions } from "../client/remote_device.ts";
 import { CLIENT_KEY_HELP, CLIENT_KEY_OPTIONS, clientKey } from "./key_options.ts";
 
-type OptionSpec = Record<string, { type: "string" | "boolean"; short?: string }>;
+export type OptionSpec = Record<
+  string,
+  { type: "string" | "boolean"; short?: string; multiple?: boolean }
+>;
 
 export interface Parsed {
-  values: Record<string, string | boolean | undefined>;
+  values: Record<string, string | boolean | string[] | undefined>;
   positionals: string[];
 }
 

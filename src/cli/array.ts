@@ -18,7 +18,7 @@ import { MirrorDevice } from "../array/mirror.ts";
 import { defaultMirrorStateDir } from "../array/mirror_state.ts";
 import { FolderStore } from "../array/mirror_store.ts";
 import { type HostPort, parseHostPort } from "../lib/address.ts";
-import { describeError, DstError, UsageError } from "../lib/errors.ts";
+import { describeError, DeviceError, DstError, UsageError } from "../lib/errors.ts";
 import { logger } from "../lib/log.ts";
 import { formatBytes, parseSize } from "../lib/units.ts";
 import { defaultExportStateDir, PersistedGeneration } from "../server/write_generation.ts";
@@ -29,7 +29,7 @@ import {
   parseCommand,
   stringOption,
 } from "./args.ts";
-import { CLIENT_KEY_OPTIONS, clientKey, serveKeys } from "./key_options.ts";
+import { accessPolicy, CLIENT_KEY_OPTIONS, clientKey, serveKeys } from "./key_options.ts";
 import { serveUntilSignal } from "./serve.ts";
 
 export const ARRAY_HELP =
@@ -61,6 +61,7 @@ ${CLIENT_OPTIONS_HELP}
                   The array proves this key to its members, and (with --export) requires
                   one of FILE's keys from its own clients
   --protect MODE  with --key and --export: encrypt (default) or mac, as \`dst export\`
+  --allow RULE    who may use the array's export, as \`dst export\` (repeatable)
 
   detach ARRAY-ADDR LEG   take LEG out of the running mirror at ARRAY-ADDR: it keeps the
                           data as of now (a snapshot); what it misses is tracked. A leg
@@ -92,6 +93,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
     source: { type: "string" },
     region: { type: "string" },
     protect: { type: "string" },
+    allow: { type: "string", multiple: true },
     ...CLIENT_OPTIONS,
   });
   if (parsed.values.help) {
@@ -122,6 +124,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
   if (listen !== null) refuseOwnExport(members, listen);
   const client = await clientOptions(parsed, "array");
   const keys = await serveKeys(parsed, "array");
+  const policy = accessPolicy(parsed);
   const log = logger("array");
 
   if (kind === "linear") {
@@ -140,6 +143,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
         generation: PersistedGeneration.open(defaultExportStateDir(), device.info.id),
         sharedWriters: false,
         keys,
+        policy,
         owner: {
           status: () => device.status(),
           control: () =>
@@ -181,6 +185,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
       generation: PersistedGeneration.open(stateDir, mirror.info.id),
       sharedWriters: false,
       keys,
+      policy,
       owner: {
         status: () => mirror.status(),
         control: (request) => mirrorControl(mirror, request),
@@ -272,7 +277,10 @@ async function controlCommand(op: "detach" | "attach", argv: string[]): Promise<
     answer = await device.control(request).catch((error) => {
       throw new DstError(
         "CONTROL",
-        `${addressText} did not take "${op}": ${error.message} (is it a mirror's export?)`,
+        error instanceof DeviceError && error.errno === "EPERM"
+          ? `${addressText} refused "${op}": it needs admin access; run it on the array's ` +
+            `node, or give the array an --allow rule with =admin for this address or key`
+          : `${addressText} did not take "${op}": ${error.message} (is it a mirror's export?)`,
       );
     }) as typeof answer;
   } finally {

@@ -19,7 +19,8 @@ import {
 import { selfCommand, waitForLine } from "./self.ts";
 import { renderStatus } from "./status.ts";
 
-export const DEMO_HELP = `Usage: dst demo [--size SIZE] [--timeout MS] [--retries N] [--ping MS] [--key FILE]
+export const DEMO_HELP =
+  `Usage: dst demo [--size SIZE] [--timeout MS] [--retries N] [--ping MS] [--key FILE]
 
 Exports a temporary image, writes and verifies data through the DST client, prints
 the export's status, stops it cleanly and checks the image file. Needs nothing but

@@ -14,11 +14,11 @@ import { formatBytes, parseCount, parseSize } from "../lib/units.ts";
 import { defaultExportStateDir, PersistedGeneration } from "../server/write_generation.ts";
 import { parseCommand, stringOption } from "./args.ts";
 import { serveUntilSignal } from "./serve.ts";
-import { SERVE_KEY_HELP, SERVE_KEY_OPTIONS, serveKeys } from "./key_options.ts";
+import { accessPolicy, SERVE_KEY_HELP, SERVE_KEY_OPTIONS, serveKeys } from "./key_options.ts";
 
 export const EXPORT_HELP =
   `Usage: dst export PATH [--listen [HOST]:PORT] [--read-only] [--create SIZE] [--nbd [HOST]:PORT] [--nbd-threads N] [--state DIR]
-                   [--shared-writers] [--key FILE [--protect encrypt|mac]]
+                   [--shared-writers] [--key FILE [--protect encrypt|mac]] [--allow RULE]...
 
 Serves PATH (an image file or a block device) to DST clients.
 
@@ -84,6 +84,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
     : parseCount(threadsText, "--nbd-threads", 1, NBD_THREADS_MAX);
 
   const keys = await serveKeys(parsed, "export");
+  const policy = accessPolicy(parsed);
   const log = logger("export");
   const device = await FileDevice.open(path, { readOnly, createBytes });
   try {
@@ -99,6 +100,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
       generation,
       sharedWriters: parsed.values["shared-writers"] === true,
       keys,
+      policy,
       label: path,
       details:
         `${formatBytes(info.sizeBytes)}, ${info.sizeBytes} bytes, block ${info.blockSize}, ` +

@@ -7,9 +7,8 @@
 import { UsageError } from "../lib/errors.ts";
 import { type Key, keyByName, loadKeyFile } from "../lib/key_file.ts";
 import { PROTECTION_ENCRYPT, PROTECTION_MAC } from "../protocol/mod.ts";
-import type { Parsed } from "./args.ts";
-
-type OptionSpec = Record<string, { type: "string" | "boolean" }>;
+import type { OptionSpec, Parsed } from "./args.ts";
+import { AccessPolicy, parseAllowRule } from "../lib/allow_rules.ts";
 
 /** Options of every command that connects to an export. */
 export const CLIENT_KEY_OPTIONS: OptionSpec = {
@@ -28,6 +27,7 @@ export const CLIENT_KEY_HELP =
 export const SERVE_KEY_OPTIONS: OptionSpec = {
   key: { type: "string" },
   protect: { type: "string" },
+  allow: { type: "string", multiple: true },
 };
 
 export const SERVE_KEY_HELP =
@@ -35,7 +35,20 @@ export const SERVE_KEY_HELP =
                   \`dst keygen\`); SIGHUP rereads FILE, closing connections whose key was
                   removed. Without --key, anyone who reaches the port may read and write
   --protect MODE  with --key: encrypt (AES-256-GCM, the default) or mac (HMAC-SHA-256:
-                  tamper-proof but readable on the wire)`;
+                  tamper-proof but readable on the wire)
+  --allow [KEYNAME@]CIDR[=ro|rw|admin]
+                  who may connect, and do what (repeatable; the first rule that matches
+                  the client's address, and its key when the rule names one, wins; ro:
+                  reads only; admin: also \`dst array detach/attach\`). With any --allow,
+                  everyone else is refused before the handshake costs anything. Without
+                  it: rw for all, admin from this machine only`;
+
+/** The --allow rules given (repeatable), as a policy; none: rw for all, admin from loopback. */
+export function accessPolicy(parsed: Parsed): AccessPolicy {
+  const given = parsed.values.allow;
+  const texts = Array.isArray(given) ? given : typeof given === "string" ? [given] : [];
+  return new AccessPolicy(texts.map(parseAllowRule));
+}
 
 /** The key a connecting command proves, or undefined without --key. */
 export async function clientKey(parsed: Parsed, command: string): Promise<Key | undefined> {

@@ -18,6 +18,7 @@ import { SHUTDOWN_DEADLINE_MS } from "../constants.ts";
 import { describeError } from "../lib/errors.ts";
 import { protectionName } from "../server/handshake.ts";
 import type { KeyRing, ServeKeys } from "./key_options.ts";
+import type { AccessPolicy } from "../lib/allow_rules.ts";
 
 /** The lease identity of an export's own NBD port (DST identities are 32 hex digits). */
 const NBD_PORT_CLIENT = "the export's NBD port";
@@ -43,6 +44,8 @@ export interface ServeOptions {
   log: Logger;
   /** --key and --protect: clients must prove a key; SIGHUP rereads the file. */
   keys?: ServeKeys;
+  /** --allow: who may connect and do what (default: rw for all, admin from loopback). */
+  policy?: AccessPolicy;
 }
 
 /** Serves `device` until SIGINT/SIGTERM, then finishes what is in flight. Closes nothing. */
@@ -60,6 +63,7 @@ export async function serveUntilSignal(device: BlockDevice, options: ServeOption
         log: options.log,
         lease,
         owner: options.owner,
+        policy: options.policy,
         stats: threads === null ? undefined : () => threads.stats(),
         ...(options.keys === undefined ? {} : {
           keys: { keys: () => options.keys!.ring.keys, protection: options.keys.protection },
@@ -92,6 +96,9 @@ export async function serveUntilSignal(device: BlockDevice, options: ServeOption
       `clients must prove a key of ${options.keys.ring.path}: ${options.keys.ring.describe()}; ` +
         `records are ${protectionName(options.keys.protection)}; SIGHUP rereads the file`,
     );
+  }
+  if (exporter !== null && options.policy !== undefined && options.policy.rules.length > 0) {
+    for (const line of options.policy.describe()) options.log.info(line);
   }
   warnIfOpen(options, exporter === null ? null : exporter.address);
   const stopReloading = options.keys !== undefined && exporter !== null

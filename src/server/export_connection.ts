@@ -38,6 +38,7 @@ import type { Slab } from "../transport/receive_buffer.ts";
 import { CLOSE, RequestLoop } from "../transport/request_loop.ts";
 import { FirstWriteGate } from "./first_write_gate.ts";
 import type { WriteGrant } from "./writer_lease.ts";
+import type { Access } from "../lib/allow_rules.ts";
 
 /** What a connection needs from its export. */
 export interface ExportContext {
@@ -61,6 +62,8 @@ export interface ExportContext {
   ended(connection: ExportConnection): void;
   /** Runs a CONTROL request (JSON in, JSON out); null: the export has no owner to ask. */
   readonly control: ((request: unknown) => Promise<unknown>) | null;
+  /** This client's access (--allow): `ro` may not write, only `admin` may send CONTROL. */
+  readonly access: Access;
 }
 
 export class ExportConnection extends RequestLoop {
@@ -121,6 +124,15 @@ export class ExportConnection extends RequestLoop {
       h.command === Command.WRITE_ZEROES;
     if (writes && info.readOnly) {
       return { error: WireError.EPERM, reason: `${name}: the export is read-only` };
+    }
+    if (writes && this.ctx.access === "ro") {
+      return { error: WireError.EPERM, reason: `${name}: this client may only read (--allow)` };
+    }
+    if (h.command === Command.CONTROL && this.ctx.access !== "admin") {
+      return {
+        error: WireError.EPERM,
+        reason: "CONTROL needs admin access (from loopback, or an --allow rule with =admin)",
+      };
     }
     if (ranged && h.offset + h.length > info.sizeBytes) {
       return {

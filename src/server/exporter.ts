@@ -28,6 +28,7 @@ import { type Clock, systemClock, type Timer } from "../lib/clock.ts";
 import { type Logger, logger } from "../lib/log.ts";
 import { bytesToHex, randomId } from "../lib/hex.ts";
 import type { Key } from "../lib/key_file.ts";
+import { type Access, AccessPolicy } from "../lib/allow_rules.ts";
 import {
   ClientFeature,
   type ClientHello,
@@ -40,6 +41,7 @@ import {
   AcceptLoop,
   clientSlots,
   type ConnListener,
+  remoteAddress,
 } from "../transport/accept_loop.ts";
 import { listenTcp } from "../transport/listen.ts";
 import { ExportConnection } from "./export_connection.ts";
@@ -100,6 +102,8 @@ export interface ExporterOptions {
    * device is an array (the exporter itself knows nothing of arrays).
    */
   owner?: ExportOwner;
+  /** Who may do what (--allow); default: rw for all, admin from loopback. */
+  policy?: AccessPolicy;
   /** Keys and protection (protocol version 2); absent: version 1, no keys. */
   keys?: ExportKeySettings;
   /** How long a silent lease holder keeps the lease (default LEASE_IDLE_MS; shorter in tests). */
@@ -142,6 +146,9 @@ export class Exporter {
   #tampered = 0;
   #tamperLoggedMs = -Infinity;
   readonly #keys: ExportKeys | null;
+  readonly #policy: AccessPolicy;
+  #deniedLoggedMs = -Infinity;
+  #deniedUnlogged = 0;
   /** The key each keyed connection proved, for closing them when it is removed. */
   readonly #connectionKeys = new Map<ExportConnection, Key>();
 
@@ -164,6 +171,7 @@ export class Exporter {
       this.#clock,
     );
     this.#leaseIdleMs = options.leaseIdleMs ?? LEASE_IDLE_MS;
+    this.#policy = options.policy ?? new AccessPolicy([]);
     const keySettings = options.keys;
     this.#keys = keySettings === undefined ? null : {
       keys: () => keySettings.keys(),
@@ -250,9 +258,24 @@ export class Exporter {
     let key = "";
     let grant: WriteGrant | null = null;
     let unlock: (() => void) | null = null;
+    const ip = remoteAddress(conn);
+    let access = "rw" as Access; // set by the admission below
     try {
-      const handshake = await acceptHandshake(conn, this.device.info, async (hello) => {
+      const denied = this.#policy.addressMayConnect(ip)
+        ? undefined
+        : `no --allow rule of this export lets ${ip} in`;
+      const handshake = await acceptHandshake(conn, this.device.info, async (hello, proved) => {
         if (!admitted) return refuse(HelloStatus.BUSY);
+        const decided = this.#policy.decide(ip, proved?.name ?? null);
+        if (decided === null) {
+          return {
+            ok: false,
+            status: HelloStatus.ACCESS_DENIED,
+            reason: `no --allow rule of this export lets ${ip}` +
+              (proved === null ? "" : ` with key "${proved.name}"`) + " in",
+          };
+        }
+        access = decided;
         key = this.#clientKey(hello);
         const helloMs = this.#clock.nowMs();
         unlock = await this.#handshakeTurn(key);
@@ -262,7 +285,7 @@ export class Exporter {
         if (this.#clock.nowMs() - helloMs > HANDSHAKE_TIMEOUT_MS) {
           return { ok: false, status: HelloStatus.BUSY, reason: "fencing took too long; retry" };
         }
-        if ((hello.features & ClientFeature.WRITER) !== 0 && !readOnly) {
+        if ((hello.features & ClientFeature.WRITER) !== 0 && !readOnly && access !== "ro") {
           try {
             grant = await this.#lease.acquire({ key, peer });
           } catch (error) {
@@ -270,11 +293,12 @@ export class Exporter {
             return { ok: false, status: HelloStatus.WRITE_LEASE_HELD, reason: error.message };
           }
         }
-        return this.#admitted(grant);
-      }, { peer, keys: this.#keys, clock: this.#clock });
+        return { ...this.#admitted(grant), readOnly: access === "ro" };
+      }, { peer, keys: this.#keys, clock: this.#clock, denied });
       if (!handshake.ok) {
         this.#protocolErrors += 1;
-        this.#log.warn(`${peer}: handshake refused: ${handshake.reason}`);
+        if (denied === undefined) this.#log.warn(`${peer}: handshake refused: ${handshake.reason}`);
+        else this.#logDenied(peer, denied);
         return null;
       }
       const connection: ExportConnection = new ExportConnection(handshake.conn, peer, {
@@ -287,7 +311,8 @@ export class Exporter {
           this.#protocolErrors += 1;
         },
         // A client that writes without having said so asks for the lease then.
-        acquire: readOnly ? null : () => this.#lease.acquire({ key, peer }),
+        acquire: readOnly || access === "ro" ? null : () => this.#lease.acquire({ key, peer }),
+        access,
         grant,
         ended: (ended) => {
           this.#forget(key, ended);
@@ -324,6 +349,19 @@ export class Exporter {
       closed += 1;
     }
     return closed;
+  }
+
+  /** Addresses the rules keep out are logged once per ADDRESS_REFUSAL_LOG_MS: a scan stays one line. */
+  #logDenied(peer: string, reason: string): void {
+    const nowMs = this.#clock.nowMs();
+    if (nowMs - this.#deniedLoggedMs < ADDRESS_REFUSAL_LOG_MS) {
+      this.#deniedUnlogged += 1;
+      return;
+    }
+    const more = this.#deniedUnlogged > 0 ? ` (and ${this.#deniedUnlogged} more since)` : "";
+    this.#deniedLoggedMs = nowMs;
+    this.#deniedUnlogged = 0;
+    this.#log.warn(`${peer}: refused: ${reason}${more}`);
   }
 
   /** One warning per ADDRESS_REFUSAL_LOG_MS, so a flood of tampering stays one screen. */

@@ -76,6 +76,11 @@ export interface HandshakeOptions {
   peer: string;
   /** Null: no key, version 1. */
   keys: ExportKeys | null;
+  /**
+   * Set when the peer's address may not connect (--allow): the hello is read, then
+   * refused in the clear with this reason, before any cryptography is spent.
+   */
+  denied?: string;
   clock?: Clock;
 }
 
@@ -136,6 +141,14 @@ export async function acceptHandshake(
       } catch {
         return { ok: false, reason: `no key share within ${HANDSHAKE_TIMEOUT_MS} ms` };
       }
+    }
+    if (options.denied !== undefined) {
+      return await answer(
+        conn,
+        info,
+        shareBytes === null ? PROTOCOL_VERSION : PROTOCOL_VERSION_KEYED,
+        Promise.resolve({ ok: false, status: HelloStatus.ACCESS_DENIED, reason: options.denied }),
+      );
     }
     if (options.keys === null) {
       return await answer(conn, info, PROTOCOL_VERSION, admitV1(hello, admit));

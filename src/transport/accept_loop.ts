@@ -108,7 +108,7 @@ function addressBucket(address: string): number {
 }
 
 /** The remote IP address of a connection; null for a Unix socket's, which has none. */
-function remoteAddress(conn: AcceptedConn): string | null {
+export function remoteAddress(conn: AcceptedConn): string | null {
   const remote = conn.remoteAddr;
   return remote.transport === "tcp" || remote.transport === "udp" ? remote.hostname : null;
 }
