@@ -11,7 +11,7 @@
 import { HANDSHAKE_TIMEOUT_MS } from "../constants.ts";
 import { formatHostPort, type HostPort } from "../lib/address.ts";
 import { type Clock, systemClock } from "../lib/clock.ts";
-import { describeError, DstError } from "../lib/errors.ts";
+import { ConnectionClosedError, describeError, DstError } from "../lib/errors.ts";
 import {
   AUTH_NONE,
   AUTH_PSK,
@@ -157,7 +157,8 @@ export async function dialExport(address: HostPort, options: DialOptions = {}): 
     return { conn, hello };
   } catch (error) {
     closeQuietly(conn);
-    if (error instanceof DstError) throw error;
+    // Errors of our own already name the export; a connection that just ended does not.
+    if (error instanceof DstError && !(error instanceof ConnectionClosedError)) throw error;
     throw new DstError(
       "HANDSHAKE",
       `Handshake with ${where} failed: ${
