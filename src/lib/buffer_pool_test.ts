@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { AssertionError } from "./assert.ts";
-import { BufferPool } from "./buffer_pool.ts";
+import { BufferPool, sizeClass } from "./buffer_pool.ts";
 
 Deno.test("BufferPool.take() returns a view of exactly the length asked for", () => {
   const pool = new BufferPool(1 << 20);
@@ -12,13 +12,14 @@ Deno.test("BufferPool.take() returns a view of exactly the length asked for", ()
   }
 });
 
-Deno.test("BufferPool.take() rounds up to power-of-two size classes of at least 4 KiB", () => {
+Deno.test("BufferPool.take() rounds up to a size class of at least 4 KiB", () => {
   const pool = new BufferPool(0);
   assert.equal(pool.take(1).buffer.byteLength, 4096);
   assert.equal(pool.take(4096).buffer.byteLength, 4096);
   assert.equal(pool.take(4097).buffer.byteLength, 8192);
   assert.equal(pool.take(65_536).buffer.byteLength, 65_536);
-  assert.equal(pool.take(65_537).buffer.byteLength, 131_072);
+  assert.equal(pool.take(65_537).buffer.byteLength, 65_536 + 4096);
+  assert.equal(pool.take(65_536 + 4097).buffer.byteLength, 131_072);
 });
 
 Deno.test("BufferPool.take() after give() reuses the same ArrayBuffer for the same size class", () => {
@@ -77,4 +78,23 @@ Deno.test("BufferPool refuses negative and fractional lengths", () => {
   assert.throws(() => pool.take(-1), AssertionError);
   assert.throws(() => pool.take(1.5), AssertionError);
   assert.throws(() => new BufferPool(-1), AssertionError);
+});
+
+Deno.test("BufferPool: a large read's reply (payload plus header) costs a page more than the payload, not double", () => {
+  const MiB = 1024 * 1024;
+  assert.equal(sizeClass(32 * MiB + 24), 32 * MiB + 4096);
+  assert.equal(sizeClass(32 * MiB), 32 * MiB);
+  assert.equal(sizeClass(32 * MiB + 4097), 64 * MiB);
+  assert.equal(sizeClass(4096 + 24), 8192);
+  assert.equal(sizeClass(1), 4096);
+  for (let length = 1; length < 300_000; length += 997) {
+    const size = sizeClass(length);
+    assert.ok(size >= length, `${length} fits its class`);
+    assert.equal(sizeClass(size), size, `the class of ${length} is a class`);
+  }
+  const pool = new BufferPool(64 * MiB);
+  const reply = pool.take(MiB + 24);
+  assert.equal(reply.buffer.byteLength, MiB + 4096);
+  pool.give(reply);
+  assert.equal(pool.take(MiB + 100).buffer, reply.buffer, "reused for the same class");
 });
