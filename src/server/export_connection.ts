@@ -46,6 +46,8 @@ export interface ExportContext {
   readonly log: Logger;
   /** The export's clock: how long the connection has been silent is measured on it. */
   readonly clock: Clock;
+  /** How long the connection may sit idle before it is closed (default CONNECTION_IDLE_MS). */
+  readonly idleMs?: number;
   /** The STATUS reply, built when asked. */
   statusJson(): Uint8Array;
   /** Counts a request the export refused or a frame that broke the protocol. */

@@ -90,6 +90,8 @@ export interface ExporterOptions {
   owner?: ExportOwner;
   /** How long a silent lease holder keeps the lease (default LEASE_IDLE_MS; shorter in tests). */
   leaseIdleMs?: number;
+  /** How long an idle connection stays open (default CONNECTION_IDLE_MS; shorter in tests). */
+  connectionIdleMs?: number;
   clock?: Clock;
   log?: Logger;
 }
