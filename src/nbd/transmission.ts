@@ -109,6 +109,9 @@ export class NbdConnection extends RequestLoop {
       sendQueueBytesMax: SEND_QUEUE_BYTES_MAX,
       frameBytesMax: R.SIZE + BLOCK_SIZE_MAX,
       headerBytes: R.SIZE,
+      // No idle limit: NBD has no ping, and the kernel, qemu and nbdfuse keep a connection
+      // open, silent, for as long as the disk is attached; closing it would break them.
+      idleMs: null,
     }, ctx.clock);
     this.#writes = new FirstWriteGate(ctx.acquire);
   }

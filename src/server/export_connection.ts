@@ -7,6 +7,7 @@
  */
 
 import {
+  CONNECTION_IDLE_MS,
   IN_FLIGHT_BYTES_PER_CONNECTION_MAX,
   IN_FLIGHT_PER_CONNECTION_MAX,
   PAYLOAD_BYTES_MAX,
@@ -77,6 +78,7 @@ export class ExportConnection extends RequestLoop {
       sendQueueBytesMax: SEND_QUEUE_BYTES_MAX,
       frameBytesMax: RequestLayout.SIZE + PAYLOAD_BYTES_MAX,
       headerBytes: RequestLayout.SIZE,
+      idleMs: ctx.idleMs ?? CONNECTION_IDLE_MS,
     }, ctx.clock);
     this.#writes = new FirstWriteGate(ctx.acquire, ctx.grant);
   }

@@ -15,6 +15,7 @@
 
 import {
   CLIENTS_PER_EXPORT_MAX,
+  CONNECTION_IDLE_MS,
   HANDSHAKE_TIMEOUT_MS,
   LEASE_IDLE_CHECK_MS,
   LEASE_IDLE_MS,
@@ -117,6 +118,7 @@ export class Exporter {
   readonly #handshakes = new Map<string, Promise<void>>();
   readonly #silenceCheck: Timer;
   readonly #leaseIdleMs: number;
+  readonly #connectionIdleMs: number;
   /** Random per Exporter, so per start of the export: clients see a restart in it. */
   readonly #instance = randomId();
   #anonymous = 0;
@@ -141,6 +143,7 @@ export class Exporter {
       this.#clock,
     );
     this.#leaseIdleMs = options.leaseIdleMs ?? LEASE_IDLE_MS;
+    this.#connectionIdleMs = options.connectionIdleMs ?? CONNECTION_IDLE_MS;
     this.#silenceCheck = this.#clock.every(
       Math.min(LEASE_IDLE_CHECK_MS, this.#leaseIdleMs / 4),
       () => this.#fenceSilentHolders(),
@@ -251,6 +254,7 @@ export class Exporter {
         pool: this.#pool,
         log: this.#log,
         clock: this.#clock,
+        idleMs: this.#connectionIdleMs,
         statusJson: () => new TextEncoder().encode(JSON.stringify(this.status(true))),
         countError: () => {
           this.#protocolErrors += 1;
