@@ -164,7 +164,7 @@ export const FRAME_TIMEOUT_MS = 150_000;
  * for this long while some were waiting is closed: its client does not read them.
  * What it dispatched still finishes (writes land); only the replies are dropped. A
  * slow link still shows progress: a full socket buffer (Linux grows one to 4 MiB) is
- * writable again once a third of it has left, which at SLOW_LINK_BYTES_PER_S takes 6 s.
+ * writable again once a third of it has left: about 5 s at SLOW_LINK_BYTES_PER_S.
  */
 export const SEND_STALL_MS = 30_000;
 const SOCKET_SEND_BUFFER_BYTES_MAX = 4 * MiB;

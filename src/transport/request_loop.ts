@@ -291,25 +291,26 @@ export abstract class RequestLoop {
     const now = this.#clock.nowMs();
     const sending = this.sender.queuedBytes > 0 && !this.sender.broken;
     if (!sending) this.#sendStall.reset();
-    else if (this.#sendStall.forMs(this.#writes, now) >= SEND_STALL_MS) {
-      const seconds = Math.round(this.#sendStall.forMs(this.#writes, now) / 1000);
-      this.#expire(`no reply could be sent for ${seconds} s (the client reads none)`);
+    const stalledMs = sending ? this.#sendStall.forMs(this.#writes, now) : 0;
+    if (stalledMs >= SEND_STALL_MS) {
+      this.#expire(`no reply could be sent for ${seconds(stalledMs)} s (the client reads none)`);
       return;
     }
     if (this.#stopping) return; // no longer reading: only the replies' limit applies
     const partial = this.#reading && this.receive.available > 0;
     if (!partial) this.#partialFrame.reset();
-    else if (this.#partialFrame.forMs(this.#frames, now) >= FRAME_TIMEOUT_MS) {
-      const seconds = Math.round(this.#partialFrame.forMs(this.#frames, now) / 1000);
-      this.#expire(`a frame was not whole ${seconds} s after its first byte`);
+    const partialMs = partial ? this.#partialFrame.forMs(this.#frames, now) : 0;
+    if (partialMs >= FRAME_TIMEOUT_MS) {
+      this.#expire(`a frame was not whole ${seconds(partialMs)} s after its first byte`);
       return;
     }
-    const idleMs = this.limits.idleMs;
-    const idle = this.#reading && !partial && this.#inFlight === 0 && !sending;
-    if (idleMs === null || !idle) this.#idle.reset();
-    else if (this.#idle.forMs(this.#reads, now) >= idleMs) {
-      const seconds = Math.round(this.#idle.forMs(this.#reads, now) / 1000);
-      this.#expire(`sent nothing for ${seconds} s with nothing in flight`);
+    const idleLimitMs = this.limits.idleMs;
+    const idle = idleLimitMs !== null && this.#reading && !partial && this.#inFlight === 0 &&
+      !sending;
+    if (!idle) this.#idle.reset();
+    const idleMs = idle ? this.#idle.forMs(this.#reads, now) : 0;
+    if (idle && idleMs >= idleLimitMs) {
+      this.#expire(`sent nothing for ${seconds(idleMs)} s with nothing in flight`);
     }
   }
 
@@ -364,4 +365,8 @@ export abstract class RequestLoop {
     this.#idleWaiters = [];
     for (const wake of waiters) wake();
   }
+}
+
+function seconds(ms: number): number {
+  return Math.round(ms / 1000);
 }
