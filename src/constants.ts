@@ -133,6 +133,46 @@ export const RANGE_BYTES_MAX = 1024 * MiB;
 export const HANDSHAKE_TIMEOUT_MS = 10_000;
 
 /**
+ * A DST connection in its request phase that has nothing in flight, nothing to send
+ * and sent nothing for this long is closed, so silent connections cannot hold every
+ * client place (CLIENTS_PER_EXPORT_MAX) for ever. A live DST client pings whenever it
+ * sent nothing for --ping (at most CLIENT_PING_MS_MAX), so it never gets near it.
+ * NBD connections have no such limit: NBD has no ping, and its clients (the kernel,
+ * qemu, nbdfuse) keep an idle connection open for as long as the disk is attached.
+ */
+export const CONNECTION_IDLE_MS = 60_000;
+
+/**
+ * The slowest link a frame must still cross in time: about 2 Mbit/s, a poor uplink.
+ * Only FRAME_TIMEOUT_MS is built from it.
+ */
+const SLOW_LINK_BYTES_PER_S = 256 * KiB;
+
+/**
+ * Once the first byte of a request frame has arrived, the whole frame (header and
+ * payload) must arrive within this long, or the connection closes: a frame one byte
+ * short is not waited for for ever, whatever the client sends besides. Bytes trickling
+ * in do not extend it. It is one limit for every frame, so it is set by the largest:
+ * 32 MiB takes 128 s at SLOW_LINK_BYTES_PER_S, and a stuck frame costs only a client
+ * place for this long, while too short a limit would close a slow client on every
+ * large write it retries.
+ */
+export const FRAME_TIMEOUT_MS = 150_000;
+
+/**
+ * A connection whose replies made no progress into the socket (no write completed)
+ * for this long while some were waiting is closed: its client does not read them.
+ * What it dispatched still finishes (writes land); only the replies are dropped. A
+ * slow link still shows progress: a full socket buffer (Linux grows one to 4 MiB) is
+ * writable again once a third of it has left: about 5 s at SLOW_LINK_BYTES_PER_S.
+ */
+export const SEND_STALL_MS = 30_000;
+const SOCKET_SEND_BUFFER_BYTES_MAX = 4 * MiB;
+
+/** How often each connection checks the three limits above: each is kept to within this. */
+export const CONNECTION_CHECK_MS = 1_000;
+
+/**
  * How long a server that ended a connection itself (a frame it cannot trust, NBD's
  * DISC) goes on reading and dropping what the client still sends, after its last reply
  * and its end of stream, before it closes. Closing with bytes unread makes the kernel
@@ -205,3 +245,19 @@ assert(RECONNECT_DELAY_MS_MAX < CLIENT_TIMEOUT_MS_DEFAULT, "a reconnect try fits
 assert(MIRROR_RESYNC_PARALLEL >= 1, "a resync copies at least one region at a time");
 assert(MIRROR_REGION_BYTES_MIN <= MIRROR_REGION_BYTES_DEFAULT, "--region accepts the default");
 assert(MIRROR_REGION_BYTES_DEFAULT <= MIRROR_REGION_BYTES_MAX, "--region accepts the default");
+assert(
+  CONNECTION_IDLE_MS >= 3 * CLIENT_PING_MS_MAX,
+  "a live DST client pings several times within the idle limit",
+);
+assert(
+  (PAYLOAD_BYTES_MAX / SLOW_LINK_BYTES_PER_S) * 1000 < FRAME_TIMEOUT_MS,
+  "the largest frame crosses a slow link within the frame timeout",
+);
+assert(
+  (SOCKET_SEND_BUFFER_BYTES_MAX / SLOW_LINK_BYTES_PER_S) * 1000 < SEND_STALL_MS,
+  "a full socket buffer drains over a slow link before a send counts as stalled",
+);
+assert(
+  CONNECTION_CHECK_MS * 10 <= Math.min(CONNECTION_IDLE_MS, FRAME_TIMEOUT_MS, SEND_STALL_MS),
+  "the checks keep each connection limit to within a tenth",
+);

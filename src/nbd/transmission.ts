@@ -24,6 +24,7 @@ import type { BlockDevice } from "../device/block_device.ts";
 import type { BufferPool } from "../lib/buffer_pool.ts";
 import { FirstWriteGate } from "../server/first_write_gate.ts";
 import type { WriteGrant } from "../server/writer_lease.ts";
+import type { Clock } from "../lib/clock.ts";
 import type { Logger } from "../lib/log.ts";
 import type { ByteConn } from "../transport/byte_conn.ts";
 import type { Slab } from "../transport/receive_buffer.ts";
@@ -65,6 +66,8 @@ export interface NbdContext {
    * before this connection's first write; null: this server keeps no lease.
    */
   readonly acquire: (() => Promise<WriteGrant>) | null;
+  /** Where the connection's time limits run (default the system's clock). */
+  readonly clock?: Clock;
 }
 
 /**
@@ -106,7 +109,10 @@ export class NbdConnection extends RequestLoop {
       sendQueueBytesMax: SEND_QUEUE_BYTES_MAX,
       frameBytesMax: R.SIZE + BLOCK_SIZE_MAX,
       headerBytes: R.SIZE,
-    });
+      // No idle limit: NBD has no ping, and the kernel, qemu and nbdfuse keep a connection
+      // open, silent, for as long as the disk is attached; closing it would break them.
+      idleMs: null,
+    }, ctx.clock);
     this.#writes = new FirstWriteGate(ctx.acquire);
   }
 

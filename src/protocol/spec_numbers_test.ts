@@ -204,6 +204,12 @@ Deno.test("the limits are the spec's table: 32 MiB payload, 1 GiB range, 64 KiB 
   assert.equal(limits.LEASE_IDLE_MS, 30_000);
 });
 
+Deno.test("the connection time limits are the spec's table: 60 s idle, 150 s per frame, 30 s of replies not read", () => {
+  assert.equal(limits.CONNECTION_IDLE_MS, 60_000);
+  assert.equal(limits.FRAME_TIMEOUT_MS, 150_000);
+  assert.equal(limits.SEND_STALL_MS, 30_000);
+});
+
 Deno.test("the other numbers the spec's text names are the code's: port 1025, block size 4096, 16 MiB send queue, 10 s longest ping, a 64-request 48 MiB client window", () => {
   assert.equal(limits.EXPORT_PORT_DEFAULT, 1025);
   assert.equal(limits.BLOCK_SIZE_DEFAULT, 4096);

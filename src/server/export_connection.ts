@@ -7,6 +7,7 @@
  */
 
 import {
+  CONNECTION_IDLE_MS,
   IN_FLIGHT_BYTES_PER_CONNECTION_MAX,
   IN_FLIGHT_PER_CONNECTION_MAX,
   PAYLOAD_BYTES_MAX,
@@ -47,6 +48,8 @@ export interface ExportContext {
   readonly log: Logger;
   /** The export's clock: how long the connection has been silent is measured on it. */
   readonly clock: Clock;
+  /** How long the connection may sit idle before it is closed (default CONNECTION_IDLE_MS). */
+  readonly idleMs?: number;
   /** The STATUS reply, built when asked. */
   statusJson(): Uint8Array;
   /** Counts a request the export refused or a frame that broke the protocol. */
@@ -78,6 +81,7 @@ export class ExportConnection extends RequestLoop {
       sendQueueBytesMax: SEND_QUEUE_BYTES_MAX,
       frameBytesMax: RequestLayout.SIZE + PAYLOAD_BYTES_MAX,
       headerBytes: RequestLayout.SIZE,
+      idleMs: ctx.idleMs ?? CONNECTION_IDLE_MS,
     }, ctx.clock);
     this.#writes = new FirstWriteGate(ctx.acquire, ctx.grant);
   }

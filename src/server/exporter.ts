@@ -16,6 +16,7 @@
 import {
   ADDRESS_REFUSAL_LOG_MS,
   CLIENTS_PER_EXPORT_MAX,
+  CONNECTION_IDLE_MS,
   HANDSHAKE_TIMEOUT_MS,
   LEASE_IDLE_CHECK_MS,
   LEASE_IDLE_MS,
@@ -108,6 +109,8 @@ export interface ExporterOptions {
   keys?: ExportKeySettings;
   /** How long a silent lease holder keeps the lease (default LEASE_IDLE_MS; shorter in tests). */
   leaseIdleMs?: number;
+  /** How long an idle connection stays open (default CONNECTION_IDLE_MS; shorter in tests). */
+  connectionIdleMs?: number;
   clock?: Clock;
   log?: Logger;
 }
@@ -139,6 +142,7 @@ export class Exporter {
   readonly #handshakes = new Map<string, Promise<void>>();
   readonly #silenceCheck: Timer;
   readonly #leaseIdleMs: number;
+  readonly #connectionIdleMs: number;
   /** Random per Exporter, so per start of the export: clients see a restart in it. */
   readonly #instance = randomId();
   #anonymous = 0;
@@ -178,6 +182,7 @@ export class Exporter {
       protection: keySettings.protection,
       onTampered: (peer, message) => this.#countTampered(peer, message),
     };
+    this.#connectionIdleMs = options.connectionIdleMs ?? CONNECTION_IDLE_MS;
     this.#silenceCheck = this.#clock.every(
       Math.min(LEASE_IDLE_CHECK_MS, this.#leaseIdleMs / 4),
       () => this.#fenceSilentHolders(),
@@ -306,6 +311,7 @@ export class Exporter {
         pool: this.#pool,
         log: this.#log,
         clock: this.#clock,
+        idleMs: this.#connectionIdleMs,
         statusJson: () => new TextEncoder().encode(JSON.stringify(this.status(true))),
         countError: () => {
           this.#protocolErrors += 1;

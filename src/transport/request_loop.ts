@@ -17,16 +17,28 @@
  * then closes (a clean shutdown); fence() closes at once and drops every frame not yet
  * dispatched, then waits for the dispatched ones to finish, for a connection its
  * client has replaced (protocol README, "Fencing").
+ *
+ * Time limits, so a client cannot hold its place (one of CLIENTS_PER_EXPORT_MAX) while
+ * doing nothing with it. Past any of them the connection is closed as by fence(), with
+ * one log line: what was dispatched still finishes (writes land), replies are dropped.
+ * - Idle (`idleMs`, DST only): nothing in flight, nothing to send, nothing received.
+ * - Frame (FRAME_TIMEOUT_MS): a frame not whole that long after its first byte.
+ * - Send stall (SEND_STALL_MS): replies waiting, and no socket write done for that long.
+ * A timer checks them every CONNECTION_CHECK_MS; the data path only counts reads and
+ * writes, it never reads the clock, so each limit holds to within one check.
  */
 
 import {
   CLOSE_LINGER_MS,
+  CONNECTION_CHECK_MS,
+  FRAME_TIMEOUT_MS,
   RECEIVE_SLAB_BYTES,
   SEND_COALESCE_BYTES,
+  SEND_STALL_MS,
   SEND_ZERO_COPY_BYTES_MIN,
 } from "../constants.ts";
 import { assert } from "../lib/assert.ts";
-import { type Clock, systemClock } from "../lib/clock.ts";
+import { type Clock, systemClock, type Timer } from "../lib/clock.ts";
 import { errnoOf } from "../lib/errno.ts";
 import { describeError } from "../lib/errors.ts";
 import type { Logger } from "../lib/log.ts";
@@ -42,6 +54,11 @@ export interface RequestLoopLimits {
   frameBytesMax: number;
   /** The fixed size of a request header: what must arrive before anything can be parsed. */
   headerBytes: number;
+  /**
+   * A connection with nothing in flight, nothing to send and nothing received for this
+   * long is closed; null: never (for clients that keep idle connections and do not ping).
+   */
+  idleMs: number | null;
 }
 
 /** A frame that cannot be trusted: the connection closes with this log line. */
@@ -49,6 +66,27 @@ export const CLOSE = -1;
 
 /** Rejections logged per connection before the rest are only counted (a flood stays one screen). */
 const REJECTIONS_LOGGED_MAX = 5;
+
+/**
+ * How long a value has stayed the same, as far as calls to forMs() saw: it moves to the
+ * time of the call that first sees a new value.
+ */
+class Unchanged {
+  constructor(private value = Number.NaN, private sinceMs = 0) {}
+
+  forMs(value: number, nowMs: number): number {
+    if (value !== this.value) {
+      this.value = value;
+      this.sinceMs = nowMs;
+    }
+    return nowMs - this.sinceMs;
+  }
+
+  /** Forgets the value: the next forMs() counts from then. */
+  reset(): void {
+    this.value = Number.NaN;
+  }
+}
 
 export abstract class RequestLoop {
   protected readonly receive: ReceiveBuffer;
@@ -59,11 +97,19 @@ export abstract class RequestLoop {
   #stopping = false;
   #idleWaiters: Array<() => void> = [];
   readonly #clock: Clock;
-  /** Socket reads that brought bytes plus socket writes: counted, not timed, on the data path. */
-  #progress = 0;
-  /** The count as silentMs() last saw it, and since when it has not moved. */
-  #progressSeen = 0;
-  #progressSeenMs: number;
+  /** Socket reads that brought bytes, and socket writes done: counted, not timed, on the data path. */
+  #reads = 0;
+  #writes = 0;
+  /** serve() waits on the socket for frame number `#frames` (or for its first byte). */
+  #reading = false;
+  #frames = 0;
+  /** A time limit closed the connection. */
+  #expired = false;
+  #watchdog: Timer | null = null;
+  readonly #silence: Unchanged;
+  readonly #idle = new Unchanged();
+  readonly #partialFrame = new Unchanged();
+  readonly #sendStall = new Unchanged();
   /** The socket as this loop uses it: every read that brings bytes and every write is progress. */
   readonly #timedConn: ByteConn;
 
@@ -75,16 +121,16 @@ export abstract class RequestLoop {
     clock: Clock = systemClock,
   ) {
     this.#clock = clock;
-    this.#progressSeenMs = clock.nowMs();
+    this.#silence = new Unchanged(0, clock.nowMs());
     this.#timedConn = {
       read: (into) =>
         conn.read(into).then((n) => {
-          if (n !== null) this.#progress += 1;
+          if (n !== null) this.#reads += 1;
           return n;
         }),
       write: (data) =>
         conn.write(data).then((n) => {
-          this.#progress += 1;
+          this.#writes += 1;
           return n;
         }),
       close: () => conn.close(),
@@ -108,12 +154,7 @@ export abstract class RequestLoop {
    * one that stopped reading our replies stalls our writes too.
    */
   silentMs(): number {
-    const now = this.#clock.nowMs();
-    if (this.#progress !== this.#progressSeen) {
-      this.#progressSeen = this.#progress;
-      this.#progressSeenMs = now;
-    }
-    return now - this.#progressSeenMs;
+    return this.#silence.forMs(this.#reads + this.#writes, this.#clock.nowMs());
   }
 
   /**
@@ -126,10 +167,16 @@ export abstract class RequestLoop {
   async serve(): Promise<void> {
     let need = this.limits.headerBytes;
     let closing = false;
+    const idleMs = this.limits.idleMs;
+    const checkMs = Math.min(CONNECTION_CHECK_MS, idleMs === null ? Infinity : idleMs / 4);
+    this.#watchdog = this.#clock.every(checkMs, () => this.#checkLimits());
     try {
       while (!this.#stopping) {
-        if (!(await this.receive.fill(this.#timedConn, need))) break;
-        if (this.#stopping) break;
+        this.#frames += 1;
+        this.#reading = true;
+        const filled = await this.receive.fill(this.#timedConn, need);
+        this.#reading = false;
+        if (!filled || this.#stopping) break;
         need = this.dispatchArrived();
         if (need === CLOSE) {
           closing = true;
@@ -224,13 +271,59 @@ export abstract class RequestLoop {
     );
   }
 
-  /** `linger`: this side ended the connection while the client may still be sending. */
+  /**
+   * `linger`: this side ended the connection while the client may still be sending.
+   * The time limits stay on until the socket is closed: a client that reads no reply
+   * could otherwise hold up the drain for ever.
+   */
   async #finish(linger = false): Promise<void> {
     while (this.#inFlight > 0) await this.#nextEnd();
     await this.sender.drain();
     if (linger && !this.#stopping && !this.sender.broken) await this.#linger();
     closeQuietly(this.conn); // also wakes a serve() that is blocked reading
+    this.#watchdog?.cancel();
     this.ended();
+  }
+
+  /** Runs every check interval from serve() until the connection is closed. */
+  #checkLimits(): void {
+    if (this.#expired) return;
+    const now = this.#clock.nowMs();
+    const sending = this.sender.queuedBytes > 0 && !this.sender.broken;
+    if (!sending) this.#sendStall.reset();
+    const stalledMs = sending ? this.#sendStall.forMs(this.#writes, now) : 0;
+    if (stalledMs >= SEND_STALL_MS) {
+      this.#expire(`no reply could be sent for ${seconds(stalledMs)} s (the client reads none)`);
+      return;
+    }
+    if (this.#stopping) return; // no longer reading: only the replies' limit applies
+    const partial = this.#reading && this.receive.available > 0;
+    if (!partial) this.#partialFrame.reset();
+    const partialMs = partial ? this.#partialFrame.forMs(this.#frames, now) : 0;
+    if (partialMs >= FRAME_TIMEOUT_MS) {
+      this.#expire(`a frame was not whole ${seconds(partialMs)} s after its first byte`);
+      return;
+    }
+    const idleLimitMs = this.limits.idleMs;
+    const idle = idleLimitMs !== null && this.#reading && !partial && this.#inFlight === 0 &&
+      !sending;
+    if (!idle) this.#idle.reset();
+    const idleMs = idle ? this.#idle.forMs(this.#reads, now) : 0;
+    if (idle && idleMs >= idleLimitMs) {
+      this.#expire(`sent nothing for ${seconds(idleMs)} s with nothing in flight`);
+    }
+  }
+
+  /**
+   * Closes the connection at once, as fence() does: frames not dispatched are dropped;
+   * what was dispatched finishes (serve() waits for it), and its replies are dropped.
+   */
+  #expire(why: string): void {
+    this.#expired = true;
+    this.#stopping = true;
+    this.log.warn(`${this.peer}: ${why}; closing this connection`);
+    this.sender.abort(new Error(why));
+    closeQuietly(this.conn);
   }
 
   /**
@@ -272,4 +365,8 @@ export abstract class RequestLoop {
     this.#idleWaiters = [];
     for (const wake of waiters) wake();
   }
+}
+
+function seconds(ms: number): number {
+  return Math.round(ms / 1000);
 }

@@ -3,7 +3,7 @@
  * whatever bytes a test asks, so malformed and hostile frames can be tried.
  */
 
-import { dialExport } from "../../src/client/dial.ts";
+import { dialExport, type DialOptions } from "../../src/client/dial.ts";
 import type { HostPort } from "../../src/lib/address.ts";
 import {
   decodeReplyHeader,
@@ -19,8 +19,8 @@ import { type ByteConn, closeQuietly, readExact, writeAll } from "../../src/tran
 export class RawClient {
   private constructor(readonly conn: ByteConn, readonly hello: ServerHello) {}
 
-  static async connect(address: HostPort): Promise<RawClient> {
-    const { conn, hello } = await dialExport(address);
+  static async connect(address: HostPort, options?: DialOptions): Promise<RawClient> {
+    const { conn, hello } = await dialExport(address, options);
     return new RawClient(conn, hello);
   }
 
