@@ -107,67 +107,80 @@ function contains(haystack: Uint8Array, needle: Uint8Array): boolean {
 }
 
 for (const [name, protection] of [["encrypt", PROTECTION_ENCRYPT], ["mac", PROTECTION_MAC]]) {
-  Deno.test(`SecureConn ${name}: writes of every size arrive byte for byte, in order`, async () => {
-    const { sender, senderWire, receiver, receiverWire } = pair(protection as number);
-    const sizes = [
-      1,
-      17,
-      4096,
-      RECORD_PLAINTEXT_BYTES_MAX,
-      RECORD_PLAINTEXT_BYTES_MAX + 5,
-      3_000_000,
-    ];
-    const sent = sizes.map((size, i) => pattern(size, i));
-    await Promise.all(sent.map((data) => sender.write(data)));
-    receiverWire.deliver(...senderWire.written);
-    for (const data of sent) assert.deepEqual(await readAll(receiver, data.length), data);
-    receiverWire.end();
-    assert.equal(await receiver.read(new Uint8Array(1)), null, "a clean end between records");
-  });
+  Deno.test(
+    "SecureConn: writes of every size arrive byte for byte, in order " + `(${name})`,
+    async () => {
+      const { sender, senderWire, receiver, receiverWire } = pair(protection as number);
+      const sizes = [
+        1,
+        17,
+        4096,
+        RECORD_PLAINTEXT_BYTES_MAX,
+        RECORD_PLAINTEXT_BYTES_MAX + 5,
+        3_000_000,
+      ];
+      const sent = sizes.map((size, i) => pattern(size, i));
+      await Promise.all(sent.map((data) => sender.write(data)));
+      receiverWire.deliver(...senderWire.written);
+      for (const data of sent) assert.deepEqual(await readAll(receiver, data.length), data);
+      receiverWire.end();
+      assert.equal(await receiver.read(new Uint8Array(1)), null, "a clean end between records");
+    },
+  );
 
-  Deno.test(`SecureConn ${name}: a flipped bit anywhere in a record hands up none of it`, async () => {
-    const probe = pair(protection as number);
-    await probe.sender.write(pattern(300, 1));
-    const recordBytes = probe.senderWire.written[0]!.length;
-    for (const at of [0, 3, 4, 100, recordBytes - 1]) {
-      const { sender, senderWire, receiver, receiverWire, tampered } = pair(protection as number);
-      await sender.write(pattern(300, 1));
-      await sender.write(pattern(300, 2)); // a live stream goes on: a longer claimed length fills up
-      const record = senderWire.written[0]!.slice();
-      record[at] = record[at]! ^ 0x01;
-      receiverWire.deliver(record, senderWire.written[1]!);
-      await assert.rejects(
-        receiver.read(new Uint8Array(400)),
-        ChannelTamperedError,
-        `bit at ${at}`,
-      );
-      assert.equal(tampered.length, 1, "counted once");
-      assert.match(tampered[0]!, /from the sender/);
-      await assert.rejects(receiver.read(new Uint8Array(1)), ChannelTamperedError, "stays failed");
-    }
-  });
+  Deno.test(
+    "SecureConn: a flipped bit anywhere in a record hands up none of it " + `(${name})`,
+    async () => {
+      const probe = pair(protection as number);
+      await probe.sender.write(pattern(300, 1));
+      const recordBytes = probe.senderWire.written[0]!.length;
+      for (const at of [0, 3, 4, 100, recordBytes - 1]) {
+        const { sender, senderWire, receiver, receiverWire, tampered } = pair(protection as number);
+        await sender.write(pattern(300, 1));
+        await sender.write(pattern(300, 2)); // a live stream goes on: a longer claimed length fills up
+        const record = senderWire.written[0]!.slice();
+        record[at] = record[at]! ^ 0x01;
+        receiverWire.deliver(record, senderWire.written[1]!);
+        await assert.rejects(
+          receiver.read(new Uint8Array(400)),
+          ChannelTamperedError,
+          `bit at ${at}`,
+        );
+        assert.equal(tampered.length, 1, "counted once");
+        assert.match(tampered[0]!, /from the sender/);
+        await assert.rejects(
+          receiver.read(new Uint8Array(1)),
+          ChannelTamperedError,
+          "stays failed",
+        );
+      }
+    },
+  );
 
-  Deno.test(`SecureConn ${name}: a replayed, duplicated, dropped or reordered record fails`, async () => {
-    const cases: [string, (a: Uint8Array, b: Uint8Array) => Uint8Array[]][] = [
-      ["duplicated", (a, b) => [a, a, b]],
-      ["reordered", (a, b) => [b, a]],
-      ["dropped", (_a, b) => [b]],
-    ];
-    for (const [what, rearrange] of cases) {
-      const { sender, senderWire, receiver, receiverWire, tampered } = pair(protection as number);
-      await sender.write(pattern(50, 1));
-      await sender.write(pattern(60, 2));
-      const [a, b] = senderWire.written;
-      receiverWire.deliver(...rearrange(a!, b!));
-      if (what === "duplicated") assert.deepEqual(await readAll(receiver, 50), pattern(50, 1));
-      await assert.rejects(readAll(receiver, 60), ChannelTamperedError, what);
-      assert.equal(tampered.length, 1, what);
-    }
-    // A whole earlier connection's records, replayed into a new one with the same keys,
-    // would pass: the handshake's fresh transcript gives every connection its own keys.
-  });
+  Deno.test(
+    "SecureConn: a replayed, duplicated, dropped or reordered record fails " + `(${name})`,
+    async () => {
+      const cases: [string, (a: Uint8Array, b: Uint8Array) => Uint8Array[]][] = [
+        ["duplicated", (a, b) => [a, a, b]],
+        ["reordered", (a, b) => [b, a]],
+        ["dropped", (_a, b) => [b]],
+      ];
+      for (const [what, rearrange] of cases) {
+        const { sender, senderWire, receiver, receiverWire, tampered } = pair(protection as number);
+        await sender.write(pattern(50, 1));
+        await sender.write(pattern(60, 2));
+        const [a, b] = senderWire.written;
+        receiverWire.deliver(...rearrange(a!, b!));
+        if (what === "duplicated") assert.deepEqual(await readAll(receiver, 50), pattern(50, 1));
+        await assert.rejects(readAll(receiver, 60), ChannelTamperedError, what);
+        assert.equal(tampered.length, 1, what);
+      }
+      // A whole earlier connection's records, replayed into a new one with the same keys,
+      // would pass: the handshake's fresh transcript gives every connection its own keys.
+    },
+  );
 
-  Deno.test(`SecureConn ${name}: a record reflected back to its sender fails`, async () => {
+  Deno.test("SecureConn: a record reflected back to its sender fails " + `(${name})`, async () => {
     const { sender, senderWire } = pair(protection as number);
     await sender.write(pattern(80, 3));
     const reflectWire = new Wire();
@@ -181,47 +194,56 @@ for (const [name, protection] of [["encrypt", PROTECTION_ENCRYPT], ["mac", PROTE
     await assert.rejects(reflected.read(new Uint8Array(100)), ChannelTamperedError);
   });
 
-  Deno.test(`SecureConn ${name}: keys change after the set number of records, on both sides`, async () => {
-    const { sender, senderWire, receiver, receiverWire } = pair(protection as number, {
-      recordsPerKey: 3,
-      bytesPerKey: 1000,
-    });
-    const sent = Array.from({ length: 12 }, (_, i) => pattern(i * 97 + 1, i));
-    for (const data of sent) await sender.write(data);
-    receiverWire.deliver(...senderWire.written);
-    for (const data of sent) assert.deepEqual(await readAll(receiver, data.length), data);
-    // A receiver that did not change keys fails at the first record under the new key.
-    const staleWire = new Wire();
-    const staleReceiver = new SecureConn(staleWire, {
-      protection: protection as number,
-      sendKey: keyB,
-      receiveKey: keyA,
-      peer: "the sender",
-    });
-    staleWire.deliver(...senderWire.written);
-    for (const data of sent.slice(0, 3)) {
-      assert.deepEqual(await readAll(staleReceiver, data.length), data);
-    }
-    await assert.rejects(readAll(staleReceiver, sent[3]!.length), ChannelTamperedError);
-  });
+  Deno.test(
+    "SecureConn: keys change after the set number of records, on both sides " + `(${name})`,
+    async () => {
+      const { sender, senderWire, receiver, receiverWire } = pair(protection as number, {
+        recordsPerKey: 3,
+        bytesPerKey: 1000,
+      });
+      const sent = Array.from({ length: 12 }, (_, i) => pattern(i * 97 + 1, i));
+      for (const data of sent) await sender.write(data);
+      receiverWire.deliver(...senderWire.written);
+      for (const data of sent) assert.deepEqual(await readAll(receiver, data.length), data);
+      // A receiver that did not change keys fails at the first record under the new key.
+      const staleWire = new Wire();
+      const staleReceiver = new SecureConn(staleWire, {
+        protection: protection as number,
+        sendKey: keyB,
+        receiveKey: keyA,
+        peer: "the sender",
+      });
+      staleWire.deliver(...senderWire.written);
+      for (const data of sent.slice(0, 3)) {
+        assert.deepEqual(await readAll(staleReceiver, data.length), data);
+      }
+      await assert.rejects(readAll(staleReceiver, sent[3]!.length), ChannelTamperedError);
+    },
+  );
 
-  Deno.test(`SecureConn ${name}: a record claiming more than the limit fails before it is read`, async () => {
-    const { receiver, receiverWire, tampered } = pair(protection as number);
-    const header = new Uint8Array(4);
-    new DataView(header.buffer).setUint32(0, 0xffffffff, true);
-    receiverWire.deliver(header);
-    await assert.rejects(receiver.read(new Uint8Array(10)), ChannelTamperedError);
-    assert.equal(tampered.length, 1);
-  });
+  Deno.test(
+    "SecureConn: a record claiming more than the limit fails before it is read " + `(${name})`,
+    async () => {
+      const { receiver, receiverWire, tampered } = pair(protection as number);
+      const header = new Uint8Array(4);
+      new DataView(header.buffer).setUint32(0, 0xffffffff, true);
+      receiverWire.deliver(header);
+      await assert.rejects(receiver.read(new Uint8Array(10)), ChannelTamperedError);
+      assert.equal(tampered.length, 1);
+    },
+  );
 
-  Deno.test(`SecureConn ${name}: a connection cut inside a record ends without handing any of it up`, async () => {
-    const { sender, senderWire, receiver, receiverWire, tampered } = pair(protection as number);
-    await sender.write(pattern(500, 4));
-    receiverWire.deliver(senderWire.written[0]!.subarray(0, 200));
-    receiverWire.end();
-    await assert.rejects(receiver.read(new Uint8Array(600)), ChannelTamperedError);
-    assert.equal(tampered.length, 0, "a cut link is not counted as tampering");
-  });
+  Deno.test(
+    "SecureConn: a connection cut inside a record ends without handing any of it up " + `(${name})`,
+    async () => {
+      const { sender, senderWire, receiver, receiverWire, tampered } = pair(protection as number);
+      await sender.write(pattern(500, 4));
+      receiverWire.deliver(senderWire.written[0]!.subarray(0, 200));
+      receiverWire.end();
+      await assert.rejects(receiver.read(new Uint8Array(600)), ChannelTamperedError);
+      assert.equal(tampered.length, 0, "a cut link is not counted as tampering");
+    },
+  );
 }
 
 Deno.test("SecureConn: the encrypted wire shows no plaintext; the MAC wire does", async () => {

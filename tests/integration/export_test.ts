@@ -403,17 +403,31 @@ Deno.test("a client that ignores the in-flight limit is throttled, not refused: 
   });
 });
 
-Deno.test("an export reachable beyond loopback warns that anyone who can reach it can read and write it; on 127.0.0.1 it does not", async () => {
+Deno.test("an export reachable beyond loopback without a key warns that anyone who can reach it can read and write it; on 127.0.0.1 or with --key it does not", async () => {
   const dir = await Deno.makeTempDir({ prefix: "dst-open-" });
   try {
-    for (const [listen, warns] of [["0.0.0.0:0", true], ["127.0.0.1:0", false]] as const) {
-      const server = await startExport([`${dir}/disk.img`, "--create", "1M", "--listen", listen]);
+    const keys = `${dir}/site.keys`;
+    assert.equal((await runDst(["keygen", keys, "--name", "site"])).code, 0);
+    const cases = [["0.0.0.0:0", true, []], ["127.0.0.1:0", false, []], [
+      "0.0.0.0:0",
+      false,
+      ["--key", keys],
+    ]] as const;
+    for (const [listen, warns, extra] of cases) {
+      const server = await startExport([
+        `${dir}/disk.img`,
+        "--create",
+        "1M",
+        "--listen",
+        listen,
+        ...extra,
+      ]);
       try {
         await stopClean(server, `export on ${listen}`);
-        const said = /can be reached beyond this machine, and DST has no keys yet/.test(
+        const said = /can be reached beyond this machine without a key: anyone/.test(
           server.log(),
         );
-        assert.equal(said, warns, `${listen}:\n${server.log()}`);
+        assert.equal(said, warns, `${listen} ${extra.join(" ")}:\n${server.log()}`);
       } finally {
         await server.stop("SIGKILL");
       }
