@@ -260,6 +260,7 @@ function rig(protocol: Protocol): Rig {
       grant: null,
       ended() {},
       control: null,
+      access: "rw",
     })
     : new NbdConnection(conn, "peer", {
       device,
