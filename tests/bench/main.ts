@@ -4,7 +4,8 @@
  * writes and reads, IOPS of 4 KiB random reads and writes with 32 in flight, and the
  * bytes the client's JS heap grew per operation (after a full GC, so it is what
  * stays, not what the collector will take back). Each figure is the median of 3 runs.
- * Then a run through a link cut for a second (outage_bench.ts), the NBD comparison
+ * Then a run through a link cut for a second (outage_bench.ts), keyed channels against
+ * plain ones and the export's memory under 64 keyed clients (keys_bench.ts), the NBD comparison
  * (nbd_peers.ts), the mirror's ratios (array_bench.ts) and the simulation's speed
  * (sim_bench.ts). Where one server is measured against another (DST against nbdkit, a
  * mirror against its baseline), each run alternates which goes first (alternate.ts).
@@ -14,8 +15,8 @@
  *
  * Run with: deno task bench  (the task passes --v8-flags=--expose-gc)
  *
- * One section alone: deno task bench --only NAME, NAME one of client, outage, peers,
- * array, sim. Its results file says so in its command line.
+ * One section alone: deno task bench --only NAME, NAME one of client, outage, keys,
+ * peers, array, sim. Its results file says so in its command line.
  */
 
 import { RemoteDevice } from "../../src/client/remote_device.ts";
@@ -26,6 +27,8 @@ import { benchNbdPeers, printNbdPeers } from "./nbd_peers.ts";
 import { benchOutage, printOutageBench } from "./outage_bench.ts";
 import { benchSim, printSimBench } from "./sim_bench.ts";
 import { captureConsole, RESULTS_DIR, runFacts, writeResults } from "./results.ts";
+import { pipeline } from "./pipeline.ts";
+import { benchKeys, printKeysBench } from "./keys_bench.ts";
 
 const MiB = 1024 * 1024;
 const IMAGE_BYTES = 1024 * MiB;
@@ -45,21 +48,6 @@ const gc = (globalThis as { gc?: () => void }).gc;
 function heapUsed(): number {
   gc?.();
   return Deno.memoryUsage().heapUsed;
-}
-
-/** Keeps `depth` operations in flight until `next` returns null; returns ops done. */
-async function pipeline(depth: number, next: () => Promise<void> | null): Promise<number> {
-  let ops = 0;
-  const worker = async () => {
-    for (;;) {
-      const op = next();
-      if (op === null) return;
-      await op;
-      ops += 1;
-    }
-  };
-  await Promise.all(Array.from({ length: depth }, worker));
-  return ops;
 }
 
 async function measure(run: () => Promise<number>, unitsPerOp: number): Promise<Measurement> {
@@ -161,6 +149,7 @@ async function benchClient(): Promise<void> {
 const SECTIONS: Array<[string, () => Promise<void>]> = [
   ["client", benchClient],
   ["outage", async () => printOutageBench(await benchOutage())],
+  ["keys", async () => printKeysBench(await benchKeys())],
   ["peers", async () => printNbdPeers(await benchNbdPeers())],
   ["array", async () => printArrayBench(await benchArray())],
   ["sim", async () => printSimBench(await benchSim())],

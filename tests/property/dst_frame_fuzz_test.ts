@@ -408,16 +408,23 @@ function expect(stream: Uint8Array): Expectation {
   const versionMin = view.getUint16(4, true);
   const versionMax = view.getUint16(6, true);
   if (versionMin > versionMax) return stopAt(48);
-  if (versionMin > 1 || versionMax < 1) e.helloStatus = VERSION_UNSUPPORTED;
-  else if ((view.getUint16(12, true) & 1) === 0) e.helloStatus = AUTH_UNSUPPORTED;
+  // A hello that offers a key (AUTH_PSK, version 2) is followed by a 104-byte key share,
+  // read before anything is answered; an export without keys then refuses a client
+  // that offers only the key.
+  const authMethods = view.getUint16(12, true);
+  const helloEnd = (authMethods & 2) !== 0 && versionMax >= 2 ? 48 + 104 : 48;
+  if (stream.length < helloEnd) return e;
+  if (helloEnd > 48 && (authMethods & 1) === 0) e.helloStatus = AUTH_UNSUPPORTED;
+  else if (versionMin > 1 || versionMax < 1) e.helloStatus = VERSION_UNSUPPORTED;
+  else if ((authMethods & 1) === 0) e.helloStatus = AUTH_UNSUPPORTED;
   else if ((view.getUint16(14, true) & 1) === 0) e.helloStatus = PROTECTION_UNSUPPORTED;
   else e.helloStatus = STATUS_OK;
   if (e.helloStatus !== STATUS_OK) {
     e.hello = "refused";
-    return stopAt(48);
+    return stopAt(helloEnd);
   }
   e.hello = "ok";
-  let at = 48;
+  let at = helloEnd;
   while (stream.length - at >= 32) {
     const magic = view.getUint32(at, true);
     const payloadLength = view.getUint32(at + 28, true);
