@@ -160,13 +160,21 @@ export function printNbdPeers(pairings: PeerPairing[]): void {
 
 if (import.meta.main) printNbdPeers(await benchNbdPeers());
 
-async function nbdcopy(from: string, to: string): Promise<number> {
+/** MiB/s of one nbdcopy of `bytes` (the image's size) from `from` to `to`. */
+export async function nbdcopy(from: string, to: string, bytes = IMAGE_BYTES): Promise<number> {
   const started = performance.now();
   await toolOk("nbdcopy", [from, to]);
-  return IMAGE_BYTES / MiB / ((performance.now() - started) / 1000);
+  return bytes / MiB / ((performance.now() - started) / 1000);
 }
 
-async function fio(uri: string, rw: string, depth: number): Promise<number> {
+/** IOPS of fio's nbd engine, 4 KiB blocks, `rw` at `depth` in flight, over `bytes` of the export. */
+export async function fio(
+  uri: string,
+  rw: string,
+  depth: number,
+  seconds = FIO_SECONDS,
+  bytes = IMAGE_BYTES,
+): Promise<number> {
   const out = await toolOk("fio", [
     "--name=bench",
     "--ioengine=nbd",
@@ -174,9 +182,9 @@ async function fio(uri: string, rw: string, depth: number): Promise<number> {
     `--rw=${rw}`,
     "--bs=4k",
     `--iodepth=${depth}`,
-    `--runtime=${FIO_SECONDS}`,
+    `--runtime=${seconds}`,
     "--time_based",
-    `--size=${IMAGE_BYTES}`,
+    `--size=${bytes}`,
     "--output-format=json",
   ]);
   const job = JSON.parse(out.slice(out.indexOf("{"))).jobs[0];
