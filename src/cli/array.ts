@@ -29,7 +29,13 @@ import {
   parseCommand,
   stringOption,
 } from "./args.ts";
-import { accessPolicy, CLIENT_KEY_OPTIONS, clientKey, serveKeys } from "./key_options.ts";
+import {
+  accessPolicy,
+  CLIENT_KEY_OPTIONS,
+  clientKey,
+  memoryOption,
+  serveKeys,
+} from "./key_options.ts";
 import { serveUntilSignal } from "./serve.ts";
 
 export const ARRAY_HELP =
@@ -62,6 +68,7 @@ ${CLIENT_OPTIONS_HELP}
                   one of FILE's keys from its own clients
   --protect MODE  with --key and --export: encrypt (default) or mac, as \`dst export\`
   --allow RULE    who may use the array's export, as \`dst export\` (repeatable)
+  --memory SIZE   payload memory the array's DST clients share, as \`dst export\`
 
   detach ARRAY-ADDR LEG   take LEG out of the running mirror at ARRAY-ADDR: it keeps the
                           data as of now (a snapshot); what it misses is tracked. A leg
@@ -94,6 +101,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
     region: { type: "string" },
     protect: { type: "string" },
     allow: { type: "string", multiple: true },
+    memory: { type: "string" },
     ...CLIENT_OPTIONS,
   });
   if (parsed.values.help) {
@@ -125,6 +133,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
   const client = await clientOptions(parsed, "array");
   const keys = await serveKeys(parsed, "array");
   const policy = accessPolicy(parsed);
+  const memoryBytes = memoryOption(parsed, "array");
   const log = logger("array");
 
   if (kind === "linear") {
@@ -144,6 +153,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
         sharedWriters: false,
         keys,
         policy,
+        memoryBytes,
         owner: {
           status: () => device.status(),
           control: () =>
@@ -186,6 +196,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
       sharedWriters: false,
       keys,
       policy,
+      memoryBytes,
       owner: {
         status: () => mirror.status(),
         control: (request) => mirrorControl(mirror, request),

@@ -14,11 +14,17 @@ import { formatBytes, parseCount, parseSize } from "../lib/units.ts";
 import { defaultExportStateDir, PersistedGeneration } from "../server/write_generation.ts";
 import { parseCommand, stringOption } from "./args.ts";
 import { serveUntilSignal } from "./serve.ts";
-import { accessPolicy, SERVE_KEY_HELP, SERVE_KEY_OPTIONS, serveKeys } from "./key_options.ts";
+import {
+  accessPolicy,
+  memoryOption,
+  SERVE_KEY_HELP,
+  SERVE_KEY_OPTIONS,
+  serveKeys,
+} from "./key_options.ts";
 
 export const EXPORT_HELP =
   `Usage: dst export PATH [--listen [HOST]:PORT] [--read-only] [--create SIZE] [--nbd [HOST]:PORT] [--nbd-threads N] [--state DIR]
-                   [--shared-writers] [--key FILE [--protect encrypt|mac]] [--allow RULE]...
+                   [--shared-writers] [--memory SIZE] [--key FILE [--protect encrypt|mac]] [--allow RULE]...
 
 Serves PATH (an image file or a block device) to DST clients.
 
@@ -85,6 +91,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
 
   const keys = await serveKeys(parsed, "export");
   const policy = accessPolicy(parsed);
+  const memoryBytes = memoryOption(parsed, "export");
   const log = logger("export");
   const device = await FileDevice.open(path, { readOnly, createBytes });
   try {
@@ -101,6 +108,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
       sharedWriters: parsed.values["shared-writers"] === true,
       keys,
       policy,
+      memoryBytes,
       label: path,
       details:
         `${formatBytes(info.sizeBytes)}, ${info.sizeBytes} bytes, block ${info.blockSize}, ` +

@@ -5,6 +5,8 @@
  */
 
 import { UsageError } from "../lib/errors.ts";
+import { formatBytes, parseSize } from "../lib/units.ts";
+import { MEMORY_BUDGET_BYTES_DEFAULT, MEMORY_BUDGET_BYTES_MIN } from "../constants.ts";
 import { type Key, keyByName, loadKeyFile } from "../lib/key_file.ts";
 import { PROTECTION_ENCRYPT, PROTECTION_MAC } from "../protocol/mod.ts";
 import type { OptionSpec, Parsed } from "./args.ts";
@@ -25,13 +27,16 @@ export const CLIENT_KEY_HELP =
 
 /** Options of the commands that serve (export, array). */
 export const SERVE_KEY_OPTIONS: OptionSpec = {
+  memory: { type: "string" },
   key: { type: "string" },
   protect: { type: "string" },
   allow: { type: "string", multiple: true },
 };
 
 export const SERVE_KEY_HELP =
-  `  --key FILE      require every client to prove one of the keys in FILE (made with
+  `  --memory SIZE   memory for request payloads that all DST clients share (default
+                  ${formatBytes(MEMORY_BUDGET_BYTES_DEFAULT)}); past it, clients wait
+  --key FILE      require every client to prove one of the keys in FILE (made with
                   \`dst keygen\`); SIGHUP rereads FILE, closing connections whose key was
                   removed. Without --key, anyone who reaches the port may read and write
   --protect MODE  with --key: encrypt (AES-256-GCM, the default) or mac (HMAC-SHA-256:
@@ -42,6 +47,20 @@ export const SERVE_KEY_HELP =
                   reads only; admin: also \`dst array detach/attach\`). With any --allow,
                   everyone else is refused before the handshake costs anything. Without
                   it: rw for all, admin from this machine only`;
+
+/** --memory SIZE: the payload memory an export's DST clients share. */
+export function memoryOption(parsed: Parsed, command: string): number {
+  const text = stringValue(parsed, "memory");
+  if (text === undefined) return MEMORY_BUDGET_BYTES_DEFAULT;
+  const bytes = parseSize(text, "--memory");
+  if (bytes < MEMORY_BUDGET_BYTES_MIN) {
+    throw new UsageError(
+      `dst ${command}: --memory ${text} is below ${formatBytes(MEMORY_BUDGET_BYTES_MIN)}, ` +
+        "the largest request",
+    );
+  }
+  return bytes;
+}
 
 /** The --allow rules given (repeatable), as a policy; none: rw for all, admin from loopback. */
 export function accessPolicy(parsed: Parsed): AccessPolicy {

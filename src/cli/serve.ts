@@ -46,6 +46,8 @@ export interface ServeOptions {
   keys?: ServeKeys;
   /** --allow: who may connect and do what (default: rw for all, admin from loopback). */
   policy?: AccessPolicy;
+  /** --memory: payload memory shared by the DST clients. */
+  memoryBytes?: number;
 }
 
 /** Serves `device` until SIGINT/SIGTERM, then finishes what is in flight. Closes nothing. */
@@ -64,6 +66,7 @@ export async function serveUntilSignal(device: BlockDevice, options: ServeOption
         lease,
         owner: options.owner,
         policy: options.policy,
+        memoryBytes: options.memoryBytes,
         stats: threads === null ? undefined : () => threads.stats(),
         ...(options.keys === undefined ? {} : {
           keys: { keys: () => options.keys!.ring.keys, protection: options.keys.protection },

@@ -40,6 +40,7 @@ import { CLOSE, RequestLoop } from "../transport/request_loop.ts";
 import { FirstWriteGate } from "./first_write_gate.ts";
 import type { WriteGrant } from "./writer_lease.ts";
 import type { Access } from "../lib/allow_rules.ts";
+import type { MemoryBudget } from "../transport/memory_budget.ts";
 
 /** What a connection needs from its export. */
 export interface ExportContext {
@@ -67,6 +68,8 @@ export interface ExportContext {
   readonly control: ((request: unknown) => Promise<unknown>) | null;
   /** This client's access (--allow): `ro` may not write, only `admin` may send CONTROL. */
   readonly access: Access;
+  /** The export's payload memory, shared by its connections (--memory). */
+  readonly budget?: MemoryBudget;
 }
 
 export class ExportConnection extends RequestLoop {
@@ -82,6 +85,7 @@ export class ExportConnection extends RequestLoop {
       frameBytesMax: RequestLayout.SIZE + PAYLOAD_BYTES_MAX,
       headerBytes: RequestLayout.SIZE,
       idleMs: ctx.idleMs ?? CONNECTION_IDLE_MS,
+      budget: ctx.budget ?? null,
     }, ctx.clock);
     this.#writes = new FirstWriteGate(ctx.acquire, ctx.grant);
   }
@@ -265,8 +269,11 @@ export class ExportConnection extends RequestLoop {
   #replyRead(h: RequestHeader, buffer: Uint8Array): void {
     this.#encodeReply(h, WireError.OK, h.length);
     buffer.set(this.#replyHeader);
-    this.sender.sendFrame(buffer, () => this.ctx.pool.give(buffer));
-    this.end(payloadBytes(h));
+    this.sender.sendFrame(buffer, () => {
+      this.ctx.pool.give(buffer);
+      this.releaseMemory(h.length);
+    });
+    this.end(payloadBytes(h), true);
   }
 
   #encodeReply(h: RequestHeader, error: number, payloadLength: number): void {

@@ -20,6 +20,7 @@ import {
   HANDSHAKE_TIMEOUT_MS,
   LEASE_IDLE_CHECK_MS,
   LEASE_IDLE_MS,
+  MEMORY_BUDGET_BYTES_DEFAULT,
   POOL_RETAINED_BYTES_MAX,
 } from "../constants.ts";
 import type { BlockDevice, DeviceStats } from "../device/block_device.ts";
@@ -45,6 +46,7 @@ import {
   remoteAddress,
 } from "../transport/accept_loop.ts";
 import { listenTcp } from "../transport/listen.ts";
+import { MemoryBudget } from "../transport/memory_budget.ts";
 import { ExportConnection } from "./export_connection.ts";
 import { acceptHandshake, type Admission, type ExportKeys, refuse } from "./handshake.ts";
 import { MemoryGeneration } from "./write_generation.ts";
@@ -79,6 +81,8 @@ export interface ExportStatus {
   tampered: number;
   /** "encrypt", "mac", or "none" (no key: anyone who reaches the port is served). */
   protection: string;
+  /** The payload memory budget (--memory), what of it is spent now, and the most ever spent. */
+  memory: { limitBytes: number; usedBytes: number; peakBytes: number };
   writeGeneration: number;
   /** The export state's epoch (32 hex digits): generations count within one epoch. */
   writeEpoch: string;
@@ -105,6 +109,8 @@ export interface ExporterOptions {
   owner?: ExportOwner;
   /** Who may do what (--allow); default: rw for all, admin from loopback. */
   policy?: AccessPolicy;
+  /** Payload memory shared by all clients (--memory; default MEMORY_BUDGET_BYTES_DEFAULT). */
+  memoryBytes?: number;
   /** Keys and protection (protocol version 2); absent: version 1, no keys. */
   keys?: ExportKeySettings;
   /** How long a silent lease holder keeps the lease (default LEASE_IDLE_MS; shorter in tests). */
@@ -151,6 +157,7 @@ export class Exporter {
   #tamperLoggedMs = -Infinity;
   readonly #keys: ExportKeys | null;
   readonly #policy: AccessPolicy;
+  readonly #budget: MemoryBudget;
   #deniedLoggedMs = -Infinity;
   #deniedUnlogged = 0;
   /** The key each keyed connection proved, for closing them when it is removed. */
@@ -176,6 +183,7 @@ export class Exporter {
     );
     this.#leaseIdleMs = options.leaseIdleMs ?? LEASE_IDLE_MS;
     this.#policy = options.policy ?? new AccessPolicy([]);
+    this.#budget = new MemoryBudget(options.memoryBytes ?? MEMORY_BUDGET_BYTES_DEFAULT);
     const keySettings = options.keys;
     this.#keys = keySettings === undefined ? null : {
       keys: () => keySettings.keys(),
@@ -236,6 +244,11 @@ export class Exporter {
       errors: stats.errors + this.#protocolErrors,
       tampered: this.#tampered,
       protection: this.#keys === null ? "none" : protectionWord(this.#keys.protection),
+      memory: {
+        limitBytes: this.#budget.limitBytes,
+        usedBytes: this.#budget.usedBytes,
+        peakBytes: this.#budget.peakBytes,
+      },
       writeGeneration: this.#lease.generation.current,
       writeEpoch: this.#lease.generation.epoch,
       writeLease: this.#lease.holder,
@@ -319,6 +332,7 @@ export class Exporter {
         // A client that writes without having said so asks for the lease then.
         acquire: readOnly || access === "ro" ? null : () => this.#lease.acquire({ key, peer }),
         access,
+        budget: this.#budget,
         grant,
         ended: (ended) => {
           this.#forget(key, ended);

@@ -45,10 +45,13 @@ import type { Logger } from "../lib/log.ts";
 import { type ByteConn, closeQuietly } from "./byte_conn.ts";
 import { FrameSender } from "./frame_sender.ts";
 import { ReceiveBuffer, type Slab } from "./receive_buffer.ts";
+import type { MemoryBudget } from "./memory_budget.ts";
 
 export interface RequestLoopLimits {
   inFlightMax: number;
   inFlightBytesMax: number;
+  /** The export's payload memory, shared with its other connections (--memory); null: none. */
+  budget?: MemoryBudget | null;
   sendQueueBytesMax: number;
   /** The largest frame a client may send (header and payload). */
   frameBytesMax: number;
@@ -215,19 +218,33 @@ export abstract class RequestLoop {
 
   protected saturated(): boolean {
     return this.#inFlight >= this.limits.inFlightMax ||
-      (this.#inFlight > 0 && this.#inFlightBytes >= this.limits.inFlightBytesMax);
+      (this.#inFlight > 0 && this.#inFlightBytes >= this.limits.inFlightBytesMax) ||
+      (this.limits.budget?.spent ?? false);
   }
 
-  /** A request was dispatched; `payloadBytes` counts towards the byte limit until end(). */
+  /**
+   * A request was dispatched; `payloadBytes` counts towards the byte limit until end(),
+   * and is charged to the export's memory budget until end() or releaseMemory().
+   */
   protected begin(payloadBytes: number): void {
     this.#inFlight += 1;
     this.#inFlightBytes += payloadBytes;
+    this.limits.budget?.charge(payloadBytes);
   }
 
-  /** Its reply was queued. */
-  protected end(payloadBytes: number): void {
+  /** Gives back budget that end() was told the reply still holds (once it is sent). */
+  protected releaseMemory(payloadBytes: number): void {
+    this.limits.budget?.release(payloadBytes);
+  }
+
+  /**
+   * Its reply was queued. `holdsMemory`: the reply carries the payload, which stays
+   * charged to the budget until releaseMemory() (when it has been sent).
+   */
+  protected end(payloadBytes: number, holdsMemory = false): void {
     this.#inFlight -= 1;
     this.#inFlightBytes -= payloadBytes;
+    if (!holdsMemory) this.limits.budget?.release(payloadBytes);
     assert(this.#inFlight >= 0 && this.#inFlightBytes >= 0, "end() follows begin()");
     if (this.#idleWaiters.length > 0) this.#wake(); // each waiter re-checks its own condition
   }
@@ -352,7 +369,11 @@ export abstract class RequestLoop {
   }
 
   async #backpressure(): Promise<void> {
-    while (this.saturated() && !this.sender.broken) await this.#nextEnd();
+    while (this.saturated() && !this.sender.broken) {
+      const budget = this.limits.budget;
+      // The budget frees when any connection's request ends, not only this one's.
+      await (budget ? Promise.race([this.#nextEnd(), budget.whenReleased()]) : this.#nextEnd());
+    }
     await this.sender.whenWritable();
   }
 
