@@ -82,6 +82,7 @@ export class MemoryMirrorStore implements MirrorStore {
     return Promise.resolve({
       name: file.name,
       statSize: () => file.statSize(),
+      punchHole: () => Promise.resolve(false),
       readAt: (into, offset) => file.readAt(into, offset),
       writeAt: (data, offset) => {
         if (!this.#dead) file.writeAt(data, offset);

@@ -133,8 +133,12 @@ export class FileDevice implements BlockDevice {
     return this.#sync();
   }
 
+  /**
+   * Frees the range where the file can (a hole: it reads as zeroes and a sparse image
+   * gets its space back); elsewhere writes zeroes over it, as write-zeroes does.
+   */
   discard(offset: number, length: number, flags?: IoFlags): Promise<void> {
-    return this.#zeroRange("discard", "discards", offset, length, flags);
+    return this.#zeroRange("discard", "discards", offset, length, flags, true);
   }
 
   writeZeroes(offset: number, length: number, flags?: IoFlags): Promise<void> {
@@ -164,13 +168,15 @@ export class FileDevice implements BlockDevice {
     offset: number,
     length: number,
     flags?: IoFlags,
+    punch = false,
   ): Promise<void> {
     if (flags?.preflush) await this.#sync();
     try {
       checkWritable(this.info, what);
       checkRange(this.info, what, offset, length);
+      const punched = punch && length > 0 && await this.file.punchHole(offset, length);
       this.#zeroes ??= new Uint8Array(ZERO_CHUNK_BYTES);
-      for (let done = 0; done < length; done += ZERO_CHUNK_BYTES) {
+      for (let done = 0; !punched && done < length; done += ZERO_CHUNK_BYTES) {
         if (done > 0 && done % ZERO_YIELD_BYTES === 0) await nextTurn();
         this.file.writeAt(
           this.#zeroes.subarray(0, Math.min(ZERO_CHUNK_BYTES, length - done)),

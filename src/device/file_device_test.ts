@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { DeviceError } from "../lib/errors.ts";
 import { emptyStats } from "./block_device.ts";
 import { FileDevice } from "./file_device.ts";
+import { holePunchingAvailable } from "./hole_punch.ts";
 import { VolatileDevice } from "./volatile_device.ts";
 import { PageCacheFile } from "./page_cache_file.ts";
 import { manyTurns } from "../../tests/helpers/turns.ts";
@@ -478,4 +479,28 @@ Deno.test("FileDevice: a large discard or write-zeroes lets other work run while
     await zero();
     assert.ok(otherWorkRan, "a timer due meanwhile ran before the zeroing finished");
   }
+});
+
+Deno.test({
+  name: "FileDevice: a discard frees the space of a sparse image (a hole) and reads back as zeroes",
+  ignore: !holePunchingAvailable(),
+  fn: () =>
+    withTempFile(0, async (path) => {
+      await withDevice(path, { createBytes: 16 * MiB }, async (device) => {
+        await device.write(0, new Uint8Array(16 * MiB).fill(0x5a));
+        await device.flush();
+        const full = (await Deno.stat(path)).blocks!;
+        await device.discard(MiB + 512, 8 * MiB, { fua: true }); // unaligned ends are zeroed too
+        const after = (await Deno.stat(path)).blocks!;
+        assert.ok(after * 512 <= full * 512 - 7 * MiB, `${full} blocks, then ${after}`);
+        const back = await readBack(device, 0, 16 * MiB);
+        assert.ok(back.subarray(0, MiB + 512).every((byte) => byte === 0x5a), "before the range");
+        assert.ok(back.subarray(MiB + 512, 9 * MiB + 512).every((byte) => byte === 0), "the range");
+        assert.ok(back.subarray(9 * MiB + 512).every((byte) => byte === 0x5a), "after the range");
+        assert.equal(device.stats().discards, 1);
+        // Write-zeroes keeps the space allocated (NBD's NO_HOLE promise holds either way).
+        await device.writeZeroes(0, MiB);
+        assert.equal((await Deno.stat(path)).blocks, after);
+      });
+    }),
 });

@@ -9,6 +9,7 @@
  */
 
 import * as fs from "node:fs";
+import { HolePuncher } from "./hole_punch.ts";
 
 export interface ImageFile {
   /** Named in messages. */
@@ -24,6 +25,11 @@ export interface ImageFile {
    * FileDevice finds a device's size by seeking to its end instead.
    */
   statSize(): number;
+  /**
+   * Frees [offset, offset + length): it reads as zeroes after, and a sparse file gets
+   * the space back. False when this file cannot (the caller writes zeroes instead).
+   */
+  punchHole(offset: number, length: number): Promise<boolean>;
   close(): void;
 }
 
@@ -36,6 +42,7 @@ export type OpenMode = "r" | "r+" | "wx+";
 /** Opens a real file with node:fs; throws what the open throws (ENOENT, EACCES...). */
 export function openImageFile(path: string, mode: OpenMode): ImageFile {
   const fd = fs.openSync(path, mode, 0o600);
+  const holes = mode === "r" ? null : new HolePuncher(path);
   return {
     name: path,
     readAt(into, offset) {
@@ -59,6 +66,10 @@ export function openImageFile(path: string, mode: OpenMode): ImageFile {
         fs.fdatasync(fd, (error) => error ? reject(error) : resolve())
       ),
     statSize: () => fs.fstatSync(fd).size,
-    close: () => fs.closeSync(fd),
+    punchHole: (offset, length) => holes?.punch(offset, length) ?? Promise.resolve(false),
+    close: () => {
+      holes?.close();
+      fs.closeSync(fd);
+    },
   };
 }

@@ -87,6 +87,11 @@ export class PageCacheFile implements ImageFile {
     return this.cache.length;
   }
 
+  /** No holes in memory: the caller writes zeroes, which a power loss may lose like any write. */
+  punchHole(): Promise<boolean> {
+    return Promise.resolve(false);
+  }
+
   close(): void {
     this.#checkOpen();
     this.journal?.push("close");
