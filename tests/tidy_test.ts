@@ -5,6 +5,7 @@
  */
 
 import assert from "node:assert/strict";
+import { DENO_PERMISSIONS } from "../src/cli/self.ts";
 
 const ROOT = new URL("../", import.meta.url).pathname;
 
@@ -33,4 +34,19 @@ Deno.test("tidy: no default exports, console only in the CLI layer, no FIXME, a 
     if (!isTest && !/^(#!.*\n)?\/\*\*/.test(text)) problems.push(`${name}: no opening comment`);
   }
   assert.deepEqual(problems, []);
+});
+
+Deno.test("deno.json's tasks run dst with the same narrow permissions as the bundle and its children", async () => {
+  const config = JSON.parse(await Deno.readTextFile(new URL("../deno.json", import.meta.url)));
+  for (const task of ["dst", "demo", "compile"]) {
+    const words: string[] = config.tasks[task].split(/\s+/);
+    const flags = words.filter((word) => word.startsWith("--allow") || word === "-A");
+    assert.deepEqual(flags, DENO_PERMISSIONS, `task ${task}`);
+  }
+  const bundle = await Deno.readTextFile(new URL("../dist/dst.js", import.meta.url)).catch(() =>
+    null
+  );
+  if (bundle !== null) {
+    assert.ok(bundle.startsWith(`#!/usr/bin/env -S deno run ${DENO_PERMISSIONS.join(" ")} `));
+  }
 });

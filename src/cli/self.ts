@@ -1,11 +1,30 @@
 /**
- * How to start this same program again as a child process: `deno run -A
- * --unstable-net <main module>` when running as a script or bundle, or the binary
- * alone when compiled. --unstable-net lets NBD threads share a port (nbd_threads.ts).
+ * How to start this same program again as a child process: `deno run
+ * <permissions> --unstable-net <main module>` when running as a script or bundle, or
+ * the binary alone when compiled. --unstable-net lets NBD threads share a port
+ * (nbd_threads.ts).
  */
 
-/** What `deno run` needs for this program: all permissions, and ports shared between threads. */
-export const DENO_RUN_ARGS = ["run", "-A", "--unstable-net"];
+/**
+ * The permissions `dst` needs, and no more than the Deno flags can say: files (images,
+ * state, key files, sockets: wherever the user points), the network, environment
+ * variables (DST_LOG, HOME, XDG_*, PATH), running programs (`demo` runs itself, `attach
+ * --device` runs nbd-client), the host name and user id (keygen's default name, key and
+ * state ownership checks), and FFI (hole punching, hole_punch.ts). Not -A: nothing is
+ * imported at run time, and no other system information is read.
+ */
+export const DENO_PERMISSIONS = [
+  "--allow-read",
+  "--allow-write",
+  "--allow-net",
+  "--allow-env",
+  "--allow-run",
+  "--allow-sys=hostname,uid,gid",
+  "--allow-ffi",
+];
+
+/** What `deno run` needs for this program: its permissions, and ports shared between threads. */
+export const DENO_RUN_ARGS = ["run", ...DENO_PERMISSIONS, "--unstable-net"];
 
 export function selfCommand(): { command: string; args: string[] } {
   const compiled = Deno.mainModule.includes("/deno-compile-");
