@@ -1,4 +1,4 @@
-#!/usr/bin/env -S deno run -A --unstable-net
+#!/usr/bin/env -S deno run --allow-read --allow-write --allow-net --allow-env --allow-run --allow-sys=hostname,uid,gid --allow-ffi --unstable-net
 /**
  * dst: distributed block storage. This file wires the real world (arguments,
  * stdout, exit codes) to the subcommands; all logic lives under src/.
@@ -15,6 +15,7 @@ import { keygenCommand } from "./src/cli/keygen.ts";
 import { statusCommand } from "./src/cli/status.ts";
 import { AssertionError } from "./src/lib/assert.ts";
 import { DstError, UsageError } from "./src/lib/errors.ts";
+import { flushLog } from "./src/lib/log.ts";
 import { isNbdThread, serveNbdThread } from "./src/server/nbd_threads.ts";
 
 export const VERSION = "0.1.0";
@@ -37,7 +38,7 @@ Commands:
   attach ADDR      serve a remote export as a local NBD disk
   array KIND ...   join exports and paths into a linear or mirror array, and serve it
   status ADDR...   show what exports are doing
-  keygen FILE      add a new random key to a key file (for the keyed protocol, not built yet)
+  keygen FILE      add a new random key to a key file (for --key)
   demo             run the whole job on temporary images and check every byte
 
 Run \`dst COMMAND --help\` for a command's options.`;
@@ -78,5 +79,6 @@ if (isNbdThread()) {
       code = 1;
     }
   }
+  await flushLog(); // the last log lines, queued while the process was busy
   Deno.exit(code);
 }
