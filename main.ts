@@ -1,4 +1,4 @@
-#!/usr/bin/env -S deno run --allow-read --allow-write --allow-net --allow-env --allow-run --allow-sys=hostname,uid,gid --allow-ffi --unstable-net
+#!/usr/bin/env -S deno run -A --unstable-net
 /**
  * dst: distributed block storage. This file wires the real world (arguments,
  * stdout, exit codes) to the subcommands; all logic lives under src/.

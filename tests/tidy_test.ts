@@ -36,7 +36,7 @@ Deno.test("tidy: no default exports, console only in the CLI layer, no FIXME, a 
   assert.deepEqual(problems, []);
 });
 
-Deno.test("deno.json's tasks run dst with the same narrow permissions as the bundle and its children", async () => {
+Deno.test("deno.json's tasks run dst with the same permissions as the bundle and its children", async () => {
   const config = JSON.parse(await Deno.readTextFile(new URL("../deno.json", import.meta.url)));
   for (const task of ["dst", "demo", "compile"]) {
     const words: string[] = config.tasks[task].split(/\s+/);

@@ -6,22 +6,16 @@
  */
 
 /**
- * The permissions `dst` needs, and no more than the Deno flags can say: files (images,
- * state, key files, sockets: wherever the user points), the network, environment
- * variables (DST_LOG, HOME, XDG_*, PATH), running programs (`demo` runs itself, `attach
- * --device` runs nbd-client), the host name and user id (keygen's default name, key and
- * state ownership checks), and FFI (hole punching, hole_punch.ts). Not -A: nothing is
- * imported at run time, and no other system information is read.
+ * The permissions `dst` runs with: all of them (-A), because nothing narrower works.
+ * What it needs is files wherever the user points (images, state, key files, sockets),
+ * the network, environment variables, running programs (`demo` runs itself, `attach
+ * --device` runs nbd-client), the host name and user id, and FFI (hole punching). Of
+ * those flags, FFI and running programs already amount to everything; and Deno 2.9
+ * refuses any path under /dev, a block device like /dev/sdc or an image in /dev/shm,
+ * without --allow-all ("Requires all access"), whatever --allow-read/--allow-write say.
+ * Tried, and found by the test suite's images in /dev/shm.
  */
-export const DENO_PERMISSIONS = [
-  "--allow-read",
-  "--allow-write",
-  "--allow-net",
-  "--allow-env",
-  "--allow-run",
-  "--allow-sys=hostname,uid,gid",
-  "--allow-ffi",
-];
+export const DENO_PERMISSIONS = ["-A"];
 
 /** What `deno run` needs for this program: its permissions, and ports shared between threads. */
 export const DENO_RUN_ARGS = ["run", ...DENO_PERMISSIONS, "--unstable-net"];

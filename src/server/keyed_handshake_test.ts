@@ -12,7 +12,14 @@ import { RemoteDevice } from "../client/remote_device.ts";
 import { MemoryDevice } from "../device/memory_device.ts";
 import { Key, keyFingerprint } from "../lib/key_file.ts";
 import { silentLogger as quiet } from "../lib/log.ts";
-import { PROTECTION_ENCRYPT, PROTECTION_MAC, PROTOCOL_VERSION_KEYED } from "../protocol/mod.ts";
+import {
+  encodeRefusalReason,
+  encodeServerHello,
+  HelloStatus,
+  PROTECTION_ENCRYPT,
+  PROTECTION_MAC,
+  PROTOCOL_VERSION_KEYED,
+} from "../protocol/mod.ts";
 import { closeQuietly, readExact, writeAll } from "../transport/byte_conn.ts";
 import { Exporter } from "./exporter.ts";
 
@@ -209,5 +216,44 @@ Deno.test("keyed export: a recorded handshake replayed later is not admitted", a
     assert.equal(got, 88, "it got only a fresh key share, whose proof it cannot answer");
   } finally {
     await exporter.shutdown();
+  }
+});
+
+Deno.test("keyed client: a plain WRITE_LEASE_HELD (or any status a keyed export only sends after the proofs) from someone without the key is not believed", async () => {
+  for (const status of [HelloStatus.WRITE_LEASE_HELD, HelloStatus.BUSY]) {
+    const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const served = (async () => {
+      const conn = await listener.accept();
+      await readExact(conn, new Uint8Array(48 + 104));
+      const hello = encodeServerHello({
+        version: 1,
+        status,
+        features: 0,
+        authMethod: 1,
+        protection: 1,
+        sizeBytes: 0,
+        blockSize: 0,
+        exportFlags: 0,
+        payloadBytesMax: 0,
+        inFlightMax: 0,
+        exportId: new Uint8Array(16),
+        nonce: new Uint8Array(16),
+        writeGeneration: 0,
+        writeEpoch: new Uint8Array(16),
+        exportInstance: new Uint8Array(16),
+      });
+      await writeAll(conn, hello);
+      await writeAll(conn, encodeRefusalReason("forged by someone on the path"));
+      closeQuietly(conn);
+    })();
+    try {
+      await assert.rejects(
+        dialExport(listener.addr as Deno.NetAddr, { key: await makeKey("site"), writer: true }),
+        (e) => e instanceof AuthenticationFailed && /without proving key "site"/.test(e.message),
+      );
+    } finally {
+      await served;
+      listener.close();
+    }
   }
 });
