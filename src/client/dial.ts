@@ -138,19 +138,22 @@ export async function dialExport(address: HostPort, options: DialOptions = {}): 
     await readExact(channel.conn, bytes.subarray(channel.helloStart.length));
     const hello = decodeServerHello(bytes, channel.expect);
     if (typeof hello === "string") throw new DstError("HANDSHAKE", `${where}: ${hello}`);
+    // Unproven, a plain hello is believed only for what a keyed export says in the
+    // clear; anything else (OK, or a refusal such as WRITE_LEASE_HELD, which would make
+    // a writer give up) is someone without the key answering for it.
+    if (channel.downgraded && !PLAIN_REFUSALS.has(hello.status)) {
+      throw new AuthenticationFailed(
+        `${where} answered without proving key "${options.key!.name}": it runs without ` +
+          `keys, or something between us removed them; not connecting (give the export ` +
+          `--key with the same key file, or connect without --key)`,
+      );
+    }
     if (hello.status !== HelloStatus.OK) {
       const why = await readRefusalReason(channel.conn) ??
         HELLO_STATUS_TEXT[hello.status] ?? `status ${hello.status}`;
       throw new HandshakeRefused(
         hello.status,
         `${where} refused the connection: ${printable(why)}`,
-      );
-    }
-    if (channel.downgraded) {
-      throw new AuthenticationFailed(
-        `${where} answered without proving key "${options.key!.name}": it runs without ` +
-          `keys, or something between us removed them; not connecting (give the export ` +
-          `--key with the same key file, or connect without --key)`,
       );
     }
     conn = channel.conn;
@@ -170,6 +173,18 @@ export async function dialExport(address: HostPort, options: DialOptions = {}): 
     timer.cancel();
   }
 }
+
+/**
+ * The refusals a keyed export sends in the clear, before any proof (protocol README,
+ * "Negotiation"): a keyed client believes a plain hello for these only. They change
+ * nothing on the client; every other status comes inside the protected records.
+ */
+const PLAIN_REFUSALS = new Set<number>([
+  HelloStatus.VERSION_UNSUPPORTED,
+  HelloStatus.AUTH_UNSUPPORTED,
+  HelloStatus.PROTECTION_UNSUPPORTED,
+  HelloStatus.ACCESS_DENIED,
+]);
 
 /** Where the server hello comes from, and what it may choose. */
 interface Channel {
