@@ -504,3 +504,20 @@ Deno.test({
       });
     }),
 });
+
+Deno.test("FileDevice: a discard after the image's path was given to another file frees the exported image, never the other file", () =>
+  withTempFile(0, async (path) => {
+    const moved = `${path}.moved`;
+    await Deno.writeFile(path, new Uint8Array(MiB).fill(0x11));
+    try {
+      await withDevice(path, {}, async (device) => {
+        await Deno.rename(path, moved); // rotated away; an unrelated file takes the name
+        await Deno.writeFile(path, new Uint8Array(MiB).fill(0x77));
+        await device.discard(0, MiB);
+        assert.ok((await Deno.readFile(path)).every((byte) => byte === 0x77), "the other file");
+        assert.ok((await readBack(device, 0, MiB)).every((byte) => byte === 0), "the export");
+      });
+    } finally {
+      await Deno.remove(moved).catch(() => {});
+    }
+  }));

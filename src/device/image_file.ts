@@ -42,7 +42,8 @@ export type OpenMode = "r" | "r+" | "wx+";
 /** Opens a real file with node:fs; throws what the open throws (ENOENT, EACCES...). */
 export function openImageFile(path: string, mode: OpenMode): ImageFile {
   const fd = fs.openSync(path, mode, 0o600);
-  const holes = mode === "r" ? null : new HolePuncher(path);
+  const identity = fs.fstatSync(fd);
+  const holes = mode === "r" ? null : HolePuncher.open(path, identity);
   return {
     name: path,
     readAt(into, offset) {
