@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 import { MemoryDevice } from "../device/memory_device.ts";
 import { BufferPool } from "../lib/buffer_pool.ts";
 import { Command, PROTECTION_ENCRYPT } from "../protocol/mod.ts";
-import type { ByteConn } from "../transport/byte_conn.ts";
+import { type ByteConn, writeAll } from "../transport/byte_conn.ts";
 import { SecureConn } from "../transport/secure_conn.ts";
 import { ManualClock } from "../../tests/helpers/manual_clock.ts";
 import { RawClient } from "../../tests/helpers/raw_client.ts";
@@ -78,7 +78,7 @@ async function closedAfter(keyed: boolean): Promise<number | null> {
       },
       close() {},
     }, { ...options, peer: "the export" });
-    await client.write(request);
+    await writeAll(client, request);
   } else {
     link.inbox.push(request);
   }

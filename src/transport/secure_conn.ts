@@ -43,6 +43,8 @@ const READ_CHUNK_BYTES = 64 * 1024;
  * one write are sealed in parallel, and the reader opens several at once.
  */
 const SEAL_CHUNK_BYTES = 256 * 1024;
+/** Records one write() call seals (in parallel) and sends before it returns. */
+const WRITE_BATCH_RECORDS = 2;
 /** How many records the reader opens at once, of those that have arrived whole. */
 const OPEN_AHEAD_RECORDS = 8;
 
@@ -155,24 +157,27 @@ export class SecureConn implements ByteConn {
     this.#receive = new Direction(options.receiveKey, this.#encrypt, "decrypt", records, bytes);
   }
 
-  /** Seals `data` (in records of at most RECORD_PLAINTEXT_BYTES_MAX) and sends it whole. */
+  /**
+   * Seals the start of `data`, at most WRITE_BATCH_RECORDS records of SEAL_CHUNK_BYTES,
+   * sends them, and returns how many bytes of `data` that was (writeAll() sends the
+   * rest). A call per batch shows a slow reader's progress to the send-stall check as
+   * the socket takes it, not once per 32 MiB frame.
+   */
   write(data: Uint8Array): Promise<number> {
-    // Every record is started now, in order, so its sequence number and its copy of
-    // the caller's bytes are fixed before write() returns; WebCrypto seals them on its
-    // own threads meanwhile.
-    // A large write is cut into even records of at most SEAL_CHUNK_BYTES, sealed at
-    // once: WebCrypto seals them on several threads.
-    const records: (Promise<Uint8Array> | Uint8Array)[] = [];
+    // The batch's records are started now, in order, so their sequence numbers are fixed
+    // before write() returns; WebCrypto seals them on several threads meanwhile.
     const count = Math.ceil(data.length / SEAL_CHUNK_BYTES);
     const chunk = Math.ceil(data.length / count);
-    for (let at = 0; at < data.length; at += chunk) {
-      records.push(this.#seal(data.subarray(at, at + chunk)));
+    const batch = Math.min(data.length, chunk * WRITE_BATCH_RECORDS);
+    const records: (Promise<Uint8Array> | Uint8Array)[] = [];
+    for (let at = 0; at < batch; at += chunk) {
+      records.push(this.#seal(data.subarray(at, Math.min(batch, at + chunk))));
     }
     const sent = this.#writeTail.then(async () => {
       for (const record of records) await writeAll(this.#inner, await record);
     });
     this.#writeTail = sent.catch(() => {});
-    return sent.then(() => data.length);
+    return sent.then(() => batch);
   }
 
   async read(into: Uint8Array): Promise<number | null> {

@@ -13,7 +13,7 @@ import {
   PROTECTION_MAC,
   RECORD_PLAINTEXT_BYTES_MAX,
 } from "../protocol/wire.ts";
-import type { ByteConn } from "./byte_conn.ts";
+import { type ByteConn, writeAll } from "./byte_conn.ts";
 import { SecureConn, type SecureConnOptions } from "./secure_conn.ts";
 
 /** One direction of a wire: what was written, as records, and a reader over what the test lets through. */
@@ -120,7 +120,7 @@ for (const [name, protection] of [["encrypt", PROTECTION_ENCRYPT], ["mac", PROTE
         3_000_000,
       ];
       const sent = sizes.map((size, i) => pattern(size, i));
-      await Promise.all(sent.map((data) => sender.write(data)));
+      for (const data of sent) await writeAll(sender, data);
       receiverWire.deliver(...senderWire.written);
       for (const data of sent) assert.deepEqual(await readAll(receiver, data.length), data);
       receiverWire.end();
@@ -136,8 +136,8 @@ for (const [name, protection] of [["encrypt", PROTECTION_ENCRYPT], ["mac", PROTE
       const recordBytes = probe.senderWire.written[0]!.length;
       for (const at of [0, 3, 4, 100, recordBytes - 1]) {
         const { sender, senderWire, receiver, receiverWire, tampered } = pair(protection as number);
-        await sender.write(pattern(300, 1));
-        await sender.write(pattern(300, 2)); // a live stream goes on: a longer claimed length fills up
+        await writeAll(sender, pattern(300, 1));
+        await writeAll(sender, pattern(300, 2)); // a live stream goes on: a longer claimed length fills up
         const record = senderWire.written[0]!.slice();
         record[at] = record[at]! ^ 0x01;
         receiverWire.deliver(record, senderWire.written[1]!);
@@ -167,8 +167,8 @@ for (const [name, protection] of [["encrypt", PROTECTION_ENCRYPT], ["mac", PROTE
       ];
       for (const [what, rearrange] of cases) {
         const { sender, senderWire, receiver, receiverWire, tampered } = pair(protection as number);
-        await sender.write(pattern(50, 1));
-        await sender.write(pattern(60, 2));
+        await writeAll(sender, pattern(50, 1));
+        await writeAll(sender, pattern(60, 2));
         const [a, b] = senderWire.written;
         receiverWire.deliver(...rearrange(a!, b!));
         if (what === "duplicated") assert.deepEqual(await readAll(receiver, 50), pattern(50, 1));
@@ -182,7 +182,7 @@ for (const [name, protection] of [["encrypt", PROTECTION_ENCRYPT], ["mac", PROTE
 
   Deno.test("SecureConn: a record reflected back to its sender fails " + `(${name})`, async () => {
     const { sender, senderWire } = pair(protection as number);
-    await sender.write(pattern(80, 3));
+    await writeAll(sender, pattern(80, 3));
     const reflectWire = new Wire();
     const reflected = new SecureConn(reflectWire, {
       protection: protection as number,
@@ -202,7 +202,7 @@ for (const [name, protection] of [["encrypt", PROTECTION_ENCRYPT], ["mac", PROTE
         bytesPerKey: 1000,
       });
       const sent = Array.from({ length: 12 }, (_, i) => pattern(i * 97 + 1, i));
-      for (const data of sent) await sender.write(data);
+      for (const data of sent) await writeAll(sender, data);
       receiverWire.deliver(...senderWire.written);
       for (const data of sent) assert.deepEqual(await readAll(receiver, data.length), data);
       // A receiver that did not change keys fails at the first record under the new key.
@@ -237,7 +237,7 @@ for (const [name, protection] of [["encrypt", PROTECTION_ENCRYPT], ["mac", PROTE
     "SecureConn: a connection cut inside a record ends without handing any of it up " + `(${name})`,
     async () => {
       const { sender, senderWire, receiver, receiverWire, tampered } = pair(protection as number);
-      await sender.write(pattern(500, 4));
+      await writeAll(sender, pattern(500, 4));
       receiverWire.deliver(senderWire.written[0]!.subarray(0, 200));
       receiverWire.end();
       await assert.rejects(receiver.read(new Uint8Array(600)), ChannelTamperedError);
@@ -252,7 +252,14 @@ Deno.test("SecureConn: the encrypted wire shows no plaintext; the MAC wire does"
     const [protection, shows] of [[PROTECTION_ENCRYPT, false], [PROTECTION_MAC, true]] as const
   ) {
     const { sender, senderWire } = pair(protection);
-    await sender.write(secret);
+    await writeAll(sender, secret);
     assert.equal(contains(senderWire.written[0]!, secret), shows);
   }
+});
+
+Deno.test("SecureConn: a large write is sent a batch of records per call, so a slow reader's progress shows", async () => {
+  const { sender, senderWire } = pair(PROTECTION_ENCRYPT);
+  const first = await sender.write(new Uint8Array(3_000_000));
+  assert.ok(first > 0 && first <= 512 * 1024, `the first call took ${first} bytes`);
+  assert.ok(senderWire.written.length <= 2, "at most two records went out");
 });

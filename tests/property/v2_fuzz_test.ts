@@ -26,6 +26,7 @@ import {
   PROTECTION_MAC,
 } from "../../src/protocol/mod.ts";
 import { acceptHandshake } from "../../src/server/handshake.ts";
+import { writeAll } from "../../src/transport/byte_conn.ts";
 import { SecureConn } from "../../src/transport/secure_conn.ts";
 import { ScriptedConn } from "../helpers/golden.ts";
 import { replayOptions } from "../helpers/property.ts";
@@ -176,7 +177,7 @@ Deno.test("fuzz v2: the record reader hands up only a prefix of what was sealed,
       const wire = new ScriptedConn();
       const sender = new SecureConn(wire, { protection, sendKey, receiveKey, peer: "receiver" });
       const sent = writes.map((length, i) => new Uint8Array(length).fill(i + 1));
-      for (const data of sent) await sender.write(data);
+      for (const data of sent) await writeAll(sender, data);
       let bytes = wire.written();
       const at = "at" in damage ? damage.at % bytes.length : 0;
       if (damage.kind === "flip") bytes[at] = bytes[at]! ^ damage.mask;
