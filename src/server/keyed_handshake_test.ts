@@ -257,3 +257,29 @@ Deno.test("keyed client: a plain WRITE_LEASE_HELD (or any status a keyed export 
     }
   }
 });
+
+Deno.test("keyed export: a client identity is bound to its key: another key with the same id neither fences it nor takes its lease", async () => {
+  const writerKey = await makeKey("writer");
+  const otherKey = await makeKey("other");
+  const exporter = start(new MemoryDevice(SIZE), [writerKey, otherKey]);
+  try {
+    const clientId = crypto.getRandomValues(new Uint8Array(16));
+    const writer = await RemoteDevice.connect(exporter.address, {
+      key: writerKey,
+      clientId,
+      log: quiet,
+    });
+    await writer.write(0, new Uint8Array(4096).fill(1));
+    const generation = exporter.status().writeGeneration;
+    await assert.rejects(
+      dialExport(exporter.address, { key: otherKey, clientId, writer: true }),
+      (e) => e instanceof HandshakeRefused && e.code === "WRITE_LEASE_HELD",
+    );
+    await writer.write(4096, new Uint8Array(4096).fill(2)); // its connection was not fenced
+    assert.equal(writer.transportStats().reconnects, 0, "its connection was never fenced");
+    assert.equal(exporter.status().writeGeneration, generation, "nobody else was granted writing");
+    await writer.close();
+  } finally {
+    await exporter.shutdown();
+  }
+});
