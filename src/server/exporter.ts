@@ -294,7 +294,7 @@ export class Exporter {
           };
         }
         access = decided;
-        key = this.#clientKey(hello);
+        key = this.#clientKey(hello, proved);
         const helloMs = this.#clock.nowMs();
         unlock = await this.#handshakeTurn(key);
         await this.#fenceOlder(key, peer);
@@ -403,10 +403,16 @@ export class Exporter {
     };
   }
 
-  /** A client's identity; an all-zero one is anonymous, each of its connections a client of its own. */
-  #clientKey(hello: ClientHello): string {
+  /**
+   * A client's identity; an all-zero one is anonymous, each of its connections a client
+   * of its own. On a keyed export it is bound to the key proved: the client id travels
+   * in the clear (and STATUS shows the lease holder's), so another key's holder could
+   * otherwise present it, fence the writer and carry on its lease unseen.
+   */
+  #clientKey(hello: ClientHello, proved: Key | null): string {
     if (hello.clientId.every((byte) => byte === 0)) return `anonymous-${++this.#anonymous}`;
-    return bytesToHex(hello.clientId);
+    const id = bytesToHex(hello.clientId);
+    return proved === null ? id : `${id}-${proved.name}-${proved.fingerprint}`;
   }
 
   /** Waits for the identity's earlier handshakes; call the result once this one is done. */
