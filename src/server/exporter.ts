@@ -344,6 +344,15 @@ export class Exporter {
       let connections = this.#clients.get(key);
       if (connections === undefined) this.#clients.set(key, connections = new Set());
       connections.add(connection);
+      // A SIGHUP during the handshake (its proofs, fencing) may have removed the key
+      // after it was looked up: such a connection is closed like the others of that key.
+      if (handshake.key !== null && this.#keys !== null) {
+        const proved = handshake.key;
+        const current = this.#keys.keys().some((k) =>
+          k.name === proved.name && k.fingerprint === proved.fingerprint
+        );
+        if (!current) this.closeConnectionsOf([proved]);
+      }
       return connection;
     } catch (error) {
       (grant as WriteGrant | null)?.release();
