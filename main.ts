@@ -79,6 +79,7 @@ if (isNbdThread()) {
       code = 1;
     }
   }
-  await flushLog(); // the last log lines, queued while the process was busy
+  // The last log lines, queued while the process was busy; not for ever if stderr is stuck.
+  await Promise.race([flushLog(), new Promise((resolve) => setTimeout(resolve, 1000))]);
   Deno.exit(code);
 }

@@ -76,6 +76,8 @@ export class ExportConnection extends RequestLoop {
   readonly #replyHeader = new Uint8Array(ReplyLayout.SIZE);
   readonly #replyView = new DataView(this.#replyHeader.buffer);
   readonly #writes: FirstWriteGate;
+  /** READs waiting for the export's memory budget (#parkRead), oldest first. */
+  readonly #parked: RequestHeader[] = [];
 
   constructor(conn: ByteConn, peer: string, readonly ctx: ExportContext) {
     super(conn, peer, ctx.log, {
@@ -109,6 +111,8 @@ export class ExportConnection extends RequestLoop {
         this.ctx.log.warn(`${this.peer}: ${header}; closing this connection`);
         return CLOSE;
       }
+      // Before its payload is read: a WRITE may wait here for memory (a PING never does).
+      if (this.mustWaitForMemory(header.payloadLength)) return RequestLayout.SIZE;
       const frameBytes = RequestLayout.SIZE + header.payloadLength;
       if (receive.available < frameBytes) return frameBytes;
       receive.skip(RequestLayout.SIZE);
@@ -118,9 +122,40 @@ export class ExportConnection extends RequestLoop {
         this.#reject(header, rejection);
         continue;
       }
-      this.#execute(header);
+      if (!this.#parkRead(header)) this.#execute(header);
     }
     return RequestLayout.SIZE;
+  }
+
+  /**
+   * A READ while the export's memory budget is spent waits here, parked, and the
+   * connection reads on: its pings, status queries and flushes are still answered, so
+   * the client does not take the wait for a dead export. Parked READs count against
+   * the requests in flight, and go out in order as memory is released. Returns whether
+   * `h` was parked.
+   */
+  #parkRead(h: RequestHeader): boolean {
+    const budget = this.limits.budget;
+    if (h.command !== Command.READ || budget === undefined || budget === null) return false;
+    if (this.#parked.length === 0 && !budget.spent) return false;
+    this.#parked.push(h);
+    if (this.#parked.length === 1) void budget.whenReleased().then(() => this.#unpark());
+    return true;
+  }
+
+  #unpark(): void {
+    const budget = this.limits.budget!;
+    if (this.stopping) {
+      this.#parked.length = 0; // never dispatched: dropped with the connection, as fencing drops frames
+      return;
+    }
+    while (this.#parked.length > 0 && !budget.spent) this.#execute(this.#parked.shift()!);
+    if (this.#parked.length > 0) void budget.whenReleased().then(() => this.#unpark());
+  }
+
+  protected override saturated(): boolean {
+    return super.saturated() ||
+      this.inFlight + this.#parked.length >= IN_FLIGHT_PER_CONNECTION_MAX;
   }
 
   #checkAgainstExport(h: RequestHeader): RequestRejection | null {

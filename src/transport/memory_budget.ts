@@ -3,9 +3,9 @@
  * reply buffer from dispatch until it has been written to the socket, a WRITE's
  * payload until the device has it. A connection stops dispatching (and reading) while
  * the budget is spent, until another request gives memory back. A request is admitted
- * while anything is left, so the budget is exceeded by at most one frame (32 MiB); and
- * when nothing at all is spent, any request is admitted, so the largest one always
- * goes through.
+ * while anything is left, and a connection with nothing in flight is always admitted
+ * one (so its pings, queued behind it, are answered): the budget is exceeded by at most
+ * one request per such connection.
  */
 
 import { assert } from "../lib/assert.ts";

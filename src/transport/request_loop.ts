@@ -96,6 +96,8 @@ export abstract class RequestLoop {
   protected readonly sender: FrameSender;
   #inFlight = 0;
   #inFlightBytes = 0;
+  /** A request with a payload waits for the export's memory budget (mustWaitForMemory). */
+  #waitingForMemory = false;
   #rejectionsLogged = 0;
   #stopping = false;
   #idleWaiters: Array<() => void> = [];
@@ -144,6 +146,11 @@ export abstract class RequestLoop {
       zeroCopyBytesMin: SEND_ZERO_COPY_BYTES_MIN,
       queueBytesMax: limits.sendQueueBytesMax,
     });
+  }
+
+  /** Stopping or fenced: nothing more is dispatched. */
+  protected get stopping(): boolean {
+    return this.#stopping;
   }
 
   get inFlight(): number {
@@ -219,7 +226,24 @@ export abstract class RequestLoop {
   protected saturated(): boolean {
     return this.#inFlight >= this.limits.inFlightMax ||
       (this.#inFlight > 0 && this.#inFlightBytes >= this.limits.inFlightBytesMax) ||
-      (this.limits.budget?.spent ?? false);
+      this.#waitingForMemory;
+  }
+
+  /**
+   * Whether a request whose frame carries `payloadBytes` (a WRITE's data, still to be
+   * read) must wait for the export's memory budget. When it must, the loop dispatches
+   * and reads nothing more until some is released. A connection with nothing in flight
+   * never waits: its pings queue behind the waiting frame, and a client whose pings go
+   * unanswered takes a busy export for a dead one. So incoming payloads can exceed the
+   * budget by one request per connection that had nothing else going. (READs, whose
+   * memory is the export's to allocate, wait elsewhere without stopping the connection:
+   * export_connection.ts.)
+   */
+  protected mustWaitForMemory(payloadBytes: number): boolean {
+    if (payloadBytes === 0 || this.#inFlight === 0) return false;
+    if (!(this.limits.budget?.spent ?? false)) return false;
+    this.#waitingForMemory = true;
+    return true;
   }
 
   /**
@@ -369,8 +393,10 @@ export abstract class RequestLoop {
   }
 
   async #backpressure(): Promise<void> {
-    while (this.saturated() && !this.sender.broken) {
-      const budget = this.limits.budget;
+    const budget = this.limits.budget;
+    for (;;) {
+      if (this.#waitingForMemory && !(budget?.spent ?? false)) this.#waitingForMemory = false;
+      if (!this.saturated() || this.sender.broken) break;
       // The budget frees when any connection's request ends, not only this one's.
       await (budget ? Promise.race([this.#nextEnd(), budget.whenReleased()]) : this.#nextEnd());
     }
