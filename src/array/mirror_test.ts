@@ -16,7 +16,6 @@ import type {
 import { MemoryDevice } from "../device/memory_device.ts";
 import { VolatileDevice } from "../device/volatile_device.ts";
 import { AssertionError } from "../lib/assert.ts";
-import type { Clock, Timer } from "../lib/clock.ts";
 import { DeviceError } from "../lib/errors.ts";
 import type { Logger } from "../lib/log.ts";
 import { randomBytes } from "../../tests/helpers/random_bytes.ts";
@@ -25,47 +24,11 @@ import { MirrorDevice } from "./mirror.ts";
 import { checkLegs, finishResync, leaveSync, type Leg, newLeg } from "./mirror_leg.ts";
 import type { LegRecord } from "./mirror_state.ts";
 import { manyTurns } from "../../tests/helpers/turns.ts";
+import { ManualClock } from "../../tests/helpers/manual_clock.ts";
 
 const SIZE = 1024 * 1024;
 const REGION = 64 * 1024;
 const REGIONS = SIZE / REGION;
-
-/** Time that moves only when the test says so; timers run in order as it passes them. */
-class ManualClock implements Clock {
-  #now = 0;
-  readonly #timers = new Set<{ at: number; every: number | null; fn: () => void }>();
-
-  nowMs(): number {
-    return this.#now;
-  }
-
-  after(ms: number, fn: () => void): Timer {
-    return this.#add(ms, null, fn);
-  }
-
-  every(ms: number, fn: () => void): Timer {
-    return this.#add(ms, ms, fn);
-  }
-
-  advance(ms: number): void {
-    const until = this.#now + ms;
-    for (;;) {
-      const due = [...this.#timers].filter((t) => t.at <= until).sort((x, y) => x.at - y.at)[0];
-      if (due === undefined) break;
-      this.#now = due.at;
-      if (due.every === null) this.#timers.delete(due);
-      else due.at += due.every;
-      due.fn();
-    }
-    this.#now = until;
-  }
-
-  #add(ms: number, every: number | null, fn: () => void): Timer {
-    const timer = { at: this.#now + ms, every, fn };
-    this.#timers.add(timer);
-    return { cancel: () => this.#timers.delete(timer) };
-  }
-}
 
 /** A logger that keeps its lines and tells a test when one it waits for is logged. */
 class TestLog implements Logger {

@@ -7,6 +7,7 @@
  */
 
 import { closeQuietly } from "../../src/transport/byte_conn.ts";
+import { closeWriteQuietly, type Ending, readQuietly, writeQuietly } from "./quiet_io.ts";
 
 const CHUNK_BYTES = 64 * 1024;
 /** When throttled, a chunk takes at most this long to cross, so the rate is smooth. */
@@ -20,8 +21,6 @@ export interface FaultProxyStats {
   /** Connections accepted during a cut and closed at once. */
   refusedWhileCut: number;
 }
-
-type Ending = "fin" | "broken";
 
 /**
  * One direction of the throttled link, shared by every connection: chunks cross it
@@ -400,34 +399,5 @@ export class FaultProxy {
       const timer = setTimeout(wake, delayMs);
       this.sleepers.add(wake);
     });
-  }
-}
-
-/** Bytes read, or how the stream ended: "fin" for an orderly end, "broken" for an error. */
-async function readQuietly(conn: Deno.TcpConn, into: Uint8Array): Promise<number | Ending> {
-  try {
-    return (await conn.read(into)) ?? "fin";
-  } catch {
-    return "broken";
-  }
-}
-
-/** Writes all of `bytes` and returns how many went out: fewer means the write failed. */
-async function writeQuietly(conn: Deno.TcpConn, bytes: Uint8Array): Promise<number> {
-  let written = 0;
-  try {
-    while (written < bytes.length) written += await conn.write(bytes.subarray(written));
-  } catch {
-    // The peer closed or reset: the caller sees the short count.
-  }
-  return written;
-}
-
-async function closeWriteQuietly(conn: Deno.TcpConn): Promise<boolean> {
-  try {
-    await conn.closeWrite();
-    return true;
-  } catch {
-    return false;
   }
 }

@@ -12,6 +12,7 @@
 import { assert } from "../../src/lib/assert.ts";
 import { closeQuietly } from "../../src/transport/byte_conn.ts";
 import { concat } from "./bytes.ts";
+import { closeWriteQuietly, readQuietly, writeQuietly } from "./quiet_io.ts";
 
 const READ_BYTES_MAX = 64 * 1024;
 /** Recorded per direction of one connection, and kept of one replay's reply. */
@@ -493,37 +494,5 @@ async function settlesWithin(promise: Promise<unknown>, delayMs: number): Promis
     await Promise.race([promise.catch(() => {}), timeout]);
   } finally {
     clearTimeout(timer);
-  }
-}
-
-/** Bytes read, or how the stream ended: "fin" for an orderly end, "broken" for an error. */
-async function readQuietly(
-  conn: Deno.TcpConn,
-  into: Uint8Array,
-): Promise<number | "fin" | "broken"> {
-  try {
-    return (await conn.read(into)) ?? "fin";
-  } catch {
-    return "broken";
-  }
-}
-
-/** Writes all of `bytes` and returns how many went out: fewer means the write failed. */
-async function writeQuietly(conn: Deno.TcpConn, bytes: Uint8Array): Promise<number> {
-  let written = 0;
-  try {
-    while (written < bytes.length) written += await conn.write(bytes.subarray(written));
-  } catch {
-    // The peer closed or reset: the caller sees the short count.
-  }
-  return written;
-}
-
-async function closeWriteQuietly(conn: Deno.TcpConn): Promise<boolean> {
-  try {
-    await conn.closeWrite();
-    return true;
-  } catch {
-    return false;
   }
 }

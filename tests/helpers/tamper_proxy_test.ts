@@ -17,103 +17,11 @@ import {
   type TamperKind,
   TamperProxy,
 } from "./tamper_proxy.ts";
+import { TestServer } from "./test_server.ts";
 import { waitUntil } from "./wait.ts";
 
 const KiB = 1024;
 const NO_TAMPERS = { flip: 0, duplicate: 0, drop: 0, truncate: 0 };
-
-/** One connection as the test server sees it: what arrived, and when the peer ended it. */
-class ServerSide {
-  private readonly chunks: Uint8Array[] = [];
-  private receivedBytes = 0;
-  private waiters: { bytes: number; resolve: () => void }[] = [];
-  /** Resolves when the peer's side ends (FIN or reset); the server then closes. */
-  readonly ended: Promise<void>;
-
-  constructor(readonly conn: Deno.TcpConn, echo: boolean) {
-    this.ended = this.serve(echo);
-  }
-
-  bytes(): Uint8Array {
-    return concat(...this.chunks);
-  }
-
-  /** Resolves once at least `bytes` have arrived. */
-  whenReceived(bytes: number): Promise<void> {
-    return new Promise((resolve) => {
-      if (this.receivedBytes >= bytes) resolve();
-      else this.waiters.push({ bytes, resolve });
-    });
-  }
-
-  close(): void {
-    closeQuietly(this.conn);
-  }
-
-  private async serve(echo: boolean): Promise<void> {
-    const buffer = new Uint8Array(64 * KiB);
-    try {
-      while (true) {
-        const n = await this.conn.read(buffer);
-        if (n === null) break;
-        const chunk = buffer.slice(0, n);
-        this.chunks.push(chunk);
-        this.receivedBytes += n;
-        const waiting = this.waiters;
-        this.waiters = waiting.filter((waiter) => waiter.bytes > this.receivedBytes);
-        for (const waiter of waiting) if (waiter.bytes <= this.receivedBytes) waiter.resolve();
-        if (echo) await writeAll(this.conn, chunk);
-      }
-    } catch {
-      // reset, or closed by the test
-    }
-    this.close();
-  }
-}
-
-/** Echoes what it receives, or (as a sink) only keeps it. */
-class TestServer {
-  private readonly listener = Deno.listen({ hostname: "127.0.0.1", port: 0, transport: "tcp" });
-  readonly sides: ServerSide[] = [];
-  private taken = 0;
-  private takers: (() => void)[] = [];
-  private readonly accepting: Promise<void>;
-
-  constructor(private readonly echo: boolean) {
-    this.accepting = this.accept();
-  }
-
-  get address(): { hostname: string; port: number } {
-    return { hostname: this.listener.addr.hostname, port: this.listener.addr.port };
-  }
-
-  /** The connections the server accepted, one per call, in accept order. */
-  async nextConnection(): Promise<ServerSide> {
-    const index = this.taken++;
-    while (this.sides.length <= index) await new Promise<void>((wake) => this.takers.push(wake));
-    return this.sides[index]!;
-  }
-
-  async close(): Promise<void> {
-    closeQuietly(this.listener);
-    for (const side of this.sides) side.close();
-    await this.accepting;
-    await Promise.all(this.sides.map((side) => side.ended));
-  }
-
-  private async accept(): Promise<void> {
-    try {
-      while (true) {
-        this.sides.push(new ServerSide(await this.listener.accept(), this.echo));
-        const takers = this.takers;
-        this.takers = [];
-        for (const wake of takers) wake();
-      }
-    } catch {
-      // the listener was closed
-    }
-  }
-}
 
 /** Runs `body` with a server (echo or sink), a proxy to it, and closes both after. */
 async function withProxy(
