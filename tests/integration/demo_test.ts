@@ -28,3 +28,23 @@ Deno.test("dst demo writes, reads back and verifies through a real export, stops
   const left = [...demoFolders()].filter((name) => !before.has(name));
   assert.deepEqual(left, [], "the demo removed its temporary folder");
 });
+
+Deno.test("dst demo --key runs the same job over a keyed, encrypted export", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "dst-demo-key-" });
+  try {
+    const keys = `${dir}/demo.keys`;
+    assert.equal((await runDst(["keygen", keys, "--name", "demo"])).code, 0);
+    const result = await runDst(["demo", "--size", "8M", "--key", keys]);
+    assert.equal(result.code, 0, result.stderr);
+    assert.match(result.stderr, /clients must prove a key of .*demo \(/);
+    assert.match(result.stdout, /verified: all 8388608 bytes read back identical/);
+    assert.match(result.stdout, /demo OK/);
+    const wrong = `${dir}/other.keys`;
+    await Deno.writeTextFile(wrong, "# empty\n", { mode: 0o600 });
+    const refused = await runDst(["demo", "--key", wrong]);
+    assert.equal(refused.code, 1);
+    assert.match(refused.stderr, /holds no keys; add one with `dst keygen/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -18,7 +18,14 @@
 import assert from "node:assert/strict";
 import { assertSameBytes } from "../helpers/bytes.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
-import { exportImage, runDst, scenario, startAttach, stopClean } from "../helpers/spawn.ts";
+import {
+  exportImage,
+  runDst,
+  scenario,
+  startAttach,
+  startDst,
+  stopClean,
+} from "../helpers/spawn.ts";
 import { containsBytes, TamperProxy } from "../helpers/tamper_proxy.ts";
 import { missing, toolOk } from "../helpers/tools.ts";
 import { waitUntil } from "../helpers/wait.ts";
@@ -370,5 +377,51 @@ Deno.test({
       await stopClean(newAttach, "new attach");
       await stopClean(server, "export");
       assertSameBytes(await imageStart(`${dir}/disk.img`, MiB), data, "the image");
+    }),
+});
+
+Deno.test({
+  name:
+    "keys: a mirror proves the key to its legs and requires it of its own clients; detach takes --key",
+  ignore: needs,
+  fn: () =>
+    scenario("dst-keys-", async (dir, track) => {
+      const keys = `${dir}/site.keys`;
+      await keygen(keys, "site");
+      const a = track(await exportImage(dir, "a.img", SIZE, "--key", keys));
+      const b = track(await exportImage(dir, "b.img", SIZE, "--key", keys, "--protect", "mac"));
+      const legs = [`127.0.0.1:${a.address.port}`, `127.0.0.1:${b.address.port}`];
+      const mirror = track(
+        await startDst(
+          [
+            "array",
+            "mirror",
+            ...legs,
+            "--export",
+            "127.0.0.1:0",
+            "--state",
+            `${dir}/state`,
+            "--key",
+            keys,
+          ],
+          / on (\S+)\n/,
+        ),
+      );
+      const at = mirror.ready[1]!;
+      const noKey = await runDst(["attach", at, "--listen", "127.0.0.1:0"]);
+      assert.equal(noKey.code, 1);
+      assert.match(noKey.stderr, /requires a key/);
+      const attach = track(await startAttach([at, "--key", keys, "--listen", "127.0.0.1:0"]));
+      const data = randomBytes(DATA_BYTES);
+      await copyThrough(attach.uri, dir, data);
+      await stopClean(attach, "attach");
+      const detach = await runDst(["array", "detach", at, legs[1]!, "--key", keys]);
+      assert.equal(detach.code, 0, detach.stderr);
+      await stopClean(mirror, "mirror");
+      await stopClean(a, "leg a");
+      await stopClean(b, "leg b");
+      for (const leg of ["a.img", "b.img"]) {
+        assertSameBytes(await imageStart(`${dir}/${leg}`, DATA_BYTES), data, leg);
+      }
     }),
 });
