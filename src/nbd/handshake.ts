@@ -18,13 +18,12 @@ import {
   BLOCK_SIZE_MIN,
   BLOCK_SIZE_PREFERRED,
   ClientFlag,
-  HandshakeFlag,
+  encodeGreeting,
+  encodeOptionReply,
   IHAVEOPT,
   Info,
-  NBDMAGIC,
   Option,
   OPTION_NAMES,
-  OPTION_REPLY_MAGIC,
   OptionReply,
 } from "./wire.ts";
 
@@ -75,11 +74,7 @@ async function haggle(
   peer: string,
   log: Logger,
 ): Promise<Negotiated | null> {
-  const greeting = new DataView(new ArrayBuffer(18));
-  greeting.setBigUint64(0, NBDMAGIC);
-  greeting.setBigUint64(8, IHAVEOPT);
-  greeting.setUint16(16, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES);
-  await writeAll(conn, new Uint8Array(greeting.buffer));
+  await writeAll(conn, encodeGreeting());
 
   const flagBytes = new Uint8Array(4);
   await readExact(conn, flagBytes);
@@ -242,12 +237,5 @@ async function sendOptionReply(
   type: number,
   payload: Uint8Array,
 ): Promise<void> {
-  const bytes = new Uint8Array(20 + payload.length);
-  const view = new DataView(bytes.buffer);
-  view.setBigUint64(0, OPTION_REPLY_MAGIC);
-  view.setUint32(8, option);
-  view.setUint32(12, type);
-  view.setUint32(16, payload.length);
-  bytes.set(payload, 20);
-  await writeAll(conn, bytes);
+  await writeAll(conn, encodeOptionReply(option, type, payload));
 }
