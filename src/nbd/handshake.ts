@@ -8,6 +8,9 @@
  * Bounds: OPTIONS_MAX options per connection, OPTION_BYTES_MAX per option, and the
  * whole handshake within HANDSHAKE_TIMEOUT_MS; past any of them the connection is
  * closed with one log line.
+ *
+ * refuseOptions() is the other use of this phase: the DST export's answer to an NBD
+ * client that reached its port instead of this one.
  */
 
 import { HANDSHAKE_TIMEOUT_MS } from "../constants.ts";
@@ -186,6 +189,46 @@ async function haggle(
   }
   log.warn(`${peer}: more than ${OPTIONS_MAX} NBD options without choosing an export; closing`);
   return null;
+}
+
+/**
+ * Answers an NBD client that reached a port serving something else (the DST export's,
+ * once it has greeted the client and read its flags): every option is refused with
+ * `message`, so the client prints it whichever option it reports. An option that asks
+ * for a feature (STRUCTURED_REPLY, EXTENDED_HEADERS, ...) gets ERR_UNSUP, from which
+ * clients go on to ask for the export; asking for the export (GO, INFO, LIST) gets
+ * ERR_POLICY, as libnbd answers an ERR_UNSUP to GO by falling back to EXPORT_NAME,
+ * which has no error reply. It ends when the client aborts or leaves, at EXPORT_NAME
+ * (the connection is then closed, as the spec says), or after OPTIONS_MAX options.
+ * Returns the names of the options the client sent, for the caller's log line.
+ */
+export async function refuseOptions(conn: ByteConn, message: string): Promise<string[]> {
+  const text = new TextEncoder().encode(message);
+  const header = new Uint8Array(16);
+  const headerView = new DataView(header.buffer);
+  const seen: string[] = [];
+  try {
+    while (seen.length < OPTIONS_MAX) {
+      await readExact(conn, header);
+      if (headerView.getBigUint64(0) !== IHAVEOPT) break;
+      const option = headerView.getUint32(8);
+      const length = headerView.getUint32(12);
+      seen.push(OPTION_NAMES[option] ?? String(option));
+      if (length > OPTION_BYTES_MAX || option === Option.EXPORT_NAME) break;
+      await readExact(conn, new Uint8Array(length));
+      if (option === Option.ABORT) {
+        await sendOptionReply(conn, option, OptionReply.ACK, new Uint8Array());
+        break;
+      }
+      const asksForExport = option === Option.GO || option === Option.INFO ||
+        option === Option.LIST;
+      const type = asksForExport ? OptionReply.ERR_POLICY : OptionReply.ERR_UNSUP;
+      await sendOptionReply(conn, option, type, text);
+    }
+  } catch {
+    // The client left, or the handshake's time ran out: what it sent is reported.
+  }
+  return seen;
 }
 
 function knownName(exported: NbdExport, name: string): boolean {
