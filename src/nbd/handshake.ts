@@ -7,7 +7,8 @@
  *
  * Bounds: OPTIONS_MAX options per connection, OPTION_BYTES_MAX per option, and the
  * whole handshake within HANDSHAKE_TIMEOUT_MS; past any of them the connection is
- * closed with one log line.
+ * closed with one log line. A DST client at this port sends its hello where the client
+ * flags belong; it is named in that line, with the port it should use.
  *
  * refuseOptions() is the other use of this phase: the DST export's answer to an NBD
  * client that reached its port instead of this one.
@@ -15,6 +16,7 @@
 
 import { HANDSHAKE_TIMEOUT_MS } from "../constants.ts";
 import type { Logger } from "../lib/log.ts";
+import { MAGIC_CLIENT_HELLO } from "../protocol/mod.ts";
 import { type ByteConn, readExact, writeAll } from "../transport/byte_conn.ts";
 import {
   BLOCK_SIZE_MAX,
@@ -82,6 +84,15 @@ async function haggle(
   const flagBytes = new Uint8Array(4);
   await readExact(conn, flagBytes);
   const clientFlags = new DataView(flagBytes.buffer).getUint32(0);
+  // A DST client sends its hello without waiting for a greeting, and fails on our
+  // NBDMAGIC: all that is left is to tell the operator which port it should have used.
+  if (new DataView(flagBytes.buffer).getUint32(0, true) === MAGIC_CLIENT_HELLO) {
+    log.warn(
+      `${peer}: a DST client at the NBD port (it sent the DST hello "DSTC"): DST clients ` +
+        `connect to the export's --listen port; closing`,
+    );
+    return null;
+  }
   if ((clientFlags & ~(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)) !== 0) {
     log.warn(
       `${peer}: NBD client flags 0x${clientFlags.toString(16)} include unknown bits; closing`,
