@@ -142,6 +142,18 @@ export const RANGE_BYTES_MAX = 1024 * MiB;
 export const HANDSHAKE_TIMEOUT_MS = 10_000;
 
 /**
+ * How long the DST export waits for a first byte before it takes the peer for an NBD
+ * client, which waits for the server to speak, and answers it as an NBD server would
+ * with a message naming the right port. A DST client writes its hello the moment its
+ * connect returns, so the hello lands within one one-way trip; 2 s still covers one
+ * lost and retransmitted hello on any terrestrial path (the first retransmission
+ * waits 3 round trips, at least 200 ms on Linux: 2 s is a 570 ms round trip) and
+ * several on a LAN, while the NBD user gets the message in 2 s, not the 10 s timeout.
+ * A hello later than this gets the NBD greeting and its client a wrong-port error.
+ */
+export const NBD_GREETING_GRACE_MS = 2_000;
+
+/**
  * A DST connection in its request phase that has nothing in flight, nothing to send
  * and sent nothing for this long is closed, so silent connections cannot hold every
  * client place (CLIENTS_PER_EXPORT_MAX) for ever. A live DST client pings whenever it
@@ -248,6 +260,10 @@ assert(
 );
 assert(CLIENTS_PER_ADDRESS_MAX <= CLIENTS_PER_EXPORT_MAX, "one address can still connect");
 assert(ACCEPT_RETRY_MS_MIN <= ACCEPT_RETRY_MS_MAX, "the accept backoff starts below its cap");
+assert(
+  NBD_GREETING_GRACE_MS * 4 <= HANDSHAKE_TIMEOUT_MS,
+  "an NBD client at the DST port hears why long before the handshake times out",
+);
 assert(RANGE_BYTES_MAX < 2 ** 32, "range lengths travel as u32");
 assert(PAYLOAD_BYTES_MAX < 2 ** 32, "payload lengths travel as u32");
 assert(RECONNECT_DELAY_MS_MAX < CLIENT_TIMEOUT_MS_DEFAULT, "a reconnect try fits in one timeout");

@@ -6,10 +6,14 @@
  * it names its key, checks the export's proof before it proves anything itself,
  * and refuses an export that answers without a proof (no downgrade). The connection
  * it returns is then the protected one.
+ *
+ * An NBD server (a `dst export --nbd` port, say) speaks first with "NBDMAGIC" where the
+ * export's answer has its magic: the client says so at once, naming the port to use.
  */
 
 import { HANDSHAKE_TIMEOUT_MS } from "../constants.ts";
 import { formatHostPort, type HostPort } from "../lib/address.ts";
+import { assert } from "../lib/assert.ts";
 import { type Clock, systemClock } from "../lib/clock.ts";
 import { ConnectionClosedError, describeError, DstError } from "../lib/errors.ts";
 import {
@@ -50,6 +54,7 @@ import {
 } from "../transport/channel_keys.ts";
 import { SecureConn } from "../transport/secure_conn.ts";
 import type { Key } from "../lib/key_file.ts";
+import { NBDMAGIC } from "../nbd/wire.ts";
 import { printable } from "../lib/printable.ts";
 
 export type Dialer = (address: HostPort) => Promise<ByteConn>;
@@ -132,7 +137,7 @@ export async function dialExport(address: HostPort, options: DialOptions = {}): 
     };
     const channel = options.key
       ? await authenticate(conn, where, helloOut, options.key)
-      : await plain(conn, helloOut);
+      : await plain(conn, where, helloOut);
     const bytes = new Uint8Array(ServerHelloLayout.SIZE);
     bytes.set(channel.helloStart);
     await readExact(channel.conn, bytes.subarray(channel.helloStart.length));
@@ -189,18 +194,18 @@ const PLAIN_REFUSALS = new Set<number>([
 /** Where the server hello comes from, and what it may choose. */
 interface Channel {
   conn: ByteConn;
-  /** Bytes of the server hello already read (its magic, when the client had to look). */
+  /** Bytes of the server hello already read (its start, read to check what answered). */
   helloStart: Uint8Array;
   expect: HelloExpectation;
   /** A keyed client got a plain server hello: only a refusal is believed from it. */
   downgraded: boolean;
 }
 
-async function plain(conn: ByteConn, hello: ClientHello): Promise<Channel> {
+async function plain(conn: ByteConn, where: string, hello: ClientHello): Promise<Channel> {
   await writeAll(conn, encodeClientHello(hello));
   return {
     conn,
-    helloStart: new Uint8Array(0),
+    helloStart: await answerStart(conn, where),
     expect: { version: PROTOCOL_VERSION, authMethod: AUTH_NONE, protections: PROTECTION_NONE },
     downgraded: false,
   };
@@ -226,13 +231,12 @@ async function authenticate(
   out.set(shareBytes, helloBytes.length);
   await writeAll(conn, out);
 
-  const magicBytes = new Uint8Array(4);
-  await readExact(conn, magicBytes);
-  const magic = new DataView(magicBytes.buffer).getUint32(0, true);
+  const start = await answerStart(conn, where);
+  const magic = new DataView(start.buffer).getUint32(0, true);
   if (magic === MAGIC_SERVER_HELLO) {
     return {
       conn,
-      helloStart: magicBytes,
+      helloStart: start,
       // Only its status is believed; an OK is a downgrade (checked by the caller).
       expect: { version: PROTOCOL_VERSION, authMethod: AUTH_NONE, protections: PROTECTION_NONE },
       downgraded: true,
@@ -242,8 +246,8 @@ async function authenticate(
     throw new DstError("HANDSHAKE", `${where}: not a DST export (bad answer to the key share)`);
   }
   const shareIn = new Uint8Array(ServerKeyShareLayout.SIZE);
-  shareIn.set(magicBytes);
-  await readExact(conn, shareIn.subarray(4));
+  shareIn.set(start);
+  await readExact(conn, shareIn.subarray(start.length));
   const serverShare = decodeServerKeyShare(shareIn);
   if (typeof serverShare === "string") throw new DstError("HANDSHAKE", `${where}: ${serverShare}`);
   const secret = await sharedSecret(own, serverShare.publicKey);
@@ -276,6 +280,30 @@ async function authenticate(
     },
     downgraded: false,
   };
+}
+
+/** How much of the export's answer is read first: its magic, and enough to tell NBDMAGIC. */
+const ANSWER_START_BYTES = 8;
+assert(
+  ANSWER_START_BYTES <= Math.min(ServerHelloLayout.SIZE, ServerKeyShareLayout.SIZE),
+  "the start read is part of either answer",
+);
+
+/**
+ * The first bytes of the export's answer (a server hello or key share, both longer); an
+ * NBD server's greeting starts with NBDMAGIC there, and is named as what it is.
+ */
+async function answerStart(conn: ByteConn, where: string): Promise<Uint8Array<ArrayBuffer>> {
+  const start = new Uint8Array(ANSWER_START_BYTES);
+  await readExact(conn, start);
+  if (new DataView(start.buffer).getBigUint64(0) === NBDMAGIC) {
+    throw new DstError(
+      "HANDSHAKE",
+      `${where} is an NBD server, not a DST export: point dst at the export's DST port ` +
+        `(--listen), or use an NBD client there`,
+    );
+  }
+  return start;
 }
 
 /** The reason after a refused hello, or null when the export sent none (it closed). */

@@ -7,24 +7,28 @@
  *
  * Bounds: OPTIONS_MAX options per connection, OPTION_BYTES_MAX per option, and the
  * whole handshake within HANDSHAKE_TIMEOUT_MS; past any of them the connection is
- * closed with one log line.
+ * closed with one log line. A DST client at this port sends its hello where the client
+ * flags belong; it is named in that line, with the port it should use.
+ *
+ * refuseOptions() is the other use of this phase: the DST export's answer to an NBD
+ * client that reached its port instead of this one.
  */
 
 import { HANDSHAKE_TIMEOUT_MS } from "../constants.ts";
 import type { Logger } from "../lib/log.ts";
+import { MAGIC_CLIENT_HELLO } from "../protocol/mod.ts";
 import { type ByteConn, readExact, writeAll } from "../transport/byte_conn.ts";
 import {
   BLOCK_SIZE_MAX,
   BLOCK_SIZE_MIN,
   BLOCK_SIZE_PREFERRED,
   ClientFlag,
-  HandshakeFlag,
+  encodeGreeting,
+  encodeOptionReply,
   IHAVEOPT,
   Info,
-  NBDMAGIC,
   Option,
   OPTION_NAMES,
-  OPTION_REPLY_MAGIC,
   OptionReply,
 } from "./wire.ts";
 
@@ -75,15 +79,20 @@ async function haggle(
   peer: string,
   log: Logger,
 ): Promise<Negotiated | null> {
-  const greeting = new DataView(new ArrayBuffer(18));
-  greeting.setBigUint64(0, NBDMAGIC);
-  greeting.setBigUint64(8, IHAVEOPT);
-  greeting.setUint16(16, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES);
-  await writeAll(conn, new Uint8Array(greeting.buffer));
+  await writeAll(conn, encodeGreeting());
 
   const flagBytes = new Uint8Array(4);
   await readExact(conn, flagBytes);
   const clientFlags = new DataView(flagBytes.buffer).getUint32(0);
+  // A DST client sends its hello without waiting for a greeting, and fails on our
+  // NBDMAGIC: all that is left is to tell the operator which port it should have used.
+  if (new DataView(flagBytes.buffer).getUint32(0, true) === MAGIC_CLIENT_HELLO) {
+    log.warn(
+      `${peer}: a DST client at the NBD port (it sent the DST hello "DSTC"): DST clients ` +
+        `connect to the export's --listen port; closing`,
+    );
+    return null;
+  }
   if ((clientFlags & ~(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)) !== 0) {
     log.warn(
       `${peer}: NBD client flags 0x${clientFlags.toString(16)} include unknown bits; closing`,
@@ -193,6 +202,46 @@ async function haggle(
   return null;
 }
 
+/**
+ * Answers an NBD client that reached a port serving something else (the DST export's,
+ * once it has greeted the client and read its flags): every option is refused with
+ * `message`, so the client prints it whichever option it reports. An option that asks
+ * for a feature (STRUCTURED_REPLY, EXTENDED_HEADERS, ...) gets ERR_UNSUP, from which
+ * clients go on to ask for the export; asking for the export (GO, INFO, LIST) gets
+ * ERR_POLICY, as libnbd answers an ERR_UNSUP to GO by falling back to EXPORT_NAME,
+ * which has no error reply. It ends when the client aborts or leaves, at EXPORT_NAME
+ * (the connection is then closed, as the spec says), or after OPTIONS_MAX options.
+ * Returns the names of the options the client sent, for the caller's log line.
+ */
+export async function refuseOptions(conn: ByteConn, message: string): Promise<string[]> {
+  const text = new TextEncoder().encode(message);
+  const header = new Uint8Array(16);
+  const headerView = new DataView(header.buffer);
+  const seen: string[] = [];
+  try {
+    while (seen.length < OPTIONS_MAX) {
+      await readExact(conn, header);
+      if (headerView.getBigUint64(0) !== IHAVEOPT) break;
+      const option = headerView.getUint32(8);
+      const length = headerView.getUint32(12);
+      seen.push(OPTION_NAMES[option] ?? String(option));
+      if (length > OPTION_BYTES_MAX || option === Option.EXPORT_NAME) break;
+      await readExact(conn, new Uint8Array(length));
+      if (option === Option.ABORT) {
+        await sendOptionReply(conn, option, OptionReply.ACK, new Uint8Array());
+        break;
+      }
+      const asksForExport = option === Option.GO || option === Option.INFO ||
+        option === Option.LIST;
+      const type = asksForExport ? OptionReply.ERR_POLICY : OptionReply.ERR_UNSUP;
+      await sendOptionReply(conn, option, type, text);
+    }
+  } catch {
+    // The client left, or the handshake's time ran out: what it sent is reported.
+  }
+  return seen;
+}
+
 function knownName(exported: NbdExport, name: string): boolean {
   return name === "" || name === exported.name;
 }
@@ -242,12 +291,5 @@ async function sendOptionReply(
   type: number,
   payload: Uint8Array,
 ): Promise<void> {
-  const bytes = new Uint8Array(20 + payload.length);
-  const view = new DataView(bytes.buffer);
-  view.setBigUint64(0, OPTION_REPLY_MAGIC);
-  view.setUint32(8, option);
-  view.setUint32(12, type);
-  view.setUint32(16, payload.length);
-  bytes.set(payload, 20);
-  await writeAll(conn, bytes);
+  await writeAll(conn, encodeOptionReply(option, type, payload));
 }

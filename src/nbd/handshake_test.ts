@@ -232,3 +232,18 @@ Deno.test("an option without the IHAVEOPT magic ends the handshake", async () =>
   assert.equal(negotiated, null);
   assertFrame(out, GREETING, "greeting only");
 });
+
+Deno.test('a DST client hello ("DSTC" where the client flags belong) ends the handshake with a log line naming the DST port', async () => {
+  const warnings: string[] = [];
+  const log = { ...silentLogger, warn: (line: string) => warnings.push(line) };
+  const dstHello = frame(["magic DSTC", "44535443"], [
+    "rest of a DST client hello",
+    "00".repeat(44),
+  ]);
+  const conn = new ScriptedConn(dstHello);
+  assert.equal(await negotiate(conn, exported, "peer", log), null);
+  assertFrame(conn.written(), GREETING, "greeting only");
+  assert.equal(warnings.length, 1, warnings.join("\n"));
+  assert.match(warnings[0]!, /^peer: a DST client at the NBD port/);
+  assert.match(warnings[0]!, /DST clients connect to the export's --listen port/);
+});

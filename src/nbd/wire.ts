@@ -119,11 +119,43 @@ export const StructuredReplyLayout = {
 /** An OFFSET_DATA chunk's payload: offset u64, then the data. */
 export const OffsetDataLayout = { offset: 0, data: 8 } as const;
 
+/** The greeting's layout: NBDMAGIC u64, IHAVEOPT u64, handshake flags u16. */
+export const GreetingLayout = { nbdMagic: 0, ihaveopt: 8, flags: 16, SIZE: 18 } as const;
+/** An option reply's header: magic u64, option u32, reply type u32, length u32; then the data. */
+export const OptionReplyLayout = { magic: 0, option: 8, type: 12, length: 16, SIZE: 20 } as const;
+
+/** The fixed newstyle greeting a server opens with: it offers NO_ZEROES too. */
+export function encodeGreeting(): Uint8Array {
+  const bytes = new Uint8Array(GreetingLayout.SIZE);
+  const view = new DataView(bytes.buffer);
+  view.setBigUint64(GreetingLayout.nbdMagic, NBDMAGIC);
+  view.setBigUint64(GreetingLayout.ihaveopt, IHAVEOPT);
+  view.setUint16(GreetingLayout.flags, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES);
+  return bytes;
+}
+
+/** One reply to `option` of `type` (OptionReply), carrying `payload`. */
+export function encodeOptionReply(option: number, type: number, payload: Uint8Array): Uint8Array {
+  const bytes = new Uint8Array(OptionReplyLayout.SIZE + payload.length);
+  const view = new DataView(bytes.buffer);
+  view.setBigUint64(OptionReplyLayout.magic, OPTION_REPLY_MAGIC);
+  view.setUint32(OptionReplyLayout.option, option);
+  view.setUint32(OptionReplyLayout.type, type);
+  view.setUint32(OptionReplyLayout.length, payload.length);
+  bytes.set(payload, OptionReplyLayout.SIZE);
+  return bytes;
+}
+
 /** The block sizes this server advertises: any alignment works, 4 KiB is best, 32 MiB at most. */
 export const BLOCK_SIZE_MIN = 1;
 export const BLOCK_SIZE_PREFERRED = 4096;
 export const BLOCK_SIZE_MAX = 32 * 1024 * 1024;
 
+assert(GreetingLayout.flags + 2 === GreetingLayout.SIZE, "the greeting is 18 bytes");
+assert(
+  OptionReplyLayout.length + 4 === OptionReplyLayout.SIZE,
+  "an option reply header is 20 bytes",
+);
 assert(RequestLayout.length + 4 === RequestLayout.SIZE, "an NBD request header is 28 bytes");
 assert(SimpleReplyLayout.cookie + 8 === SimpleReplyLayout.SIZE, "a simple reply is 16 bytes");
 assert(

@@ -191,7 +191,7 @@ Deno.test("the INFO payload is 16 bytes laid out as the spec's table", () => {
   assert.deepEqual({ ...wire.InfoLayout }, { size: 0, blockSize: 8, exportFlags: 12, SIZE: 16 });
 });
 
-Deno.test("the limits are the spec's table: 32 MiB payload, 1 GiB range, 64 KiB STATUS, 4 KiB CONTROL, 64 MiB and 128 in flight, 64 clients, 10 s handshake, 512 B reason, 30 s lease", () => {
+Deno.test("the limits are the spec's table: 32 MiB payload, 1 GiB range, 64 KiB STATUS, 4 KiB CONTROL, 64 MiB and 128 in flight, 64 clients, 10 s handshake, 2 s of silence before an NBD greeting, 512 B reason, 30 s lease", () => {
   assert.equal(limits.PAYLOAD_BYTES_MAX, 33_554_432);
   assert.equal(limits.RANGE_BYTES_MAX, 1_073_741_824);
   assert.equal(limits.STATUS_PAYLOAD_BYTES_MAX, 65_536);
@@ -200,6 +200,7 @@ Deno.test("the limits are the spec's table: 32 MiB payload, 1 GiB range, 64 KiB 
   assert.equal(limits.IN_FLIGHT_PER_CONNECTION_MAX, 128);
   assert.equal(limits.CLIENTS_PER_EXPORT_MAX, 64);
   assert.equal(limits.HANDSHAKE_TIMEOUT_MS, 10_000);
+  assert.equal(limits.NBD_GREETING_GRACE_MS, 2_000);
   assert.equal(wire.REFUSAL_REASON_BYTES_MAX, 512);
   assert.equal(limits.LEASE_IDLE_MS, 30_000);
 });

@@ -9,11 +9,17 @@
  * everything after it travel in protected records (secure_conn.ts). Configuring a
  * key means requiring it: a keyed export refuses unkeyed clients, and a keyed
  * client refuses an export that cannot prove the key.
+ *
+ * A DST client speaks first, at once; an NBD client waits for the server. A peer that
+ * sends nothing for NBD_GREETING_GRACE_MS is taken for an NBD client at the wrong port
+ * and answered as an NBD server would (src/nbd/ encodes the bytes), with a refusal
+ * that names the port to use: the user reads it instead of waiting for a timeout.
  */
 
 import {
   HANDSHAKE_TIMEOUT_MS,
   IN_FLIGHT_PER_CONNECTION_MAX,
+  NBD_GREETING_GRACE_MS,
   PAYLOAD_BYTES_MAX,
 } from "../constants.ts";
 import type { DeviceInfo } from "../device/block_device.ts";
@@ -45,6 +51,8 @@ import {
   type ServerHello,
   WRITE_EPOCH_BYTES,
 } from "../protocol/mod.ts";
+import { refuseOptions } from "../nbd/handshake.ts";
+import { encodeGreeting } from "../nbd/wire.ts";
 import { type ByteConn, readExact, writeAll } from "../transport/byte_conn.ts";
 import {
   checkProof,
@@ -120,7 +128,14 @@ export async function acceptHandshake(
   try {
     try {
       // The magic first: a client speaking something else is told so at once, not after a timeout.
-      await readExact(conn, helloBytes.subarray(0, 4));
+      const magicBytes = helloBytes.subarray(0, 4);
+      const first = conn.read(magicBytes);
+      if (await silentFor(first, NBD_GREETING_GRACE_MS, clock)) {
+        return await answerNbdClient(conn, first, magicBytes);
+      }
+      const n = await first;
+      if (n === null) throw new Error("the client left before its hello");
+      await readExact(conn, magicBytes.subarray(n));
       const magic = new DataView(helloBytes.buffer).getUint32(ClientHelloLayout.magic, true);
       if (magic !== MAGIC_CLIENT_HELLO) {
         return { ok: false, reason: "not a DST client (bad client hello magic)" };
@@ -192,6 +207,63 @@ export async function acceptHandshake(
   } finally {
     timer.cancel();
   }
+}
+
+/** What an NBD client at this port is told, in the NBD option error it prints. */
+export const NBD_WRONG_PORT_MESSAGE = "this is a DST port (dst export --listen); NBD clients " +
+  "connect to the export's --nbd port, or run dst attach HOST:PORT on the client machine";
+
+/** True when `read` has not settled within `ms`; the read goes on either way. */
+async function silentFor(read: Promise<unknown>, ms: number, clock: Clock): Promise<boolean> {
+  const { promise, resolve } = Promise.withResolvers<boolean>();
+  const timer = clock.after(ms, () => resolve(true));
+  read.then(() => resolve(false), () => resolve(false));
+  try {
+    return await promise;
+  } finally {
+    timer.cancel();
+  }
+}
+
+/**
+ * A peer that stayed silent: greets it as an NBD server, reads its client flags
+ * (`first`, the read already under way, brings their first bytes into `flagBytes`)
+ * and refuses each of its options with NBD_WRONG_PORT_MESSAGE. The handshake's
+ * timeout still bounds all of it.
+ */
+async function answerNbdClient(
+  conn: ByteConn,
+  first: Promise<number | null>,
+  flagBytes: Uint8Array,
+): Promise<Handshake> {
+  const silent = `sent nothing for ${NBD_GREETING_GRACE_MS} ms`;
+  try {
+    await writeAll(conn, encodeGreeting());
+    const n = await first;
+    if (n === null) throw new Error("it left");
+    await readExact(conn, flagBytes.subarray(n));
+  } catch {
+    return {
+      ok: false,
+      reason: `the client ${silent}, and did not answer the NBD greeting it was then sent`,
+    };
+  }
+  if (
+    new DataView(flagBytes.buffer, flagBytes.byteOffset).getUint32(0, true) === MAGIC_CLIENT_HELLO
+  ) {
+    return {
+      ok: false,
+      reason: `a DST client's hello came after ${NBD_GREETING_GRACE_MS} ms, when it had ` +
+        `already been greeted as an NBD client (a slow or lossy link?); it fails this connection`,
+    };
+  }
+  const options = await refuseOptions(conn, NBD_WRONG_PORT_MESSAGE);
+  return {
+    ok: false,
+    reason: `an NBD client at the DST port (it ${silent}, then answered the NBD greeting and ` +
+      `sent ${options.length === 0 ? "no option" : `options ${options.join(", ")}`}): told it ` +
+      `to use the export's --nbd port, or dst attach`,
+  };
 }
 
 function offersKey(hello: ClientHello): boolean {

@@ -10,7 +10,15 @@
  */
 
 import assert from "node:assert/strict";
-import { assertFrame, type Field, frame, ScriptedConn } from "../../tests/helpers/golden.ts";
+import {
+  assertFrame,
+  type Field,
+  frame,
+  PacedConn,
+  ScriptedConn,
+} from "../../tests/helpers/golden.ts";
+import { ManualClock } from "../../tests/helpers/manual_clock.ts";
+import { NBD_GREETING_GRACE_MS } from "../constants.ts";
 import type { DeviceInfo } from "../device/block_device.ts";
 import { acceptHandshake, type Admission } from "./handshake.ts";
 
@@ -128,4 +136,116 @@ Deno.test("a hello without the DSTC magic is not answered", async () => {
   const result = await acceptHandshake(conn, info, () => Promise.resolve(admitted), V1);
   assert.match(result.ok ? "" : result.reason, /magic/);
   assert.equal(conn.written().length, 0);
+});
+
+// An NBD client at the DST port: it waits for the server to speak, while a DST client
+// sends its hello at once. The numbers below are NBD's (doc/proto.md), big-endian.
+
+const NBD_GREETING: readonly Field[] = [
+  ["NBDMAGIC", "4e42444d41474943"],
+  ["IHAVEOPT", "49484156454f5054"],
+  ["handshake flags FIXED_NEWSTYLE|NO_ZEROES", "0003"],
+];
+
+const WRONG_PORT = "this is a DST port (dst export --listen); NBD clients connect to the " +
+  "export's --nbd port, or run dst attach HOST:PORT on the client machine";
+
+/** An NBD option as the client sends it: IHAVEOPT, the option type, the data's length, the data. */
+function nbdOption(type: string, data = ""): Uint8Array {
+  const bytes = frame(["data", data]);
+  return frame(
+    ["IHAVEOPT", "49484156454f5054"],
+    ["option", type],
+    ["length", bytes.length.toString(16).padStart(8, "0")],
+    ["data", data],
+  );
+}
+
+/** An NBD option error reply carrying WRONG_PORT. */
+function nbdRefusal(optionType: string, replyType: string): Field[] {
+  const text = new TextEncoder().encode(WRONG_PORT);
+  return [
+    ["option reply magic", "0003e889045565a9"],
+    ["option echoed", optionType],
+    ["reply type", replyType],
+    ["length", text.length.toString(16).padStart(8, "0")],
+    ["message", Array.from(text, (b) => b.toString(16).padStart(2, "0")).join("")],
+  ];
+}
+
+/** Lets the handshake run as far as it can without more input or time. */
+const settle = () => new Promise((resolve) => setTimeout(resolve, 0));
+
+const neverAsked = () => Promise.reject(new Error("an NBD client was admitted"));
+
+Deno.test("a client silent for NBD_GREETING_GRACE_MS is greeted as an NBD server would, and its options are refused with a message naming the ports", async () => {
+  const clock = new ManualClock();
+  const conn = new PacedConn();
+  const done = acceptHandshake(conn, info, neverAsked, { ...V1, clock });
+  await settle();
+  clock.advance(NBD_GREETING_GRACE_MS - 1);
+  await settle();
+  assert.equal(conn.written().length, 0, "a DST client still has time to send its hello");
+  clock.advance(1);
+  await settle();
+  assertFrame(conn.written(), NBD_GREETING, "NBD greeting");
+  // As libnbd does: flags, STRUCTURED_REPLY (8), then GO (7) for the default export.
+  conn.feed(frame(["client flags FIXED_NEWSTYLE|NO_ZEROES", "00000003"]));
+  conn.feed(nbdOption("00000008"), nbdOption("00000007", "00000000 0000"));
+  conn.feed(nbdOption("00000002")); // ABORT
+  const result = await done;
+  assert.equal(result.ok, false);
+  assert.match(result.ok ? "" : result.reason, /NBD client at the DST port/);
+  assertFrame(conn.written(), [
+    ...NBD_GREETING,
+    // A feature it asks for is unsupported, so the client goes on to ask for the export...
+    ...nbdRefusal("00000008", "80000001"),
+    // ...which is refused by policy (ERR_UNSUP to GO would make it fall back to EXPORT_NAME).
+    ...nbdRefusal("00000007", "80000002"),
+    ["ABORT acknowledged", "0003e889045565a9 00000002 00000001 00000000"],
+  ], "NBD refusals");
+});
+
+Deno.test("a hello that arrives just inside the grace is answered as ever, with no NBD byte", async () => {
+  const clock = new ManualClock();
+  const conn = new PacedConn();
+  const done = acceptHandshake(conn, info, () => Promise.resolve(admitted), { ...V1, clock });
+  await settle();
+  clock.advance(NBD_GREETING_GRACE_MS - 1);
+  await settle();
+  conn.feed(clientHello().subarray(0, 1));
+  await settle();
+  clock.advance(NBD_GREETING_GRACE_MS);
+  conn.feed(clientHello().subarray(1));
+  const result = await done;
+  assert.equal(result.ok, true);
+  const out = conn.written();
+  assert.equal(out.length, 112, "the server hello only");
+  assertFrame(out.subarray(0, 4), [["magic DSTS", "44535453"]], "server hello");
+});
+
+Deno.test("a connection that ends before the grace is not answered", async () => {
+  const clock = new ManualClock();
+  const conn = new PacedConn();
+  const done = acceptHandshake(conn, info, neverAsked, { ...V1, clock });
+  conn.end();
+  const result = await done;
+  assert.equal(result.ok, false);
+  clock.advance(NBD_GREETING_GRACE_MS);
+  await settle();
+  assert.equal(conn.written().length, 0);
+});
+
+Deno.test("a DST hello that arrives after the grace gets only the NBD greeting, and the reason says it came late", async () => {
+  const clock = new ManualClock();
+  const conn = new PacedConn();
+  const done = acceptHandshake(conn, info, neverAsked, { ...V1, clock });
+  await settle();
+  clock.advance(NBD_GREETING_GRACE_MS);
+  await settle();
+  conn.feed(clientHello());
+  const result = await done;
+  assert.equal(result.ok, false);
+  assert.match(result.ok ? "" : result.reason, /DST client's hello came after/);
+  assertFrame(conn.written(), NBD_GREETING, "the greeting only");
 });

@@ -88,3 +88,66 @@ export class ScriptedConn implements ByteConn {
     return concat(...this.#writes);
   }
 }
+
+/**
+ * A connection whose input the test hands over step by step (`feed`, `end`), so a server
+ * side can be watched while it waits: a read waits until bytes are fed or the input ends.
+ */
+export class PacedConn implements ByteConn {
+  readonly #input: Uint8Array[] = [];
+  #ended = false;
+  #closed = false;
+  #waiting: (() => void) | null = null;
+  readonly #writes: Uint8Array[] = [];
+
+  /** More input; a read waiting for it takes it. */
+  feed(...chunks: Uint8Array[]): void {
+    this.#input.push(...chunks.map((chunk) => chunk.slice()));
+    this.#wake();
+  }
+
+  /** The input ends: reads return null once what was fed is taken. */
+  end(): void {
+    this.#ended = true;
+    this.#wake();
+  }
+
+  async read(into: Uint8Array): Promise<number | null> {
+    while (this.#input.length === 0 && !this.#ended && !this.#closed) {
+      await new Promise<void>((resolve) => this.#waiting = resolve);
+    }
+    const chunk = this.#input[0];
+    if (this.#closed || chunk === undefined) return null;
+    const n = Math.min(into.length, chunk.length);
+    into.set(chunk.subarray(0, n));
+    if (n === chunk.length) this.#input.shift();
+    else this.#input[0] = chunk.subarray(n);
+    return n;
+  }
+
+  write(data: Uint8Array): Promise<number> {
+    if (this.#closed) return Promise.reject(new Error("write after close"));
+    this.#writes.push(data.slice());
+    return Promise.resolve(data.length);
+  }
+
+  close(): void {
+    this.#closed = true;
+    this.#wake();
+  }
+
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /** Everything written so far, in order. */
+  written(): Uint8Array {
+    return concat(...this.#writes);
+  }
+
+  #wake(): void {
+    const waiting = this.#waiting;
+    this.#waiting = null;
+    waiting?.();
+  }
+}

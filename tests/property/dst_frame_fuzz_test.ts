@@ -20,7 +20,9 @@
  *    the export closes every fuzzing connection, a dropped one too, once what it started
  *    has finished; shutdown completes.
  * 3. Replies: a hello is answered with the status the spec's order gives (or not at
- *    all, for a bad magic or versionMin > versionMax); every whole request before a
+ *    all, for a bad magic, versionMin > versionMax, or a stream that ends before its
+ *    hello, even an empty one: it ends long before the export would greet silence as an
+ *    NBD client, which src/server/handshake_test.ts checks); every whole request before a
  *    frame that cannot be trusted gets exactly one reply, with its txId and command and
  *    the spec's error code and payload length, also when more bytes followed that frame;
  *    nothing else is sent. (Only after a close in the handshake, which leaves bytes
@@ -401,7 +403,10 @@ function expect(stream: Uint8Array): Expectation {
     e.cut = at < stream.length;
     return e;
   };
-  // The export reads the magic first and stops there when it is wrong.
+  // The export reads the magic first and stops there when it is wrong. A stream shorter
+  // than that ends at once, before NBD_GREETING_GRACE_MS (2 s): only a peer that sends no
+  // byte and keeps the connection open that long is greeted as an NBD client, and no
+  // fuzzing stream does, so an empty one is still not answered.
   if (stream.length < 4) return e;
   if (view.getUint32(0, true) !== MAGIC.DSTC) return stopAt(4);
   if (stream.length < 48) return e;
