@@ -49,7 +49,10 @@ export async function demoCommand(argv: string[]): Promise<number> {
   const self = selfCommand();
   let child: Deno.ChildProcess | null = null;
   try {
-    step(`dst export ${image} --create ${formatBytes(sizeBytes)} --listen 127.0.0.1:0`);
+    step(
+      `dst export ${image} --create ${formatBytes(sizeBytes)} --listen 127.0.0.1:0 ` +
+        `--state ${dir}/state`,
+    );
     child = new Deno.Command(self.command, {
       args: [
         ...self.args,
@@ -59,6 +62,9 @@ export async function demoCommand(argv: string[]): Promise<number> {
         String(sizeBytes),
         "--listen",
         "127.0.0.1:0",
+        // Its write generation goes with the image, so removing the folder removes it too.
+        "--state",
+        `${dir}/state`,
         // With --key the demo shows the keyed channel: the export requires the key too.
         ...(keyPath === undefined ? [] : ["--key", keyPath]),
       ],
