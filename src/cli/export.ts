@@ -8,7 +8,7 @@ import {
 } from "../constants.ts";
 import { FileDevice } from "../device/file_device.ts";
 import { parseHostPort } from "../lib/address.ts";
-import { UsageError } from "../lib/errors.ts";
+import { describeError, DstError, UsageError } from "../lib/errors.ts";
 import { logger } from "../lib/log.ts";
 import { formatBytes, parseCount, parseSize } from "../lib/units.ts";
 import { defaultExportStateDir, PersistedGeneration } from "../server/write_generation.ts";
@@ -93,6 +93,13 @@ export async function exportCommand(argv: string[]): Promise<number> {
   const policy = accessPolicy(parsed);
   const memoryBytes = memoryOption(parsed, "export");
   const log = logger("export");
+  const existingBytes = await existingSize(path);
+  if (existingBytes === null && createBytes === undefined) {
+    throw new DstError(
+      "ENOENT",
+      `${path} does not exist; use --create SIZE to make it (e.g. --create 10G)`,
+    );
+  }
   const device = await FileDevice.open(path, { readOnly, createBytes });
   try {
     const info = device.info;
@@ -121,4 +128,14 @@ export async function exportCommand(argv: string[]): Promise<number> {
   }
   log.info("stopped cleanly");
   return 0;
+}
+
+/** The size of what is at `path` now (0 for a block device), or null when nothing is there. */
+async function existingSize(path: string): Promise<number | null> {
+  try {
+    return (await Deno.stat(path)).size;
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return null;
+    throw new DstError("ENOENT", `Cannot open ${path}: ${describeError(error)}`, { cause: error });
+  }
 }
