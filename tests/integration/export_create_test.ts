@@ -37,3 +37,13 @@ Deno.test("export of a PATH that does not exist, without --create, says to use -
     assert.equal(await exists(path), false);
   });
 });
+
+Deno.test("--create with a bare number below 1 MiB is refused with an example, not taken for a tiny image", async () => {
+  await inTempDir("dst-export-bare-size-", async (dir) => {
+    const path = `${dir}/new.img`;
+    const result = await runDst(["export", path, "--create", "10", "--listen", "127.0.0.1:0"]);
+    assert.equal(result.code, 2, result.stderr);
+    assert.match(result.stderr, /--create 10 .*10 bytes.*e\.g\. --create 10G/);
+    assert.equal(await exists(path), false);
+  });
+});
