@@ -1,6 +1,7 @@
 /** `dst export PATH`: serves an image file or block device over the DST protocol. */
 
 import {
+  CREATE_BARE_BYTES_MIN,
   EXPORT_PORT_DEFAULT,
   NBD_PORT_DEFAULT,
   NBD_THREADS_DEFAULT,
@@ -30,7 +31,9 @@ Serves PATH (an image file or a block device) to DST clients.
 
   --listen [HOST]:PORT  address to listen on (default 0.0.0.0:${EXPORT_PORT_DEFAULT}; port 0 picks a free one)
   --read-only           refuse every write, discard and write-zeroes
-  --create SIZE         create PATH as a sparse image of SIZE (e.g. 1G), or grow it to SIZE
+  --create SIZE         create PATH as a sparse image of SIZE (e.g. 10G: K, M, G, T are binary
+                        multiples; a bare number is bytes, at least 1M), or grow it to SIZE;
+                        it never shrinks an image
   --nbd [HOST]:PORT     also serve PATH over NBD (default host 127.0.0.1, port ${NBD_PORT_DEFAULT})
   --nbd-threads N       threads serving NBD, 1 to ${NBD_THREADS_MAX} (default ${NBD_THREADS_DEFAULT}); the kernel
                         spreads NBD connections among them
@@ -70,8 +73,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
   if (createText !== undefined && readOnly) {
     throw new UsageError("dst export: --create writes the image, so it cannot go with --read-only");
   }
-  const createBytes = createText === undefined ? undefined : parseSize(createText, "--create");
-  if (createBytes === 0) throw new UsageError("dst export: --create needs a size above 0");
+  const createBytes = createText === undefined ? undefined : parseCreateSize(createText);
   const listen = parseHostPort(
     stringOption(parsed, "listen") ?? "",
     "0.0.0.0",
@@ -128,6 +130,24 @@ export async function exportCommand(argv: string[]): Promise<number> {
   }
   log.info("stopped cleanly");
   return 0;
+}
+
+/**
+ * --create SIZE. A bare number is bytes, but a small one is refused rather than made
+ * (CREATE_BARE_BYTES_MIN). Other size options keep bare bytes: a wrong one there is
+ * refused or harmless, where this one writes a useless file.
+ */
+function parseCreateSize(text: string): number {
+  const bytes = parseSize(text, "--create");
+  if (bytes === 0) throw new UsageError("dst export: --create needs a size above 0");
+  if (/^\s*\d+\s*$/.test(text) && bytes < CREATE_BARE_BYTES_MIN) {
+    throw new UsageError(
+      `dst export: --create ${text.trim()} would make an image of ${bytes} bytes: give a unit, ` +
+        `e.g. --create ${text.trim()}G (K, M, G, T are binary multiples), or at least ` +
+        `${CREATE_BARE_BYTES_MIN} bytes`,
+    );
+  }
+  return bytes;
 }
 
 /** The size of what is at `path` now (0 for a block device), or null when nothing is there. */
