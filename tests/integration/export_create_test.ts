@@ -6,7 +6,8 @@
  */
 
 import assert from "node:assert/strict";
-import { runDst } from "../helpers/spawn.ts";
+import { eventually } from "../helpers/frame_fuzz.ts";
+import { runDst, startExport, stopClean } from "../helpers/spawn.ts";
 
 async function exists(path: string): Promise<boolean> {
   try {
@@ -45,5 +46,24 @@ Deno.test("--create with a bare number below 1 MiB is refused with an example, n
     assert.equal(result.code, 2, result.stderr);
     assert.match(result.stderr, /--create 10 .*10 bytes.*e\.g\. --create 10G/);
     assert.equal(await exists(path), false);
+  });
+});
+
+Deno.test("--create on a larger existing image keeps it and says so on stderr", async () => {
+  await inTempDir("dst-export-keep-", async (dir) => {
+    const path = `${dir}/disk.img`;
+    await Deno.writeFile(path, new Uint8Array());
+    await Deno.truncate(path, 2 * 1024 * 1024);
+    const server = await startExport([path, "--create", "1M", "--listen", "127.0.0.1:0"]);
+    try {
+      await eventually(
+        5000,
+        "the export to say it kept the image",
+        () => server.log().includes("kept the existing 2.0 MiB image; --create 1M never shrinks"),
+      );
+    } finally {
+      await stopClean(server, "dst export");
+    }
+    assert.equal((await Deno.stat(path)).size, 2 * 1024 * 1024);
   });
 });
