@@ -105,6 +105,13 @@ export async function exportCommand(argv: string[]): Promise<number> {
   const device = await FileDevice.open(path, { readOnly, createBytes });
   try {
     const info = device.info;
+    if (createBytes !== undefined && existingBytes !== null && info.sizeBytes > createBytes) {
+      log.info(
+        `kept the existing ${
+          formatBytes(info.sizeBytes)
+        } image; --create ${createText} never shrinks`,
+      );
+    }
     const generation = PersistedGeneration.open(
       stringOption(parsed, "state") ?? defaultExportStateDir(),
       info.id,
