@@ -67,3 +67,42 @@ Deno.test("--create on a larger existing image keeps it and says so on stderr", 
     assert.equal((await Deno.stat(path)).size, 2 * 1024 * 1024);
   });
 });
+
+Deno.test("export --create on a port it cannot listen on fails and leaves no new image; an existing one is untouched", async () => {
+  await inTempDir("dst-export-taken-", async (dir) => {
+    const taken = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    try {
+      const listen = `127.0.0.1:${taken.addr.port}`;
+      const path = `${dir}/new.img`;
+      const result = await runDst(["export", path, "--create", "1G", "--listen", listen]);
+      assert.equal(result.code, 1, result.stderr);
+      assert.match(
+        result.stderr,
+        new RegExp(`Cannot listen on ${listen}.*pick another with --listen`),
+      );
+      assert.equal(await exists(path), false, "no image is left behind");
+
+      const nbd = await runDst([
+        "export",
+        path,
+        "--create",
+        "1G",
+        "--listen",
+        "127.0.0.1:0",
+        "--nbd",
+        listen,
+      ]);
+      assert.equal(nbd.code, 1, nbd.stderr);
+      assert.match(nbd.stderr, new RegExp(`Cannot listen on ${listen}.*--nbd`));
+      assert.equal(await exists(path), false, "no image is left behind by --nbd either");
+
+      const old = `${dir}/old.img`;
+      await Deno.writeFile(old, new Uint8Array(4096).fill(7));
+      const kept = await runDst(["export", old, "--create", "1G", "--listen", listen]);
+      assert.equal(kept.code, 1, kept.stderr);
+      assert.deepEqual(await Deno.readFile(old), new Uint8Array(4096).fill(7));
+    } finally {
+      taken.close();
+    }
+  });
+});
