@@ -14,7 +14,7 @@ import { logger } from "../lib/log.ts";
 import { formatBytes, parseCount, parseSize } from "../lib/units.ts";
 import { defaultExportStateDir, PersistedGeneration } from "../server/write_generation.ts";
 import { parseCommand, stringOption } from "./args.ts";
-import { serveUntilSignal } from "./serve.ts";
+import { closePorts, listenPorts, serveUntilSignal } from "./serve.ts";
 import {
   accessPolicy,
   memoryOption,
@@ -95,6 +95,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
   const policy = accessPolicy(parsed);
   const memoryBytes = memoryOption(parsed, "export");
   const log = logger("export");
+  const nbdThreadsOption = { path, threads: nbdThreads };
   const existingBytes = await existingSize(path);
   if (existingBytes === null && createBytes === undefined) {
     throw new DstError(
@@ -102,8 +103,11 @@ export async function exportCommand(argv: string[]): Promise<number> {
       `${path} does not exist; use --create SIZE to make it (e.g. --create 10G)`,
     );
   }
-  const device = await FileDevice.open(path, { readOnly, createBytes });
+  // Listening first: a port that is taken fails before --create makes or grows the image.
+  const ports = listenPorts({ listen, nbd: nbdListen, nbdThreads: nbdThreadsOption, log });
+  let device: FileDevice | null = null;
   try {
+    device = await FileDevice.open(path, { readOnly, createBytes });
     const info = device.info;
     if (createBytes !== undefined && existingBytes !== null && info.sizeBytes > createBytes) {
       log.info(
@@ -119,7 +123,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
     await serveUntilSignal(device, {
       listen,
       nbd: nbdListen,
-      nbdThreads: { path, threads: nbdThreads },
+      nbdThreads: nbdThreadsOption,
       generation,
       sharedWriters: parsed.values["shared-writers"] === true,
       keys,
@@ -131,9 +135,12 @@ export async function exportCommand(argv: string[]): Promise<number> {
         `${readOnly ? "read-only" : "read-write"}, id ${info.id}`,
       command: "export",
       log,
-    });
+    }, ports);
+  } catch (error) {
+    closePorts(ports); // those no server took; a server that started closed its own
+    throw error;
   } finally {
-    await device.close();
+    await device?.close();
   }
   log.info("stopped cleanly");
   return 0;
