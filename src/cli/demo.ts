@@ -7,6 +7,7 @@
 
 import { RemoteDevice } from "../client/remote_device.ts";
 import { parseHostPort } from "../lib/address.ts";
+import { UsageError } from "../lib/errors.ts";
 import { formatBytes, parseSize } from "../lib/units.ts";
 import type { ExportStatus } from "../server/exporter.ts";
 import {
@@ -39,7 +40,7 @@ export async function demoCommand(argv: string[]): Promise<number> {
   }
   const sizeBytes = parseSize(stringOption(parsed, "size") ?? "64M", "--size");
   if (sizeBytes < 4 * MiB || sizeBytes % 4096 !== 0) {
-    throw new Error("dst demo: --size must be at least 4M and a multiple of 4K");
+    throw new UsageError("--size must be at least 4M and a multiple of 4K", "demo");
   }
   const keyPath = stringOption(parsed, "key");
   const client = await clientOptions(parsed, "demo"); // a bad key file fails before anything starts

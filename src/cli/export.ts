@@ -64,14 +64,15 @@ export async function exportCommand(argv: string[]): Promise<number> {
   }
   if (parsed.positionals.length !== 1) {
     throw new UsageError(
-      `dst export takes one PATH, got ${parsed.positionals.length}\n\n${EXPORT_HELP}`,
+      `takes one PATH, got ${parsed.positionals.length}\n\n${EXPORT_HELP}`,
+      "export",
     );
   }
   const path = parsed.positionals[0]!;
   const readOnly = parsed.values["read-only"] === true;
   const createText = stringOption(parsed, "create");
   if (createText !== undefined && readOnly) {
-    throw new UsageError("dst export: --create writes the image, so it cannot go with --read-only");
+    throw new UsageError("--create writes the image, so it cannot go with --read-only", "export");
   }
   const createBytes = createText === undefined ? undefined : parseCreateSize(createText);
   const listen = parseHostPort(
@@ -85,7 +86,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
     : parseHostPort(nbdText, "127.0.0.1", NBD_PORT_DEFAULT);
   const threadsText = stringOption(parsed, "nbd-threads");
   if (threadsText !== undefined && nbdListen === null) {
-    throw new UsageError("dst export: --nbd-threads goes with --nbd [HOST]:PORT");
+    throw new UsageError("--nbd-threads goes with --nbd [HOST]:PORT", "export");
   }
   const nbdThreads = threadsText === undefined
     ? NBD_THREADS_DEFAULT
@@ -153,12 +154,13 @@ export async function exportCommand(argv: string[]): Promise<number> {
  */
 function parseCreateSize(text: string): number {
   const bytes = parseSize(text, "--create");
-  if (bytes === 0) throw new UsageError("dst export: --create needs a size above 0");
+  if (bytes === 0) throw new UsageError("--create needs a size above 0", "export");
   if (/^\s*\d+\s*$/.test(text) && bytes < CREATE_BARE_BYTES_MIN) {
     throw new UsageError(
-      `dst export: --create ${text.trim()} would make an image of ${bytes} bytes: give a unit, ` +
+      `--create ${text.trim()} would make an image of ${bytes} bytes: give a unit, ` +
         `e.g. --create ${text.trim()}G (K, M, G, T are binary multiples), or at least ` +
         `${CREATE_BARE_BYTES_MIN} bytes`,
+      "export",
     );
   }
   return bytes;
