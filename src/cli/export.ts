@@ -29,12 +29,15 @@ export const EXPORT_HELP =
 
 Serves PATH (an image file or a block device) to DST clients.
 
-  --listen [HOST]:PORT  address to listen on (default 0.0.0.0:${EXPORT_PORT_DEFAULT}; port 0 picks a free one)
+  --listen [HOST]:PORT  address to listen on (default 0.0.0.0:${EXPORT_PORT_DEFAULT}: all interfaces, so
+                        clients and arrays on other nodes can reach it; 127.0.0.1 keeps it on
+                        this machine; port 0 picks a free one)
   --read-only           refuse every write, discard and write-zeroes
   --create SIZE         create PATH as a sparse image of SIZE (e.g. 10G: K, M, G, T are binary
                         multiples; a bare number is bytes, at least 1M), or grow it to SIZE;
                         it never shrinks an image
-  --nbd [HOST]:PORT     also serve PATH over NBD (default host 127.0.0.1, port ${NBD_PORT_DEFAULT})
+  --nbd [HOST]:PORT     also serve PATH over NBD (default 127.0.0.1:${NBD_PORT_DEFAULT}: loopback only,
+                        for this machine's kernel and tools; NBD has no keys)
   --nbd-threads N       threads serving NBD, 1 to ${NBD_THREADS_MAX} (default ${NBD_THREADS_DEFAULT}); the kernel
                         spreads NBD connections among them
   --state DIR           where to keep the export's write generation (default

@@ -5,7 +5,7 @@
  */
 
 import type { BlockDevice } from "../device/block_device.ts";
-import { formatHostPort, type HostPort, isLoopbackHost } from "../lib/address.ts";
+import { formatHostPort, type HostPort, isAllInterfaces, isLoopbackHost } from "../lib/address.ts";
 import type { Logger } from "../lib/log.ts";
 import { logger } from "../lib/log.ts";
 import { NbdServer } from "../nbd/mod.ts";
@@ -122,19 +122,19 @@ export async function serveUntilSignal(
   }
   // Listening for signals before the ready line: a SIGTERM right after it is a clean stop.
   const stopping = untilSignal();
+  // The address ends the line (scripts read it there); a wildcard is named before it.
   if (exporter !== null) {
     console.log(
-      `dst ${options.command}: serving ${options.label} (${options.details}) on ${
-        formatHostPort(exporter.address)
-      }`,
+      `dst ${options.command}: serving ${options.label} (${options.details})` +
+        `${everywhere(exporter.address.hostname)} on ${formatHostPort(exporter.address)}`,
     );
   }
-  if (nbd !== null) {
+  if (nbd !== null && ports.nbd !== null) {
     console.log(
       `dst ${options.command}: ${
         exporter === null ? "serving" : "also serving"
       } ${options.label} ` +
-        `as NBD at ${nbd.uri}`,
+        `as NBD${everywhere(ports.nbd.listener.addr.hostname)} at ${nbd.uri}`,
     );
   }
   if (options.keys !== undefined && exporter !== null) {
@@ -171,6 +171,11 @@ export async function serveUntilSignal(
   } finally {
     clearTimeout(timer);
   }
+}
+
+/** ", all interfaces," for a wildcard host, so nobody takes 0.0.0.0 for this machine only. */
+function everywhere(hostname: string): string {
+  return isAllInterfaces(hostname) ? ", all interfaces," : "";
 }
 
 /**

@@ -56,7 +56,7 @@ export interface RunningAttach extends RunningDst {
 
 /** Spawns `dst export ARGS...` and waits for the line ending " on HOST:PORT" (and, with --nbd, the NBD line). */
 export async function startExport(args: string[]): Promise<RunningExport> {
-  const ready = args.includes("--nbd") ? / on (\S+)\n[^]*as NBD at (\S+)\n/ : / on (\S+)\n/;
+  const ready = args.includes("--nbd") ? / on (\S+)\n[^]*as NBD[^\n]* at (\S+)\n/ : / on (\S+)\n/;
   const running = await startDst(["export", ...args], ready);
   return {
     ...running,
