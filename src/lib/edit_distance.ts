@@ -6,8 +6,9 @@
  *
  * @example
  * ```ts
- * import { editDistance } from "./edit_distance.ts";
+ * import { editDistance, nearest } from "./edit_distance.ts";
  * if (editDistance("lisen", "listen") !== 1) throw new Error("one letter is missing");
+ * if (nearest("lisen", ["listen", "nbd"]) !== "listen") throw new Error("--lisen is --listen");
  * ```
  */
 export function editDistance(a: string, b: string): number {
