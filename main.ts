@@ -53,9 +53,20 @@ async function main(argv: string[]): Promise<number> {
     console.log(`dst ${VERSION}`);
     return 0;
   }
-  const run = COMMANDS[command];
-  if (run === undefined) throw new UsageError(`unknown command "${command}"\n\n${HELP}`);
-  return await run(rest);
+  if (!Object.hasOwn(COMMANDS, command)) {
+    throw new UsageError(`unknown command "${command}"\n\n${HELP}`);
+  }
+  return await COMMANDS[command]!(rest);
+}
+
+/**
+ * "dst COMMAND: message" for bad usage, the command being the one the error names
+ * ("array mirror") or else the one that ran; "dst: message" when there is none.
+ */
+function usagePrefix(error: UsageError, argv: string[]): string {
+  const ran = argv[0] !== undefined && Object.hasOwn(COMMANDS, argv[0]) ? argv[0] : undefined;
+  const command = error.command ?? ran;
+  return command === undefined ? "dst" : `dst ${command}`;
 }
 
 if (isNbdThread()) {
@@ -66,7 +77,7 @@ if (isNbdThread()) {
     code = await main(Deno.args);
   } catch (error) {
     if (error instanceof UsageError) {
-      console.error(`dst: ${error.message}`);
+      console.error(`${usagePrefix(error, Deno.args)}: ${error.message}`);
       code = 2;
     } else if (error instanceof AssertionError) {
       console.error(`dst: internal error (a bug, please report it): ${error.stack}`);

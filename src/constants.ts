@@ -97,6 +97,12 @@ export const SEND_QUEUE_BYTES_MAX = 16 * MiB;
 /** The default port of `dst export`, as in the original DST examples. */
 export const EXPORT_PORT_DEFAULT = 1025;
 
+/**
+ * The smallest bare number (bytes, no unit) `--create` takes: below it a unit was surely
+ * forgotten (`--create 10` for 10G), and an image that small holds no filesystem.
+ */
+export const CREATE_BARE_BYTES_MIN = MiB;
+
 /** The default NBD port of `dst attach --listen`, `dst export --nbd` and `dst array --nbd`: NBD's registered port. */
 export const NBD_PORT_DEFAULT = 10809;
 

@@ -7,6 +7,7 @@ import {
   CLIENT_RETRIES_DEFAULT,
   CLIENT_TIMEOUT_MS_DEFAULT,
 } from "../constants.ts";
+import { nearest } from "../lib/edit_distance.ts";
 import { UsageError } from "../lib/errors.ts";
 import { parseCount } from "../lib/units.ts";
 import type { RemoteDeviceOptions } from "../client/remote_device.ts";
@@ -23,10 +24,21 @@ export interface Parsed {
 }
 
 export function parseCommand(command: string, argv: string[], options: OptionSpec): Parsed {
+  const all: OptionSpec = { ...options, help: { type: "boolean", short: "h" } };
+  const seeHelp = `(see \`dst ${command} --help\`)`;
+  const unknown = unknownLongOption(argv, all);
+  if (unknown !== undefined) {
+    const meant = nearest(unknown, Object.keys(all));
+    throw new UsageError(
+      `unknown option --${unknown}${meant === undefined ? "" : `; did you mean --${meant}?`} ` +
+        seeHelp,
+      command,
+    );
+  }
   try {
     const { values, positionals } = parseArgs({
       args: argv,
-      options: { ...options, help: { type: "boolean", short: "h" } },
+      options: all,
       allowPositionals: true,
       strict: true,
     });
@@ -35,8 +47,28 @@ export function parseCommand(command: string, argv: string[], options: OptionSpe
     const message = error instanceof Error
       ? error.message.replace(/\. To specify.*$/s, "")
       : String(error);
-    throw new UsageError(`dst ${command}: ${message} (see \`dst ${command} --help\`)`);
+    throw new UsageError(`${message} ${seeHelp}`, command);
   }
+}
+
+/** The name of the first long option in `argv` that `options` lacks (the strict parse says the rest). */
+function unknownLongOption(argv: string[], options: OptionSpec): string | undefined {
+  const { tokens } = parseArgs({
+    args: argv,
+    options,
+    allowPositionals: true,
+    strict: false,
+    tokens: true,
+  });
+  for (const token of tokens) {
+    if (
+      token.kind === "option" && token.rawName.startsWith("--") &&
+      !Object.hasOwn(options, token.name)
+    ) {
+      return token.name;
+    }
+  }
+  return undefined;
 }
 
 export function stringOption(parsed: Parsed, name: string): string | undefined {

@@ -88,9 +88,8 @@ export async function arrayCommand(argv: string[]): Promise<number> {
       return 0;
     }
     throw new UsageError(
-      `dst array: the first word is linear, mirror, detach or attach, not "${
-        kind ?? ""
-      }"\n\n${ARRAY_HELP}`,
+      `the first word is linear, mirror, detach or attach, not "${kind ?? ""}"\n\n${ARRAY_HELP}`,
+      "array",
     );
   }
   const parsed = parseCommand("array", rest, {
@@ -111,18 +110,19 @@ export async function arrayCommand(argv: string[]): Promise<number> {
   const members = parsed.positionals;
   const minimum = kind === "mirror" ? 2 : 1;
   if (members.length < minimum) {
-    throw new UsageError(`dst array ${kind} needs at least ${minimum} members\n\n${ARRAY_HELP}`);
+    throw new UsageError(`needs at least ${minimum} members\n\n${ARRAY_HELP}`, `array ${kind}`);
   }
   const exportText = stringOption(parsed, "export");
   const nbdText = stringOption(parsed, "nbd");
   if (exportText === undefined && nbdText === undefined) {
     throw new UsageError(
-      `dst array ${kind}: say how to serve the array: --export [HOST]:PORT and/or --nbd [HOST]:PORT`,
+      `say how to serve the array: --export [HOST]:PORT and/or --nbd [HOST]:PORT`,
+      `array ${kind}`,
     );
   }
   for (const option of ["state", "source", "region"]) {
     if (kind === "linear" && stringOption(parsed, option) !== undefined) {
-      throw new UsageError(`dst array linear: --${option} is for mirrors only`);
+      throw new UsageError(`--${option} is for mirrors only`, "array linear");
     }
   }
   const listen = exportText === undefined
@@ -178,7 +178,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
     : parseSize(regionText, "--region");
   const inRange = regionBytes >= MIRROR_REGION_BYTES_MIN && regionBytes <= MIRROR_REGION_BYTES_MAX;
   if (!inRange || (regionBytes & (regionBytes - 1))) {
-    throw new UsageError("dst array mirror: --region is a power of two from 64K to 64M");
+    throw new UsageError("--region is a power of two from 64K to 64M", "array mirror");
   }
   const stateDir = stringOption(parsed, "state") ?? await defaultMirrorStateDir(members);
   const mirror = await MirrorDevice.open(members, {
@@ -227,7 +227,8 @@ function refuseOwnExport(members: string[], listen: HostPort): void {
     const address = parseHostPort(member, "127.0.0.1", EXPORT_PORT_DEFAULT);
     if (address.port === listen.port && listen.port !== 0 && here(address.hostname)) {
       throw new UsageError(
-        `dst array: ${member} is this array's own --export; an array cannot be its own member`,
+        `${member} is this array's own --export; an array cannot be its own member`,
+        "array",
       );
     }
   }
@@ -273,7 +274,7 @@ async function controlCommand(op: "detach" | "attach", argv: string[]): Promise<
     return 0;
   }
   if (parsed.positionals.length !== 2) {
-    throw new UsageError(`dst array ${op} takes ARRAY-ADDR LEG\n\n${ARRAY_HELP}`);
+    throw new UsageError(`takes ARRAY-ADDR LEG\n\n${ARRAY_HELP}`, `array ${op}`);
   }
   const [addressText, leg] = parsed.positionals as [string, string];
   const address = parseHostPort(addressText, "127.0.0.1", EXPORT_PORT_DEFAULT);

@@ -60,13 +60,14 @@ export async function attachCommand(argv: string[]): Promise<number> {
   }
   if (parsed.positionals.length !== 1) {
     throw new UsageError(
-      `dst attach takes one HOST:PORT, got ${parsed.positionals.length}\n\n${ATTACH_HELP}`,
+      `takes one HOST:PORT, got ${parsed.positionals.length}\n\n${ATTACH_HELP}`,
+      "attach",
     );
   }
   const socketPath = stringOption(parsed, "socket");
   const listenText = stringOption(parsed, "listen");
   if (socketPath !== undefined && listenText !== undefined) {
-    throw new UsageError("dst attach: give --socket or --listen, not both");
+    throw new UsageError("give --socket or --listen, not both", "attach");
   }
   const target = parseHostPort(parsed.positionals[0]!, "127.0.0.1", EXPORT_PORT_DEFAULT);
   const name = stringOption(parsed, "name") ?? "";

@@ -7,6 +7,7 @@
 
 import { RemoteDevice } from "../client/remote_device.ts";
 import { parseHostPort } from "../lib/address.ts";
+import { UsageError } from "../lib/errors.ts";
 import { formatBytes, parseSize } from "../lib/units.ts";
 import type { ExportStatus } from "../server/exporter.ts";
 import {
@@ -39,7 +40,7 @@ export async function demoCommand(argv: string[]): Promise<number> {
   }
   const sizeBytes = parseSize(stringOption(parsed, "size") ?? "64M", "--size");
   if (sizeBytes < 4 * MiB || sizeBytes % 4096 !== 0) {
-    throw new Error("dst demo: --size must be at least 4M and a multiple of 4K");
+    throw new UsageError("--size must be at least 4M and a multiple of 4K", "demo");
   }
   const keyPath = stringOption(parsed, "key");
   const client = await clientOptions(parsed, "demo"); // a bad key file fails before anything starts
@@ -49,7 +50,10 @@ export async function demoCommand(argv: string[]): Promise<number> {
   const self = selfCommand();
   let child: Deno.ChildProcess | null = null;
   try {
-    step(`dst export ${image} --create ${formatBytes(sizeBytes)} --listen 127.0.0.1:0`);
+    step(
+      `dst export ${image} --create ${formatBytes(sizeBytes)} --listen 127.0.0.1:0 ` +
+        `--state ${dir}/state`,
+    );
     child = new Deno.Command(self.command, {
       args: [
         ...self.args,
@@ -59,6 +63,9 @@ export async function demoCommand(argv: string[]): Promise<number> {
         String(sizeBytes),
         "--listen",
         "127.0.0.1:0",
+        // Its write generation goes with the image, so removing the folder removes it too.
+        "--state",
+        `${dir}/state`,
         // With --key the demo shows the keyed channel: the export requires the key too.
         ...(keyPath === undefined ? [] : ["--key", keyPath]),
       ],

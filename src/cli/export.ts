@@ -1,6 +1,7 @@
 /** `dst export PATH`: serves an image file or block device over the DST protocol. */
 
 import {
+  CREATE_BARE_BYTES_MIN,
   EXPORT_PORT_DEFAULT,
   NBD_PORT_DEFAULT,
   NBD_THREADS_DEFAULT,
@@ -8,12 +9,12 @@ import {
 } from "../constants.ts";
 import { FileDevice } from "../device/file_device.ts";
 import { parseHostPort } from "../lib/address.ts";
-import { UsageError } from "../lib/errors.ts";
+import { describeError, DstError, UsageError } from "../lib/errors.ts";
 import { logger } from "../lib/log.ts";
 import { formatBytes, parseCount, parseSize } from "../lib/units.ts";
 import { defaultExportStateDir, PersistedGeneration } from "../server/write_generation.ts";
 import { parseCommand, stringOption } from "./args.ts";
-import { serveUntilSignal } from "./serve.ts";
+import { closePorts, listenPorts, serveUntilSignal } from "./serve.ts";
 import {
   accessPolicy,
   memoryOption,
@@ -28,10 +29,15 @@ export const EXPORT_HELP =
 
 Serves PATH (an image file or a block device) to DST clients.
 
-  --listen [HOST]:PORT  address to listen on (default 0.0.0.0:${EXPORT_PORT_DEFAULT}; port 0 picks a free one)
+  --listen [HOST]:PORT  address to listen on (default 0.0.0.0:${EXPORT_PORT_DEFAULT}: all interfaces, so
+                        clients and arrays on other nodes can reach it; 127.0.0.1 keeps it on
+                        this machine; port 0 picks a free one)
   --read-only           refuse every write, discard and write-zeroes
-  --create SIZE         create PATH as a sparse image of SIZE (e.g. 1G), or grow it to SIZE
-  --nbd [HOST]:PORT     also serve PATH over NBD (default host 127.0.0.1, port ${NBD_PORT_DEFAULT})
+  --create SIZE         create PATH as a sparse image of SIZE (e.g. 10G: K, M, G, T are binary
+                        multiples; a bare number is bytes, at least 1M), or grow it to SIZE;
+                        it never shrinks an image
+  --nbd [HOST]:PORT     also serve PATH over NBD (default 127.0.0.1:${NBD_PORT_DEFAULT}: loopback only,
+                        for this machine's kernel and tools; NBD has no keys)
   --nbd-threads N       threads serving NBD, 1 to ${NBD_THREADS_MAX} (default ${NBD_THREADS_DEFAULT}); the kernel
                         spreads NBD connections among them
   --state DIR           where to keep the export's write generation (default
@@ -61,17 +67,17 @@ export async function exportCommand(argv: string[]): Promise<number> {
   }
   if (parsed.positionals.length !== 1) {
     throw new UsageError(
-      `dst export takes one PATH, got ${parsed.positionals.length}\n\n${EXPORT_HELP}`,
+      `takes one PATH, got ${parsed.positionals.length}\n\n${EXPORT_HELP}`,
+      "export",
     );
   }
   const path = parsed.positionals[0]!;
   const readOnly = parsed.values["read-only"] === true;
   const createText = stringOption(parsed, "create");
   if (createText !== undefined && readOnly) {
-    throw new UsageError("dst export: --create writes the image, so it cannot go with --read-only");
+    throw new UsageError("--create writes the image, so it cannot go with --read-only", "export");
   }
-  const createBytes = createText === undefined ? undefined : parseSize(createText, "--create");
-  if (createBytes === 0) throw new UsageError("dst export: --create needs a size above 0");
+  const createBytes = createText === undefined ? undefined : parseCreateSize(createText);
   const listen = parseHostPort(
     stringOption(parsed, "listen") ?? "",
     "0.0.0.0",
@@ -83,7 +89,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
     : parseHostPort(nbdText, "127.0.0.1", NBD_PORT_DEFAULT);
   const threadsText = stringOption(parsed, "nbd-threads");
   if (threadsText !== undefined && nbdListen === null) {
-    throw new UsageError("dst export: --nbd-threads goes with --nbd [HOST]:PORT");
+    throw new UsageError("--nbd-threads goes with --nbd [HOST]:PORT", "export");
   }
   const nbdThreads = threadsText === undefined
     ? NBD_THREADS_DEFAULT
@@ -93,9 +99,27 @@ export async function exportCommand(argv: string[]): Promise<number> {
   const policy = accessPolicy(parsed);
   const memoryBytes = memoryOption(parsed, "export");
   const log = logger("export");
-  const device = await FileDevice.open(path, { readOnly, createBytes });
+  const nbdThreadsOption = { path, threads: nbdThreads };
+  const existingBytes = await existingSize(path);
+  if (existingBytes === null && createBytes === undefined) {
+    throw new DstError(
+      "ENOENT",
+      `${path} does not exist; use --create SIZE to make it (e.g. --create 10G)`,
+    );
+  }
+  // Listening first: a port that is taken fails before --create makes or grows the image.
+  const ports = listenPorts({ listen, nbd: nbdListen, nbdThreads: nbdThreadsOption, log });
+  let device: FileDevice | null = null;
   try {
+    device = await FileDevice.open(path, { readOnly, createBytes });
     const info = device.info;
+    if (createBytes !== undefined && existingBytes !== null && info.sizeBytes > createBytes) {
+      log.info(
+        `kept the existing ${
+          formatBytes(info.sizeBytes)
+        } image; --create ${createText} never shrinks`,
+      );
+    }
     const generation = PersistedGeneration.open(
       stringOption(parsed, "state") ?? defaultExportStateDir(),
       info.id,
@@ -103,7 +127,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
     await serveUntilSignal(device, {
       listen,
       nbd: nbdListen,
-      nbdThreads: { path, threads: nbdThreads },
+      nbdThreads: nbdThreadsOption,
       generation,
       sharedWriters: parsed.values["shared-writers"] === true,
       keys,
@@ -115,10 +139,42 @@ export async function exportCommand(argv: string[]): Promise<number> {
         `${readOnly ? "read-only" : "read-write"}, id ${info.id}`,
       command: "export",
       log,
-    });
+    }, ports);
+  } catch (error) {
+    closePorts(ports); // those no server took; a server that started closed its own
+    throw error;
   } finally {
-    await device.close();
+    await device?.close();
   }
   log.info("stopped cleanly");
   return 0;
+}
+
+/**
+ * --create SIZE. A bare number is bytes, but a small one is refused rather than made
+ * (CREATE_BARE_BYTES_MIN). Other size options keep bare bytes: a wrong one there is
+ * refused or harmless, where this one writes a useless file.
+ */
+function parseCreateSize(text: string): number {
+  const bytes = parseSize(text, "--create");
+  if (bytes === 0) throw new UsageError("--create needs a size above 0", "export");
+  if (/^\s*\d+\s*$/.test(text) && bytes < CREATE_BARE_BYTES_MIN) {
+    throw new UsageError(
+      `--create ${text.trim()} would make an image of ${bytes} bytes: give a unit, ` +
+        `e.g. --create ${text.trim()}G (K, M, G, T are binary multiples), or at least ` +
+        `${CREATE_BARE_BYTES_MIN} bytes`,
+      "export",
+    );
+  }
+  return bytes;
+}
+
+/** The size of what is at `path` now (0 for a block device), or null when nothing is there. */
+async function existingSize(path: string): Promise<number | null> {
+  try {
+    return (await Deno.stat(path)).size;
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return null;
+    throw new DstError("ENOENT", `Cannot open ${path}: ${describeError(error)}`, { cause: error });
+  }
 }

@@ -55,8 +55,9 @@ export function memoryOption(parsed: Parsed, command: string): number {
   const bytes = parseSize(text, "--memory");
   if (bytes < MEMORY_BUDGET_BYTES_MIN) {
     throw new UsageError(
-      `dst ${command}: --memory ${text} is below ${formatBytes(MEMORY_BUDGET_BYTES_MIN)}, ` +
+      `--memory ${text} is below ${formatBytes(MEMORY_BUDGET_BYTES_MIN)}, ` +
         "the largest request",
+      command,
     );
   }
   return bytes;
@@ -74,7 +75,7 @@ export async function clientKey(parsed: Parsed, command: string): Promise<Key | 
   const path = stringValue(parsed, "key");
   const name = stringValue(parsed, "key-name");
   if (path === undefined) {
-    if (name !== undefined) throw new UsageError(`dst ${command}: --key-name goes with --key FILE`);
+    if (name !== undefined) throw new UsageError(`--key-name goes with --key FILE`, command);
     return undefined;
   }
   return keyByName(await loadKeyFile(path), name);
@@ -127,7 +128,7 @@ export async function serveKeys(parsed: Parsed, command: string): Promise<ServeK
   const protect = stringValue(parsed, "protect");
   if (path === undefined) {
     if (protect !== undefined) {
-      throw new UsageError(`dst ${command}: --protect goes with --key FILE`);
+      throw new UsageError(`--protect goes with --key FILE`, command);
     }
     return undefined;
   }
@@ -136,7 +137,8 @@ export async function serveKeys(parsed: Parsed, command: string): Promise<ServeK
   else if (protect === "mac") protection = PROTECTION_MAC;
   else {
     throw new UsageError(
-      `dst ${command}: --protect ${JSON.stringify(protect)} is not encrypt or mac`,
+      `--protect ${JSON.stringify(protect)} is not encrypt or mac`,
+      command,
     );
   }
   return { ring: await KeyRing.load(path), protection };

@@ -28,12 +28,12 @@ export async function keygenCommand(argv: string[]): Promise<number> {
     return 0;
   }
   if (parsed.positionals.length !== 1) {
-    throw new UsageError(`dst keygen needs one FILE\n\n${KEYGEN_HELP}`);
+    throw new UsageError(`needs one FILE\n\n${KEYGEN_HELP}`, "keygen");
   }
   const path = parsed.positionals[0]!;
   const name = stringOption(parsed, "name") ?? defaultKeyName();
   if (!isKeyName(name)) {
-    throw new UsageError(`dst keygen: --name must be ${KEY_NAME_RULE}`);
+    throw new UsageError(`--name must be ${KEY_NAME_RULE}`, "keygen");
   }
   const added = await addKey(path, name);
   const count = `${added.keyCount} key${added.keyCount === 1 ? "" : "s"} in the file`;
@@ -49,8 +49,9 @@ function defaultKeyName(): string {
   const host = Deno.hostname();
   if (!isKeyName(host)) {
     throw new UsageError(
-      `dst keygen: this host's name "${host}" cannot name a key (${KEY_NAME_RULE}); ` +
+      `this host's name "${host}" cannot name a key (${KEY_NAME_RULE}); ` +
         `give --name NAME`,
+      "keygen",
     );
   }
   return host;

@@ -5,12 +5,13 @@
  */
 
 import type { BlockDevice } from "../device/block_device.ts";
-import { formatHostPort, type HostPort, isLoopbackHost } from "../lib/address.ts";
+import { formatHostPort, type HostPort, isAllInterfaces, isLoopbackHost } from "../lib/address.ts";
 import type { Logger } from "../lib/log.ts";
 import { logger } from "../lib/log.ts";
 import { NbdServer } from "../nbd/mod.ts";
 import { Exporter, type ExportOwner } from "../server/exporter.ts";
-import { NbdThreads } from "../server/nbd_threads.ts";
+import { listenNbd, type NbdPort, NbdThreads } from "../server/nbd_threads.ts";
+import { listenTcp } from "../transport/listen.ts";
 import type { WriteGeneration } from "../server/write_generation.ts";
 import { type WriteGrant, WriterLease } from "../server/writer_lease.ts";
 import { untilSignal } from "./signals.ts";
@@ -50,18 +51,59 @@ export interface ServeOptions {
   memoryBytes?: number;
 }
 
-/** Serves `device` until SIGINT/SIGTERM, then finishes what is in flight. Closes nothing. */
-export async function serveUntilSignal(device: BlockDevice, options: ServeOptions): Promise<void> {
+/** The ports a device is served on, listened on before it is opened. */
+export interface Ports {
+  dst: Deno.TcpListener | null;
+  nbd: NbdPort | null;
+}
+
+/**
+ * Listens on the DST and NBD addresses of `options`. `dst export` does this before it
+ * opens its image, so a port that is taken fails before --create makes or grows one.
+ */
+export function listenPorts(
+  options: Pick<ServeOptions, "listen" | "nbd" | "nbdThreads" | "log">,
+): Ports {
+  const nbd = options.nbd === null
+    ? null
+    : listenNbd(options.nbd, options.nbdThreads?.threads ?? 1, options.log);
+  try {
+    return { dst: options.listen === null ? null : listenTcp(options.listen, "--listen"), nbd };
+  } catch (error) {
+    nbd?.listener.close();
+    throw error;
+  }
+}
+
+/** Closes ports that no server took (a server closes its own when it shuts down). */
+export function closePorts(ports: Ports): void {
+  for (const listener of [ports.dst, ports.nbd?.listener]) {
+    try {
+      listener?.close();
+    } catch {
+      // already closed
+    }
+  }
+}
+
+/**
+ * Serves `device` until SIGINT/SIGTERM, then finishes what is in flight. Closes nothing
+ * but `ports` (listened on here when not given).
+ */
+export async function serveUntilSignal(
+  device: BlockDevice,
+  options: ServeOptions,
+  ports: Ports = listenPorts(options),
+): Promise<void> {
   let exporter: Exporter | null = null;
   let nbd: NbdServer | NbdThreads | null = null;
   // One lease for both ports: the NBD port is one more writer that DST clients must wait for.
   const lease = new WriterLease(options.generation, options.sharedWriters);
   try {
-    if (options.nbd !== null) nbd = await startNbd(device, options.nbd, lease, options);
-    if (options.listen !== null) {
+    if (ports.nbd !== null) nbd = await startNbd(device, ports.nbd, lease, options);
+    if (ports.dst !== null) {
       const threads = nbd instanceof NbdThreads ? nbd : null;
-      exporter = Exporter.start(device, {
-        listen: options.listen,
+      exporter = Exporter.serve(device, ports.dst, {
         log: options.log,
         lease,
         owner: options.owner,
@@ -75,23 +117,24 @@ export async function serveUntilSignal(device: BlockDevice, options: ServeOption
     }
   } catch (error) {
     await nbd?.shutdown();
+    closePorts(ports);
     throw error;
   }
   // Listening for signals before the ready line: a SIGTERM right after it is a clean stop.
   const stopping = untilSignal();
+  // The address ends the line (scripts read it there); a wildcard is named before it.
   if (exporter !== null) {
     console.log(
-      `dst ${options.command}: serving ${options.label} (${options.details}) on ${
-        formatHostPort(exporter.address)
-      }`,
+      `dst ${options.command}: serving ${options.label} (${options.details})` +
+        `${everywhere(exporter.address.hostname)} on ${formatHostPort(exporter.address)}`,
     );
   }
-  if (nbd !== null) {
+  if (nbd !== null && ports.nbd !== null) {
     console.log(
       `dst ${options.command}: ${
         exporter === null ? "serving" : "also serving"
       } ${options.label} ` +
-        `as NBD at ${nbd.uri}`,
+        `as NBD${everywhere(ports.nbd.listener.addr.hostname)} at ${nbd.uri}`,
     );
   }
   if (options.keys !== undefined && exporter !== null) {
@@ -130,6 +173,11 @@ export async function serveUntilSignal(device: BlockDevice, options: ServeOption
   }
 }
 
+/** ", all interfaces," for a wildcard host, so nobody takes 0.0.0.0 for this machine only. */
+function everywhere(hostname: string): string {
+  return isAllInterfaces(hostname) ? ", all interfaces," : "";
+}
+
 /**
  * NBD clients' writes take the writer lease and start a write generation too: to a
  * mirror that is "someone else wrote". All NBD connections of the port are one
@@ -137,33 +185,29 @@ export async function serveUntilSignal(device: BlockDevice, options: ServeOption
  */
 async function startNbd(
   device: BlockDevice,
-  address: HostPort,
+  port: NbdPort,
   lease: WriterLease,
   options: ServeOptions,
 ): Promise<NbdServer | NbdThreads> {
   const description = `DST ${options.label}`;
-  // Named by the port it really listens on, known once it listens (port 0 picks one).
+  const address = { hostname: port.listener.addr.hostname, port: port.listener.addr.port };
   const claimant = { key: NBD_PORT_CLIENT, peer: `NBD clients of ${formatHostPort(address)}` };
   const acquire = (): Promise<WriteGrant> => lease.acquire(claimant);
-  const server = options.nbdThreads !== undefined
+  return options.nbdThreads !== undefined
     ? await NbdThreads.start({
       path: options.nbdThreads.path,
       device,
-      address,
-      threads: options.nbdThreads.threads,
+      port,
       description,
       acquire,
       log: options.log,
     })
-    : await NbdServer.start(device, {
-      listen: { tcp: address },
+    : NbdServer.serve(device, port.listener, {
       name: "",
       description,
       log: logger("nbd"),
       acquire,
     });
-  claimant.peer = `NBD clients of ${server.uri.replace(/^nbd:\/\/|\/$/g, "")}`;
-  return server;
 }
 
 /**

@@ -46,7 +46,7 @@ export async function statusCommand(argv: string[]): Promise<number> {
     return 0;
   }
   if (parsed.positionals.length === 0) {
-    throw new UsageError(`dst status needs at least one HOST:PORT\n\n${STATUS_HELP}`);
+    throw new UsageError(`needs at least one HOST:PORT\n\n${STATUS_HELP}`, "status");
   }
   const addresses = parsed.positionals.map((text) =>
     parseHostPort(text, "127.0.0.1", EXPORT_PORT_DEFAULT)

@@ -54,3 +54,9 @@ export function isLoopbackHost(hostname: string): boolean {
   const host = hostname.replace(/^\[|\]$/g, "").toLowerCase();
   return host === "localhost" || host === "::1" || /^127\.\d+\.\d+\.\d+$/.test(host);
 }
+
+/** Whether a listening host is the wildcard of every interface: 0.0.0.0 or ::. */
+export function isAllInterfaces(hostname: string): boolean {
+  const host = hostname.replace(/^\[|\]$/g, "");
+  return host === "0.0.0.0" || host === "::" || host === "0:0:0:0:0:0:0:0";
+}

@@ -11,10 +11,14 @@ export class DstError extends Error {
   }
 }
 
-/** The command line or a config value is wrong; exit code 2. */
+/**
+ * The command line or a config value is wrong; exit code 2. `command` is the one
+ * whose usage it is ("export", "array mirror"): main.ts prints "dst COMMAND: message",
+ * so a message never starts with it.
+ */
 export class UsageError extends DstError {
   override name = "UsageError";
-  constructor(message: string) {
+  constructor(message: string, readonly command?: string) {
     super("USAGE", message);
   }
 }

@@ -74,11 +74,40 @@ export interface NbdThreadsOptions {
   path: string;
   /** This thread's device of that image. */
   device: BlockDevice;
-  address: HostPort;
-  threads: number;
+  /** The port, listened on before the device was opened (listenNbd). */
+  port: NbdPort;
   description: string;
   acquire: () => Promise<WriteGrant>;
   log: Logger;
+}
+
+/** The NBD port of this thread, and how many threads will listen on it. */
+export interface NbdPort {
+  listener: Deno.TcpListener;
+  threads: number;
+}
+
+/**
+ * Listens on the NBD address for `threads` threads (one, with a warning, where the
+ * port cannot be shared). Apart from NbdThreads.start, so that a port that is taken
+ * fails before anything is opened or created.
+ */
+export function listenNbd(address: HostPort, threads: number, log: Logger): NbdPort {
+  try {
+    if (threads > 1 && address.port !== 0) {
+      // A shared port admits any later listener of this user that shares too (another
+      // export given the same --nbd would get some of our clients): so first make sure
+      // nobody listens there, with a plain listen that fails as it always did.
+      listenTcp(address, "--nbd").close();
+    }
+    return { listener: listenTcp(address, "--nbd", threads > 1), threads };
+  } catch (error) {
+    if (!(error instanceof ReusePortUnavailable)) throw error;
+    log.warn(
+      `NBD is served by one thread: ${error.message} (dist/dst.js and the deno tasks pass it)`,
+    );
+    return { listener: listenTcp(address, "--nbd"), threads: 1 };
+  }
 }
 
 export class NbdThreads {
@@ -89,27 +118,12 @@ export class NbdThreads {
     readonly sharedStats: Float64Array,
   ) {}
 
-  /** Listens and starts the workers; resolves once every thread serves. */
+  /** Starts the workers on `options.port`; resolves once every thread serves. */
   static async start(options: NbdThreadsOptions): Promise<NbdThreads> {
-    const { address, log } = options;
-    let threads = options.threads;
-    let listener: Deno.TcpListener;
-    try {
-      if (threads > 1 && address.port !== 0) {
-        // A shared port admits any later listener of this user that shares too (another
-        // export given the same --nbd would get some of our clients): so first make sure
-        // nobody listens there, with a plain listen that fails as it always did.
-        listenTcp(address, "--nbd").close();
-      }
-      listener = listenTcp(address, "--nbd", threads > 1);
-    } catch (error) {
-      if (!(error instanceof ReusePortUnavailable)) throw error;
-      log.warn(
-        `NBD is served by one thread: ${error.message} (dist/dst.js and the deno tasks pass it)`,
-      );
-      threads = 1;
-      listener = listenTcp(address, "--nbd");
-    }
+    const { log } = options;
+    const { listener, threads } = options.port;
+    // The workers listen where this thread does (port 0 picked one; a name was resolved).
+    const address = { hostname: listener.addr.hostname, port: listener.addr.port };
     // One client limit for all threads, and the buffers kept for reuse split among them.
     const clients = new SharedArrayBuffer(CLIENT_SLOTS_SHARED_BYTES);
     const retainedBytesMax = Math.floor(POOL_RETAINED_BYTES_MAX / threads);
@@ -128,14 +142,13 @@ export class NbdThreads {
     for (let index = 1; index < threads; index++) {
       workers.push(new NbdWorker(index, options.acquire, log));
     }
-    const port = listener.addr.port;
     const started = await Promise.allSettled(workers.map((worker) =>
       worker.start({
         kind: "start",
         index: worker.index,
         path: options.path,
         readOnly: options.device.info.readOnly,
-        address: { hostname: address.hostname, port },
+        address,
         description: options.description,
         exportId: options.device.info.id,
         sizeBytes: options.device.info.sizeBytes,
@@ -149,7 +162,7 @@ export class NbdThreads {
       await Promise.allSettled([server.shutdown(), ...workers.map((worker) => worker.stop())]);
       throw (failure as PromiseRejectedResult).reason;
     }
-    if (threads > 1) log.info(`NBD is served by ${threads} threads on port ${port}`);
+    if (threads > 1) log.info(`NBD is served by ${threads} threads on port ${address.port}`);
     return new NbdThreads(server, workers, options.device, sharedStats);
   }
 

@@ -20,7 +20,7 @@ export interface RunningArray extends RunningExport {
 /** Spawns `dst array ARGS...` and waits for " on HOST:PORT" (and, with --nbd, the NBD line). */
 export async function startArray(args: string[]): Promise<RunningArray> {
   const ready = args.includes("--nbd")
-    ? /^(.*) on (\S+)\n[^]*as NBD at (\S+)\n/m
+    ? /^(.*) on (\S+)\n[^]*as NBD[^\n]* at (\S+)\n/m
     : /^(.*) on (\S+)\n/m;
   const running = await startDst(["array", ...args], ready);
   return {

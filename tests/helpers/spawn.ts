@@ -56,7 +56,7 @@ export interface RunningAttach extends RunningDst {
 
 /** Spawns `dst export ARGS...` and waits for the line ending " on HOST:PORT" (and, with --nbd, the NBD line). */
 export async function startExport(args: string[]): Promise<RunningExport> {
-  const ready = args.includes("--nbd") ? / on (\S+)\n[^]*as NBD at (\S+)\n/ : / on (\S+)\n/;
+  const ready = args.includes("--nbd") ? / on (\S+)\n[^]*as NBD[^\n]* at (\S+)\n/ : / on (\S+)\n/;
   const running = await startDst(["export", ...args], ready);
   return {
     ...running,
@@ -158,14 +158,18 @@ export function newDisk(size: string): (dir: string) => string[] {
 
 const RUN_TIMEOUT_MS = 60_000;
 
-/** Runs `dst ARGS...` to completion (killed after a minute) and returns its exit code and output. */
+/**
+ * Runs `dst ARGS...` to completion (killed after a minute) and returns its exit code and
+ * output. `env` adds to (or overrides) the environment, XDG_STATE_HOME included.
+ */
 export async function runDst(
   args: string[],
+  env: Record<string, string> = {},
 ): Promise<{ code: number; stdout: string; stderr: string }> {
   await freshBundle();
   const output = await new Deno.Command(Deno.execPath(), {
     args: [...DENO_RUN_ARGS, BUNDLE, ...args],
-    env: { XDG_STATE_HOME: TEST_STATE_HOME },
+    env: { XDG_STATE_HOME: TEST_STATE_HOME, ...env },
     stdout: "piped",
     stderr: "piped",
     // A command that should end but serves instead fails its test rather than hanging the suite.

@@ -17,9 +17,28 @@ function demoFolders(): Set<string> {
   return names;
 }
 
+/** Every path under `dir`, relative to it. */
+function pathsUnder(dir: string, prefix = ""): string[] {
+  const paths: string[] = [];
+  for (const entry of Deno.readDirSync(`${dir}/${prefix}`)) {
+    const path = `${prefix}${entry.name}`;
+    paths.push(path);
+    if (entry.isDirectory) paths.push(...pathsUnder(dir, `${path}/`));
+  }
+  return paths;
+}
+
 Deno.test("dst demo writes, reads back and verifies through a real export, stops it cleanly and leaves nothing behind", async () => {
   const before = demoFolders();
-  const result = await runDst(["demo", "--size", "16M"]);
+  // A state home of its own: the demo's export must keep its write generation elsewhere.
+  const stateHome = await Deno.makeTempDir({ prefix: "dst-demo-state-home-" });
+  let result;
+  try {
+    result = await runDst(["demo", "--size", "16M"], { XDG_STATE_HOME: stateHome });
+    assert.deepEqual(pathsUnder(stateHome), [], "the demo left nothing in $XDG_STATE_HOME");
+  } finally {
+    await Deno.remove(stateHome, { recursive: true });
+  }
   assert.equal(result.code, 0, result.stderr);
   assert.match(result.stdout, /verified: all 16777216 bytes read back identical/);
   assert.match(result.stdout, /export exited with code 0/);

@@ -12,7 +12,7 @@ import { Command, RequestFlag, WireError } from "../../src/protocol/mod.ts";
 import { assertSameBytes } from "../helpers/bytes.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
 import { RawClient } from "../helpers/raw_client.ts";
-import { newDisk, runDst, startExport, stopClean, withExport } from "../helpers/spawn.ts";
+import { newDisk, runDst, startDst, startExport, stopClean, withExport } from "../helpers/spawn.ts";
 import { silentLogger as quiet } from "../../src/lib/log.ts";
 import { CLIENTS_PER_ADDRESS_MAX } from "../../src/constants.ts";
 import { eventually } from "../helpers/frame_fuzz.ts";
@@ -336,7 +336,7 @@ Deno.test("the CLI explains bad usage and missing files", async () => {
 
     const missing = await runDst(["export", `${dir}/missing.img`, "--listen", "127.0.0.1:0"]);
     assert.equal(missing.code, 1);
-    assert.match(missing.stderr, /Cannot open .*missing\.img/);
+    assert.match(missing.stderr, /missing\.img does not exist; use --create SIZE to make it/);
 
     await Deno.writeFile(`${dir}/empty.img`, new Uint8Array());
     const empty = await runDst(["export", `${dir}/empty.img`, "--listen", "127.0.0.1:0"]);
@@ -430,6 +430,50 @@ Deno.test("an export reachable beyond loopback without a key warns that anyone w
         assert.equal(said, warns, `${listen} ${extra.join(" ")}:\n${server.log()}`);
       } finally {
         await server.stop("SIGKILL");
+      }
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("export --help and the start-up line say DST listens on all interfaces by default and NBD on loopback", async () => {
+  const help = await runDst(["export", "--help"]);
+  assert.equal(help.code, 0);
+  assert.match(help.stdout, /default 0\.0\.0\.0:1025: all interfaces/);
+  assert.match(help.stdout, /default 127\.0\.0\.1:10809: loopback only/);
+
+  const dir = await Deno.makeTempDir({ prefix: "dst-interfaces-" });
+  try {
+    for (
+      const [listen, nbd, all] of [["0.0.0.0:0", "0.0.0.0:0", true], [
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        false,
+      ]] as const
+    ) {
+      const server = await startDst(
+        [
+          "export",
+          `${dir}/disk.img`,
+          "--create",
+          "1M",
+          "--listen",
+          listen,
+          "--nbd",
+          nbd,
+          "--nbd-threads",
+          "1",
+        ],
+        /^(.*) on (\S+)\n(.*) at (nbd\S+)\n/m,
+      );
+      try {
+        const [, dstLine, address, nbdLine] = server.ready;
+        assert.equal(/, all interfaces,$/.test(dstLine!), all, dstLine);
+        assert.match(address!, all ? /^0\.0\.0\.0:\d+$/ : /^127\.0\.0\.1:\d+$/);
+        assert.equal(/, all interfaces,$/.test(nbdLine!), all, nbdLine);
+      } finally {
+        await stopClean(server, `export on ${listen}`);
       }
     }
   } finally {
