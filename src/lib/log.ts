@@ -1,26 +1,195 @@
 /**
- * Log lines to stderr: one line per event, with a time, a level and a component.
- * stdout stays free for what a command prints on purpose (addresses, tables, JSON).
- * The level comes from DST_LOG (debug, info, warn, error; default info).
+ * Log lines to stderr: one line per event, with a time, a level, a component, a
+ * message and fields. stdout stays free for what a command prints on purpose
+ * (addresses, tables, JSON).
+ *
+ * What this file owns: the two line formats (text and JSON), the level, colour, and
+ * the writer that gets lines to stderr without ever blocking. What it does not: which
+ * options set them (src/cli/args.ts reads --log-format, --log-level and DST_LOG).
+ *
+ * Records are routed by LogTape (@logtape/logtape): each component is a category
+ * under "dst", and the level is the "dst" logger's lowest level. Its sinks are not
+ * used: getStreamSink without `nonBlocking` queues every record with no bound, and
+ * with it keeps a count of records (not bytes), flushes on a timer and writes one
+ * record per call. The sink here keeps what this file always did: a bounded queue of
+ * bytes, one writer that coalesces lines, and a count of what was dropped.
  */
 
+import {
+  configureSync,
+  getLogger,
+  type Logger as LogTapeLogger,
+  type LogLevel as LogTapeLevel,
+  type LogRecord,
+} from "@logtape/logtape";
 import { printable } from "./printable.ts";
 
-const LEVELS = { debug: 10, info: 20, warn: 30, error: 40 } as const;
-type Level = keyof typeof LEVELS;
+export const LOG_LEVELS = ["debug", "info", "warn", "error"] as const;
+export type LogLevel = typeof LOG_LEVELS[number];
+export const LOG_FORMATS = ["text", "json"] as const;
+export type LogFormat = typeof LOG_FORMATS[number];
 
-function levelFromEnv(): number {
-  let name: string | undefined;
-  try {
-    name = Deno.env.get("DST_LOG");
-  } catch {
-    // Without env permission, fall back to the default level.
-  }
-  if (name !== undefined && name in LEVELS) return LEVELS[name as Level];
-  return LEVELS.info;
+export interface LogSettings {
+  level: LogLevel;
+  format: LogFormat;
+  /** Colour the level (text format only): only on a terminal, and never with NO_COLOR. */
+  colour: boolean;
 }
 
-const threshold = levelFromEnv();
+/** Extra facts about an event, kept apart from its message (JSON's `fields`). */
+export type LogFields = Record<string, unknown>;
+
+/** One event, as the formats see it. */
+export interface LogLine {
+  timeMs: number;
+  level: LogLevel;
+  component: string;
+  message: string;
+  fields: LogFields;
+}
+
+const TO_LOGTAPE: Record<LogLevel, LogTapeLevel> = {
+  debug: "debug",
+  info: "info",
+  warn: "warning",
+  error: "error",
+};
+
+function fromLogTape(level: LogTapeLevel): LogLevel {
+  if (level === "trace") return "debug";
+  if (level === "warning") return "warn";
+  if (level === "fatal") return "error";
+  return level;
+}
+
+const COLOURS: Record<LogLevel, string> = {
+  debug: "\x1b[2m",
+  info: "\x1b[32m",
+  warn: "\x1b[33m",
+  error: "\x1b[31m",
+};
+
+/**
+ * `line` as one line of text: `TIME LEVEL component: message key=value...`, every
+ * piece that may hold network text escaped, the level coloured when `colour`.
+ */
+export function formatText(line: LogLine, colour: boolean): string {
+  const level = line.level.toUpperCase().padEnd(5);
+  const fields = Object.entries(line.fields)
+    .map(([key, value]) => ` ${printable(key)}=${printable(fieldText(value))}`)
+    .join("");
+  return `${new Date(line.timeMs).toISOString()} ${
+    colour ? `${COLOURS[line.level]}${level}\x1b[0m` : level
+  } ${printable(line.component)}: ${printable(line.message)}${fields}\n`;
+}
+
+/**
+ * `line` as one JSON object on one line: time (ISO), level, component, message,
+ * fields. JSON escapes control characters by itself; line separators and the bidi
+ * overrides are escaped too, so the line reads as it parses.
+ */
+export function formatJson(line: LogLine): string {
+  const text = JSON.stringify({
+    time: new Date(line.timeMs).toISOString(),
+    level: line.level,
+    component: line.component,
+    message: line.message,
+    fields: line.fields,
+  }, jsonSafe);
+  return `${
+    text.replace(UNSAFE_IN_JSON, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`)
+  }\n`;
+}
+
+const UNSAFE_IN_JSON = /[\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g;
+
+/** Values JSON cannot hold (bigint, errors) as text. */
+function jsonSafe(_key: string, value: unknown): unknown {
+  if (typeof value === "bigint") return value.toString();
+  if (value instanceof Error) return value.message;
+  return value;
+}
+
+function fieldText(value: unknown): string {
+  if (typeof value === "string") return value;
+  try {
+    return JSON.stringify(value, jsonSafe) ?? String(value);
+  } catch {
+    return String(value);
+  }
+}
+
+/** DST_LOG, NO_COLOR and the terminal: what a program gets before its options are read. */
+export function defaultLogSettings(): LogSettings {
+  const level = envVar("DST_LOG");
+  return {
+    level: (LOG_LEVELS as readonly string[]).includes(level ?? "") ? level as LogLevel : "info",
+    format: "text",
+    colour: colourWanted(),
+  };
+}
+
+/** Colour only on a terminal, and never when NO_COLOR is set to anything but "" (no-color.org). */
+export function colourWanted(): boolean {
+  const noColour = envVar("NO_COLOR");
+  if (noColour !== undefined && noColour !== "") return false;
+  try {
+    return Deno.stderr.isTerminal();
+  } catch {
+    return false;
+  }
+}
+
+function envVar(name: string): string | undefined {
+  try {
+    return Deno.env.get(name);
+  } catch {
+    return undefined; // without env permission: the defaults
+  }
+}
+
+let settings: LogSettings | null = null;
+
+/**
+ * Sets the level, format and colour from now on. The CLI calls it once its options are
+ * parsed; until then (and in code run without the CLI) defaultLogSettings() holds.
+ */
+export function configureLog(next: LogSettings): void {
+  settings = { ...next };
+  configureSync({
+    reset: true,
+    sinks: { stderr: sink },
+    loggers: [
+      { category: ["dst"], lowestLevel: TO_LOGTAPE[next.level], sinks: ["stderr"] },
+      // LogTape's own diagnostics (a sink that threw): its warnings, in the same form.
+      { category: ["logtape", "meta"], lowestLevel: "warning", sinks: ["stderr"] },
+    ],
+  });
+}
+
+/** The settings in force: what a worker thread is started with, so its lines match. */
+export function logSettings(): LogSettings {
+  if (settings === null) configureLog(defaultLogSettings());
+  return { ...settings! };
+}
+
+function sink(record: LogRecord): void {
+  const [root, ...rest] = record.category;
+  const line: LogLine = {
+    timeMs: record.timestamp,
+    level: fromLogTape(record.level),
+    component: root === "dst" && rest.length > 0 ? rest.join(".") : record.category.join("."),
+    message: record.message.map((part) => fieldText(part)).join(""),
+    fields: record.properties,
+  };
+  write(line);
+}
+
+function write(line: LogLine): void {
+  const current = settings ?? defaultLogSettings();
+  enqueue(current.format === "json" ? formatJson(line) : formatText(line, current.colour));
+}
+
 const encoder = new TextEncoder();
 
 /**
@@ -33,15 +202,6 @@ let queue: Uint8Array[] = [];
 let queuedBytes = 0;
 let dropped = 0;
 let writing: Promise<void> | null = null;
-
-function emit(level: Level, component: string, message: string): void {
-  if (LEVELS[level] < threshold) return;
-  enqueue(
-    `${new Date().toISOString()} ${level.toUpperCase().padEnd(5)} ${component}: ${
-      printable(message)
-    }\n`,
-  );
-}
 
 function enqueue(line: string): void {
   const bytes = encoder.encode(line);
@@ -75,10 +235,14 @@ async function drain(): Promise<void> {
     if (dropped > 0 && queuedBytes === 0) {
       const count = dropped;
       dropped = 0;
-      enqueue(
-        `${new Date().toISOString()} WARN  log: ${count} log lines dropped: stderr was not ` +
-          "being read\n",
-      );
+      // Written whatever the level: lines went missing, and the reader should know.
+      write({
+        timeMs: Date.now(),
+        level: "warn",
+        component: "log",
+        message: `${count} log lines dropped: stderr was not being read`,
+        fields: { dropped: count },
+      });
     }
   }
   writing = null;
@@ -90,18 +254,42 @@ export function flushLog(): Promise<void> {
 }
 
 export interface Logger {
-  debug(message: string): void;
-  info(message: string): void;
-  warn(message: string): void;
-  error(message: string): void;
+  debug(message: string, fields?: LogFields): void;
+  info(message: string, fields?: LogFields): void;
+  warn(message: string, fields?: LogFields): void;
+  error(message: string, fields?: LogFields): void;
 }
 
+/**
+ * The logger of one component ("export", "nbd#2"): its lines name it.
+ *
+ * @example
+ * ```ts
+ * import { logger } from "./log.ts";
+ * logger("export").debug("a status query", { peer: "127.0.0.1:40000" });
+ * ```
+ */
 export function logger(component: string): Logger {
+  let routed: LogTapeLogger | null = null;
+  const emit = (level: LogLevel, message: string, fields: LogFields = {}): void => {
+    if (settings === null) configureLog(defaultLogSettings());
+    routed ??= getLogger(["dst", component]);
+    const to = TO_LOGTAPE[level];
+    if (!routed.isEnabledFor(to)) return;
+    // emit(), not info(message): a message is text, never a template with {placeholders}.
+    routed.emit({
+      timestamp: Date.now(),
+      level: to,
+      message: [message],
+      rawMessage: message,
+      properties: fields,
+    });
+  };
   return {
-    debug: (message) => emit("debug", component, message),
-    info: (message) => emit("info", component, message),
-    warn: (message) => emit("warn", component, message),
-    error: (message) => emit("error", component, message),
+    debug: (message, fields) => emit("debug", message, fields),
+    info: (message, fields) => emit("info", message, fields),
+    warn: (message, fields) => emit("warn", message, fields),
+    error: (message, fields) => emit("error", message, fields),
   };
 }
 
