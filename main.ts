@@ -15,7 +15,7 @@ import { keygenCommand } from "./src/cli/keygen.ts";
 import { statusCommand } from "./src/cli/status.ts";
 import { AssertionError } from "./src/lib/assert.ts";
 import { DstError, UsageError } from "./src/lib/errors.ts";
-import { flushLog } from "./src/lib/log.ts";
+import { flushLog, type Logger, logger } from "./src/lib/log.ts";
 import { isNbdThread, serveNbdThread } from "./src/server/nbd_threads.ts";
 
 export const VERSION = "0.1.0";
@@ -69,6 +69,16 @@ function usagePrefix(error: UsageError, argv: string[]): string {
   return command === undefined ? "dst" : `dst ${command}`;
 }
 
+/**
+ * Where a failure is logged: by the log like every other stderr line of a command that
+ * ran (in its format), under the command's name. Usage errors are not log lines: they
+ * answer the command line, before its log options may even be known.
+ */
+function failureLog(argv: string[]): Logger {
+  const ran = argv[0] !== undefined && Object.hasOwn(COMMANDS, argv[0]) ? argv[0] : "dst";
+  return logger(ran);
+}
+
 if (isNbdThread()) {
   serveNbdThread(); // a worker of `dst export --nbd` (src/server/nbd_threads.ts), not the CLI
 } else if (import.meta.main) {
@@ -80,13 +90,15 @@ if (isNbdThread()) {
       console.error(`${usagePrefix(error, Deno.args)}: ${error.message}`);
       code = 2;
     } else if (error instanceof AssertionError) {
-      console.error(`dst: internal error (a bug, please report it): ${error.stack}`);
+      failureLog(Deno.args).error(`internal error (a bug, please report it): ${error.message}`, {
+        stack: error.stack,
+      });
       code = 70;
     } else if (error instanceof DstError || error instanceof Error) {
-      console.error(`dst: ${error.message}`);
+      failureLog(Deno.args).error(error.message);
       code = 1;
     } else {
-      console.error(`dst: ${String(error)}`);
+      failureLog(Deno.args).error(String(error));
       code = 1;
     }
   }

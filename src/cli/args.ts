@@ -9,6 +9,15 @@ import {
 } from "../constants.ts";
 import { nearest } from "../lib/edit_distance.ts";
 import { UsageError } from "../lib/errors.ts";
+import {
+  colourWanted,
+  configureLog,
+  LOG_FORMATS,
+  LOG_LEVELS,
+  type LogFormat,
+  type LogLevel,
+  type LogSettings,
+} from "../lib/log.ts";
 import { parseCount } from "../lib/units.ts";
 import type { RemoteDeviceOptions } from "../client/remote_device.ts";
 import { CLIENT_KEY_HELP, CLIENT_KEY_OPTIONS, clientKey } from "./key_options.ts";
@@ -23,8 +32,31 @@ export interface Parsed {
   positionals: string[];
 }
 
+/** The log options every command accepts; parseCommand adds them and applies them. */
+const LOG_OPTIONS: OptionSpec = {
+  "log-format": { type: "string" },
+  "log-level": { type: "string" },
+};
+
+/** The help text of LOG_OPTIONS, which every command's --help ends with. */
+export const LOG_OPTIONS_HELP =
+  `  --log-format F  log lines on stderr as text (default) or json: one object a line with
+                  time, level, component, message and fields
+  --log-level L   debug, info (default), warn or error; DST_LOG=L sets it too, and the
+                  option wins. Colour only on a terminal, never with NO_COLOR set`;
+
+/**
+ * Parses `argv` with `options`, --help and the log options, and applies the log
+ * options at once, so every line after this has the asked form.
+ */
 export function parseCommand(command: string, argv: string[], options: OptionSpec): Parsed {
-  const all: OptionSpec = { ...options, help: { type: "boolean", short: "h" } };
+  const parsed = parseOptions(command, argv, options);
+  configureLog(logSettingsOf(parsed, command, envLogLevel()));
+  return parsed;
+}
+
+function parseOptions(command: string, argv: string[], options: OptionSpec): Parsed {
+  const all: OptionSpec = { ...options, ...LOG_OPTIONS, help: { type: "boolean", short: "h" } };
   const seeHelp = `(see \`dst ${command} --help\`)`;
   const unknown = unknownLongOption(argv, all);
   if (unknown !== undefined) {
@@ -49,6 +81,44 @@ export function parseCommand(command: string, argv: string[], options: OptionSpe
       : String(error);
     throw new UsageError(`${message} ${seeHelp}`, command);
   }
+}
+
+function envLogLevel(): string | undefined {
+  try {
+    return Deno.env.get("DST_LOG") || undefined; // set but empty: as if unset
+  } catch {
+    return undefined; // without env permission, as if unset
+  }
+}
+
+/**
+ * The log settings `parsed` and DST_LOG (`envLevel`) ask for: --log-level wins over
+ * DST_LOG, and an unknown level in either is a usage error naming the known ones.
+ */
+export function logSettingsOf(
+  parsed: Parsed,
+  command: string,
+  envLevel: string | undefined,
+): LogSettings {
+  const format = oneOf(stringOption(parsed, "log-format"), "--log-format", LOG_FORMATS, command);
+  const fromEnv = oneOf(envLevel, "DST_LOG", LOG_LEVELS, command);
+  const level = oneOf(stringOption(parsed, "log-level"), "--log-level", LOG_LEVELS, command);
+  return {
+    format: (format ?? "text") as LogFormat,
+    level: (level ?? fromEnv ?? "info") as LogLevel,
+    colour: colourWanted(),
+  };
+}
+
+function oneOf(
+  value: string | undefined,
+  name: string,
+  allowed: readonly string[],
+  command: string,
+): string | undefined {
+  if (value === undefined || allowed.includes(value)) return value;
+  const known = `${allowed.slice(0, -1).join(", ")} or ${allowed.at(-1)}`;
+  throw new UsageError(`${name} is ${JSON.stringify(value)}; it must be ${known}`, command);
 }
 
 /** The name of the first long option in `argv` that `options` lacks (the strict parse says the rest). */

@@ -26,6 +26,7 @@ import {
   CLIENT_OPTIONS,
   CLIENT_OPTIONS_HELP,
   clientOptions,
+  LOG_OPTIONS_HELP,
   parseCommand,
   stringOption,
 } from "./args.ts";
@@ -69,6 +70,7 @@ ${CLIENT_OPTIONS_HELP}
   --protect MODE  with --key and --export: encrypt (default) or mac, as \`dst export\`
   --allow RULE    who may use the array's export, as \`dst export\` (repeatable)
   --memory SIZE   payload memory the array's DST clients share, as \`dst export\`
+${LOG_OPTIONS_HELP}
 
   detach ARRAY-ADDR LEG   take LEG out of the running mirror at ARRAY-ADDR: it keeps the
                           data as of now (a snapshot); what it misses is tracked. A leg

@@ -17,6 +17,7 @@ import {
   CLIENT_OPTIONS,
   CLIENT_OPTIONS_HELP,
   clientOptions,
+  LOG_OPTIONS_HELP,
   parseCommand,
   stringOption,
 } from "./args.ts";
@@ -42,6 +43,7 @@ nbdinfo, nbdcopy, qemu-img, nbdfuse or nbd-client.
                         the disk is read-only. Without it the attach is the export's one
                         writer, and is refused while another client holds the lease
 ${CLIENT_OPTIONS_HELP}
+${LOG_OPTIONS_HELP}
 
 Example: dst attach 10.0.0.5:1025 --listen :10809   then   nbdinfo nbd://127.0.0.1:10809`;
 
@@ -106,17 +108,17 @@ export async function attachCommand(argv: string[]): Promise<number> {
   // Listening for signals before the ready line: a SIGTERM right after it is a clean stop.
   const stopping = untilSignal();
   const info = remote.info;
-  console.log(
-    `dst attach: ${formatHostPort(target)} (${
-      formatBytes(info.sizeBytes)
-    }, ${info.sizeBytes} bytes, ` +
-      `${info.readOnly ? "read-only" : "read-write"}) is served as NBD at ${nbd.uri}`,
-  );
+  // The ready line is the command's output (stdout), and a line of the log as well.
+  const ready = `${formatHostPort(target)} (${formatBytes(info.sizeBytes)}, ${info.sizeBytes} ` +
+    `bytes, ${info.readOnly ? "read-only" : "read-write"}) is served as NBD at ${nbd.uri}`;
+  console.log(`dst attach: ${ready}`);
+  log.info(ready, { nbd: nbd.uri });
   let kernel: KernelDevice | null = null;
   try {
     if (kernelPath !== undefined) {
       kernel = await attachKernelDevice(kernelPath, listen, name);
       console.log(`dst attach: ${kernelPath} is ready`);
+      log.info(`${kernelPath} is ready`, { device: kernelPath });
     }
     const signal = await stopping;
     log.info(`${signal}: detaching; finishing what is in flight`);

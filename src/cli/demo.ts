@@ -8,12 +8,14 @@
 import { RemoteDevice } from "../client/remote_device.ts";
 import { parseHostPort } from "../lib/address.ts";
 import { UsageError } from "../lib/errors.ts";
+import { logSettings } from "../lib/log.ts";
 import { formatBytes, parseSize } from "../lib/units.ts";
 import type { ExportStatus } from "../server/exporter.ts";
 import {
   CLIENT_OPTIONS,
   CLIENT_OPTIONS_HELP,
   clientOptions,
+  LOG_OPTIONS_HELP,
   parseCommand,
   stringOption,
 } from "./args.ts";
@@ -28,7 +30,8 @@ the export's status, stops it cleanly and checks the image file. Needs nothing b
 this program; leaves nothing behind.
 
   --size SIZE     size of the temporary image (default 64M)
-${CLIENT_OPTIONS_HELP}`;
+${CLIENT_OPTIONS_HELP}
+${LOG_OPTIONS_HELP}`;
 
 const MiB = 1024 * 1024;
 
@@ -48,6 +51,7 @@ export async function demoCommand(argv: string[]): Promise<number> {
   const image = `${dir}/disk.img`;
   const step = (text: string) => console.log(`\n== ${text}`);
   const self = selfCommand();
+  const log = logSettings();
   let child: Deno.ChildProcess | null = null;
   try {
     step(
@@ -68,6 +72,11 @@ export async function demoCommand(argv: string[]): Promise<number> {
         `${dir}/state`,
         // With --key the demo shows the keyed channel: the export requires the key too.
         ...(keyPath === undefined ? [] : ["--key", keyPath]),
+        // Its log shares this stderr, so it has this command's form and level.
+        "--log-format",
+        log.format,
+        "--log-level",
+        log.level,
       ],
       stdout: "piped",
       stderr: "inherit",

@@ -13,7 +13,7 @@ import { describeError, DstError, UsageError } from "../lib/errors.ts";
 import { logger } from "../lib/log.ts";
 import { formatBytes, parseCount, parseSize } from "../lib/units.ts";
 import { defaultExportStateDir, PersistedGeneration } from "../server/write_generation.ts";
-import { parseCommand, stringOption } from "./args.ts";
+import { LOG_OPTIONS_HELP, parseCommand, stringOption } from "./args.ts";
 import { closePorts, listenPorts, serveUntilSignal } from "./serve.ts";
 import {
   accessPolicy,
@@ -47,6 +47,7 @@ Serves PATH (an image file or a block device) to DST clients.
                         holds the write lease and others may only read; the NBD port
                         counts as one writer
 ${SERVE_KEY_HELP}
+${LOG_OPTIONS_HELP}
 
 Example: dst export /var/lib/dst/disk0.img --create 10G --listen :1025`;
 

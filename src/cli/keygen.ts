@@ -2,7 +2,7 @@
 
 import { UsageError } from "../lib/errors.ts";
 import { addKey, isKeyName, KEY_NAME_RULE } from "../lib/key_file.ts";
-import { parseCommand, stringOption } from "./args.ts";
+import { LOG_OPTIONS_HELP, parseCommand, stringOption } from "./args.ts";
 
 export const KEYGEN_HELP = `Usage: dst keygen FILE [--name NAME]
 
@@ -18,6 +18,7 @@ Lines starting with # are comments.
 
   --name NAME   the key's name, ${KEY_NAME_RULE}
                 (default: this host's name); a name already in FILE is refused
+${LOG_OPTIONS_HELP}
 
 Example: dst keygen ~/.config/dst/keys --name node1-2026`;
 

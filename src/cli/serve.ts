@@ -123,19 +123,20 @@ export async function serveUntilSignal(
   // Listening for signals before the ready line: a SIGTERM right after it is a clean stop.
   const stopping = untilSignal();
   // The address ends the line (scripts read it there); a wildcard is named before it.
+  // Each goes to stdout, the command's output that scripts and `dst demo` read, and to
+  // the log too, so the log tells the whole story in its own form.
   if (exporter !== null) {
-    console.log(
-      `dst ${options.command}: serving ${options.label} (${options.details})` +
-        `${everywhere(exporter.address.hostname)} on ${formatHostPort(exporter.address)}`,
-    );
+    const address = formatHostPort(exporter.address);
+    const line = `serving ${options.label} (${options.details})` +
+      `${everywhere(exporter.address.hostname)} on ${address}`;
+    console.log(`dst ${options.command}: ${line}`);
+    options.log.info(line, { listen: address });
   }
   if (nbd !== null && ports.nbd !== null) {
-    console.log(
-      `dst ${options.command}: ${
-        exporter === null ? "serving" : "also serving"
-      } ${options.label} ` +
-        `as NBD${everywhere(ports.nbd.listener.addr.hostname)} at ${nbd.uri}`,
-    );
+    const line = `${exporter === null ? "serving" : "also serving"} ${options.label} ` +
+      `as NBD${everywhere(ports.nbd.listener.addr.hostname)} at ${nbd.uri}`;
+    console.log(`dst ${options.command}: ${line}`);
+    options.log.info(line, { nbd: nbd.uri });
   }
   if (options.keys !== undefined && exporter !== null) {
     options.log.info(

@@ -28,7 +28,7 @@ import { type BlockDevice, type DeviceStats, emptyStats } from "../device/block_
 import { FileDevice } from "../device/file_device.ts";
 import type { HostPort } from "../lib/address.ts";
 import { describeError, DeviceError, DstError } from "../lib/errors.ts";
-import { type Logger, logger } from "../lib/log.ts";
+import { configureLog, type Logger, logger, type LogSettings, logSettings } from "../lib/log.ts";
 import { CLIENTS_PER_EXPORT_MAX, POOL_RETAINED_BYTES_MAX } from "../constants.ts";
 import { NbdServer } from "../nbd/mod.ts";
 import { CLIENT_SLOTS_SHARED_BYTES, clientSlots } from "../transport/accept_loop.ts";
@@ -58,6 +58,8 @@ type ToWorker =
     stats: SharedArrayBuffer;
     clients: SharedArrayBuffer;
     retainedBytesMax: number;
+    /** This thread's log settings: a worker's lines have the same form and level. */
+    log: LogSettings;
   }
   | { kind: "writing"; id: number; error: { errno: string; message: string } | null }
   | { kind: "stop" };
@@ -155,6 +157,7 @@ export class NbdThreads {
         stats: sharedStats.buffer as SharedArrayBuffer,
         clients,
         retainedBytesMax,
+        log: logSettings(),
       })
     ));
     const failure = started.find((result) => result.status === "rejected");
@@ -334,6 +337,7 @@ export function serveNbdThread(): void {
   };
 
   const start = async (message: Extract<ToWorker, { kind: "start" }>) => {
+    configureLog(message.log);
     let device: FileDevice | null = null;
     try {
       device = await FileDevice.open(message.path, { readOnly: message.readOnly });

@@ -54,10 +54,16 @@ export interface RunningAttach extends RunningDst {
   uri: string;
 }
 
-/** Spawns `dst export ARGS...` and waits for the line ending " on HOST:PORT" (and, with --nbd, the NBD line). */
-export async function startExport(args: string[]): Promise<RunningExport> {
+/**
+ * Spawns `dst export ARGS...` and waits for the line ending " on HOST:PORT" (and, with
+ * --nbd, the NBD line). `env` adds to the environment.
+ */
+export async function startExport(
+  args: string[],
+  env: Record<string, string> = {},
+): Promise<RunningExport> {
   const ready = args.includes("--nbd") ? / on (\S+)\n[^]*as NBD[^\n]* at (\S+)\n/ : / on (\S+)\n/;
-  const running = await startDst(["export", ...args], ready);
+  const running = await startDst(["export", ...args], ready, env);
   return {
     ...running,
     address: parseHostPort(running.ready[1]!, "127.0.0.1"),
@@ -72,11 +78,15 @@ export async function startAttach(args: string[]): Promise<RunningAttach> {
 }
 
 /** Spawns `dst ARGS...` and waits until its stdout has a line matching `ready`. */
-export async function startDst(args: string[], ready: RegExp): Promise<RunningDst> {
+export async function startDst(
+  args: string[],
+  ready: RegExp,
+  env: Record<string, string> = {},
+): Promise<RunningDst> {
   await freshBundle();
   const process = new Deno.Command(Deno.execPath(), {
     args: [...DENO_RUN_ARGS, BUNDLE, ...args],
-    env: { XDG_STATE_HOME: TEST_STATE_HOME },
+    env: { XDG_STATE_HOME: TEST_STATE_HOME, ...env },
     stdout: "piped",
     stderr: "piped",
   }).spawn();
