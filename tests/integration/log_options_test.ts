@@ -113,3 +113,43 @@ Deno.test("off a terminal no log line is coloured, with NO_COLOR or without", as
     });
   }
 });
+
+Deno.test("an export logs status queries at debug, not info", async () => {
+  for (const level of ["info", "debug"]) {
+    await scenario("dst-log-status-", async (dir, track) => {
+      const server = track(
+        await startExport([
+          `${dir}/disk.img`,
+          "--create",
+          "1M",
+          "--listen",
+          "127.0.0.1:0",
+          "--log-level",
+          level,
+        ]),
+      );
+      const address = `127.0.0.1:${server.address.port}`;
+      for (let i = 0; i < 3; i++) {
+        const status = await runDst(["status", address]);
+        assert.equal(status.code, 0, status.stderr);
+      }
+      // A client that does I/O is still news at info.
+      const client = await RemoteDevice.connect(server.address, { log: silentLogger });
+      await client.read(0, new Uint8Array(4096));
+      await client.close();
+      await stopClean(server, "the export");
+      const log = server.log();
+      const connected = log.split("\n").filter((line) => line.includes("client connected"));
+      const left = log.split("\n").filter((line) => line.includes("client left"));
+      assert.equal(connected.length, 1, log);
+      assert.equal(left.length, 1, log);
+      const queries = log.split("\n").filter((line) => line.includes("status query"));
+      if (level === "info") {
+        assert.equal(queries.length, 0, log);
+      } else {
+        assert.equal(queries.length, 3, log);
+        for (const line of queries) assert.match(line, / DEBUG export: /);
+      }
+    });
+  }
+});
