@@ -97,6 +97,10 @@ export class ExportConnection extends RequestLoop {
     return this.#writes.holdsGrant;
   }
 
+  protected override get answersStatusQueries(): boolean {
+    return true;
+  }
+
   protected override ended(): void {
     this.#writes.release();
     this.ctx.ended(this);
@@ -201,6 +205,7 @@ export class ExportConnection extends RequestLoop {
       preflush: (h.flags & RequestFlag.PREFLUSH) !== 0,
     };
     this.begin(payloadBytes(h));
+    this.noteRequest(h.command === Command.STATUS);
     switch (h.command) {
       case Command.READ: {
         // Room for the reply header in front of the data: header and data leave in one write.

@@ -259,12 +259,29 @@ export class AcceptLoop {
         return;
       }
       this.#loops.add(loop);
-      this.log.info(`${peer}: client connected (${this.#loops.size} now)`);
+      // A client is news once it asks for something other than status, which comes
+      // soon (a client pings when idle); one that only asks for status, as `dst
+      // status` does, is logged at debug when it leaves. See Asked.
+      let announced = false;
+      const announce = () => {
+        if (announced) return;
+        announced = true;
+        this.log.info(`${peer}: client connected (${this.#loops.size} now)`);
+      };
+      void loop.working.then(() => {
+        if (this.#loops.has(loop)) announce();
+      });
       try {
         await loop.serve();
       } finally {
+        const statusOnly = loop.asked === "status";
+        if (!statusOnly) announce();
         this.#loops.delete(loop);
-        this.log.info(`${peer}: client left (${this.#loops.size} now)`);
+        if (statusOnly) {
+          this.log.debug(`${peer}: answered a status query; left (${this.#loops.size} now)`);
+        } else {
+          this.log.info(`${peer}: client left (${this.#loops.size} now)`);
+        }
       }
     } finally {
       this.slots.leave();

@@ -91,6 +91,13 @@ class Unchanged {
   }
 }
 
+/**
+ * What a connection's client has asked so far, for its log lines: nothing yet, only
+ * for status (as `dst status` does, every few seconds with --watch), or real work (any
+ * other request, a ping included). Only work is news at info.
+ */
+export type Asked = "nothing" | "status" | "work";
+
 export abstract class RequestLoop {
   protected readonly receive: ReceiveBuffer;
   protected readonly sender: FrameSender;
@@ -117,6 +124,8 @@ export abstract class RequestLoop {
   readonly #sendStall = new Unchanged();
   /** The socket as this loop uses it: every read that brings bytes and every write is progress. */
   readonly #timedConn: ByteConn;
+  #asked: Asked = "nothing";
+  readonly #working = Promise.withResolvers<void>();
 
   constructor(
     readonly conn: ByteConn,
@@ -146,6 +155,36 @@ export abstract class RequestLoop {
       zeroCopyBytesMin: SEND_ZERO_COPY_BYTES_MIN,
       queueBytesMax: limits.sendQueueBytesMax,
     });
+    if (!this.answersStatusQueries) this.noteRequest(false);
+  }
+
+  /** What the client has asked so far (Asked). */
+  get asked(): Asked {
+    return this.#asked;
+  }
+
+  /** Resolves at the client's first request that is not a status query. */
+  get working(): Promise<void> {
+    return this.#working.promise;
+  }
+
+  /**
+   * Whether this protocol has status queries (DST's STATUS). Without them every
+   * connection is work from the start, as every NBD connection is.
+   */
+  protected get answersStatusQueries(): boolean {
+    return false;
+  }
+
+  /** The subclass saw a request: a status query, or anything else. */
+  protected noteRequest(statusQuery: boolean): void {
+    if (this.#asked === "work") return;
+    if (statusQuery) {
+      this.#asked = "status";
+      return;
+    }
+    this.#asked = "work";
+    this.#working.resolve();
   }
 
   /** Stopping or fenced: nothing more is dispatched. */
