@@ -263,8 +263,8 @@ export interface Logger {
 /**
  * The logger of one component ("export", "nbd#2"): its lines name it.
  *
- * @example
- * ```ts
+ * @example (not run by `deno test --doc`: it would have to use every export of this file)
+ * ```ts ignore
  * import { logger } from "./log.ts";
  * logger("export").debug("a status query", { peer: "127.0.0.1:40000" });
  * ```
