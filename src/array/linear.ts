@@ -97,6 +97,7 @@ export class LinearDevice implements BlockDevice {
     checkRange(this.info, "discard", offset, length);
     await this.#split(offset, length, (m, at, from, to) => m.discard(at, to - from, flags));
     this.#stats.discards += 1;
+    this.#stats.discardBytes += length;
   }
 
   async writeZeroes(offset: number, length: number, flags?: IoFlags): Promise<void> {
@@ -104,6 +105,7 @@ export class LinearDevice implements BlockDevice {
     checkRange(this.info, "write zeroes", offset, length);
     await this.#split(offset, length, (m, at, from, to) => m.writeZeroes(at, to - from, flags));
     this.#stats.zeroes += 1;
+    this.#stats.zeroBytes += length;
   }
 
   stats(): DeviceStats {

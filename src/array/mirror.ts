@@ -325,7 +325,10 @@ export class MirrorDevice implements BlockDevice {
       offset,
       length,
       (d) => d.discard(offset, length, flags),
-      () => (this.#stats.discards += 1),
+      () => {
+        this.#stats.discards += 1;
+        this.#stats.discardBytes += length;
+      },
     );
   }
 
@@ -335,7 +338,10 @@ export class MirrorDevice implements BlockDevice {
       offset,
       length,
       (d) => d.writeZeroes(offset, length, flags),
-      () => (this.#stats.zeroes += 1),
+      () => {
+        this.#stats.zeroes += 1;
+        this.#stats.zeroBytes += length;
+      },
     );
   }
 

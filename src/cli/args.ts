@@ -20,6 +20,7 @@ import {
 } from "../lib/log.ts";
 import { parseCount } from "../lib/units.ts";
 import type { RemoteDeviceOptions } from "../client/remote_device.ts";
+import { type HostPort, parseHostPort } from "../lib/address.ts";
 import { CLIENT_KEY_HELP, CLIENT_KEY_OPTIONS, clientKey } from "./key_options.ts";
 
 export type OptionSpec = Record<
@@ -178,4 +179,17 @@ export async function clientOptions(parsed: Parsed, command: string): Promise<Re
   // A silent lease holder loses its lease (LEASE_IDLE_MS): pings must come well before.
   if (ping !== undefined) options.pingMs = parseCount(ping, "--ping", 100, CLIENT_PING_MS_MAX);
   return options;
+}
+
+/** `--metrics [HOST]:PORT`, which `dst export`, `dst array` and `dst attach` take. */
+export const METRICS_OPTION: OptionSpec = { metrics: { type: "string" } };
+
+export const METRICS_HELP =
+  `  --metrics [HOST]:PORT  serve Prometheus metrics at http://HOST:PORT/metrics (default host
+                        127.0.0.1; port 0 picks a free one, printed at start)`;
+
+/** The --metrics address given (its host 127.0.0.1 when left out), or undefined. */
+export function metricsOption(parsed: Parsed): HostPort | undefined {
+  const text = stringOption(parsed, "metrics");
+  return text === undefined ? undefined : parseHostPort(text, "127.0.0.1");
 }

@@ -27,9 +27,13 @@ import {
   CLIENT_OPTIONS_HELP,
   clientOptions,
   LOG_OPTIONS_HELP,
+  METRICS_HELP,
+  METRICS_OPTION,
+  metricsOption,
   parseCommand,
   stringOption,
 } from "./args.ts";
+import { registerMirror } from "../metrics/mod.ts";
 import {
   accessPolicy,
   CLIENT_KEY_OPTIONS,
@@ -64,6 +68,8 @@ array's export too: that is how trees are built) or a local path.
                         ever written, or the first when none was; it refuses, and asks
                         for --source, when more were, or a leg holds data DST never wrote
   --region SIZE         a new mirror's dirty-tracking region (default 1M; 64K to 64M)
+${METRICS_HELP}
+                        (a mirror's also show each leg's state and resync)
 ${CLIENT_OPTIONS_HELP}
                   The array proves this key to its members, and (with --export) requires
                   one of FILE's keys from its own clients
@@ -103,6 +109,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
     protect: { type: "string" },
     allow: { type: "string", multiple: true },
     memory: { type: "string" },
+    ...METRICS_OPTION,
     ...CLIENT_OPTIONS,
   });
   if (parsed.values.help) {
@@ -136,6 +143,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
   const keys = await serveKeys(parsed, "array");
   const policy = accessPolicy(parsed);
   const memoryBytes = memoryOption(parsed, "array");
+  const metrics = metricsOption(parsed);
   const log = logger("array");
 
   if (kind === "linear") {
@@ -156,6 +164,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
         keys,
         policy,
         memoryBytes,
+        ...(metrics === undefined ? {} : { metrics: { listen: metrics } }),
         owner: {
           status: () => device.status(),
           control: () =>
@@ -199,6 +208,12 @@ export async function arrayCommand(argv: string[]): Promise<number> {
       keys,
       policy,
       memoryBytes,
+      ...(metrics === undefined ? {} : {
+        metrics: {
+          listen: metrics,
+          register: (registry) => registerMirror(registry, () => mirror.status()),
+        },
+      }),
       owner: {
         status: () => mirror.status(),
         control: (request) => mirrorControl(mirror, request),

@@ -18,9 +18,13 @@ import {
   CLIENT_OPTIONS_HELP,
   clientOptions,
   LOG_OPTIONS_HELP,
+  METRICS_HELP,
+  METRICS_OPTION,
+  metricsOption,
   parseCommand,
   stringOption,
 } from "./args.ts";
+import { MetricsServer, processRegistry, registerClient } from "../metrics/mod.ts";
 import { attachKernelDevice, checkKernelDevice, type KernelDevice } from "./kernel_nbd.ts";
 import { untilSignal } from "./signals.ts";
 
@@ -30,6 +34,7 @@ const KERNEL_TIMEOUT_MS = 30_000;
 export const ATTACH_HELP =
   `Usage: dst attach HOST:PORT [--socket PATH | --listen [HOST]:PORT] [--device /dev/nbdN]
                   [--name NAME] [--read-only] [--timeout MS] [--retries N] [--ping MS]
+                  [--metrics [HOST]:PORT]
 
 Serves the DST export at HOST:PORT as an NBD disk, and prints the NBD URI to use with
 nbdinfo, nbdcopy, qemu-img, nbdfuse or nbd-client.
@@ -42,6 +47,8 @@ nbdinfo, nbdcopy, qemu-img, nbdfuse or nbd-client.
   --read-only           only read: the export's write lease is left to others, and
                         the disk is read-only. Without it the attach is the export's one
                         writer, and is refused while another client holds the lease
+${METRICS_HELP}
+                        (dst_client_...: what this attach asked of the export)
 ${CLIENT_OPTIONS_HELP}
 ${LOG_OPTIONS_HELP}
 
@@ -54,6 +61,7 @@ export async function attachCommand(argv: string[]): Promise<number> {
     device: { type: "string" },
     name: { type: "string" },
     "read-only": { type: "boolean" },
+    ...METRICS_OPTION,
     ...CLIENT_OPTIONS,
   });
   if (parsed.values.help) {
@@ -74,6 +82,7 @@ export async function attachCommand(argv: string[]): Promise<number> {
   const target = parseHostPort(parsed.positionals[0]!, "127.0.0.1", EXPORT_PORT_DEFAULT);
   const name = stringOption(parsed, "name") ?? "";
   const kernelPath = stringOption(parsed, "device");
+  const metricsListen = metricsOption(parsed);
   if (kernelPath !== undefined) await checkKernelDevice(kernelPath); // fail before connecting anything
 
   const log = logger("attach");
@@ -94,7 +103,13 @@ export async function attachCommand(argv: string[]): Promise<number> {
     ? { tcp: parseHostPort(listenText, "127.0.0.1", NBD_PORT_DEFAULT) }
     : { unix: socketPath ?? await defaultSocketPath(target.hostname, target.port) };
   let nbd: NbdServer;
+  let metrics: MetricsServer | null = null;
   try {
+    if (metricsListen !== undefined) {
+      const registry = processRegistry();
+      registerClient(registry, remote);
+      metrics = MetricsServer.start(metricsListen, registry);
+    }
     nbd = await NbdServer.start(remote, {
       listen,
       name,
@@ -102,12 +117,14 @@ export async function attachCommand(argv: string[]): Promise<number> {
       log: logger("nbd"),
     });
   } catch (error) {
+    await metrics?.shutdown();
     await remote.close();
     throw error;
   }
   // Listening for signals before the ready line: a SIGTERM right after it is a clean stop.
   const stopping = untilSignal();
   const info = remote.info;
+  if (metrics !== null) console.log(`dst attach: metrics at ${metrics.url}`);
   // The ready line is the command's output (stdout), and a line of the log as well.
   const ready = `${formatHostPort(target)} (${formatBytes(info.sizeBytes)}, ${info.sizeBytes} ` +
     `bytes, ${info.readOnly ? "read-only" : "read-write"}) is served as NBD at ${nbd.uri}`;
@@ -124,7 +141,7 @@ export async function attachCommand(argv: string[]): Promise<number> {
     log.info(`${signal}: detaching; finishing what is in flight`);
   } finally {
     if (kernel !== null) await kernel.detach();
-    await nbd.shutdown();
+    await Promise.all([nbd.shutdown(), metrics?.shutdown()]);
     await remote.flush().catch((error) => log.error(`final flush failed: ${describeError(error)}`));
     await remote.close();
   }

@@ -13,7 +13,14 @@ import { describeError, DstError, UsageError } from "../lib/errors.ts";
 import { logger } from "../lib/log.ts";
 import { formatBytes, parseCount, parseSize } from "../lib/units.ts";
 import { defaultExportStateDir, PersistedGeneration } from "../server/write_generation.ts";
-import { LOG_OPTIONS_HELP, parseCommand, stringOption } from "./args.ts";
+import {
+  LOG_OPTIONS_HELP,
+  METRICS_HELP,
+  METRICS_OPTION,
+  metricsOption,
+  parseCommand,
+  stringOption,
+} from "./args.ts";
 import { closePorts, listenPorts, serveUntilSignal } from "./serve.ts";
 import {
   accessPolicy,
@@ -26,6 +33,7 @@ import {
 export const EXPORT_HELP =
   `Usage: dst export PATH [--listen [HOST]:PORT] [--read-only] [--create SIZE] [--nbd [HOST]:PORT] [--nbd-threads N] [--state DIR]
                    [--shared-writers] [--memory SIZE] [--key FILE [--protect encrypt|mac]] [--allow RULE]...
+                   [--metrics [HOST]:PORT]
 
 Serves PATH (an image file or a block device) to DST clients.
 
@@ -46,6 +54,7 @@ Serves PATH (an image file or a block device) to DST clients.
                         themselves, as a cluster filesystem does). Without it one client
                         holds the write lease and others may only read; the NBD port
                         counts as one writer
+${METRICS_HELP}
 ${SERVE_KEY_HELP}
 ${LOG_OPTIONS_HELP}
 
@@ -60,6 +69,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
     "nbd-threads": { type: "string" },
     state: { type: "string" },
     "shared-writers": { type: "boolean" },
+    ...METRICS_OPTION,
     ...SERVE_KEY_OPTIONS,
   });
   if (parsed.values.help) {
@@ -99,6 +109,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
   const keys = await serveKeys(parsed, "export");
   const policy = accessPolicy(parsed);
   const memoryBytes = memoryOption(parsed, "export");
+  const metrics = metricsOption(parsed);
   const log = logger("export");
   const nbdThreadsOption = { path, threads: nbdThreads };
   const existingBytes = await existingSize(path);
@@ -134,6 +145,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
       keys,
       policy,
       memoryBytes,
+      ...(metrics === undefined ? {} : { metrics: { listen: metrics } }),
       label: path,
       details:
         `${formatBytes(info.sizeBytes)}, ${info.sizeBytes} bytes, block ${info.blockSize}, ` +

@@ -1,7 +1,7 @@
 /**
  * Serving a device until a signal: over DST (`--listen`/`--export`) and, when asked,
- * over NBD too. `dst export` and `dst array` both end here, so they start, report
- * and stop the same way.
+ * over NBD and Prometheus metrics (`--metrics`) too. `dst export` and `dst array` both
+ * end here, so they start, report and stop the same way.
  */
 
 import type { BlockDevice } from "../device/block_device.ts";
@@ -20,6 +20,8 @@ import { describeError } from "../lib/errors.ts";
 import { protectionName } from "../server/handshake.ts";
 import type { KeyRing, ServeKeys } from "./key_options.ts";
 import type { AccessPolicy } from "../lib/allow_rules.ts";
+import { MetricsServer, processRegistry, registerExport, type Registry } from "../metrics/mod.ts";
+import type { RequestTiming } from "../server/export_connection.ts";
 
 /** The lease identity of an export's own NBD port (DST identities are 32 hex digits). */
 const NBD_PORT_CLIENT = "the export's NBD port";
@@ -49,6 +51,14 @@ export interface ServeOptions {
   policy?: AccessPolicy;
   /** --memory: payload memory shared by the DST clients. */
   memoryBytes?: number;
+  /** --metrics: where to serve Prometheus metrics; absent, nothing is measured. */
+  metrics?: MetricsOptions;
+}
+
+export interface MetricsOptions {
+  listen: HostPort;
+  /** Adds what the device has to show beyond the export's counters (a mirror's legs). */
+  register?: (registry: Registry) => void;
 }
 
 /** The ports a device is served on, listened on before it is opened. */
@@ -97,12 +107,28 @@ export async function serveUntilSignal(
 ): Promise<void> {
   let exporter: Exporter | null = null;
   let nbd: NbdServer | NbdThreads | null = null;
+  let metrics: MetricsServer | null = null;
   // One lease for both ports: the NBD port is one more writer that DST clients must wait for.
   const lease = new WriterLease(options.generation, options.sharedWriters);
   try {
     if (ports.nbd !== null) nbd = await startNbd(device, ports.nbd, lease, options);
+    const threads = nbd instanceof NbdThreads ? nbd : null;
+    const stats = () => threads === null ? device.stats() : threads.stats();
+    let timing: RequestTiming | undefined;
+    if (options.metrics !== undefined) {
+      const registry = processRegistry();
+      // Read when scraped: the exporter is made below, and with NBD only there is none.
+      timing = registerExport(registry, {
+        stats,
+        errors: () =>
+          exporter?.errorCounts() ?? { device: stats().errors, protocol: 0, tampered: 0 },
+        clients: () => exporter?.status().clients ?? 0,
+        inFlight: () => exporter?.status().inFlight ?? 0,
+      });
+      options.metrics.register?.(registry);
+      metrics = MetricsServer.start(options.metrics.listen, registry);
+    }
     if (ports.dst !== null) {
-      const threads = nbd instanceof NbdThreads ? nbd : null;
       exporter = Exporter.serve(device, ports.dst, {
         log: options.log,
         lease,
@@ -110,18 +136,20 @@ export async function serveUntilSignal(
         policy: options.policy,
         memoryBytes: options.memoryBytes,
         stats: threads === null ? undefined : () => threads.stats(),
+        timing,
         ...(options.keys === undefined ? {} : {
           keys: { keys: () => options.keys!.ring.keys, protection: options.keys.protection },
         }),
       });
     }
   } catch (error) {
-    await nbd?.shutdown();
+    await Promise.all([nbd?.shutdown(), metrics?.shutdown()]);
     closePorts(ports);
     throw error;
   }
   // Listening for signals before the ready line: a SIGTERM right after it is a clean stop.
   const stopping = untilSignal();
+  if (metrics !== null) console.log(`dst ${options.command}: metrics at ${metrics.url}`);
   // The address ends the line (scripts read it there); a wildcard is named before it.
   // Each goes to stdout, the command's output that scripts and `dst demo` read, and to
   // the log too, so the log tells the whole story in its own form.
@@ -155,7 +183,8 @@ export async function serveUntilSignal(
   const signal = await stopping;
   stopReloading();
   options.log.info(`${signal}: no new clients; finishing what is in flight`);
-  const stopped = Promise.all([exporter?.shutdown(), nbd?.shutdown()]).then(() => true);
+  const stopped = Promise.all([exporter?.shutdown(), nbd?.shutdown(), metrics?.shutdown()])
+    .then(() => true);
   let timer: ReturnType<typeof setTimeout> | undefined;
   const late = new Promise<false>((resolve) => {
     timer = setTimeout(() => resolve(false), SHUTDOWN_DEADLINE_MS);

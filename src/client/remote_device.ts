@@ -881,9 +881,11 @@ export class RemoteDevice implements BlockDevice, Reconnecting {
         break;
       case Command.DISCARD:
         s.discards += 1;
+        s.discardBytes += tx.length;
         break;
       case Command.WRITE_ZEROES:
         s.zeroes += 1;
+        s.zeroBytes += tx.length;
         break;
     }
   }

@@ -35,7 +35,10 @@ export interface DeviceStats {
   writtenBytes: number;
   flushes: number;
   discards: number;
+  /** The bytes that discards named (what they freed or zeroed). */
+  discardBytes: number;
   zeroes: number;
+  zeroBytes: number;
   errors: number;
 }
 
@@ -59,7 +62,9 @@ export function emptyStats(): DeviceStats {
     writtenBytes: 0,
     flushes: 0,
     discards: 0,
+    discardBytes: 0,
     zeroes: 0,
+    zeroBytes: 0,
     errors: 0,
   };
 }

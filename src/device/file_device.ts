@@ -138,11 +138,11 @@ export class FileDevice implements BlockDevice {
    * gets its space back); elsewhere writes zeroes over it, as write-zeroes does.
    */
   discard(offset: number, length: number, flags?: IoFlags): Promise<void> {
-    return this.#zeroRange("discard", "discards", offset, length, flags, true);
+    return this.#zeroRange("discard", "discards", "discardBytes", offset, length, flags, true);
   }
 
   writeZeroes(offset: number, length: number, flags?: IoFlags): Promise<void> {
-    return this.#zeroRange("write zeroes to", "zeroes", offset, length, flags);
+    return this.#zeroRange("write zeroes to", "zeroes", "zeroBytes", offset, length, flags);
   }
 
   stats(): DeviceStats {
@@ -161,10 +161,11 @@ export class FileDevice implements BlockDevice {
     return this.#closing;
   }
 
-  /** Writes zeroes over a range (a discard too); `counter` is the stat it counts in. */
+  /** Writes zeroes over a range (a discard too); `counter` and `bytes` are the stats it counts in. */
   async #zeroRange(
     what: string,
     counter: "discards" | "zeroes",
+    bytes: "discardBytes" | "zeroBytes",
     offset: number,
     length: number,
     flags?: IoFlags,
@@ -184,6 +185,7 @@ export class FileDevice implements BlockDevice {
         );
       }
       this.#stats[counter] += 1;
+      this.#stats[bytes] += length;
     } catch (error) {
       return this.#fail(error, what, offset, length);
     }

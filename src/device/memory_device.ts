@@ -53,11 +53,13 @@ export class MemoryDevice implements BlockDevice {
 
   discard(offset: number, length: number): Promise<void> {
     this.#stats.discards += 1;
+    this.#stats.discardBytes += length;
     return this.#zero("discard", offset, length);
   }
 
   writeZeroes(offset: number, length: number): Promise<void> {
     this.#stats.zeroes += 1;
+    this.#stats.zeroBytes += length;
     return this.#zero("write zeroes to", offset, length);
   }
 

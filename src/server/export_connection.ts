@@ -42,6 +42,14 @@ import type { WriteGrant } from "./writer_lease.ts";
 import type { Access } from "../lib/allow_rules.ts";
 import type { MemoryBudget } from "../transport/memory_budget.ts";
 
+/** The device operations whose time is measured, as the metrics name them (`op` label). */
+export type TimedOp = "read" | "write" | "flush" | "discard" | "write_zeroes";
+
+/** Told how long each device request took, from dispatch to its reply queued (--metrics). */
+export interface RequestTiming {
+  observe(op: TimedOp, seconds: number): void;
+}
+
 /** What a connection needs from its export. */
 export interface ExportContext {
   readonly device: BlockDevice;
@@ -70,6 +78,8 @@ export interface ExportContext {
   readonly access: Access;
   /** The export's payload memory, shared by its connections (--memory). */
   readonly budget?: MemoryBudget;
+  /** Where request times go; absent, the clock is not even read. */
+  readonly timing?: RequestTiming;
 }
 
 export class ExportConnection extends RequestLoop {
@@ -206,6 +216,8 @@ export class ExportConnection extends RequestLoop {
     };
     this.begin(payloadBytes(h));
     this.noteRequest(h.command === Command.STATUS);
+    // One clock read here and one at the reply, only when someone asked for the times.
+    const startMs = this.ctx.timing === undefined ? 0 : this.ctx.clock.nowMs();
     switch (h.command) {
       case Command.READ: {
         // Room for the reply header in front of the data: header and data leave in one write.
@@ -213,8 +225,12 @@ export class ExportConnection extends RequestLoop {
         this.complete(
           device.read(h.offset, buffer.subarray(ReplyLayout.SIZE)),
           "READ",
-          () => this.#replyRead(h, buffer),
+          () => {
+            this.#timed("read", startMs);
+            this.#replyRead(h, buffer);
+          },
           (errno) => {
+            this.#timed("read", startMs);
             this.ctx.pool.give(buffer);
             this.#reply(h, errno);
           },
@@ -224,18 +240,23 @@ export class ExportConnection extends RequestLoop {
       case Command.WRITE: {
         const slab = this.receive.lease();
         const data = this.receive.take(h.payloadLength);
-        this.#settle(h, this.#writes.run(() => device.write(h.offset, data, flags)), slab);
+        const done = this.#writes.run(() => device.write(h.offset, data, flags));
+        this.#settle(h, done, "write", startMs, slab);
         return;
       }
       case Command.FLUSH:
-        this.#settle(h, device.flush());
+        this.#settle(h, device.flush(), "flush", startMs);
         return;
-      case Command.DISCARD:
-        this.#settle(h, this.#writes.run(() => device.discard(h.offset, h.length, flags)));
+      case Command.DISCARD: {
+        const done = this.#writes.run(() => device.discard(h.offset, h.length, flags));
+        this.#settle(h, done, "discard", startMs);
         return;
-      case Command.WRITE_ZEROES:
-        this.#settle(h, this.#writes.run(() => device.writeZeroes(h.offset, h.length, flags)));
+      }
+      case Command.WRITE_ZEROES: {
+        const done = this.#writes.run(() => device.writeZeroes(h.offset, h.length, flags));
+        this.#settle(h, done, "write_zeroes", startMs);
         return;
+      }
       case Command.INFO: {
         const info = device.info;
         const payload = encodeInfo({
@@ -284,16 +305,37 @@ export class ExportConnection extends RequestLoop {
     });
   }
 
-  /** A device call whose reply carries no payload; `leased` holds a WRITE's payload until it ends. */
-  #settle(h: RequestHeader, done: Promise<void>, leased: Slab | null = null): void {
+  /**
+   * A device call whose reply carries no payload, timed as `op` from `startMs`; `leased`
+   * holds a WRITE's payload until it ends.
+   */
+  #settle(
+    h: RequestHeader,
+    done: Promise<void>,
+    op: TimedOp,
+    startMs: number,
+    leased: Slab | null = null,
+  ): void {
     const what = COMMAND_NAMES[h.command]!;
     this.complete(
       done,
       what,
-      () => this.#reply(h, WireError.OK),
-      (errno) => this.#reply(h, errno),
+      () => {
+        this.#timed(op, startMs);
+        this.#reply(h, WireError.OK);
+      },
+      (errno) => {
+        this.#timed(op, startMs);
+        this.#reply(h, errno);
+      },
       leased,
     );
+  }
+
+  /** A device request ended: how long it took goes to the metrics, when there are any. */
+  #timed(op: TimedOp, startMs: number): void {
+    const timing = this.ctx.timing;
+    if (timing !== undefined) timing.observe(op, (this.ctx.clock.nowMs() - startMs) / 1000);
   }
 
   #reply(h: RequestHeader, error: number, payload?: Uint8Array): void {

@@ -47,7 +47,7 @@ import {
 } from "../transport/accept_loop.ts";
 import { listenTcp } from "../transport/listen.ts";
 import { MemoryBudget } from "../transport/memory_budget.ts";
-import { ExportConnection } from "./export_connection.ts";
+import { ExportConnection, type RequestTiming } from "./export_connection.ts";
 import { acceptHandshake, type Admission, type ExportKeys, refuse } from "./handshake.ts";
 import { MemoryGeneration } from "./write_generation.ts";
 import {
@@ -113,6 +113,8 @@ export interface ExporterOptions {
   memoryBytes?: number;
   /** Keys and protection (protocol version 2); absent: version 1, no keys. */
   keys?: ExportKeySettings;
+  /** Where the DST port's request times go (--metrics); absent: they are not measured. */
+  timing?: RequestTiming;
   /** How long a silent lease holder keeps the lease (default LEASE_IDLE_MS; shorter in tests). */
   leaseIdleMs?: number;
   /** How long an idle connection stays open (default CONNECTION_IDLE_MS; shorter in tests). */
@@ -142,6 +144,7 @@ export class Exporter {
   readonly #lease: WriterLease;
   readonly #owner: ExportOwner | null;
   readonly #stats: () => DeviceStats;
+  readonly #timing: RequestTiming | undefined;
   /** Each client identity's connections, oldest first. */
   readonly #clients = new Map<string, Set<ExportConnection>>();
   /** The tail of each identity's queue of handshakes (they run one at a time). */
@@ -174,6 +177,7 @@ export class Exporter {
     this.#lease = options.lease ?? new WriterLease(new MemoryGeneration(), false, this.#clock);
     this.#owner = options.owner ?? null;
     this.#stats = options.stats ?? (() => device.stats());
+    this.#timing = options.timing;
     this.#loop = new AcceptLoop(
       listener,
       clientSlots(CLIENTS_PER_EXPORT_MAX),
@@ -254,6 +258,19 @@ export class Exporter {
       writeLease: this.#lease.holder,
       sharedWriters: this.#lease.sharedWriters,
       ...(this.#owner === null ? {} : { array: this.#owner.status() }),
+    };
+  }
+
+  /**
+   * The export's errors by kind, for the metrics: a device call that failed, a request
+   * or handshake refused or a frame that broke the protocol, a record that failed its
+   * check. status() shows the first two summed as `errors`.
+   */
+  errorCounts(): { device: number; protocol: number; tampered: number } {
+    return {
+      device: this.#stats().errors,
+      protocol: this.#protocolErrors,
+      tampered: this.#tampered,
     };
   }
 
@@ -339,6 +356,7 @@ export class Exporter {
           this.#connectionKeys.delete(ended);
         },
         control: this.#owner === null ? null : (request) => this.#owner!.control(request),
+        timing: this.#timing,
       });
       if (handshake.key !== null) this.#connectionKeys.set(connection, handshake.key);
       let connections = this.#clients.get(key);
