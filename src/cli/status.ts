@@ -20,7 +20,8 @@ Shows each export's path, size, block size, read-only bit, who holds its write l
 (WRITER: the holder's address, "shared" with --shared-writers, "-" when free), clients,
 transactions in flight, reads and writes (operations and bytes), errors and uptime. For an array's
 export, also its kind and each member: a mirror leg's state (in-sync, resyncing with
-progress, out-of-sync, detached), dirty regions, requests in flight and errors.
+progress, out-of-sync, detached; "(reconnecting)" when its connection is down), dirty
+regions, requests in flight and errors.
 
   --json   one JSON document: [{"address": ..., "status": {...}} or {"address": ..., "error": ...}]
 ${CLIENT_KEY_HELP}
@@ -147,7 +148,9 @@ function renderArray(address: string, array: ArrayStatus): string {
       array.members.map((m) => [m.name, formatBytes(m.startBytes), formatBytes(m.sizeBytes)]),
     );
   }
-  const degraded = array.members.some((m) => m.state !== "in-sync" && m.state !== "detached");
+  const degraded = array.members.some((m) =>
+    m.state !== "detached" && (m.state !== "in-sync" || m.connected === false)
+  );
   return `${address}: mirror, ${formatBytes(array.sizeBytes)}, regions of ${
     formatBytes(array.regionBytes)
   }${degraded ? " (degraded)" : ""}\n` + formatTable(
@@ -157,13 +160,16 @@ function renderArray(address: string, array: ArrayStatus): string {
       const state = m.state === "resyncing" && r !== undefined
         ? `resyncing ${Math.floor((100 * r.regionsDone) / Math.max(r.regionsTotal, 1))}%`
         : m.state;
+      // An export that went away shows at once, before any request fails and the mode
+      // changes. (`connected` is missing from an older export's STATUS: no claim then.)
+      const link = m.connected === false && m.state !== "detached" ? " (reconnecting)" : "";
       const note = r !== undefined
         ? `${r.regionsDone}/${r.regionsTotal} regions, ${formatBytes(r.bytesPerSecond)}/s` +
           (r.etaMs === null ? "" : `, ${formatDuration(r.etaMs)} left`)
         : m.reason ?? "";
       return [
         m.name,
-        state,
+        state + link,
         String(m.dirtyRegions),
         String(m.inFlight),
         String(m.errors),
