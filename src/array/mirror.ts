@@ -94,6 +94,12 @@ export interface MirrorLegStatus {
   dirtyRegions: number;
   inFlight: number;
   errors: number;
+  /**
+   * Whether the leg has a connection up now (a local file always has). Its mode
+   * changes only once a request fails, so an in-sync leg whose export went away
+   * shows here first: false while its device reconnects or the supervisor re-dials it.
+   */
+  connected: boolean;
   resync?: ResyncProgress;
   /** Why a leg is out of sync, when known. */
   reason?: string;
@@ -899,6 +905,7 @@ export class MirrorDevice implements BlockDevice {
         const state = leg.state;
         // Why it is out of sync; for the last in-sync leg, the failure it answers EIO for.
         const reason = reasonOf(leg);
+        const device = deviceOf(leg);
         return {
           name: leg.record.name,
           state: state.mode,
@@ -906,6 +913,7 @@ export class MirrorDevice implements BlockDevice {
           dirtyRegions: this.#bitmap.count(leg.record.slot),
           inFlight: leg.inFlight,
           errors: leg.errors,
+          connected: device !== null && (reconnecting(device)?.connected ?? true),
           ...(state.mode === "resyncing" ? { resync: this.#resyncer.progress(state.run) } : {}),
           ...(reason !== null ? { reason } : {}),
         };

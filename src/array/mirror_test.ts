@@ -146,7 +146,8 @@ class TestDevice<D extends InMemory = MemoryDevice> implements BlockDevice {
  * RemoteDevice reports it: restart() is a power loss of its disk, then the reconnect.
  */
 class RestartingDevice extends TestDevice<VolatileDevice> {
-  readonly connected = true;
+  /** Set false to stand for a connection that is down while the device redials. */
+  connected = true;
   readonly gaveUp = false;
   #listener: ReconnectListener | null = null;
 
@@ -470,6 +471,22 @@ Deno.test("a detached leg keeps its snapshot, the only in-sync leg cannot be det
     await log.when(/leg b is in sync/, from);
     assert.ok(sameBytes(legs.a.inner.bytes, legs.b.inner.bytes), "the legs are equal");
   }));
+
+Deno.test("status() shows a leg whose connection is down as not connected, its mode unchanged", async () => {
+  const b = new RestartingDevice(volatile("b"));
+  const rig = new Rig(memory("a"), b);
+  const mirror = await rig.open();
+  try {
+    await rig.log.when(/leg b is in sync/);
+    assert.deepEqual(member(mirror, "b")?.connected, true);
+    b.connected = false; // its export went away; no request has failed yet
+    assert.equal(member(mirror, "b")?.state, "in-sync");
+    assert.equal(member(mirror, "b")?.connected, false);
+    assert.equal(member(mirror, "a")?.connected, true, "a device that never reconnects is up");
+  } finally {
+    await mirror.close();
+  }
+});
 
 Deno.test("leg transitions refuse a leg in another mode, and checkLegs a mirror with no in-sync leg", () => {
   const record: LegRecord = {

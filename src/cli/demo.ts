@@ -20,7 +20,7 @@ import {
   stringOption,
 } from "./args.ts";
 import { selfCommand, waitForLine } from "./self.ts";
-import { renderStatus } from "./status.ts";
+import { renderStatus } from "./status_view.ts";
 
 export const DEMO_HELP =
   `Usage: dst demo [--size SIZE] [--timeout MS] [--retries N] [--ping MS] [--key FILE]
