@@ -193,9 +193,9 @@ export async function serveUntilSignal(
     if (!await Promise.race([stopped, late])) {
       stopped.catch(() => {}); // what it still does is abandoned with it
       options.log.error(
-        `clients did not finish within ${SHUTDOWN_DEADLINE_MS / 1000} s (one that does not read ` +
-          "its replies, say): stopping without them; the requests they were not answered were " +
-          "never acknowledged",
+        `the stop did not finish within ${SHUTDOWN_DEADLINE_MS / 1000} s (a client that does ` +
+          "not read its replies, or a final flush waiting for a device or leg that does not " +
+          "answer): stopping without it; requests not answered were never acknowledged",
       );
     }
   } finally {
