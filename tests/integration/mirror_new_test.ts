@@ -30,7 +30,7 @@ async function twoLegs(dir: string, track: <T extends RunningDst>(running: T) =>
   return { a, b, legs: [memberName(a.address), memberName(b.address)] };
 }
 
-Deno.test("the design card's command on two fresh legs starts, the first leg the source", () =>
+Deno.test("the README's three-node command on two fresh legs starts, the first leg the source", () =>
   scenario("dst-new-fresh-", async (dir, track) => {
     const { legs } = await twoLegs(dir, track);
     const mirror = track(await startArray(["mirror", ...legs, "--export", "127.0.0.1:0"]));
