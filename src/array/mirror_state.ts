@@ -57,7 +57,7 @@ export function parseMirrorState(text: string, where: string): MirrorState {
   const damaged = (why: string) =>
     new DstError(
       "STATE",
-      `${where} is damaged (${why}); start over with --source LEG, naming the leg whose data is right`,
+      `${where} is damaged (${why}); start over with --source LEG --force, naming the leg whose data is right`,
     );
   let state: MirrorState;
   try {

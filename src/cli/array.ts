@@ -41,7 +41,7 @@ import { serveUntilSignal } from "./serve.ts";
 export const ARRAY_HELP =
   `Usage: dst array linear MEMBER... (--export [HOST]:PORT | --nbd [HOST]:PORT) [OPTIONS]
        dst array mirror MEMBER... (--export [HOST]:PORT | --nbd [HOST]:PORT) [--state DIR]
-                                  [--source MEMBER] [--region SIZE] [OPTIONS]
+                                  [--source MEMBER [--force]] [--region SIZE] [OPTIONS]
        dst array detach ARRAY-ADDR LEG [--force] [--key FILE [--key-name NAME]]
        dst array attach ARRAY-ADDR LEG [--key FILE [--key-name NAME]]
 
@@ -62,6 +62,9 @@ array's export too: that is how trees are built) or a local path.
                         start over). A new mirror without it takes the one leg that was
                         ever written, or the first when none was; it refuses, and asks
                         for --source, when more were, or a leg holds data DST never wrote
+  --force               with --source over a mirror's state: start over all the same,
+                        discarding which legs are in sync and the dirty regions (without
+                        it, that is refused)
   --region SIZE         a new mirror's dirty-tracking region (default 1M; 64K to 64M)
 ${CLIENT_OPTIONS_HELP}
                   The array proves this key to its members, and (with --export) requires
@@ -97,6 +100,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
     nbd: { type: "string" },
     state: { type: "string" },
     source: { type: "string" },
+    force: { type: "boolean" },
     region: { type: "string" },
     protect: { type: "string" },
     allow: { type: "string", multiple: true },
@@ -123,6 +127,15 @@ export async function arrayCommand(argv: string[]): Promise<number> {
   for (const option of ["state", "source", "region"]) {
     if (kind === "linear" && stringOption(parsed, option) !== undefined) {
       throw new UsageError(`--${option} is for mirrors only`, "array linear");
+    }
+  }
+  if (parsed.values.force === true) {
+    if (kind === "linear") throw new UsageError("--force is for mirrors only", "array linear");
+    if (stringOption(parsed, "source") === undefined) {
+      throw new UsageError(
+        "--force goes with --source: it starts over from that member over a mirror's state",
+        "array mirror",
+      );
     }
   }
   const listen = exportText === undefined
@@ -184,6 +197,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
   const mirror = await MirrorDevice.open(members, {
     store: new FolderStore(stateDir),
     source: stringOption(parsed, "source"),
+    force: parsed.values.force === true,
     regionBytes,
     openLeg: (name, clientId) => openMember(name, { ...client, clientId }),
     log,
