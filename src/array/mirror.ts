@@ -125,6 +125,12 @@ export interface MirrorOptions {
   source?: string;
   /** With `source`: start over even when the store holds a mirror's state. */
   force?: boolean;
+  /**
+   * The members' export ids as asked before opening them (null: unreachable), when the
+   * store was found by them: a state whose legs are spelled or ordered otherwise is
+   * then the same mirror, and its legs take the names given now.
+   */
+  memberIds?: ReadonlyArray<string | null>;
   regionBytes: number;
   openLeg: LegOpener;
   log: Logger;

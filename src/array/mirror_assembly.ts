@@ -26,7 +26,13 @@ import {
   reasonOf,
   slotsMask,
 } from "./mirror_leg.ts";
-import { type LegRecord, type MirrorState, regionCount, STATE_VERSION } from "./mirror_state.ts";
+import {
+  type LegRecord,
+  matchLegs,
+  type MirrorState,
+  regionCount,
+  STATE_VERSION,
+} from "./mirror_state.ts";
 import type { OpenedMember } from "./members.ts";
 import type { MirrorOptions } from "./mirror.ts";
 
@@ -83,7 +89,11 @@ async function openLocked(
   if (previous !== null) {
     const known = previous.legs.map((l) => l.name);
     const same = known.length === members.length && known.every((n) => members.includes(n));
-    if (!same) {
+    const matched = same || options.memberIds === undefined
+      ? null
+      : matchLegs(previous.legs, members, options.memberIds);
+    if (matched !== null) renameLegs(previous, matched, members, options);
+    if (!same && matched === null) {
       throw new DstError(
         "STATE",
         `The mirror state in ${options.store.where} is for legs ${known.join(", ")}, ` +
@@ -125,6 +135,29 @@ async function openLocked(
     );
     throw error;
   }
+}
+
+/**
+ * The legs of a state found by their export ids take the names the members are given
+ * now (`matched` in their order), saved: the name is how the mirror finds a leg's
+ * member and how its status shows it.
+ */
+function renameLegs(
+  state: MirrorState,
+  matched: LegRecord[],
+  members: string[],
+  options: MirrorOptions,
+): void {
+  let renamed = false;
+  for (const [i, record] of matched.entries()) {
+    if (record.name === members[i]) continue;
+    options.log.info(
+      `leg ${record.name} is ${members[i]} now (the same export, id ${record.exportId})`,
+    );
+    record.name = members[i]!;
+    renamed = true;
+  }
+  if (renamed) options.store.saveState(state);
 }
 
 /**
