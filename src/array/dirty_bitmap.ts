@@ -53,7 +53,7 @@ export class DirtyBitmap {
       throw new DstError(
         "STATE",
         `The mirror bitmap ${file.name} has ${size} regions, the state says ${regions}: ` +
-          "the state folder is damaged; start over with --source LEG",
+          "the state folder is damaged; start over with --source LEG --force",
       );
     }
     const bytes = new Uint8Array(regions);

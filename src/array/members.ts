@@ -30,6 +30,30 @@ export function isLocalMember(name: string): boolean {
   return name.startsWith("/") || name.startsWith(".") || existsSync(name);
 }
 
+/**
+ * The export id of `name`, without writing to it: a local file opened read-only, or a
+ * reader's connection, which starts no write generation and takes no lease. A mirror
+ * asks it before it opens its legs as their writer, to find its state folder (whose
+ * identity that writer is).
+ */
+export async function identifyMember(
+  name: string,
+  client: RemoteDeviceOptions,
+): Promise<string> {
+  const device = isLocalMember(name)
+    ? await FileDevice.open(name, { readOnly: true })
+    : await RemoteDevice.connect(parseHostPort(name, "127.0.0.1", EXPORT_PORT_DEFAULT), {
+      ...client,
+      writer: false,
+      retries: 0,
+    });
+  try {
+    return device.info.id;
+  } finally {
+    await device.close();
+  }
+}
+
 export async function openMember(
   name: string,
   client: RemoteDeviceOptions,

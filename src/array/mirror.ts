@@ -124,8 +124,19 @@ export type LegOpener = (name: string, clientId: Uint8Array) => Promise<OpenedMe
 export interface MirrorOptions {
   /** Where the state, the bitmap and the identity are kept (mirror_store.ts). */
   store: MirrorStore;
-  /** Start over: this member's data is right, the others get a full copy. */
+  /**
+   * Start over: this member's data is right, the others get a full copy. A store that
+   * holds a state is refused unless `force` (mirror_assembly.ts).
+   */
   source?: string;
+  /** With `source`: start over even when the store holds a mirror's state. */
+  force?: boolean;
+  /**
+   * The members' export ids as asked before opening them (null: unreachable), when the
+   * store was found by them: a state whose legs are spelled or ordered otherwise is
+   * then the same mirror, and its legs take the names given now.
+   */
+  memberIds?: ReadonlyArray<string | null>;
   regionBytes: number;
   openLeg: LegOpener;
   log: Logger;

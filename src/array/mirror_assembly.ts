@@ -26,7 +26,13 @@ import {
   reasonOf,
   slotsMask,
 } from "./mirror_leg.ts";
-import { type LegRecord, type MirrorState, regionCount, STATE_VERSION } from "./mirror_state.ts";
+import {
+  type LegRecord,
+  matchLegs,
+  type MirrorState,
+  regionCount,
+  STATE_VERSION,
+} from "./mirror_state.ts";
 import type { OpenedMember } from "./members.ts";
 import type { MirrorOptions } from "./mirror.ts";
 
@@ -76,20 +82,23 @@ async function openLocked(
   options: MirrorOptions,
   lock: { release(): void },
 ): Promise<Assembled> {
+  const previous = loadPrevious(options);
   // One identity for every leg connection, kept in the store: a restarted mirror is
   // the same writer, so it fences its own old connections and takes its lease back.
   const clientId = options.store.loadOrCreateClientId();
-  // No state and no --source: a new mirror, whose source assemble() picks without guessing.
-  const previous = options.source === undefined ? options.store.loadState() : null;
   if (previous !== null) {
     const known = previous.legs.map((l) => l.name);
     const same = known.length === members.length && known.every((n) => members.includes(n));
-    if (!same) {
+    const matched = same || options.memberIds === undefined
+      ? null
+      : matchLegs(previous.legs, members, options.memberIds);
+    if (matched !== null) renameLegs(previous, matched, members, options);
+    if (!same && matched === null) {
       throw new DstError(
         "STATE",
         `The mirror state in ${options.store.where} is for legs ${known.join(", ")}, ` +
           `not ${members.join(", ")}: pass the same legs, another --state, or --source MEMBER ` +
-          "to start over from that member's data (the others then get a full copy)",
+          "--force to start over from that member's data (the others then get a full copy)",
       );
     }
   }
@@ -126,6 +135,51 @@ async function openLocked(
     );
     throw error;
   }
+}
+
+/**
+ * The legs of a state found by their export ids take the names the members are given
+ * now (`matched` in their order), saved: the name is how the mirror finds a leg's
+ * member and how its status shows it.
+ */
+function renameLegs(
+  state: MirrorState,
+  matched: LegRecord[],
+  members: string[],
+  options: MirrorOptions,
+): void {
+  let renamed = false;
+  for (const [i, record] of matched.entries()) {
+    if (record.name === members[i]) continue;
+    options.log.info(
+      `leg ${record.name} is ${members[i]} now (the same export, id ${record.exportId})`,
+    );
+    record.name = members[i]!;
+    renamed = true;
+  }
+  if (renamed) options.store.saveState(state);
+}
+
+/**
+ * The state the mirror reopens, or null for a new one (no state, or a start over).
+ * --source over a state is refused without --force: starting over throws away what
+ * only the state knows (which legs are in sync, the dirty regions), and a rerun of the
+ * command that made the mirror must not do that silently.
+ */
+function loadPrevious(options: MirrorOptions): MirrorState | null {
+  // A start over, as asked: the state is not even read (it may be damaged).
+  if (options.source !== undefined && options.force === true) return null;
+  const previous = options.store.loadState();
+  if (previous !== null && options.source !== undefined) {
+    throw new DstError(
+      "STATE",
+      `${options.store.where} holds a mirror's state: --source ${options.source} would ` +
+        `start over with a full copy from ${options.source} to the other legs, discarding ` +
+        "what the mirror knows (which legs are in sync, the dirty regions). To do that, " +
+        "add --force; to reopen the mirror as it is, leave out --source",
+    );
+  }
+  return previous;
 }
 
 /** A new mirror's state (or a start over's): every member must be here to size it. */
@@ -311,7 +365,7 @@ function noSourceAdvice(legs: Leg[], members: string[], options: MirrorOptions):
   return `No in-sync leg of the mirror is reachable (${why}). ${newest} holds the newest ` +
     `data: start its export and run this again. Only if it is lost for good, start over ` +
     `from the next newest with\n  dst array mirror ${members.join(" ")} --source ` +
-    `${byNewest[1]?.record.name ?? newest} --state ${options.store.where}`;
+    `${byNewest[1]?.record.name ?? newest} --state ${options.store.where} --force`;
 }
 
 /** Ranges read to tell whether a device is empty: its start, its end, and between. */
@@ -399,7 +453,7 @@ export function checkIdentity(
   const info = member.device.info;
   if (info.id !== record.exportId) {
     return `is a different export now (id ${info.id}, was ${record.exportId}); ` +
-      "detach it and attach the new one, or start over with --source";
+      "detach it and attach the new one, or start over with --source MEMBER --force";
   }
   return checkFit(info, sizeBytes);
 }

@@ -43,10 +43,56 @@ export interface MirrorState {
   legs: LegRecord[];
 }
 
-/** The default state folder of a mirror of these members: one folder per member list. */
-export async function defaultMirrorStateDir(members: string[]): Promise<string> {
+/** Where mirrors without --state keep their states: a folder each (mirror_state_folder.ts). */
+export function mirrorStatesRoot(): string {
+  return `${stateRoot()}/arrays`;
+}
+
+/**
+ * The default state folder of a new mirror of the legs with these export ids: named
+ * from the set of ids, so neither the members' spelling nor their order changes it.
+ */
+export async function legIdsStateDir(exportIds: readonly string[]): Promise<string> {
+  const digest = await sha256Hex(`mirror legs\n${[...exportIds].sort().join("\n")}`);
+  return `${mirrorStatesRoot()}/mirror-${digest.slice(0, 16)}`;
+}
+
+/**
+ * Where a mirror without --state kept its state before states were found by their
+ * legs' ids: one folder per member list, as spelled and ordered. Still looked in, so
+ * such a mirror keeps its state.
+ */
+export async function memberListStateDir(members: readonly string[]): Promise<string> {
   const digest = await sha256Hex(`mirror\n${members.join("\n")}`);
-  return `${stateRoot()}/arrays/mirror-${digest.slice(0, 16)}`;
+  return `${mirrorStatesRoot()}/mirror-${digest.slice(0, 16)}`;
+}
+
+/**
+ * The records of a state's legs in the order of `members`, or null when they are not
+ * the same legs. A member whose export id is known (`exportIds[i]`) is the record with
+ * that id, however it is spelled; one whose id is not (null: it could not be asked) is
+ * the record with its name.
+ */
+export function matchLegs(
+  records: readonly LegRecord[],
+  members: readonly string[],
+  exportIds: readonly (string | null)[],
+): LegRecord[] | null {
+  if (records.length !== members.length) return null;
+  const left = new Set(records);
+  const matched: Array<LegRecord | undefined> = members.map(() => undefined);
+  // By id first: a name is only asked for the records no id claimed.
+  for (const byId of [true, false]) {
+    for (const [i, name] of members.entries()) {
+      const id = exportIds[i] ?? null;
+      if ((id !== null) !== byId) continue;
+      const record = [...left].find((r) => byId ? r.exportId === id : r.name === name);
+      if (record === undefined) return null;
+      left.delete(record);
+      matched[i] = record;
+    }
+  }
+  return matched as LegRecord[];
 }
 
 /**
@@ -57,7 +103,7 @@ export function parseMirrorState(text: string, where: string): MirrorState {
   const damaged = (why: string) =>
     new DstError(
       "STATE",
-      `${where} is damaged (${why}); start over with --source LEG, naming the leg whose data is right`,
+      `${where} is damaged (${why}); start over with --source LEG --force, naming the leg whose data is right`,
     );
   let state: MirrorState;
   try {

@@ -13,9 +13,9 @@ import {
 } from "../constants.ts";
 import type { BlockDevice } from "../device/block_device.ts";
 import { LinearDevice } from "../array/linear.ts";
-import { isLocalMember, openMember } from "../array/members.ts";
+import { identifyMember, isLocalMember, openMember } from "../array/members.ts";
 import { MirrorDevice } from "../array/mirror.ts";
-import { defaultMirrorStateDir } from "../array/mirror_state.ts";
+import { findMirrorStateDir } from "../array/mirror_state_folder.ts";
 import { FolderStore } from "../array/mirror_store.ts";
 import { type HostPort, parseHostPort } from "../lib/address.ts";
 import { describeError, DeviceError, DstError, UsageError } from "../lib/errors.ts";
@@ -46,7 +46,7 @@ import { serveUntilSignal } from "./serve.ts";
 export const ARRAY_HELP =
   `Usage: dst array linear MEMBER... (--export [HOST]:PORT | --nbd [HOST]:PORT) [OPTIONS]
        dst array mirror MEMBER... (--export [HOST]:PORT | --nbd [HOST]:PORT) [--state DIR]
-                                  [--source MEMBER] [--region SIZE] [OPTIONS]
+                                  [--source MEMBER [--force]] [--region SIZE] [OPTIONS]
        dst array detach ARRAY-ADDR LEG [--force] [--key FILE [--key-name NAME]]
        dst array attach ARRAY-ADDR LEG [--key FILE [--key-name NAME]]
 
@@ -61,12 +61,16 @@ array's export too: that is how trees are built) or a local path.
   --export [HOST]:PORT  serve the array over DST (default host 0.0.0.0, port ${EXPORT_PORT_DEFAULT})
   --nbd [HOST]:PORT     serve the array over NBD (default host 127.0.0.1, port ${NBD_PORT_DEFAULT})
   --state DIR           the mirror's state: its legs and dirty-region bitmap (default: a
-                        folder per member list under $XDG_STATE_HOME/dst/arrays or
-                        ~/.local/state/dst/arrays). Keep it on the array's node
+                        folder under $XDG_STATE_HOME/dst/arrays or
+                        ~/.local/state/dst/arrays, found by the legs' export ids, however
+                        they are spelled or ordered). Keep it on the array's node
   --source MEMBER       MEMBER's data is right: the other legs get a full copy of it (to
                         start over). A new mirror without it takes the one leg that was
                         ever written, or the first when none was; it refuses, and asks
                         for --source, when more were, or a leg holds data DST never wrote
+  --force               with --source over a mirror's state: start over all the same,
+                        discarding which legs are in sync and the dirty regions (without
+                        it, that is refused)
   --region SIZE         a new mirror's dirty-tracking region (default 1M; 64K to 64M)
 ${METRICS_HELP}
                         (a mirror's also show each leg's state and resync)
@@ -105,6 +109,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
     nbd: { type: "string" },
     state: { type: "string" },
     source: { type: "string" },
+    force: { type: "boolean" },
     region: { type: "string" },
     protect: { type: "string" },
     allow: { type: "string", multiple: true },
@@ -132,6 +137,15 @@ export async function arrayCommand(argv: string[]): Promise<number> {
   for (const option of ["state", "source", "region"]) {
     if (kind === "linear" && stringOption(parsed, option) !== undefined) {
       throw new UsageError(`--${option} is for mirrors only`, "array linear");
+    }
+  }
+  if (parsed.values.force === true) {
+    if (kind === "linear") throw new UsageError("--force is for mirrors only", "array linear");
+    if (stringOption(parsed, "source") === undefined) {
+      throw new UsageError(
+        "--force goes with --source: it starts over from that member over a mirror's state",
+        "array mirror",
+      );
     }
   }
   const listen = exportText === undefined
@@ -191,10 +205,17 @@ export async function arrayCommand(argv: string[]): Promise<number> {
   if (!inRange || (regionBytes & (regionBytes - 1))) {
     throw new UsageError("--region is a power of two from 64K to 64M", "array mirror");
   }
-  const stateDir = stringOption(parsed, "state") ?? await defaultMirrorStateDir(members);
+  // Without --state, the folder is found by the legs' export ids, asked before the legs
+  // are opened as their writer: the folder holds the identity that writer is.
+  const found = stringOption(parsed, "state") === undefined
+    ? await findMirrorStateDir(members, (member) => identifyMember(member, client), log)
+    : null;
+  const stateDir = found?.dir ?? stringOption(parsed, "state")!;
   const mirror = await MirrorDevice.open(members, {
     store: new FolderStore(stateDir),
     source: stringOption(parsed, "source"),
+    force: parsed.values.force === true,
+    ...(found === null ? {} : { memberIds: found.exportIds }),
     regionBytes,
     openLeg: (name, clientId) => openMember(name, { ...client, clientId }),
     log,

@@ -522,9 +522,12 @@ Deno.test("a restarted mirror takes its lease back at once; a mirror with anothe
     await legsHeldByMirror();
     await writeThrough(first.address, 0, 3 * MiB);
 
-    // kill -9 and the very same command again, at once: the same identity takes its lease back.
+    // kill -9 and the same command again (without --source now, which would start
+    // over), at once: the same identity takes its lease back.
     await first.stop("SIGKILL");
-    const second = track(await startNewMirror(legs, state));
+    const second = track(
+      await startArray(["mirror", ...legs, "--state", state, "--export", "127.0.0.1:0"]),
+    );
     await readBack(second.address, "the mirror after a kill -9 and restart");
     await writeThrough(second.address, 3 * MiB, 2 * MiB);
     await waitForMirror(second.address);
