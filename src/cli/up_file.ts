@@ -1,0 +1,365 @@
+/**
+ * The node file of `dst up`: YAML whose keys are the command-line flags' own names.
+ * This file owns reading and checking it (every message names FILE:LINE, the key path
+ * and what is allowed) and turning each item into the command line that runs it. It
+ * does not run anything: src/cli/up.ts does.
+ */
+
+import { type Document, isMap, isNode, LineCounter, parseDocument } from "yaml";
+import { z } from "zod";
+import { EXPORT_PORT_DEFAULT, NBD_PORT_DEFAULT } from "../constants.ts";
+import { parseHostPort } from "../lib/address.ts";
+import { nearest } from "../lib/edit_distance.ts";
+import { LOG_FORMATS, LOG_LEVELS } from "../lib/log.ts";
+import { parseSize } from "../lib/units.ts";
+
+/** One thing `dst up` runs: its name in the file, the command line, and its ready line. */
+export interface UpItem {
+  /** "exports[0]", "arrays[1]", "attaches[0]": how messages name it. */
+  label: string;
+  /** The arguments after `dst`: ["export", "/srv/disk0.img", "--listen", ":1025", ...]. */
+  args: string[];
+  /** The stdout line that says the item is serving (the last one it prints at start). */
+  ready: RegExp;
+  /** The DST port it serves (exports, arrays with `export`), for the start order. */
+  servesPort: number | null;
+  /** The ports of HOST:PORT members (arrays), which start after what serves them. */
+  memberPorts: number[];
+}
+
+export type UpFileResult = { ok: true; items: UpItem[] } | { ok: false; messages: string[] };
+
+/** A value given as text; YAML reads `timeout: 5000` as a number, which is the same flag. */
+const text = z.preprocess((v) => typeof v === "number" ? String(v) : v, z.string());
+
+/** Text that `check` accepts (it throws the flag's own message otherwise). */
+function checked(check: (value: string) => unknown) {
+  return text.superRefine((value, context) => {
+    try {
+      check(value);
+    } catch (error) {
+      context.addIssue({
+        code: "custom",
+        message: error instanceof Error ? error.message : String(error),
+      });
+    }
+  });
+}
+
+const address = (defaultHost: string, defaultPort?: number) =>
+  checked((value) => parseHostPort(value, defaultHost, defaultPort));
+const size = (what: string) => checked((value) => parseSize(value, what));
+
+const LOG = z.strictObject({
+  level: z.enum(LOG_LEVELS).optional(),
+  format: z.enum(LOG_FORMATS).optional(),
+});
+
+/** What every item may set for itself, over the file's top-level values. */
+const COMMON = {
+  key: text.optional(),
+  metrics: address("127.0.0.1").optional(),
+  log: LOG.optional(),
+};
+
+const CLIENT = {
+  timeout: text.optional(),
+  retries: text.optional(),
+  ping: text.optional(),
+  "key-name": text.optional(),
+};
+
+const SERVE = {
+  protect: z.enum(["encrypt", "mac"]).optional(),
+  allow: z.array(text).optional(),
+  memory: size("--memory").optional(),
+};
+
+const EXPORT = z.strictObject({
+  path: text,
+  listen: address("0.0.0.0", EXPORT_PORT_DEFAULT).optional(),
+  "read-only": z.boolean().optional(),
+  create: size("--create").optional(),
+  nbd: address("127.0.0.1", NBD_PORT_DEFAULT).optional(),
+  "nbd-threads": text.optional(),
+  state: text.optional(),
+  "shared-writers": z.boolean().optional(),
+  ...SERVE,
+  ...COMMON,
+});
+
+const ARRAY = z.strictObject({
+  kind: z.enum(["linear", "mirror"]),
+  members: z.array(text).min(1),
+  export: address("0.0.0.0", EXPORT_PORT_DEFAULT).optional(),
+  nbd: address("127.0.0.1", NBD_PORT_DEFAULT).optional(),
+  state: text.optional(),
+  source: text.optional(),
+  force: z.boolean().optional(),
+  region: size("--region").optional(),
+  ...SERVE,
+  ...CLIENT,
+  ...COMMON,
+});
+
+const ATTACH = z.strictObject({
+  remote: address("127.0.0.1", EXPORT_PORT_DEFAULT),
+  socket: text.optional(),
+  listen: address("127.0.0.1", NBD_PORT_DEFAULT).optional(),
+  device: text.optional(),
+  name: text.optional(),
+  "read-only": z.boolean().optional(),
+  ...CLIENT,
+  ...COMMON,
+});
+
+const NODE = z.strictObject({
+  key: text.optional(),
+  log: LOG.optional(),
+  exports: z.array(EXPORT).optional(),
+  arrays: z.array(ARRAY).optional(),
+  attaches: z.array(ATTACH).optional(),
+});
+
+type Node = z.infer<typeof NODE>;
+
+/** What each item must have, said when it is missing. */
+const REQUIRED: Record<string, string> = {
+  path: "an export needs path: the image file or block device to serve",
+  kind: "an array needs kind: linear or mirror",
+  members: "an array needs members: a list of HOST:PORT exports or local paths",
+  remote: "an attach needs remote: the HOST:PORT of the export to attach",
+};
+
+/** Keys that are not the item's own --flags: its positional arguments, and the common ones. */
+const NOT_FLAGS = new Set(["path", "kind", "members", "remote", "key", "log"]);
+
+/**
+ * Reads the node file `text` (named `file` in messages): the items in the order they
+ * start, or every problem found.
+ */
+export function readUpFile(file: string, source: string): UpFileResult {
+  const lineCounter = new LineCounter();
+  const doc = parseDocument(source, { lineCounter });
+  if (doc.errors.length > 0) {
+    return {
+      ok: false,
+      messages: doc.errors.map((error) =>
+        `${file}:${error.linePos?.[0].line ?? 1}: ${
+          error.message.replace(/\s+at line \d+.*$/s, "")
+        }`
+      ),
+    };
+  }
+  const data = doc.toJS() ?? {};
+  const result = NODE.safeParse(data);
+  if (!result.success) {
+    const line = (path: PropertyKey[]) => lineOf(doc, lineCounter, path);
+    const messages: string[] = [];
+    for (const issue of result.error.issues) {
+      for (const { path, what } of describeIssue(issue, data)) {
+        messages.push(`${file}:${line(path)}: ${pathName(path)}: ${what}`);
+      }
+    }
+    return { ok: false, messages };
+  }
+  const node = result.data;
+  const count = (node.exports?.length ?? 0) + (node.arrays?.length ?? 0) +
+    (node.attaches?.length ?? 0);
+  if (count === 0) {
+    return {
+      ok: false,
+      messages: [`${file}:1: nothing to run: give exports, arrays or attaches`],
+    };
+  }
+  return { ok: true, items: startOrder(itemsOf(node)) };
+}
+
+function describeIssue(
+  issue: z.core.$ZodIssue,
+  data: unknown,
+): { path: PropertyKey[]; what: string }[] {
+  const path = issue.path;
+  switch (issue.code) {
+    case "unrecognized_keys": {
+      const allowed = allowedKeys(path);
+      return issue.keys.map((key) => {
+        const meant = nearest(key, allowed);
+        return {
+          path: [...path, key],
+          what: `unknown key${meant === undefined ? "" : `; did you mean ${meant}?`} ` +
+            `(allowed: ${allowed.join(", ")})`,
+        };
+      });
+    }
+    case "invalid_type": {
+      const value = valueAt(data, path);
+      if (value === undefined) {
+        const key = String(path.at(-1));
+        return [{ path, what: `missing; ${REQUIRED[key] ?? `${key} is required`}` }];
+      }
+      return [{ path, what: `expected ${typeName(issue.expected)}, not ${typeOf(value)}` }];
+    }
+    case "invalid_value":
+      return [{
+        path,
+        what: `${JSON.stringify(valueAt(data, path))} is not one of ${
+          issue.values.map(String).join(", ")
+        }`,
+      }];
+    case "too_small":
+      return [{
+        path,
+        what: `needs at least ${issue.minimum} ${issue.minimum === 1 ? "entry" : "entries"}`,
+      }];
+    default:
+      return [{ path, what: issue.message }];
+  }
+}
+
+/** The keys the object at `path` may have. */
+function allowedKeys(path: PropertyKey[]): string[] {
+  const schema = path.length === 0
+    ? NODE
+    : path.at(-1) === "log"
+    ? LOG
+    : { exports: EXPORT, arrays: ARRAY, attaches: ATTACH }[String(path[0])];
+  return schema === undefined ? [] : Object.keys(schema.shape);
+}
+
+function typeName(expected: string): string {
+  return { string: "text", array: "a list", object: "a mapping", boolean: "true or false" }[
+    expected
+  ] ?? expected;
+}
+
+function typeOf(value: unknown): string {
+  if (value === null) return "null";
+  if (Array.isArray(value)) return "a list";
+  if (typeof value === "object") return "a mapping";
+  return `${typeof value} ${JSON.stringify(value)}`;
+}
+
+function valueAt(data: unknown, path: PropertyKey[]): unknown {
+  let value = data;
+  for (const step of path) {
+    if (value === null || typeof value !== "object") return undefined;
+    value = (value as Record<PropertyKey, unknown>)[step];
+  }
+  return value;
+}
+
+/** "exports[1].listen" */
+function pathName(path: PropertyKey[]): string {
+  let name = "";
+  for (const step of path) {
+    name += typeof step === "number" ? `[${step}]` : `${name === "" ? "" : "."}${String(step)}`;
+  }
+  return name === "" ? "(top level)" : name;
+}
+
+/** The line of the key at `path`, or of the nearest enclosing node that exists. */
+function lineOf(doc: Document, lineCounter: LineCounter, path: PropertyKey[]): number {
+  for (let length = path.length; length >= 0; length--) {
+    const parent = doc.getIn(path.slice(0, Math.max(0, length - 1)), true);
+    const key = path[length - 1];
+    // A key's own line (for an unknown or mistyped key), not its value's.
+    if (length > 0 && isMap(parent)) {
+      const pair = parent.items.find((item) => isNode(item.key) && item.key.toJSON() === key);
+      if (pair !== undefined && isNode(pair.key) && pair.key.range) {
+        return lineCounter.linePos(pair.key.range[0]).line;
+      }
+    }
+    const node = doc.getIn(path.slice(0, length), true);
+    if (isNode(node) && node.range) return lineCounter.linePos(node.range[0]).line;
+  }
+  return 1;
+}
+
+function itemsOf(node: Node): UpItem[] {
+  const items: UpItem[] = [];
+  const common = (item: { key?: string; log?: z.infer<typeof LOG> }) => {
+    const key = item.key ?? node.key;
+    const level = item.log?.level ?? node.log?.level;
+    const format = item.log?.format ?? node.log?.format;
+    return [
+      ...(key === undefined ? [] : ["--key", key]),
+      ...(level === undefined ? [] : ["--log-level", level]),
+      ...(format === undefined ? [] : ["--log-format", format]),
+    ];
+  };
+  node.exports?.forEach((item, index) => {
+    items.push({
+      label: `exports[${index}]`,
+      args: ["export", item.path, ...flags(item), ...common(item)],
+      ready: readyPattern(item.nbd),
+      servesPort: parseHostPort(item.listen ?? "", "0.0.0.0", EXPORT_PORT_DEFAULT).port,
+      memberPorts: [],
+    });
+  });
+  node.arrays?.forEach((item, index) => {
+    items.push({
+      label: `arrays[${index}]`,
+      args: ["array", item.kind, ...item.members, ...flags(item), ...common(item)],
+      ready: readyPattern(item.nbd),
+      servesPort: item.export === undefined
+        ? null
+        : parseHostPort(item.export, "0.0.0.0", EXPORT_PORT_DEFAULT).port,
+      memberPorts: item.members.flatMap((member) => {
+        try {
+          return [parseHostPort(member, "127.0.0.1").port];
+        } catch {
+          return []; // a local path
+        }
+      }),
+    });
+  });
+  node.attaches?.forEach((item, index) => {
+    items.push({
+      label: `attaches[${index}]`,
+      args: ["attach", item.remote, ...flags(item), ...common(item)],
+      ready: item.device === undefined ? / at nbd\S*$/ : / is ready$/,
+      servesPort: null,
+      memberPorts: [],
+    });
+  });
+  return items;
+}
+
+/** The last line a serving export or array prints: the NBD one when it serves NBD too. */
+function readyPattern(nbd: string | undefined): RegExp {
+  return nbd === undefined ? / on \S+$/ : / as NBD.* at \S+$/;
+}
+
+/** An item's keys as --flags, in the file's order (booleans are flags without a value). */
+function flags(item: Record<string, unknown>): string[] {
+  const args: string[] = [];
+  for (const [name, value] of Object.entries(item)) {
+    if (NOT_FLAGS.has(name) || value === undefined) continue;
+    if (value === true) args.push(`--${name}`);
+    else if (Array.isArray(value)) { for (const one of value) args.push(`--${name}`, String(one)); }
+    else if (value !== false) args.push(`--${name}`, String(value));
+  }
+  return args;
+}
+
+/**
+ * Exports first, attaches last, and an array after whatever in the file serves one of
+ * its members' ports (an array of arrays); otherwise the file's order.
+ */
+function startOrder(items: UpItem[]): UpItem[] {
+  const ordered: UpItem[] = [];
+  const attaches = items.filter((item) => item.args[0] === "attach");
+  const waiting = items.filter((item) => item.args[0] !== "attach");
+  while (waiting.length > 0) {
+    const ready = waiting.findIndex((item) =>
+      item.memberPorts.every((port) =>
+        !waiting.some((other) => other !== item && other.servesPort === port)
+      )
+    );
+    // A cycle (two arrays naming each other): start the rest in file order; they will say.
+    const next = ready < 0 ? 0 : ready;
+    ordered.push(waiting.splice(next, 1)[0]!);
+  }
+  return [...ordered, ...attaches];
+}
