@@ -13,6 +13,7 @@ import { demoCommand } from "./src/cli/demo.ts";
 import { exportCommand } from "./src/cli/export.ts";
 import { keygenCommand } from "./src/cli/keygen.ts";
 import { statusCommand } from "./src/cli/status.ts";
+import { upCommand } from "./src/cli/up.ts";
 import { AssertionError } from "./src/lib/assert.ts";
 import { DstError, UsageError } from "./src/lib/errors.ts";
 import { flushLog, type Logger, logger } from "./src/lib/log.ts";
@@ -27,6 +28,7 @@ const COMMANDS: Record<string, (argv: string[]) => Promise<number>> = {
   status: statusCommand,
   keygen: keygenCommand,
   demo: demoCommand,
+  up: upCommand,
 };
 
 const HELP = `dst ${VERSION}: distributed block storage
@@ -39,6 +41,7 @@ Commands:
   array KIND ...   join exports and paths into a linear or mirror array, and serve it
   status ADDR...   show what exports are doing
   keygen FILE      add a new random key to a key file (for --key)
+  up NODE.yaml     run a node's exports, arrays and attaches from one file
   demo             run the whole job on temporary images and check every byte
 
 Run \`dst COMMAND --help\` for a command's options.`;
