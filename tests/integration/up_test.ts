@@ -118,6 +118,13 @@ const BROKEN: [string, string, string][] = [
     "device to serve",
   ],
   [
+    "a mirror that would start over from --source at every start",
+    "arrays:\n  - kind: mirror\n    members: [a:1, b:1]\n    source: a:1\n",
+    "node.yaml:4: arrays[0].source: a node file runs at every start, and --source starts the " +
+    "mirror over from that member each time, discarding what it knows: make the mirror once " +
+    "by hand (dst array mirror ... --source MEMBER), then let dst up reopen its state",
+  ],
+  [
     "bad YAML",
     "exports:\n  - path: [a.img\n    create: 1G\n",
     "node.yaml:3: Flow sequence in block collection must be sufficiently indented and end " +
