@@ -46,6 +46,17 @@ function checked(check: (value: string) => unknown) {
   });
 }
 
+const START_OVER = "a node file runs at every start, and --source starts the mirror over " +
+  "from that member each time, discarding what it knows: make the mirror once by hand " +
+  "(dst array mirror ... --source MEMBER), then let dst up reopen its state";
+
+/** A key a node file may not hold, whatever its value, and why. */
+function refused(why: string) {
+  return z.unknown().superRefine((_value, context) => {
+    context.addIssue({ code: "custom", message: why });
+  });
+}
+
 const address = (defaultHost: string, defaultPort?: number) =>
   checked((value) => parseHostPort(value, defaultHost, defaultPort));
 const size = (what: string) => checked((value) => parseSize(value, what));
@@ -94,8 +105,10 @@ const ARRAY = z.strictObject({
   export: address("0.0.0.0", EXPORT_PORT_DEFAULT).optional(),
   nbd: address("127.0.0.1", NBD_PORT_DEFAULT).optional(),
   state: text.optional(),
-  source: text.optional(),
-  force: z.boolean().optional(),
+  // A node file runs at every start: a mirror made over from --source each time would
+  // throw away what it knows, and with it writes acknowledged since.
+  source: refused(START_OVER).optional(),
+  force: refused(START_OVER).optional(),
   region: size("--region").optional(),
   ...SERVE,
   ...CLIENT,
