@@ -53,12 +53,16 @@ export async function findMirrorStateDir(
   const byList = await memberListStateDir(members);
 
   const found = statesFor(members, exportIds, [byIds, byList]);
-  // The same legs in more than one folder (a mirror made twice under two spellings,
-  // before states were found by ids): the folder of their ids, then that of this
-  // spelling; otherwise only the user knows.
+  // The same legs in more than one folder (a mirror made twice, under the member-list
+  // naming and then under the ids'): the folder of their ids, when every id is known.
+  // With a leg down its id is not, and a stale state cannot be told from the current
+  // one; reopening the stale one would later copy a stale leg over acknowledged writes,
+  // so only the user can say.
   const dir = found.length === 1
     ? found[0]!
-    : [byIds, byList].find((d) => d !== null && found.includes(d)) ?? null;
+    : byIds !== null && found.includes(byIds)
+    ? byIds
+    : null;
   if (found.length > 1 && dir === null) {
     throw new DstError(
       "STATE",
