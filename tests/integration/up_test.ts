@@ -158,3 +158,40 @@ Deno.test("dst up --check prints each item's command line and exits 0", () =>
         `dst up: ${dir}/node.yaml is valid (2 items)\n`,
     );
   }));
+
+/** Whether a process whose command line contains `text` is running. */
+async function running(text: string): Promise<boolean> {
+  const found = await new Deno.Command("pgrep", { args: ["-f", text], stdout: "null" }).output();
+  return found.code === 0;
+}
+
+Deno.test({
+  name: "dst up told twice to stop leaves no item running, though one is stuck stopping",
+  ignore: missing("pgrep"),
+  fn: () =>
+    scenario("dst-up-", async (dir, track) => {
+      const [a, b] = [freePort(), freePort()];
+      await Deno.writeTextFile(
+        `${dir}/node.yaml`,
+        `exports:\n  - path: ${dir}/first.img\n    create: 1M\n    listen: "127.0.0.1:${a}"\n` +
+          `    state: ${dir}/s1\n  - path: ${dir}/second.img\n    create: 1M\n` +
+          `    listen: "127.0.0.1:${b}"\n    state: ${dir}/s2\n`,
+      );
+      const up = track(await startDst(["up", `${dir}/node.yaml`], /running 2 items/));
+      // The last item, stopped first, does not stop: a final flush that never ends, say.
+      const stuck = await new Deno.Command("pkill", { args: ["-STOP", "-f", `${dir}/second.img`] })
+        .output();
+      assert.equal(stuck.code, 0);
+      up.process.kill("SIGTERM");
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      up.process.kill("SIGTERM"); // the user insists
+      const status = await up.process.status;
+      assert.equal(status.code, 130);
+      for (const image of ["first.img", "second.img"]) {
+        for (let i = 0; i < 50 && await running(`${dir}/${image}`); i++) {
+          await new Promise((resolve) => setTimeout(resolve, 100));
+        }
+        assert.equal(await running(`${dir}/${image}`), false, `${image}'s export still runs`);
+      }
+    }),
+});
