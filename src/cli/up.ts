@@ -82,15 +82,33 @@ async function runItems(file: string, items: UpItem[]): Promise<number> {
   const log = logger("up");
   // Listening from the start: a signal while items start stops those started, not only us.
   let signalled: Deno.Signal | null = null;
-  const stopping = untilSignal().then((signal) => (signalled = signal));
   const running: Running[] = [];
+  // A second signal stops every item at once (they run in their own process groups, so
+  // nothing else would reach them), as a second signal stops one command at once. SIGHUP
+  // (the terminal closed) stops them too.
+  const stopping = untilSignal(
+    ["SIGINT", "SIGTERM", "SIGHUP"],
+    () => killAll(running),
+  ).then((signal) => (signalled = signal));
   for (const item of items) {
-    const started = start(item);
+    let started: Running;
+    try {
+      started = start(item);
+    } catch (error) {
+      await stopAll(running, log);
+      throw error;
+    }
     running.push(started);
     const ready = waitForLine(
       started.child.stdout,
       item.ready,
-      (line) => console.log(`${item.label}: ${line}`),
+      (line) => {
+        try {
+          console.log(`${item.label}: ${line}`);
+        } catch {
+          // stdout is gone (a closed pipe): the item is ready all the same
+        }
+      },
     ).then(() => true, () => false);
     const outcome = await Promise.race([ready, stopping.then(() => "signal" as const)]);
     if (outcome === true) continue;
@@ -154,6 +172,17 @@ async function relayLines(stream: ReadableStream<Uint8Array>, label: string): Pr
     }
   }
   if (buffered !== "") await write(buffered);
+}
+
+/** SIGKILL to every item still running: the user insisted, and nothing may be left behind. */
+function killAll(running: Running[]): void {
+  for (const one of running) {
+    try {
+      one.child.kill("SIGKILL");
+    } catch {
+      // it has already exited
+    }
+  }
 }
 
 /** SIGTERM to each in reverse order, waiting for each: 0 when every one exited 0. */
