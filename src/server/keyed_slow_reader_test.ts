@@ -14,6 +14,8 @@ import { SecureConn } from "../transport/secure_conn.ts";
 import { ManualClock } from "../../tests/helpers/manual_clock.ts";
 import { RawClient } from "../../tests/helpers/raw_client.ts";
 import { ExportConnection } from "./export_connection.ts";
+import { standaloneExportContext } from "../../tests/helpers/export_context.ts";
+import { silentLogger } from "../lib/log.ts";
 
 /** Bytes the client takes per simulated second. */
 const RATE = 256 * 1024;
@@ -82,23 +84,15 @@ async function closedAfter(keyed: boolean): Promise<number | null> {
   } else {
     link.inbox.push(request);
   }
-  const quiet = { debug() {}, info() {}, warn() {}, error() {} };
   const connection = new ExportConnection(
     keyed ? new SecureConn(link, { ...options, peer: "the client" }) : link,
     "peer",
-    {
+    standaloneExportContext({
       device: new MemoryDevice(READ_BYTES),
       pool: new BufferPool(0),
-      log: quiet,
+      log: silentLogger,
       clock,
-      statusJson: () => new Uint8Array(),
-      countError() {},
-      acquire: null,
-      grant: null,
-      ended() {},
-      control: null,
-      access: "rw",
-    },
+    }),
   );
   void connection.serve();
   for (let second = 1; second <= SECONDS; second++) {

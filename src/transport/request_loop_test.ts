@@ -36,6 +36,7 @@ import { type ByteConn, closeQuietly, readExact, writeAll } from "./byte_conn.ts
 import type { RequestLoop } from "./request_loop.ts";
 import { concat } from "../../tests/helpers/bytes.ts";
 import { readToEnd, within } from "../../tests/helpers/frame_fuzz.ts";
+import { standaloneExportContext } from "../../tests/helpers/export_context.ts";
 import { ManualClock } from "../../tests/helpers/manual_clock.ts";
 import { RawClient } from "../../tests/helpers/raw_client.ts";
 
@@ -249,19 +250,7 @@ function rig(protocol: Protocol): Rig {
   const log = warnings();
   const pool = new BufferPool(0);
   const loop: RequestLoop = protocol === "DST"
-    ? new ExportConnection(conn, "peer", {
-      device,
-      pool,
-      log,
-      clock,
-      statusJson: () => new Uint8Array(),
-      countError() {},
-      acquire: null,
-      grant: null,
-      ended() {},
-      control: null,
-      access: "rw",
-    })
+    ? new ExportConnection(conn, "peer", standaloneExportContext({ device, pool, log, clock }))
     : new NbdConnection(conn, "peer", {
       device,
       pool,
