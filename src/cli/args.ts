@@ -22,6 +22,7 @@ import { parseCount } from "../lib/units.ts";
 import type { RemoteDeviceOptions } from "../client/remote_device.ts";
 import { type HostPort, parseHostPort } from "../lib/address.ts";
 import { CLIENT_KEY_HELP, CLIENT_KEY_OPTIONS, clientKey } from "./key_options.ts";
+import type { CommandHost } from "./command_host.ts";
 
 export type OptionSpec = Record<
   string,
@@ -48,11 +49,18 @@ export const LOG_OPTIONS_HELP =
 
 /**
  * Parses `argv` with `options`, --help and the log options, and applies the log
- * options at once, so every line after this has the asked form.
+ * options at once, so every line after this has the asked form (unless `host` set up
+ * the log for every command it runs).
  */
-export function parseCommand(command: string, argv: string[], options: OptionSpec): Parsed {
+export function parseCommand(
+  command: string,
+  argv: string[],
+  options: OptionSpec,
+  host?: CommandHost,
+): Parsed {
   const parsed = parseOptions(command, argv, options);
-  configureLog(logSettingsOf(parsed, command, envLogLevel()));
+  const settings = logSettingsOf(parsed, command, envLogLevel());
+  if (host?.logConfigured !== true) configureLog(settings);
   return parsed;
 }
 
@@ -84,7 +92,8 @@ function parseOptions(command: string, argv: string[], options: OptionSpec): Par
   }
 }
 
-function envLogLevel(): string | undefined {
+/** DST_LOG's level, or undefined when it is unset or empty. */
+export function envLogLevel(): string | undefined {
   try {
     return Deno.env.get("DST_LOG") || undefined; // set but empty: as if unset
   } catch {
@@ -94,19 +103,21 @@ function envLogLevel(): string | undefined {
 
 /**
  * The log settings `parsed` and DST_LOG (`envLevel`) ask for: --log-level wins over
- * DST_LOG, and an unknown level in either is a usage error naming the known ones.
+ * DST_LOG, and both over `file` (dst up's node file), and an unknown level in either
+ * is a usage error naming the known ones.
  */
 export function logSettingsOf(
   parsed: Parsed,
   command: string,
   envLevel: string | undefined,
+  file: { level?: LogLevel; format?: LogFormat } = {},
 ): LogSettings {
   const format = oneOf(stringOption(parsed, "log-format"), "--log-format", LOG_FORMATS, command);
   const fromEnv = oneOf(envLevel, "DST_LOG", LOG_LEVELS, command);
   const level = oneOf(stringOption(parsed, "log-level"), "--log-level", LOG_LEVELS, command);
   return {
-    format: (format ?? "text") as LogFormat,
-    level: (level ?? fromEnv ?? "info") as LogLevel,
+    format: (format ?? file.format ?? "text") as LogFormat,
+    level: (level ?? fromEnv ?? file.level ?? "info") as LogLevel,
     colour: colourWanted(),
   };
 }

@@ -41,7 +41,8 @@ import {
   memoryOption,
   serveKeys,
 } from "./key_options.ts";
-import { serveUntilSignal } from "./serve.ts";
+import { serveUntilStopped } from "./serve.ts";
+import { COMMAND_LINE, type CommandHost } from "./command_host.ts";
 
 export const ARRAY_HELP =
   `Usage: dst array linear MEMBER... (--export [HOST]:PORT | --nbd [HOST]:PORT) [OPTIONS]
@@ -91,7 +92,10 @@ ${LOG_OPTIONS_HELP}
 
 Example (three nodes): dst array mirror b:1025 c:1025 --export :1030`;
 
-export async function arrayCommand(argv: string[]): Promise<number> {
+export async function arrayCommand(
+  argv: string[],
+  host: CommandHost = COMMAND_LINE,
+): Promise<number> {
   const [kind, ...rest] = argv;
   if (kind === "detach" || kind === "attach") return await controlCommand(kind, rest);
   if (kind !== "linear" && kind !== "mirror") {
@@ -116,7 +120,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
     memory: { type: "string" },
     ...METRICS_OPTION,
     ...CLIENT_OPTIONS,
-  });
+  }, host);
   if (parsed.values.help) {
     console.log(ARRAY_HELP);
     return 0;
@@ -170,7 +174,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
     }
     const device = await LinearDevice.create(opened);
     try {
-      await serveUntilSignal(device, {
+      await serveUntilStopped(device, {
         listen,
         nbd,
         generation: PersistedGeneration.open(defaultExportStateDir(), device.info.id),
@@ -178,7 +182,8 @@ export async function arrayCommand(argv: string[]): Promise<number> {
         keys,
         policy,
         memoryBytes,
-        ...(metrics === undefined ? {} : { metrics: { listen: metrics } }),
+        metricsListen: metrics,
+        host,
         owner: {
           status: () => device.status(),
           control: () =>
@@ -221,7 +226,7 @@ export async function arrayCommand(argv: string[]): Promise<number> {
     log,
   });
   try {
-    await serveUntilSignal(mirror, {
+    await serveUntilStopped(mirror, {
       listen,
       nbd,
       generation: PersistedGeneration.open(stateDir, mirror.info.id),
@@ -229,12 +234,9 @@ export async function arrayCommand(argv: string[]): Promise<number> {
       keys,
       policy,
       memoryBytes,
-      ...(metrics === undefined ? {} : {
-        metrics: {
-          listen: metrics,
-          register: (registry) => registerMirror(registry, () => mirror.status()),
-        },
-      }),
+      metricsListen: metrics,
+      registerMetrics: (registry) => registerMirror(registry, () => mirror.status()),
+      host,
       owner: {
         status: () => mirror.status(),
         control: (request) => mirrorControl(mirror, request),

@@ -26,7 +26,7 @@ import {
 } from "./args.ts";
 import { MetricsServer, processRegistry, registerClient } from "../metrics/mod.ts";
 import { attachKernelDevice, checkKernelDevice, type KernelDevice } from "./kernel_nbd.ts";
-import { untilSignal } from "./signals.ts";
+import { COMMAND_LINE, type CommandHost } from "./command_host.ts";
 
 /** The kernel's NBD driver gives up on a request after 30 s by default. */
 const KERNEL_TIMEOUT_MS = 30_000;
@@ -54,7 +54,10 @@ ${LOG_OPTIONS_HELP}
 
 Example: dst attach 10.0.0.5:1025 --listen :10809   then   nbdinfo nbd://127.0.0.1:10809`;
 
-export async function attachCommand(argv: string[]): Promise<number> {
+export async function attachCommand(
+  argv: string[],
+  host: CommandHost = COMMAND_LINE,
+): Promise<number> {
   const parsed = parseCommand("attach", argv, {
     socket: { type: "string" },
     listen: { type: "string" },
@@ -63,7 +66,7 @@ export async function attachCommand(argv: string[]): Promise<number> {
     "read-only": { type: "boolean" },
     ...METRICS_OPTION,
     ...CLIENT_OPTIONS,
-  });
+  }, host);
   if (parsed.values.help) {
     console.log(ATTACH_HELP);
     return 0;
@@ -105,9 +108,11 @@ export async function attachCommand(argv: string[]): Promise<number> {
   let nbd: NbdServer;
   let metrics: MetricsServer | null = null;
   try {
-    if (metricsListen !== undefined) {
-      const registry = processRegistry();
-      registerClient(registry, remote);
+    // The host's registry (dst up's one /metrics for the node) or the command's own.
+    const registry = host.metrics ??
+      (metricsListen === undefined ? undefined : processRegistry());
+    if (registry !== undefined) registerClient(registry, remote);
+    if (registry !== undefined && metricsListen !== undefined) {
       metrics = MetricsServer.start(metricsListen, registry);
     }
     nbd = await NbdServer.start(remote, {
@@ -122,21 +127,23 @@ export async function attachCommand(argv: string[]): Promise<number> {
     throw error;
   }
   // Listening for signals before the ready line: a SIGTERM right after it is a clean stop.
-  const stopping = untilSignal();
+  const stopping = host.untilStop();
   const info = remote.info;
-  if (metrics !== null) console.log(`dst attach: metrics at ${metrics.url}`);
+  const print = (line: string) => host.print(`dst attach: ${line}`);
+  if (metrics !== null) print(`metrics at ${metrics.url}`);
   // The ready line is the command's output (stdout), and a line of the log as well.
   const ready = `${formatHostPort(target)} (${formatBytes(info.sizeBytes)}, ${info.sizeBytes} ` +
     `bytes, ${info.readOnly ? "read-only" : "read-write"}) is served as NBD at ${nbd.uri}`;
-  console.log(`dst attach: ${ready}`);
+  print(ready);
   log.info(ready, { nbd: nbd.uri });
   let kernel: KernelDevice | null = null;
   try {
     if (kernelPath !== undefined) {
       kernel = await attachKernelDevice(kernelPath, listen, name);
-      console.log(`dst attach: ${kernelPath} is ready`);
+      print(`${kernelPath} is ready`);
       log.info(`${kernelPath} is ready`, { device: kernelPath });
     }
+    host.ready();
     const signal = await stopping;
     log.info(`${signal}: detaching; finishing what is in flight`);
   } finally {

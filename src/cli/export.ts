@@ -21,7 +21,8 @@ import {
   parseCommand,
   stringOption,
 } from "./args.ts";
-import { closePorts, listenPorts, serveUntilSignal } from "./serve.ts";
+import { closePorts, listenPorts, serveUntilStopped } from "./serve.ts";
+import { COMMAND_LINE, type CommandHost } from "./command_host.ts";
 import {
   accessPolicy,
   memoryOption,
@@ -60,7 +61,10 @@ ${LOG_OPTIONS_HELP}
 
 Example: dst export /var/lib/dst/disk0.img --create 10G --listen :1025`;
 
-export async function exportCommand(argv: string[]): Promise<number> {
+export async function exportCommand(
+  argv: string[],
+  host: CommandHost = COMMAND_LINE,
+): Promise<number> {
   const parsed = parseCommand("export", argv, {
     listen: { type: "string" },
     "read-only": { type: "boolean" },
@@ -71,7 +75,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
     "shared-writers": { type: "boolean" },
     ...METRICS_OPTION,
     ...SERVE_KEY_OPTIONS,
-  });
+  }, host);
   if (parsed.values.help) {
     console.log(EXPORT_HELP);
     return 0;
@@ -136,7 +140,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
       stringOption(parsed, "state") ?? defaultExportStateDir(),
       info.id,
     );
-    await serveUntilSignal(device, {
+    await serveUntilStopped(device, {
       listen,
       nbd: nbdListen,
       nbdThreads: nbdThreadsOption,
@@ -145,7 +149,8 @@ export async function exportCommand(argv: string[]): Promise<number> {
       keys,
       policy,
       memoryBytes,
-      ...(metrics === undefined ? {} : { metrics: { listen: metrics } }),
+      metricsListen: metrics,
+      host,
       label: path,
       details:
         `${formatBytes(info.sizeBytes)}, ${info.sizeBytes} bytes, block ${info.blockSize}, ` +

@@ -1,20 +1,21 @@
 /**
- * Serving a device until a signal: over DST (`--listen`/`--export`) and, when asked,
- * over NBD and Prometheus metrics (`--metrics`) too. `dst export` and `dst array` both
- * end here, so they start, report and stop the same way.
+ * Serving a device until told to stop (a signal, or `dst up` stopping the node): over
+ * DST (`--listen`/`--export`) and, when asked, over NBD and Prometheus metrics
+ * (`--metrics`) too. `dst export` and `dst array` both end here, so they start, report
+ * and stop the same way.
  */
 
 import type { BlockDevice } from "../device/block_device.ts";
 import { formatHostPort, type HostPort, isAllInterfaces, isLoopbackHost } from "../lib/address.ts";
 import type { Logger } from "../lib/log.ts";
-import { logger } from "../lib/log.ts";
+import { keepLogFields, logger } from "../lib/log.ts";
 import { NbdServer } from "../nbd/mod.ts";
 import { Exporter, type ExportOwner } from "../server/exporter.ts";
 import { listenNbd, type NbdPort, NbdThreads } from "../server/nbd_threads.ts";
 import { listenTcp } from "../transport/listen.ts";
 import type { WriteGeneration } from "../server/write_generation.ts";
 import { type WriteGrant, WriterLease } from "../server/writer_lease.ts";
-import { untilSignal } from "./signals.ts";
+import type { CommandHost } from "./command_host.ts";
 import { SHUTDOWN_DEADLINE_MS } from "../constants.ts";
 import { describeError } from "../lib/errors.ts";
 import { protectionName } from "../server/handshake.ts";
@@ -45,20 +46,21 @@ export interface ServeOptions {
   details: string;
   command: string;
   log: Logger;
+  /** Who runs the command: when it stops, where its ready lines and metrics go. */
+  host: CommandHost;
   /** --key and --protect: clients must prove a key; SIGHUP rereads the file. */
   keys?: ServeKeys;
   /** --allow: who may connect and do what (default: rw for all, admin from loopback). */
   policy?: AccessPolicy;
   /** --memory: payload memory shared by the DST clients. */
   memoryBytes?: number;
-  /** --metrics: where to serve Prometheus metrics; absent, nothing is measured. */
-  metrics?: MetricsOptions;
-}
-
-export interface MetricsOptions {
-  listen: HostPort;
+  /**
+   * --metrics: where to serve Prometheus metrics. Absent, and with no registry from the
+   * host, nothing is measured.
+   */
+  metricsListen?: HostPort;
   /** Adds what the device has to show beyond the export's counters (a mirror's legs). */
-  register?: (registry: Registry) => void;
+  registerMetrics?: (registry: Registry) => void;
 }
 
 /** The ports a device is served on, listened on before it is opened. */
@@ -97,10 +99,11 @@ export function closePorts(ports: Ports): void {
 }
 
 /**
- * Serves `device` until SIGINT/SIGTERM, then finishes what is in flight. Closes nothing
- * but `ports` (listened on here when not given).
+ * Serves `device` until the host says stop (SIGINT/SIGTERM from the command line), then
+ * finishes what is in flight. Closes nothing but `ports` (listened on here when not
+ * given).
  */
-export async function serveUntilSignal(
+export async function serveUntilStopped(
   device: BlockDevice,
   options: ServeOptions,
   ports: Ports = listenPorts(options),
@@ -115,8 +118,10 @@ export async function serveUntilSignal(
     const threads = nbd instanceof NbdThreads ? nbd : null;
     const stats = () => threads === null ? device.stats() : threads.stats();
     let timing: RequestTiming | undefined;
-    if (options.metrics !== undefined) {
-      const registry = processRegistry();
+    // The host's registry (dst up's one /metrics for the node) or the command's own.
+    const registry = options.host.metrics ??
+      (options.metricsListen === undefined ? undefined : processRegistry());
+    if (registry !== undefined) {
       // Read when scraped: the exporter is made below, and with NBD only there is none.
       timing = registerExport(registry, {
         stats,
@@ -125,8 +130,10 @@ export async function serveUntilSignal(
         clients: () => exporter?.status().clients ?? 0,
         inFlight: () => exporter?.status().inFlight ?? 0,
       });
-      options.metrics.register?.(registry);
-      metrics = MetricsServer.start(options.metrics.listen, registry);
+      options.registerMetrics?.(registry);
+      if (options.metricsListen !== undefined) {
+        metrics = MetricsServer.start(options.metricsListen, registry);
+      }
     }
     if (ports.dst !== null) {
       exporter = Exporter.serve(device, ports.dst, {
@@ -148,8 +155,9 @@ export async function serveUntilSignal(
     throw error;
   }
   // Listening for signals before the ready line: a SIGTERM right after it is a clean stop.
-  const stopping = untilSignal();
-  if (metrics !== null) console.log(`dst ${options.command}: metrics at ${metrics.url}`);
+  const stopping = options.host.untilStop();
+  const print = (line: string) => options.host.print(`dst ${options.command}: ${line}`);
+  if (metrics !== null) print(`metrics at ${metrics.url}`);
   // The address ends the line (scripts read it there); a wildcard is named before it.
   // Each goes to stdout, the command's output that scripts and `dst demo` read, and to
   // the log too, so the log tells the whole story in its own form.
@@ -157,13 +165,13 @@ export async function serveUntilSignal(
     const address = formatHostPort(exporter.address);
     const line = `serving ${options.label} (${options.details})` +
       `${everywhere(exporter.address.hostname)} on ${address}`;
-    console.log(`dst ${options.command}: ${line}`);
+    print(line);
     options.log.info(line, { listen: address });
   }
   if (nbd !== null && ports.nbd !== null) {
     const line = `${exporter === null ? "serving" : "also serving"} ${options.label} ` +
       `as NBD${everywhere(ports.nbd.listener.addr.hostname)} at ${nbd.uri}`;
-    console.log(`dst ${options.command}: ${line}`);
+    print(line);
     options.log.info(line, { nbd: nbd.uri });
   }
   if (options.keys !== undefined && exporter !== null) {
@@ -179,6 +187,7 @@ export async function serveUntilSignal(
   const stopReloading = options.keys !== undefined && exporter !== null
     ? reloadOnHangup(options.keys.ring, exporter, options.log)
     : () => {};
+  options.host.ready();
 
   const signal = await stopping;
   stopReloading();
@@ -284,7 +293,8 @@ function reloadOnHangup(ring: KeyRing, exporter: Exporter, log: Logger): () => v
       log.error(`SIGHUP: kept the old keys: ${describeError(error)}`);
     }
   };
-  const listener = () => void reload();
+  // Its lines name the item that dst up runs, as every other line of the export does.
+  const listener = keepLogFields(() => void reload());
   Deno.addSignalListener("SIGHUP", listener);
   return () => Deno.removeSignalListener("SIGHUP", listener);
 }

@@ -1,37 +1,47 @@
 /**
  * `dst up NODE.yaml`: runs everything a node has (exports, arrays, attaches) from one
- * file. Each item runs as a child process of this same program with the command line
- * it stands for, so every command keeps its own checks, start-up and shutdown, and
- * `dst up` writes nothing that the same commands typed by hand would not. This file
- * owns starting them in order, relaying their output, and stopping them in reverse;
- * reading the file is src/cli/up_file.ts.
+ * file, in this one process. Each item runs the very command it stands for (the same
+ * function as `dst export ...` typed by hand, with its own checks, start-up and
+ * shutdown), hosted here (command_host.ts): this file says when each stops, prefixes
+ * its output lines, and gives it a registry in the node's one /metrics. So `dst up`
+ * writes nothing that the same commands by hand would not. This file owns starting
+ * items in order and stopping them in reverse; reading the file is src/cli/up_file.ts.
  */
 
-import { DstError, UsageError } from "../lib/errors.ts";
-import { logger } from "../lib/log.ts";
-import { LOG_OPTIONS_HELP, parseCommand } from "./args.ts";
-import { selfCommand, waitForLine } from "./self.ts";
+import { describeError, DstError, UsageError } from "../lib/errors.ts";
+import { configureLog, logger, withLogFields } from "../lib/log.ts";
+import { MetricsServer, NodeMetrics } from "../metrics/mod.ts";
+import { envLogLevel, LOG_OPTIONS_HELP, logSettingsOf, parseCommand } from "./args.ts";
+import { arrayCommand } from "./array.ts";
+import { attachCommand } from "./attach.ts";
+import type { CommandHost } from "./command_host.ts";
+import { exportCommand } from "./export.ts";
 import { untilSignal } from "./signals.ts";
-import { readUpFile, type UpItem } from "./up_file.ts";
+import { readUpFile, type UpItem, type UpNode } from "./up_file.ts";
 
 export const UP_HELP = `Usage: dst up NODE.yaml [--check]
 
-Runs every export, array and attach of NODE.yaml, each as its own \`dst\` process with
-the command line the item stands for, and stops them all on SIGINT or SIGTERM. The
+Runs every export, array and attach of NODE.yaml in this one process, each exactly as
+the command it stands for would run, and stops them all on SIGINT or SIGTERM. The
 keys are the flags' own names:
 
-  key: FILE            --key of every item (an item's own key wins)
-  log: { level: L, format: F }   --log-level and --log-format of every item (likewise)
+  key: FILE            --key of every item (an item's own key: wins)
+  metrics: [HOST]:PORT one /metrics for the whole node, each item's series labelled
+                       item="exports[0]" and so on, with the process's own
+  log: { level: L, format: F }   the node's --log-level and --log-format (the command
+                       line's, then DST_LOG's level, win over the file's)
   exports:             one \`dst export PATH\` each: path, and any of its flags
   arrays:              one \`dst array KIND MEMBER...\` each: kind, members, and its flags
   attaches:            one \`dst attach HOST:PORT\` each: remote, and its flags
 
-A flag without a value (read-only, force) is true or false. metrics is per item: each
-item is its own process, with its own port. Exports start first, then arrays (an array
-after the array serving one of its members), then attaches, each once it is serving;
-if one fails to start, those started are stopped and dst up exits 1. On SIGINT or
-SIGTERM they are stopped in reverse order; dst up exits 0 when they all did.
-Their stdout and stderr lines are relayed, each after its item's name ("exports[0]: ").
+A flag without a value (read-only, shared-writers) is true or false. Exports start
+first, then arrays (an array after the array serving one of its members), then
+attaches, each once it is serving; if one fails to start, those started are stopped
+and dst up exits 1. On SIGINT or SIGTERM they are stopped in reverse order, and dst up
+exits 0 when each stopped cleanly; a second signal exits at once. On SIGHUP the items
+with a key reread their key files, as each command does; nothing else changes. Their
+output lines are printed after each item's name ("exports[0]: "), and their log lines
+carry it as the field item.
 
   --check         only check the file and print the command lines: exit 0, or 2 with
                   every problem as FILE:LINE: KEY: what is wrong
@@ -39,11 +49,19 @@ ${LOG_OPTIONS_HELP}
 
 Example: dst up /etc/dst/node.yaml`;
 
-/** A started item: its process, and its stderr relayed until the process ends. */
+/** The commands a node file's items stand for. */
+const ITEM_COMMANDS: Record<string, (argv: string[], host: CommandHost) => Promise<number>> = {
+  export: exportCommand,
+  array: arrayCommand,
+  attach: attachCommand,
+};
+
+/** A started item: how to stop it, and its end (its exit code, or what it threw). */
 interface Running {
   item: UpItem;
-  child: Deno.ChildProcess;
-  relayed: Promise<void>;
+  stop(reason: string): void;
+  ready: Promise<void>;
+  ended: Promise<number>;
 }
 
 export async function upCommand(argv: string[]): Promise<number> {
@@ -75,129 +93,121 @@ export async function upCommand(argv: string[]): Promise<number> {
     console.log(`dst up: ${file} is valid (${result.items.length} items)`);
     return 0;
   }
-  return await runItems(file, result.items);
+  // The command line's log options, then DST_LOG's level, win over the file's.
+  configureLog(logSettingsOf(parsed, "up", envLogLevel(), result.node.log));
+  return await runItems(file, result.node, result.items);
 }
 
-async function runItems(file: string, items: UpItem[]): Promise<number> {
+async function runItems(file: string, node: UpNode, items: UpItem[]): Promise<number> {
   const log = logger("up");
-  // Listening from the start: a signal while items start stops those started, not only us.
+  // Listening from the start: a signal while items start stops those started. A second
+  // signal exits at once (untilSignal), leaving what is stuck.
   let signalled: Deno.Signal | null = null;
+  const stopping = untilSignal().then((signal) => (signalled = signal));
+  // SIGHUP: the items with a key reread it (each listens, as the command does); the
+  // node goes on. Listened for here too, so a node without keys is not killed by it.
+  const hangup = () => log.info("SIGHUP: items with a key reread their key files");
+  Deno.addSignalListener("SIGHUP", hangup);
+  const metrics = node.metrics === undefined ? undefined : new NodeMetrics();
+  const server = node.metrics === undefined || metrics === undefined
+    ? null
+    : MetricsServer.start(node.metrics, metrics);
   const running: Running[] = [];
-  // A second signal stops every item at once (they run in their own process groups, so
-  // nothing else would reach them), as a second signal stops one command at once. SIGHUP
-  // (the terminal closed) stops them too.
-  const stopping = untilSignal(
-    ["SIGINT", "SIGTERM", "SIGHUP"],
-    () => killAll(running),
-  ).then((signal) => (signalled = signal));
-  for (const item of items) {
-    let started: Running;
-    try {
-      started = start(item);
-    } catch (error) {
+  try {
+    if (server !== null) print(`dst up: metrics at ${server.url}`);
+    for (const item of items) {
+      const started = start(item, metrics);
+      running.push(started);
+      const outcome = await Promise.race([
+        started.ready.then(() => "ready" as const),
+        started.ended.then(() => "ended" as const, () => "ended" as const),
+        stopping.then(() => "signal" as const),
+      ]);
+      if (outcome === "ready") continue;
+      if (outcome === "signal") {
+        log.info(`${signalled}: stopping the ${running.length} items started`);
+        return await stopAll(running, log);
+      }
+      running.pop();
+      const error = await started.ended.then(
+        (code) => new DstError("START", `exited ${code} before it was serving`),
+        (error) => error,
+      );
+      const stopped = running.length === 0
+        ? ""
+        : `; stopped the ${running.length} items started before it`;
       await stopAll(running, log);
-      throw error;
+      const message = `${file}: ${item.label} (dst ${item.args.join(" ")}): ` +
+        `${describeError(error)}${stopped}`;
+      // A usage error stays one (exit 2): the file asks for what the command refuses.
+      if (error instanceof UsageError) throw new UsageError(message, "up");
+      throw new DstError("START", message, { cause: error });
     }
-    running.push(started);
-    const ready = waitForLine(
-      started.child.stdout,
-      item.ready,
-      (line) => {
-        try {
-          console.log(`${item.label}: ${line}`);
-        } catch {
-          // stdout is gone (a closed pipe): the item is ready all the same
-        }
-      },
-    ).then(() => true, () => false);
-    const outcome = await Promise.race([ready, stopping.then(() => "signal" as const)]);
-    if (outcome === true) continue;
-    if (outcome === "signal") {
-      log.info(`${signalled}: stopping the ${running.length} items started`);
+    print(`dst up: running ${running.length} items of ${file}`);
+    const ended = Promise.race(
+      running.map((one) =>
+        one.ended.then(
+          (code) => ({ one, why: `exited ${code}` }),
+          (error) => ({ one, why: `failed: ${describeError(error)}` }),
+        )
+      ),
+    );
+    const first = await Promise.race([stopping.then(() => null), ended]);
+    if (first === null) {
+      log.info(`${signalled}: stopping ${running.length} items in reverse order`);
       return await stopAll(running, log);
     }
-    const status = await started.child.status;
-    await started.relayed;
-    running.pop();
-    await stopAll(running, log);
-    throw new DstError(
-      "ECHILD",
-      `${item.label} (dst ${item.args.join(" ")}) exited ${status.code} before it was ready` +
-        (running.length === 0 ? "" : `; stopped the ${running.length} items started before it`),
-    );
+    log.error(`${first.one.item.label} ${first.why} while serving; stopping the others`);
+    await stopAll(running.filter((one) => one !== first.one), log);
+    return 1;
+  } finally {
+    Deno.removeSignalListener("SIGHUP", hangup);
+    await server?.shutdown();
   }
-  console.log(`dst up: running ${running.length} items of ${file}`);
-  const ended = Promise.race(
-    running.map((one) => one.child.status.then((status) => ({ one, status }))),
-  );
-  const first = await Promise.race([stopping.then(() => null), ended]);
-  if (first === null) {
-    log.info(`${signalled}: stopping ${running.length} items in reverse order`);
-    return await stopAll(running, log);
-  }
-  log.error(
-    `${first.one.item.label} exited ${first.status.code} while running; stopping the others`,
-  );
-  await stopAll(running, log);
-  return 1;
 }
 
-function start(item: UpItem): Running {
-  const self = selfCommand();
-  const child = new Deno.Command(self.command, {
-    args: [...self.args, ...item.args],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-    // Its own process group: a terminal's Ctrl-C reaches dst up alone, which then stops
-    // the items in reverse order (attaches before the arrays and exports they use).
-    detached: true,
-  }).spawn();
-  return { item, child, relayed: relayLines(child.stderr, item.label) };
-}
-
-async function relayLines(stream: ReadableStream<Uint8Array>, label: string): Promise<void> {
-  const encoder = new TextEncoder();
-  let buffered = "";
-  const write = async (line: string) => {
-    const bytes = encoder.encode(`${label}: ${line}\n`);
-    for (let done = 0; done < bytes.length;) done += await Deno.stderr.write(bytes.subarray(done));
+/** Starts `item`'s command, hosted: it stops when told, and says when it is serving. */
+function start(item: UpItem, metrics: NodeMetrics | undefined): Running {
+  let stop!: (reason: string) => void;
+  const stopRequested = new Promise<string>((resolve) => stop = resolve);
+  let serving!: () => void;
+  const ready = new Promise<void>((resolve) => serving = resolve);
+  const host: CommandHost = {
+    untilStop: () => stopRequested,
+    print: (line) => print(`${item.label}: ${line}`),
+    ready: () => serving(),
+    logConfigured: true,
+    ...(metrics === undefined ? {} : { metrics: metrics.registryFor(item.label) }),
   };
-  for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
-    buffered += chunk;
-    let newline: number;
-    while ((newline = buffered.indexOf("\n")) >= 0) {
-      await write(buffered.slice(0, newline));
-      buffered = buffered.slice(newline + 1);
-    }
-  }
-  if (buffered !== "") await write(buffered);
+  const [command, ...argv] = item.args;
+  const run = ITEM_COMMANDS[command!]!;
+  const ended = withLogFields({ item: item.label }, () => run(argv, host));
+  ended.catch(() => {}); // seen by whoever awaits it; never an unhandled rejection
+  return { item, stop, ready, ended };
 }
 
-/** SIGKILL to every item still running: the user insisted, and nothing may be left behind. */
-function killAll(running: Running[]): void {
-  for (const one of running) {
-    try {
-      one.child.kill("SIGKILL");
-    } catch {
-      // it has already exited
-    }
+/** A line of output; a closed stdout (a pipe nobody reads now) is no reason to stop. */
+function print(line: string): void {
+  try {
+    console.log(line);
+  } catch {
+    // nobody to tell
   }
 }
 
-/** SIGTERM to each in reverse order, waiting for each: 0 when every one exited 0. */
+/** Stops each in reverse order, waiting for each: 0 when every one stopped cleanly. */
 async function stopAll(running: Running[], log: ReturnType<typeof logger>): Promise<number> {
   let code = 0;
   for (const one of [...running].reverse()) {
+    one.stop("dst up is stopping");
     try {
-      one.child.kill("SIGTERM");
-    } catch {
-      // it has already exited
-    }
-    const status = await one.child.status;
-    await one.relayed;
-    if (status.code !== 0) {
-      log.error(`${one.item.label} exited ${status.code}`);
+      const exit = await one.ended;
+      if (exit !== 0) {
+        log.error(`${one.item.label} exited ${exit}`);
+        code = 1;
+      }
+    } catch (error) {
+      log.error(`${one.item.label} did not stop cleanly: ${describeError(error)}`);
       code = 1;
     }
   }

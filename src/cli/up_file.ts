@@ -8,26 +8,33 @@
 import { type Document, isMap, isNode, LineCounter, parseDocument } from "yaml";
 import { z } from "zod";
 import { EXPORT_PORT_DEFAULT, NBD_PORT_DEFAULT } from "../constants.ts";
-import { parseHostPort } from "../lib/address.ts";
+import { type HostPort, parseHostPort } from "../lib/address.ts";
 import { nearest } from "../lib/edit_distance.ts";
-import { LOG_FORMATS, LOG_LEVELS } from "../lib/log.ts";
+import { LOG_FORMATS, LOG_LEVELS, type LogFormat, type LogLevel } from "../lib/log.ts";
 import { parseSize } from "../lib/units.ts";
 
-/** One thing `dst up` runs: its name in the file, the command line, and its ready line. */
+/** One thing `dst up` runs: its name in the file, and the command line it stands for. */
 export interface UpItem {
   /** "exports[0]", "arrays[1]", "attaches[0]": how messages name it. */
   label: string;
   /** The arguments after `dst`: ["export", "/srv/disk0.img", "--listen", ":1025", ...]. */
   args: string[];
-  /** The stdout line that says the item is serving (the last one it prints at start). */
-  ready: RegExp;
   /** The DST port it serves (exports, arrays with `export`), for the start order. */
   servesPort: number | null;
   /** The ports of HOST:PORT members (arrays), which start after what serves them. */
   memberPorts: number[];
 }
 
-export type UpFileResult = { ok: true; items: UpItem[] } | { ok: false; messages: string[] };
+/** What the whole node shares: its log and its one `/metrics`. */
+export interface UpNode {
+  log: { level?: LogLevel; format?: LogFormat };
+  /** `metrics: [HOST]:PORT`, as --metrics (default host 127.0.0.1). */
+  metrics?: HostPort;
+}
+
+export type UpFileResult =
+  | { ok: true; node: UpNode; items: UpItem[] }
+  | { ok: false; messages: string[] };
 
 /** A value given as text; YAML reads `timeout: 5000` as a number, which is the same flag. */
 const text = z.preprocess((v) => typeof v === "number" ? String(v) : v, z.string());
@@ -66,11 +73,20 @@ const LOG = z.strictObject({
   format: z.enum(LOG_FORMATS).optional(),
 });
 
-/** What every item may set for itself, over the file's top-level values. */
+/**
+ * What every item may set for itself (key, over the file's), and what only the node
+ * has: one process serves every item, with one log and one /metrics.
+ */
 const COMMON = {
   key: text.optional(),
-  metrics: address("127.0.0.1").optional(),
-  log: LOG.optional(),
+  metrics: refused(
+    "metrics is the node's, at the top of the file: dst up serves one /metrics for all " +
+      'its items, each series labelled item="exports[0]" and so on',
+  ).optional(),
+  log: refused(
+    "log is the node's, at the top of the file: dst up is one process, with one log " +
+      '(each line names its item: item="exports[0]" and so on)',
+  ).optional(),
 };
 
 const CLIENT = {
@@ -128,6 +144,7 @@ const ATTACH = z.strictObject({
 
 const NODE = z.strictObject({
   key: text.optional(),
+  metrics: address("127.0.0.1").optional(),
   log: LOG.optional(),
   exports: z.array(EXPORT).optional(),
   arrays: z.array(ARRAY).optional(),
@@ -145,7 +162,7 @@ const REQUIRED: Record<string, string> = {
 };
 
 /** Keys that are not the item's own --flags: its positional arguments, and the common ones. */
-const NOT_FLAGS = new Set(["path", "kind", "members", "remote", "key", "log"]);
+const NOT_FLAGS = new Set(["path", "kind", "members", "remote", "key"]);
 
 /**
  * Reads the node file `text` (named `file` in messages): the items in the order they
@@ -185,7 +202,14 @@ export function readUpFile(file: string, source: string): UpFileResult {
       messages: [`${file}:1: nothing to run: give exports, arrays or attaches`],
     };
   }
-  return { ok: true, items: startOrder(itemsOf(node)) };
+  return {
+    ok: true,
+    node: {
+      log: node.log ?? {},
+      ...(node.metrics === undefined ? {} : { metrics: parseHostPort(node.metrics, "127.0.0.1") }),
+    },
+    items: startOrder(itemsOf(node)),
+  };
 }
 
 function describeIssue(
@@ -291,21 +315,14 @@ function lineOf(doc: Document, lineCounter: LineCounter, path: PropertyKey[]): n
 
 function itemsOf(node: Node): UpItem[] {
   const items: UpItem[] = [];
-  const common = (item: { key?: string; log?: z.infer<typeof LOG> }) => {
+  const common = (item: { key?: string }) => {
     const key = item.key ?? node.key;
-    const level = item.log?.level ?? node.log?.level;
-    const format = item.log?.format ?? node.log?.format;
-    return [
-      ...(key === undefined ? [] : ["--key", key]),
-      ...(level === undefined ? [] : ["--log-level", level]),
-      ...(format === undefined ? [] : ["--log-format", format]),
-    ];
+    return key === undefined ? [] : ["--key", key];
   };
   node.exports?.forEach((item, index) => {
     items.push({
       label: `exports[${index}]`,
       args: ["export", item.path, ...flags(item), ...common(item)],
-      ready: readyPattern(item.nbd),
       servesPort: parseHostPort(item.listen ?? "", "0.0.0.0", EXPORT_PORT_DEFAULT).port,
       memberPorts: [],
     });
@@ -314,7 +331,6 @@ function itemsOf(node: Node): UpItem[] {
     items.push({
       label: `arrays[${index}]`,
       args: ["array", item.kind, ...item.members, ...flags(item), ...common(item)],
-      ready: readyPattern(item.nbd),
       servesPort: item.export === undefined
         ? null
         : parseHostPort(item.export, "0.0.0.0", EXPORT_PORT_DEFAULT).port,
@@ -331,17 +347,11 @@ function itemsOf(node: Node): UpItem[] {
     items.push({
       label: `attaches[${index}]`,
       args: ["attach", item.remote, ...flags(item), ...common(item)],
-      ready: item.device === undefined ? / at nbd\S*$/ : / is ready$/,
       servesPort: null,
       memberPorts: [],
     });
   });
   return items;
-}
-
-/** The last line a serving export or array prints: the NBD one when it serves NBD too. */
-function readyPattern(nbd: string | undefined): RegExp {
-  return nbd === undefined ? / on \S+$/ : / as NBD.* at \S+$/;
 }
 
 /** An item's keys as --flags, in the file's order (booleans are flags without a value). */

@@ -22,6 +22,7 @@ import {
   type LogLevel as LogTapeLevel,
   type LogRecord,
 } from "@logtape/logtape";
+import { AsyncLocalStorage } from "node:async_hooks";
 import { printable } from "./printable.ts";
 
 export const LOG_LEVELS = ["debug", "info", "warn", "error"] as const;
@@ -271,7 +272,9 @@ export interface Logger {
  */
 export function logger(component: string): Logger {
   let routed: LogTapeLogger | null = null;
-  const emit = (level: LogLevel, message: string, fields: LogFields = {}): void => {
+  const emit = (level: LogLevel, message: string, own: LogFields = {}): void => {
+    const around = contextFields.getStore();
+    const fields = around === undefined ? own : { ...around, ...own };
     if (settings === null) configureLog(defaultLogSettings());
     routed ??= getLogger(["dst", component]);
     const to = TO_LOGTAPE[level];
@@ -292,6 +295,28 @@ export function logger(component: string): Logger {
     error: (message, fields) => emit("error", message, fields),
   };
 }
+
+/**
+ * Fields added to every line logged by `run` and whatever it starts (its timers,
+ * connections and promises): `dst up` runs each item of a node file in one, so every
+ * line says which item it came from ({ item: "exports[0]" }).
+ */
+export function withLogFields<T>(fields: LogFields, run: () => T): T {
+  return contextFields.run({ ...contextFields.getStore(), ...fields }, run);
+}
+
+/**
+ * `run`, made to log with the fields in force where it was made: for callbacks that
+ * something outside any context calls, such as a signal listener.
+ */
+export function keepLogFields<A extends unknown[]>(
+  run: (...args: A) => void,
+): (...args: A) => void {
+  const fields = contextFields.getStore();
+  return fields === undefined ? run : (...args) => contextFields.run(fields, () => run(...args));
+}
+
+const contextFields = new AsyncLocalStorage<LogFields>();
 
 /** A logger that drops every line: for tests, and for code made in code that should say nothing. */
 export const silentLogger: Logger = { debug() {}, info() {}, warn() {}, error() {} };

@@ -1,10 +1,10 @@
 /**
  * The HTTP server of `--metrics [HOST]:PORT`: answers `GET /metrics` with the registry
  * in Prometheus's text format, and nothing else. It owns its listener; the metrics
- * themselves are the registry's (registry.ts).
+ * themselves are the registry's (registry.ts), or a node's (node_metrics.ts).
  */
 
-import type { Registry } from "prom-client";
+import type { MetricsSource } from "./node_metrics.ts";
 import { formatHostPort, type HostPort } from "../lib/address.ts";
 import { describeError, DstError } from "../lib/errors.ts";
 
@@ -15,7 +15,7 @@ export class MetricsServer {
   private constructor(readonly server: Deno.HttpServer<Deno.NetAddr>) {}
 
   /** Listens on `address` (port 0 picks a free one); throws a clear error when it cannot bind. */
-  static start(address: HostPort, registry: Registry): MetricsServer {
+  static start(address: HostPort, registry: MetricsSource): MetricsServer {
     try {
       return new MetricsServer(Deno.serve({
         hostname: address.hostname,
@@ -47,7 +47,7 @@ export class MetricsServer {
   }
 }
 
-async function answer(request: Request, registry: Registry): Promise<Response> {
+async function answer(request: Request, registry: MetricsSource): Promise<Response> {
   const path = new URL(request.url).pathname;
   if (path !== METRICS_PATH) {
     return new Response(`Not found: the metrics are at ${METRICS_PATH}\n`, { status: 404 });

@@ -9,8 +9,11 @@ import assert from "node:assert/strict";
 import { allInSyncAndClean, waitForMirror } from "../helpers/array.ts";
 import { assertSameBytes } from "../helpers/bytes.ts";
 import { randomBytes } from "../helpers/random_bytes.ts";
-import { runDst, scenario, startDst } from "../helpers/spawn.ts";
+import { exportImage, runDst, scenario, startDst } from "../helpers/spawn.ts";
 import { missing, toolOk } from "../helpers/tools.ts";
+import { scrape, value } from "../helpers/prometheus.ts";
+import { formatHostPort } from "../../src/lib/address.ts";
+import { waitUntil } from "../helpers/wait.ts";
 
 const MiB = 1024 * 1024;
 
@@ -20,6 +23,16 @@ function freePort(): number {
   const port = (listener.addr as Deno.NetAddr).port;
   listener.close();
   return port;
+}
+
+/** The child processes of `pid` (Linux's /proc), to show that dst up starts none. */
+async function childrenOf(pid: number): Promise<string[]> {
+  const children: string[] = [];
+  for await (const task of Deno.readDir(`/proc/${pid}/task`)) {
+    const text = await Deno.readTextFile(`/proc/${pid}/task/${task.name}/children`);
+    children.push(...text.split(" ").filter((one) => one.trim() !== ""));
+  }
+  return children;
 }
 
 async function refusesConnections(port: number): Promise<boolean> {
@@ -41,7 +54,8 @@ Deno.test({
       const file = `${dir}/node.yaml`;
       await Deno.writeTextFile(
         file,
-        `log: { level: info }
+        `log: { level: info, format: json }
+metrics: 127.0.0.1:0
 exports:
   - path: ${dir}/a.img
     create: 4M
@@ -59,15 +73,41 @@ attaches:
     listen: 127.0.0.1:${nbd}
 `,
       );
-      const up = track(await startDst(["up", file], /dst up: running 4 items of /));
+      const up = track(
+        await startDst(["up", file], /dst up: metrics at (\S+)\n[^]*dst up: running 4 items of /),
+      );
+      assert.deepEqual(await childrenOf(up.process.pid), [], "one process serves every item");
       await waitForMirror({ hostname: "127.0.0.1", port: mirror }, allInSyncAndClean, 10_000);
       const data = randomBytes(4 * MiB);
       await Deno.writeFile(`${dir}/data.bin`, data);
       await toolOk("nbdcopy", [`${dir}/data.bin`, `nbd://127.0.0.1:${nbd}`]);
 
+      // One /metrics for the node: each item's series under its own label.
+      const samples = await scrape(up.ready[1]!);
+      assert.equal(value(samples, 'dst_client_write_bytes_total{item="attaches[0]"}'), 4 * MiB);
+      assert.equal(value(samples, 'dst_export_write_bytes_total{item="arrays[0]"}'), 4 * MiB);
+      // The first leg was the new mirror's source: it got the data and nothing else.
+      assert.equal(value(samples, 'dst_export_write_bytes_total{item="exports[0]"}'), 4 * MiB);
+      for (const leg of [a, b]) {
+        assert.equal(
+          value(
+            samples,
+            `dst_mirror_leg_state{item="arrays[0]",leg="127.0.0.1:${leg}",state="in-sync"}`,
+          ),
+          1,
+        );
+      }
+      assert.ok(value(samples, "process_resident_memory_bytes") > 0);
+
       const status = await up.stop("SIGTERM");
       assert.equal(status.code, 0, up.log());
-      assert.match(up.log(), /attaches\[0\]: /);
+      // JSON lines, each naming its item; the node's own lines name none.
+      const lines = up.log().trimEnd().split("\n").map((line) => JSON.parse(line));
+      const items = new Set(lines.map((line) => line.fields?.item));
+      for (const item of ["exports[0]", "exports[1]", "arrays[0]", "attaches[0]"]) {
+        assert.ok(items.has(item), `a line of ${item}:\n${up.log()}`);
+      }
+      assert.ok(lines.some((line) => line.component === "up" && line.fields?.item === undefined));
       for (const port of [a, b, mirror, nbd]) {
         assert.ok(await refusesConnections(port), `port ${port} still listens:\n${up.log()}`);
       }
@@ -92,8 +132,10 @@ Deno.test("dst up exits 1 when an item fails to start, stopping those started", 
     );
     const run = await runDst(["up", file]);
     assert.equal(run.code, 1, run.stderr);
-    assert.match(run.stderr, /exports\[1\]: .*missing\.img does not exist/);
-    assert.match(run.stderr, /exports\[1\] \(dst export .*\) exited 1 before it was ready/);
+    assert.match(
+      run.stderr,
+      /node\.yaml: exports\[1\] \(dst export .*\): .*missing\.img does not exist; use --create SIZE to make it .*; stopped the 1 items started before it/,
+    );
     assert.ok(await refusesConnections(port), "the first export was stopped");
   }));
 
@@ -125,6 +167,12 @@ const BROKEN: [string, string, string][] = [
     "by hand (dst array mirror ... --source MEMBER), then let dst up reopen its state",
   ],
   [
+    "metrics given to one item",
+    "exports:\n  - path: a.img\n    metrics: :9100\n",
+    "node.yaml:3: exports[0].metrics: metrics is the node's, at the top of the file: dst up " +
+    'serves one /metrics for all its items, each series labelled item="exports[0]" and so on',
+  ],
+  [
     "bad YAML",
     "exports:\n  - path: [a.img\n    create: 1G\n",
     "node.yaml:3: Flow sequence in block collection must be sufficiently indented and end " +
@@ -146,52 +194,68 @@ Deno.test("dst up --check prints each item's command line and exits 0", () =>
   scenario("dst-up-ok-", async (dir) => {
     await Deno.writeTextFile(
       `${dir}/node.yaml`,
-      "key: site.keys\nexports:\n  - path: a.img\n    create: 10G\n    read-only: false\n" +
-        "attaches:\n  - remote: a:1030\n    read-only: true\n    log: { format: json }\n",
+      "key: site.keys\nlog: { format: json }\nmetrics: :9410\nexports:\n  - path: a.img\n" +
+        "    create: 10G\n    read-only: false\nattaches:\n  - remote: a:1030\n" +
+        "    read-only: true\n",
     );
     const check = await runDst(["up", "--check", `${dir}/node.yaml`]);
     assert.equal(check.code, 0, check.stderr);
     assert.equal(
       check.stdout,
       "exports[0]: dst export a.img --create 10G --key site.keys\n" +
-        "attaches[0]: dst attach a:1030 --read-only --key site.keys --log-format json\n" +
+        "attaches[0]: dst attach a:1030 --read-only --key site.keys\n" +
         `dst up: ${dir}/node.yaml is valid (2 items)\n`,
     );
   }));
 
-/** Whether a process whose command line contains `text` is running. */
-async function running(text: string): Promise<boolean> {
-  const found = await new Deno.Command("pgrep", { args: ["-f", text], stdout: "null" }).output();
-  return found.code === 0;
-}
-
-Deno.test({
-  name: "dst up told twice to stop leaves no item running, though one is stuck stopping",
-  ignore: missing("pgrep"),
-  fn: () =>
-    scenario("dst-up-", async (dir, track) => {
-      const [a, b] = [freePort(), freePort()];
-      await Deno.writeTextFile(
-        `${dir}/node.yaml`,
-        `exports:\n  - path: ${dir}/first.img\n    create: 1M\n    listen: "127.0.0.1:${a}"\n` +
-          `    state: ${dir}/s1\n  - path: ${dir}/second.img\n    create: 1M\n` +
-          `    listen: "127.0.0.1:${b}"\n    state: ${dir}/s2\n`,
-      );
-      const up = track(await startDst(["up", `${dir}/node.yaml`], /running 2 items/));
-      // The last item, stopped first, does not stop: a final flush that never ends, say.
-      const stuck = await new Deno.Command("pkill", { args: ["-STOP", "-f", `${dir}/second.img`] })
-        .output();
-      assert.equal(stuck.code, 0);
+Deno.test("dst up told twice to stop exits at once, though an item is stuck stopping", () =>
+  scenario("dst-up-", async (dir, track) => {
+    // An export of its own, which the node's attach flushes to as it stops.
+    const server = track(await exportImage(dir, "disk.img", "1M"));
+    await Deno.writeTextFile(
+      `${dir}/node.yaml`,
+      `attaches:\n  - remote: ${formatHostPort(server.address)}\n    listen: 127.0.0.1:0\n` +
+        "    timeout: 1000\n    retries: 600\n",
+    );
+    const up = track(await startDst(["up", `${dir}/node.yaml`], /running 1 items/));
+    // The export stops answering: the attach's final flush waits for it (10 minutes).
+    server.process.kill("SIGSTOP");
+    try {
       up.process.kill("SIGTERM");
-      await new Promise((resolve) => setTimeout(resolve, 500));
+      const first = await Promise.race([
+        up.process.status,
+        new Promise((resolve) => setTimeout(() => resolve("still stopping"), 1000)),
+      ]);
+      assert.equal(first, "still stopping", up.log());
       up.process.kill("SIGTERM"); // the user insists
-      const status = await up.process.status;
-      assert.equal(status.code, 130);
-      for (const image of ["first.img", "second.img"]) {
-        for (let i = 0; i < 50 && await running(`${dir}/${image}`); i++) {
-          await new Promise((resolve) => setTimeout(resolve, 100));
-        }
-        assert.equal(await running(`${dir}/${image}`), false, `${image}'s export still runs`);
-      }
-    }),
-});
+      assert.equal((await up.process.status).code, 130);
+    } finally {
+      server.process.kill("SIGCONT");
+    }
+  }));
+
+Deno.test("dst up on SIGHUP goes on serving, and its keyed items reread their key files", () =>
+  scenario("dst-up-hup-", async (dir, track) => {
+    const keys = `${dir}/site.keys`;
+    assert.equal((await runDst(["keygen", keys, "--name", "first"])).code, 0);
+    const port = freePort();
+    await Deno.writeTextFile(
+      `${dir}/node.yaml`,
+      `key: ${keys}\nexports:\n  - path: ${dir}/a.img\n    create: 1M\n` +
+        `    listen: 127.0.0.1:${port}\n`,
+    );
+    const up = track(await startDst(["up", `${dir}/node.yaml`], /running 1 items/));
+    const status = (name: string) =>
+      runDst(["status", `127.0.0.1:${port}`, "--key", keys, "--key-name", name]);
+    assert.equal((await status("second")).code, 1, "a key not in the file yet");
+    assert.equal((await runDst(["keygen", keys, "--name", "second"])).code, 0);
+    up.process.kill("SIGHUP");
+    await waitUntil(
+      async () => (await status("second")).code === 0,
+      "the export takes the key added",
+      { timeoutMs: 5_000, everyMs: 100 },
+    );
+    const stopped = await up.stop("SIGTERM");
+    assert.equal(stopped.code, 0, up.log());
+    assert.match(up.log(), /SIGHUP: reread .*site\.keys.*added second.* item=exports\[0\]/);
+  }));
