@@ -123,8 +123,15 @@ export async function exportCommand(
       `${path} does not exist; use --create SIZE to make it (e.g. --create 10G)`,
     );
   }
-  // Listening first: a port that is taken fails before --create makes or grows the image.
-  const ports = listenPorts({ listen, nbd: nbdListen, nbdThreads: nbdThreadsOption, log });
+  // Listening first (DST, NBD, metrics): a port that is taken fails before --create makes
+  // or grows the image.
+  const ports = listenPorts({
+    listen,
+    nbd: nbdListen,
+    nbdThreads: nbdThreadsOption,
+    log,
+    metricsListen: metrics,
+  });
   let device: FileDevice | null = null;
   try {
     device = await FileDevice.open(path, { readOnly, createBytes });
@@ -159,7 +166,7 @@ export async function exportCommand(
       log,
     }, ports);
   } catch (error) {
-    closePorts(ports); // those no server took; a server that started closed its own
+    await closePorts(ports); // those no server took; a server that started closed its own
     throw error;
   } finally {
     await device?.close();

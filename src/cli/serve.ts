@@ -67,28 +67,37 @@ export interface ServeOptions {
 export interface Ports {
   dst: Deno.TcpListener | null;
   nbd: NbdPort | null;
+  /** --metrics: its server, already answering, and the registry it shows. */
+  metrics: { server: MetricsServer; registry: Registry } | null;
 }
 
 /**
- * Listens on the DST and NBD addresses of `options`. `dst export` does this before it
- * opens its image, so a port that is taken fails before --create makes or grows one.
+ * Listens on the DST, NBD and metrics addresses of `options`. `dst export` does this
+ * before it opens its image, so a port that is taken fails before --create makes or
+ * grows one.
  */
 export function listenPorts(
-  options: Pick<ServeOptions, "listen" | "nbd" | "nbdThreads" | "log">,
+  options: Pick<ServeOptions, "listen" | "nbd" | "nbdThreads" | "log" | "metricsListen">,
 ): Ports {
-  const nbd = options.nbd === null
-    ? null
-    : listenNbd(options.nbd, options.nbdThreads?.threads ?? 1, options.log);
+  const ports: Ports = { dst: null, nbd: null, metrics: null };
   try {
-    return { dst: options.listen === null ? null : listenTcp(options.listen, "--listen"), nbd };
+    if (options.nbd !== null) {
+      ports.nbd = listenNbd(options.nbd, options.nbdThreads?.threads ?? 1, options.log);
+    }
+    if (options.listen !== null) ports.dst = listenTcp(options.listen, "--listen");
+    if (options.metricsListen !== undefined) {
+      const registry = processRegistry();
+      ports.metrics = { server: MetricsServer.start(options.metricsListen, registry), registry };
+    }
+    return ports;
   } catch (error) {
-    nbd?.listener.close();
+    void closePorts(ports);
     throw error;
   }
 }
 
 /** Closes ports that no server took (a server closes its own when it shuts down). */
-export function closePorts(ports: Ports): void {
+export async function closePorts(ports: Ports): Promise<void> {
   for (const listener of [ports.dst, ports.nbd?.listener]) {
     try {
       listener?.close();
@@ -96,6 +105,7 @@ export function closePorts(ports: Ports): void {
       // already closed
     }
   }
+  await ports.metrics?.server.shutdown().catch(() => {}); // already shut down, or never up
 }
 
 /**
@@ -119,8 +129,8 @@ export async function serveUntilStopped(
     const stats = () => threads === null ? device.stats() : threads.stats();
     let timing: RequestTiming | undefined;
     // The host's registry (dst up's one /metrics for the node) or the command's own.
-    const registry = options.host.metrics ??
-      (options.metricsListen === undefined ? undefined : processRegistry());
+    const registry = options.host.metrics ?? ports.metrics?.registry;
+    metrics = ports.metrics?.server ?? null;
     if (registry !== undefined) {
       // Read when scraped: the exporter is made below, and with NBD only there is none.
       timing = registerExport(registry, {
@@ -131,9 +141,6 @@ export async function serveUntilStopped(
         inFlight: () => exporter?.status().inFlight ?? 0,
       });
       options.registerMetrics?.(registry);
-      if (options.metricsListen !== undefined) {
-        metrics = MetricsServer.start(options.metricsListen, registry);
-      }
     }
     if (ports.dst !== null) {
       exporter = Exporter.serve(device, ports.dst, {
@@ -150,8 +157,8 @@ export async function serveUntilStopped(
       });
     }
   } catch (error) {
-    await Promise.all([nbd?.shutdown(), metrics?.shutdown()]);
-    closePorts(ports);
+    await nbd?.shutdown();
+    await closePorts(ports);
     throw error;
   }
   // Listening for signals before the ready line: a SIGTERM right after it is a clean stop.

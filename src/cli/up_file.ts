@@ -113,6 +113,14 @@ const EXPORT = z.strictObject({
   "shared-writers": z.boolean().optional(),
   ...SERVE,
   ...COMMON,
+}).superRefine((item, context) => {
+  // What `dst export` refuses of these keys together, said by key and line.
+  if (item["nbd-threads"] !== undefined && item.nbd === undefined) {
+    problem(context, ["nbd-threads"], "goes with nbd: [HOST]:PORT (the NBD port they serve)");
+  }
+  if (item.create !== undefined && item["read-only"] === true) {
+    problem(context, ["create"], "writes the image, so it cannot go with read-only: true");
+  }
 });
 
 const ARRAY = z.strictObject({
@@ -129,6 +137,24 @@ const ARRAY = z.strictObject({
   ...SERVE,
   ...CLIENT,
   ...COMMON,
+}).superRefine((item, context) => {
+  // What `dst array` refuses of these keys together, said by key and line.
+  if (item.kind === "mirror" && item.members.length < 2) {
+    problem(context, ["members"], "a mirror needs at least 2 members");
+  }
+  if (item.export === undefined && item.nbd === undefined) {
+    problem(
+      context,
+      ["kind"],
+      "say how to serve the array: export: [HOST]:PORT and/or nbd: " +
+        "[HOST]:PORT",
+    );
+  }
+  for (const key of ["state", "region"] as const) {
+    if (item.kind === "linear" && item[key] !== undefined) {
+      problem(context, [key], "is for mirrors only (this array is linear)");
+    }
+  }
 });
 
 const ATTACH = z.strictObject({
@@ -140,7 +166,15 @@ const ATTACH = z.strictObject({
   "read-only": z.boolean().optional(),
   ...CLIENT,
   ...COMMON,
+}).superRefine((item, context) => {
+  if (item.socket !== undefined && item.listen !== undefined) {
+    problem(context, ["listen"], "give socket or listen, not both");
+  }
 });
+
+function problem(context: z.RefinementCtx, path: string[], message: string): void {
+  context.addIssue({ code: "custom", path, message });
+}
 
 const NODE = z.strictObject({
   key: text.optional(),
@@ -168,7 +202,11 @@ const NOT_FLAGS = new Set(["path", "kind", "members", "remote", "key"]);
  * Reads the node file `text` (named `file` in messages): the items in the order they
  * start, or every problem found.
  */
-export function readUpFile(file: string, source: string): UpFileResult {
+export function readUpFile(
+  file: string,
+  source: string,
+  exists: (path: string) => boolean = pathExists,
+): UpFileResult {
   const lineCounter = new LineCounter();
   const doc = parseDocument(source, { lineCounter });
   if (doc.errors.length > 0) {
@@ -183,17 +221,19 @@ export function readUpFile(file: string, source: string): UpFileResult {
   }
   const data = doc.toJS() ?? {};
   const result = NODE.safeParse(data);
+  const say = (problems: { path: PropertyKey[]; what: string }[]) =>
+    problems.map(({ path, what }) =>
+      `${file}:${lineOf(doc, lineCounter, path)}: ${pathName(path)}: ${what}`
+    );
   if (!result.success) {
-    const line = (path: PropertyKey[]) => lineOf(doc, lineCounter, path);
-    const messages: string[] = [];
-    for (const issue of result.error.issues) {
-      for (const { path, what } of describeIssue(issue, data)) {
-        messages.push(`${file}:${line(path)}: ${pathName(path)}: ${what}`);
-      }
-    }
-    return { ok: false, messages };
+    return {
+      ok: false,
+      messages: say(result.error.issues.flatMap((issue) => describeIssue(issue, data))),
+    };
   }
   const node = result.data;
+  const missing = missingPaths(node, exists);
+  if (missing.length > 0) return { ok: false, messages: say(missing) };
   const count = (node.exports?.length ?? 0) + (node.arrays?.length ?? 0) +
     (node.attaches?.length ?? 0);
   if (count === 0) {
@@ -210,6 +250,56 @@ export function readUpFile(file: string, source: string): UpFileResult {
     },
     items: startOrder(itemsOf(node)),
   };
+}
+
+/**
+ * The files the node needs that are not there: an image without create, a key file, a
+ * mirror's or array's local member. Found before anything starts, by --check too.
+ */
+function missingPaths(
+  node: Node,
+  exists: (path: string) => boolean,
+): { path: PropertyKey[]; what: string }[] {
+  const problems: { path: PropertyKey[]; what: string }[] = [];
+  const keyFile = (key: string | undefined, path: PropertyKey[]) => {
+    if (key !== undefined && !exists(key)) {
+      problems.push({ path, what: `${key} does not exist; make it with: dst keygen ${key}` });
+    }
+  };
+  keyFile(node.key, ["key"]);
+  node.exports?.forEach((item, index) => {
+    if (item.create === undefined && !exists(item.path)) {
+      problems.push({
+        path: ["exports", index, "path"],
+        what: `${item.path} does not exist; add create: SIZE to make it (e.g. create: 10G)`,
+      });
+    }
+    keyFile(item.key, ["exports", index, "key"]);
+  });
+  node.arrays?.forEach((item, index) => {
+    item.members.forEach((member, at) => {
+      // A path as `dst array` tells one from HOST:PORT: absolute or relative to here.
+      if ((member.startsWith("/") || member.startsWith(".")) && !exists(member)) {
+        problems.push({
+          path: ["arrays", index, "members", at],
+          what: `${member} does not exist (a local member is an image file or block device)`,
+        });
+      }
+    });
+    keyFile(item.key, ["arrays", index, "key"]);
+  });
+  node.attaches?.forEach((item, index) => keyFile(item.key, ["attaches", index, "key"]));
+  return problems;
+}
+
+/** False only when nothing is there: a path we may not look at is the command's to report. */
+function pathExists(path: string): boolean {
+  try {
+    Deno.statSync(path);
+    return true;
+  } catch (error) {
+    return !(error instanceof Deno.errors.NotFound);
+  }
 }
 
 function describeIssue(

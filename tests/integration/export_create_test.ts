@@ -68,7 +68,7 @@ Deno.test("--create on a larger existing image keeps it and says so on stderr", 
   });
 });
 
-Deno.test("export --create on a port it cannot listen on fails and leaves no new image; an existing one is untouched", async () => {
+Deno.test("export --create on a port it cannot listen on (DST, NBD or metrics) fails and leaves no new image; an existing one is untouched", async () => {
   await inTempDir("dst-export-taken-", async (dir) => {
     const taken = Deno.listen({ hostname: "127.0.0.1", port: 0 });
     try {
@@ -95,6 +95,20 @@ Deno.test("export --create on a port it cannot listen on fails and leaves no new
       assert.equal(nbd.code, 1, nbd.stderr);
       assert.match(nbd.stderr, new RegExp(`Cannot listen on ${listen}.*--nbd`));
       assert.equal(await exists(path), false, "no image is left behind by --nbd either");
+
+      const metrics = await runDst([
+        "export",
+        path,
+        "--create",
+        "1G",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        listen,
+      ]);
+      assert.equal(metrics.code, 1, metrics.stderr);
+      assert.match(metrics.stderr, new RegExp(`Cannot listen on ${listen}.*--metrics`));
+      assert.equal(await exists(path), false, "no image is left behind by --metrics either");
 
       const old = `${dir}/old.img`;
       await Deno.writeFile(old, new Uint8Array(4096).fill(7));

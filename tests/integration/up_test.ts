@@ -119,6 +119,7 @@ attaches:
 Deno.test("dst up exits 1 when an item fails to start, stopping those started", () =>
   scenario("dst-up-fail-", async (dir) => {
     const port = freePort();
+    const taken = Deno.listen({ hostname: "127.0.0.1", port: 0 });
     const file = `${dir}/node.yaml`;
     await Deno.writeTextFile(
       file,
@@ -126,17 +127,23 @@ Deno.test("dst up exits 1 when an item fails to start, stopping those started", 
   - path: ${dir}/a.img
     create: 4M
     listen: 127.0.0.1:${port}
-  - path: ${dir}/missing.img
-    listen: 127.0.0.1:0
+  - path: ${dir}/b.img
+    create: 4M
+    listen: 127.0.0.1:${(taken.addr as Deno.NetAddr).port}
 `,
     );
-    const run = await runDst(["up", file]);
-    assert.equal(run.code, 1, run.stderr);
-    assert.match(
-      run.stderr,
-      /node\.yaml: exports\[1\] \(dst export .*\): .*missing\.img does not exist; use --create SIZE to make it .*; stopped the 1 items started before it/,
-    );
+    try {
+      const run = await runDst(["up", file]);
+      assert.equal(run.code, 1, run.stderr);
+      assert.match(
+        run.stderr,
+        /node\.yaml: exports\[1\] \(dst export .*\): Cannot listen on 127\.0\.0\.1:\d+: .*; stopped the 1 items started before it/,
+      );
+    } finally {
+      taken.close();
+    }
     assert.ok(await refusesConnections(port), "the first export was stopped");
+    await assert.rejects(Deno.stat(`${dir}/b.img`), Deno.errors.NotFound, "b.img was not made");
   }));
 
 /** Each broken file and the exact message --check gives for it. */
@@ -161,10 +168,27 @@ const BROKEN: [string, string, string][] = [
   ],
   [
     "a mirror that would start over from --source at every start",
-    "arrays:\n  - kind: mirror\n    members: [a:1, b:1]\n    source: a:1\n",
+    "arrays:\n  - kind: mirror\n    members: [a:1, b:1]\n    source: a:1\n    export: :1030\n",
     "node.yaml:4: arrays[0].source: a node file runs at every start, and --source starts the " +
     "mirror over from that member each time, discarding what it knows: make the mirror once " +
     "by hand (dst array mirror ... --source MEMBER), then let dst up reopen its state",
+  ],
+  [
+    "a missing member",
+    "arrays:\n  - kind: linear\n    members: [b:1025, /srv/gone.img]\n    export: :1030\n",
+    "node.yaml:3: arrays[0].members[1]: /srv/gone.img does not exist (a local member is an " +
+    "image file or block device)",
+  ],
+  [
+    "a mirror of one member",
+    "arrays:\n  - kind: mirror\n    members: [b:1025]\n    export: :1030\n",
+    "node.yaml:3: arrays[0].members: a mirror needs at least 2 members",
+  ],
+  [
+    "an image that is not there, without create",
+    "exports:\n  - path: /srv/gone.img\n",
+    "node.yaml:2: exports[0].path: /srv/gone.img does not exist; add create: SIZE to make it " +
+    "(e.g. create: 10G)",
   ],
   [
     "metrics given to one item",
@@ -192,9 +216,11 @@ for (const [what, text, message] of BROKEN) {
 
 Deno.test("dst up --check prints each item's command line and exits 0", () =>
   scenario("dst-up-ok-", async (dir) => {
+    await Deno.writeTextFile(`${dir}/site.keys`, "");
     await Deno.writeTextFile(
       `${dir}/node.yaml`,
-      "key: site.keys\nlog: { format: json }\nmetrics: :9410\nexports:\n  - path: a.img\n" +
+      `key: ${dir}/site.keys\n` +
+        "log: { format: json }\nmetrics: :9410\nexports:\n  - path: a.img\n" +
         "    create: 10G\n    read-only: false\nattaches:\n  - remote: a:1030\n" +
         "    read-only: true\n",
     );
@@ -202,8 +228,8 @@ Deno.test("dst up --check prints each item's command line and exits 0", () =>
     assert.equal(check.code, 0, check.stderr);
     assert.equal(
       check.stdout,
-      "exports[0]: dst export a.img --create 10G --key site.keys\n" +
-        "attaches[0]: dst attach a:1030 --read-only --key site.keys\n" +
+      `exports[0]: dst export a.img --create 10G --key ${dir}/site.keys\n` +
+        `attaches[0]: dst attach a:1030 --read-only --key ${dir}/site.keys\n` +
         `dst up: ${dir}/node.yaml is valid (2 items)\n`,
     );
   }));
