@@ -140,6 +140,11 @@ export interface MirrorOptions {
   regionBytes: number;
   openLeg: LegOpener;
   log: Logger;
+  /**
+   * Shows a resync's progress (a bar redrawn in place on a terminal) instead of a log
+   * line each second; null when that leg's resync ends. Absent: log lines.
+   */
+  onResyncProgress?: (leg: string, progress: ResyncProgress | null) => void;
   /** Where time and timers come from (default the system's). */
   clock?: Clock;
 }
@@ -210,6 +215,7 @@ export class MirrorDevice implements BlockDevice {
       sizeBytes: state.sizeBytes,
       clock: this.#clock,
       log: this.#log,
+      ...(options.onResyncProgress === undefined ? {} : { showProgress: options.onResyncProgress }),
       closing: () => this.#closing,
       canCopy: () => this.#readLeg() !== null,
       readFromSome: (offset, into) => this.#readFromSome(offset, into),

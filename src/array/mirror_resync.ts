@@ -37,6 +37,8 @@ export interface ResyncHost {
   readonly sizeBytes: number;
   readonly clock: Clock;
   readonly log: Logger;
+  /** Shows progress in place of the log lines (null: that leg's resync ended). */
+  readonly showProgress?: (leg: string, progress: ResyncProgress | null) => void;
   closing(): boolean;
   /** Whether an in-sync leg can be read: something to copy from. */
   canCopy(): boolean;
@@ -117,7 +119,9 @@ export class Resyncer {
           if (run.unflushed.length >= MIRROR_RESYNC_FLUSH_REGIONS) {
             await this.#flushCopies(leg, device, run);
           }
-          if (host.clock.nowMs() - lastLogMs >= 1000) {
+          // A bar is redrawn 4 times a second; a log line once a second is plenty.
+          const everyMs = host.showProgress === undefined ? 1000 : 250;
+          if (host.clock.nowMs() - lastLogMs >= everyMs) {
             lastLogMs = host.clock.nowMs();
             this.#logProgress(leg.record.name, this.progress(run));
           }
@@ -138,6 +142,7 @@ export class Resyncer {
         if (resyncing()) {
           finishResync(leg);
           host.save();
+          host.showProgress?.(leg.record.name, null); // the bar goes before the line that ends it
           const seconds = (host.clock.nowMs() - run.startedMs) / 1000;
           host.log.info(
             `leg ${leg.record.name} is in sync: copied ${run.regionsDone} regions, ` +
@@ -148,6 +153,7 @@ export class Resyncer {
     } catch (error) {
       host.legFailed(leg, error);
     } finally {
+      host.showProgress?.(leg.record.name, null);
       if (resyncing()) stopResync(leg); // stopped by close
       leg.busy = false;
       host.invariants();
@@ -229,6 +235,7 @@ export class Resyncer {
   }
 
   #logProgress(name: string, p: ResyncProgress): void {
+    if (this.#host.showProgress !== undefined) return this.#host.showProgress(name, p);
     this.#host.log.info(
       `resync of ${name}: ${p.regionsDone}/${p.regionsTotal} regions, ` +
         `${formatBytes(p.bytesPerSecond)}/s` +

@@ -14,12 +14,12 @@ import {
 import type { BlockDevice } from "../device/block_device.ts";
 import { LinearDevice } from "../array/linear.ts";
 import { identifyMember, isLocalMember, openMember } from "../array/members.ts";
-import { MirrorDevice } from "../array/mirror.ts";
+import { MirrorDevice, type ResyncProgress } from "../array/mirror.ts";
 import { findMirrorStateDir } from "../array/mirror_state_folder.ts";
 import { FolderStore } from "../array/mirror_store.ts";
 import { type HostPort, parseHostPort } from "../lib/address.ts";
 import { describeError, DeviceError, DstError, UsageError } from "../lib/errors.ts";
-import { logger } from "../lib/log.ts";
+import { logger, setStatusLine, statusLineShown } from "../lib/log.ts";
 import { formatBytes, parseSize } from "../lib/units.ts";
 import { defaultExportStateDir, PersistedGeneration } from "../server/write_generation.ts";
 import {
@@ -43,6 +43,7 @@ import {
 } from "./key_options.ts";
 import { serveUntilStopped } from "./serve.ts";
 import { COMMAND_LINE, type CommandHost } from "./command_host.ts";
+import { progressBar, resyncNote } from "./status_view.ts";
 
 export const ARRAY_HELP =
   `Usage: dst array linear MEMBER... (--export [HOST]:PORT | --nbd [HOST]:PORT) [OPTIONS]
@@ -224,6 +225,8 @@ export async function arrayCommand(
     regionBytes,
     openLeg: (name, clientId) => openMember(name, { ...client, clientId }),
     log,
+    // On a terminal, each resync is a bar below the log lines; elsewhere, a line a second.
+    ...(statusLineShown() ? { onResyncProgress: showResync } : {}),
   });
   try {
     await serveUntilStopped(mirror, {
@@ -252,6 +255,16 @@ export async function arrayCommand(
     await mirror.close();
   }
   return 0;
+}
+
+function showResync(leg: string, progress: ResyncProgress | null): void {
+  setStatusLine(
+    `resync ${leg}`,
+    progress === null
+      ? null
+      : `resync of ${leg} ${progressBar(progress.regionsDone, progress.regionsTotal)} ` +
+        resyncNote(progress),
+  );
 }
 
 /**

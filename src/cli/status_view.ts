@@ -9,7 +9,7 @@
  */
 
 import type { LinearStatus } from "../array/linear.ts";
-import type { MirrorLegStatus, MirrorStatus } from "../array/mirror.ts";
+import type { MirrorLegStatus, MirrorStatus, ResyncProgress } from "../array/mirror.ts";
 import { assert } from "../lib/assert.ts";
 import { printable } from "../lib/printable.ts";
 import { formatBytes, formatDuration } from "../lib/units.ts";
@@ -83,6 +83,12 @@ export function watchDocument(previous: Sample | null, current: Sample): WatchDo
 /** "2026-12-01T05:03:00Z": when a sample was taken, in UTC to the second. */
 export function timestamp(timeMs: number): string {
   return new Date(timeMs).toISOString().replace(/\.\d{3}Z$/, "Z");
+}
+
+/** "1211/4096 regions, 385.3 MiB/s, 7.5s left": how a resync is going. */
+export function resyncNote(r: ResyncProgress): string {
+  return `${r.regionsDone}/${r.regionsTotal} regions, ${formatBytes(r.bytesPerSecond)}/s` +
+    (r.etaMs === null ? "" : `, ${formatDuration(r.etaMs)} left`);
 }
 
 /** `[#####.....] 52%`: how far `done` of `total` is (an empty total counts as done). */
@@ -221,10 +227,7 @@ function renderArray(address: string, array: ArrayStatus, bars: boolean): string
     ["LEG", "STATE", "DIRTY REGIONS", "IN FLIGHT", "ERRORS", "NOTE"],
     array.members.map((m) => {
       const r = m.resync;
-      const note = r !== undefined
-        ? `${r.regionsDone}/${r.regionsTotal} regions, ${formatBytes(r.bytesPerSecond)}/s` +
-          (r.etaMs === null ? "" : `, ${formatDuration(r.etaMs)} left`)
-        : m.reason ?? "";
+      const note = r !== undefined ? resyncNote(r) : m.reason ?? "";
       return [
         m.name,
         legState(m, bars),

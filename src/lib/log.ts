@@ -188,7 +188,45 @@ function sink(record: LogRecord): void {
 
 function write(line: LogLine): void {
   const current = settings ?? defaultLogSettings();
-  enqueue(current.format === "json" ? formatJson(line) : formatText(line, current.colour));
+  const text = current.format === "json" ? formatJson(line) : formatText(line, current.colour);
+  // Above the status line: it is cleared, the line written, and it is drawn again below.
+  enqueue(statusLines.size === 0 ? text : `${CLEAR_LINE}${text}${statusLine()}`);
+}
+
+/** Back to the line's start, and clear it. */
+const CLEAR_LINE = "\r\x1b[K";
+
+/** What stays at the bottom of a terminal, by key (a resync's bar per leg). */
+const statusLines = new Map<string, string>();
+
+function statusLine(): string {
+  return [...statusLines.values()].join("  ");
+}
+
+/**
+ * Whether stderr can keep a line at its bottom, redrawn in place: a terminal (not a
+ * "dumb" one), with text lines. Otherwise progress is logged as lines.
+ */
+export function statusLineShown(): boolean {
+  if ((settings ?? defaultLogSettings()).format !== "text" || envVar("TERM") === "dumb") {
+    return false;
+  }
+  try {
+    return Deno.stderr.isTerminal();
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Sets (or, with null, removes) the part `key` of the line kept at the bottom of the
+ * terminal, below the log lines, and redraws it. Only where statusLineShown().
+ */
+export function setStatusLine(key: string, text: string | null): void {
+  if (text === null && !statusLines.has(key)) return;
+  if (text === null) statusLines.delete(key);
+  else statusLines.set(key, printable(text));
+  enqueue(`${CLEAR_LINE}${statusLine()}`);
 }
 
 const encoder = new TextEncoder();
