@@ -1,6 +1,8 @@
 /**
  * Opening a connection to an export: TCP connect and the client's side of the
- * handshake. Errors say which address failed and what to check.
+ * handshake. Errors say which address failed and what to check. The connect has its own
+ * time limit (CONNECT_TIMEOUT_MS), so an address that drops packets fails in seconds,
+ * like one that refuses, and a reconnect loop simply tries again.
  *
  * With a key the client speaks version 2 only (protocol README, "Version 2: keys"):
  * it names its key, checks the export's proof before it proves anything itself,
@@ -11,7 +13,7 @@
  * export's answer has its magic: the client says so at once, naming the port to use.
  */
 
-import { HANDSHAKE_TIMEOUT_MS } from "../constants.ts";
+import { CONNECT_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS } from "../constants.ts";
 import { formatHostPort, type HostPort } from "../lib/address.ts";
 import { assert } from "../lib/assert.ts";
 import { type Clock, systemClock } from "../lib/clock.ts";
@@ -57,10 +59,14 @@ import type { Key } from "../lib/key_file.ts";
 import { NBDMAGIC } from "../nbd/wire.ts";
 import { printable } from "../lib/printable.ts";
 
-export type Dialer = (address: HostPort) => Promise<ByteConn>;
+/**
+ * Opens a byte stream to `address`. `signal` aborts when the caller gave up (the connect
+ * time ran out); a dialer that ignores it may still connect, and the caller closes that.
+ */
+export type Dialer = (address: HostPort, signal?: AbortSignal) => Promise<ByteConn>;
 
-export const tcpDialer: Dialer = async (address) => {
-  const conn = await Deno.connect({ hostname: address.hostname, port: address.port });
+export const tcpDialer: Dialer = async (address, signal) => {
+  const conn = await Deno.connect({ hostname: address.hostname, port: address.port, signal });
   conn.setNoDelay(true);
   return conn;
 };
@@ -109,19 +115,10 @@ export class HandshakeRefused extends DstError {
  * throws HandshakeRefused with the export's own reason.
  */
 export async function dialExport(address: HostPort, options: DialOptions = {}): Promise<Link> {
-  const dial = options.dial ?? tcpDialer;
   const where = formatHostPort(address);
-  let conn: ByteConn;
-  try {
-    conn = await dial(address);
-  } catch (error) {
-    throw new DstError(
-      "CONNECT",
-      `Cannot connect to ${where}: ${describeError(error)} (is \`dst export\` running there?)`,
-      { cause: error },
-    );
-  }
-  const timer = (options.clock ?? systemClock).after(
+  const clock = options.clock ?? systemClock;
+  let conn = await connect(address, where, options.dial ?? tcpDialer, clock);
+  const timer = clock.after(
     HANDSHAKE_TIMEOUT_MS,
     () => closeQuietly(conn),
   );
@@ -177,6 +174,45 @@ export async function dialExport(address: HostPort, options: DialOptions = {}): 
   } finally {
     timer.cancel();
   }
+}
+
+/**
+ * The connect, within CONNECT_TIMEOUT_MS: a host that is down or behind a firewall that
+ * drops packets never answers, and the kernel would resend the SYN for two minutes.
+ * A connection that completes after the time ran out is closed.
+ */
+function connect(address: HostPort, where: string, dial: Dialer, clock: Clock): Promise<ByteConn> {
+  const { promise, resolve, reject } = Promise.withResolvers<ByteConn>();
+  const abort = new AbortController();
+  const timer = clock.after(CONNECT_TIMEOUT_MS, () => {
+    abort.abort();
+    reject(
+      new DstError(
+        "CONNECT",
+        `Cannot connect to ${where}: no answer within ${CONNECT_TIMEOUT_MS / 1000} s (is the ` +
+          `host up, and is a firewall dropping its packets?)`,
+      ),
+    );
+  });
+  // Through then(): a dialer that throws at once is reported as one that rejects.
+  Promise.resolve().then(() => dial(address, abort.signal)).then(
+    (conn) => {
+      timer.cancel();
+      if (abort.signal.aborted) closeQuietly(conn);
+      else resolve(conn);
+    },
+    (error) => {
+      timer.cancel();
+      reject(
+        new DstError(
+          "CONNECT",
+          `Cannot connect to ${where}: ${describeError(error)} (is \`dst export\` running there?)`,
+          { cause: error },
+        ),
+      );
+    },
+  );
+  return promise;
 }
 
 /**
