@@ -148,6 +148,18 @@ export const RANGE_BYTES_MAX = 1024 * MiB;
 export const HANDSHAKE_TIMEOUT_MS = 10_000;
 
 /**
+ * How long a client waits for its TCP connect to an export. A host that is down, or
+ * behind a firewall that drops packets, never answers, and the kernel alone would go
+ * on resending the SYN for about 2 minutes (Linux: 6 retries), stalling `dst status`,
+ * an array opening a leg and a reconnect. Linux resends a lost SYN after 1, 3 and 7 s,
+ * so 10 s rides out three lost SYNs; a live export on any real path answers the first.
+ * The same as the handshake's limit: a connection is made, then greeted, in 10 s each.
+ */
+export const CONNECT_TIMEOUT_MS = 10_000;
+/** Lost SYNs a connect survives: Linux resends after 1 s, doubling each wait (1, 3, 7 s in). */
+const SYN_RESENDS_RIDDEN_OUT = 3;
+
+/**
  * How long the DST export waits for a first byte before it takes the peer for an NBD
  * client, which waits for the server to speak, and answers it as an NBD server would
  * with a message naming the right port. A DST client writes its hello the moment its
@@ -269,6 +281,10 @@ assert(ACCEPT_RETRY_MS_MIN <= ACCEPT_RETRY_MS_MAX, "the accept backoff starts be
 assert(
   NBD_GREETING_GRACE_MS * 4 <= HANDSHAKE_TIMEOUT_MS,
   "an NBD client at the DST port hears why long before the handshake times out",
+);
+assert(
+  CONNECT_TIMEOUT_MS > 1_000 * (2 ** SYN_RESENDS_RIDDEN_OUT - 1),
+  "a connect outlasts the third resent SYN (sent 7 s in), so a few lost packets do not fail it",
 );
 assert(RANGE_BYTES_MAX < 2 ** 32, "range lengths travel as u32");
 assert(PAYLOAD_BYTES_MAX < 2 ** 32, "payload lengths travel as u32");

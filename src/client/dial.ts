@@ -1,6 +1,8 @@
 /**
  * Opening a connection to an export: TCP connect and the client's side of the
- * handshake. Errors say which address failed and what to check.
+ * handshake. Errors say which address failed and what to check. The connect has its own
+ * time limit (CONNECT_TIMEOUT_MS), so an address that drops packets fails in seconds,
+ * like one that refuses, and a reconnect loop simply tries again.
  *
  * With a key the client speaks version 2 only (protocol README, "Version 2: keys"):
  * it names its key, checks the export's proof before it proves anything itself,
@@ -9,9 +11,12 @@
  *
  * An NBD server (a `dst export --nbd` port, say) speaks first with "NBDMAGIC" where the
  * export's answer has its magic: the client says so at once, naming the port to use.
+ * A DST export greets as NBD too, but only a connection silent for its 2 s grace; when
+ * our hello came that late it answers it with HELLO_TOO_LATE after the greeting, and
+ * the client connects once more (protocol README, "Negotiation").
  */
 
-import { HANDSHAKE_TIMEOUT_MS } from "../constants.ts";
+import { CONNECT_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS, NBD_GREETING_GRACE_MS } from "../constants.ts";
 import { formatHostPort, type HostPort } from "../lib/address.ts";
 import { assert } from "../lib/assert.ts";
 import { type Clock, systemClock } from "../lib/clock.ts";
@@ -54,13 +59,17 @@ import {
 } from "../transport/channel_keys.ts";
 import { SecureConn } from "../transport/secure_conn.ts";
 import type { Key } from "../lib/key_file.ts";
-import { NBDMAGIC } from "../nbd/wire.ts";
+import { GreetingLayout, IHAVEOPT, NBDMAGIC } from "../nbd/wire.ts";
 import { printable } from "../lib/printable.ts";
 
-export type Dialer = (address: HostPort) => Promise<ByteConn>;
+/**
+ * Opens a byte stream to `address`. `signal` aborts when the caller gave up (the connect
+ * time ran out); a dialer that ignores it may still connect, and the caller closes that.
+ */
+export type Dialer = (address: HostPort, signal?: AbortSignal) => Promise<ByteConn>;
 
-export const tcpDialer: Dialer = async (address) => {
-  const conn = await Deno.connect({ hostname: address.hostname, port: address.port });
+export const tcpDialer: Dialer = async (address, signal) => {
+  const conn = await Deno.connect({ hostname: address.hostname, port: address.port, signal });
   conn.setNoDelay(true);
   return conn;
 };
@@ -105,23 +114,52 @@ export class HandshakeRefused extends DstError {
 }
 
 /**
+ * The export took the connection for an NBD client's, our hello having come after its
+ * NBD_GREETING_GRACE_MS (a loaded machine, a slow link); another connection may pass.
+ */
+export class HelloTooLate extends DstError {
+  override name = "HelloTooLate";
+  constructor(message: string) {
+    super("HELLO_TOO_LATE", message);
+  }
+}
+
+/**
  * Connects and runs the handshake; the returned hello has status OK. A refusal
- * throws HandshakeRefused with the export's own reason.
+ * throws HandshakeRefused with the export's own reason. A connection the export took
+ * for an NBD client's, our hello being late, is tried once more.
  */
 export async function dialExport(address: HostPort, options: DialOptions = {}): Promise<Link> {
-  const dial = options.dial ?? tcpDialer;
   const where = formatHostPort(address);
-  let conn: ByteConn;
   try {
-    conn = await dial(address);
+    return await dialOnce(address, where, options);
   } catch (error) {
-    throw new DstError(
-      "CONNECT",
-      `Cannot connect to ${where}: ${describeError(error)} (is \`dst export\` running there?)`,
-      { cause: error },
+    if (!(error instanceof HelloTooLate)) throw error;
+  }
+  try {
+    return await dialOnce(address, where, options);
+  } catch (error) {
+    if (!(error instanceof HelloTooLate)) throw error;
+    throw new HelloTooLate(
+      `${where} is a DST export, but took our connection for an NBD client's, twice: our ` +
+        `hello reached it more than ${NBD_GREETING_GRACE_MS / 1000} s after connecting ` +
+        `(a loaded machine, or a slow link?)`,
     );
   }
-  const timer = (options.clock ?? systemClock).after(
+}
+
+/** Where a connection goes, and when its connect began (a DST export never greets as NBD before the grace). */
+interface Dialing {
+  where: string;
+  clock: Clock;
+  startedMs: number;
+}
+
+async function dialOnce(address: HostPort, where: string, options: DialOptions): Promise<Link> {
+  const clock = options.clock ?? systemClock;
+  const dialing: Dialing = { where, clock, startedMs: clock.nowMs() };
+  let conn = await connect(address, where, options.dial ?? tcpDialer, clock);
+  const timer = clock.after(
     HANDSHAKE_TIMEOUT_MS,
     () => closeQuietly(conn),
   );
@@ -136,8 +174,8 @@ export async function dialExport(address: HostPort, options: DialOptions = {}): 
       clientId: options.clientId ?? new Uint8Array(CLIENT_ID_BYTES),
     };
     const channel = options.key
-      ? await authenticate(conn, where, helloOut, options.key)
-      : await plain(conn, where, helloOut);
+      ? await authenticate(conn, dialing, helloOut, options.key)
+      : await plain(conn, dialing, helloOut);
     const bytes = new Uint8Array(ServerHelloLayout.SIZE);
     bytes.set(channel.helloStart);
     await readExact(channel.conn, bytes.subarray(channel.helloStart.length));
@@ -180,6 +218,45 @@ export async function dialExport(address: HostPort, options: DialOptions = {}): 
 }
 
 /**
+ * The connect, within CONNECT_TIMEOUT_MS: a host that is down or behind a firewall that
+ * drops packets never answers, and the kernel would resend the SYN for two minutes.
+ * A connection that completes after the time ran out is closed.
+ */
+function connect(address: HostPort, where: string, dial: Dialer, clock: Clock): Promise<ByteConn> {
+  const { promise, resolve, reject } = Promise.withResolvers<ByteConn>();
+  const abort = new AbortController();
+  const timer = clock.after(CONNECT_TIMEOUT_MS, () => {
+    abort.abort();
+    reject(
+      new DstError(
+        "CONNECT",
+        `Cannot connect to ${where}: no answer within ${CONNECT_TIMEOUT_MS / 1000} s (is the ` +
+          `host up, and is a firewall dropping its packets?)`,
+      ),
+    );
+  });
+  // Through then(): a dialer that throws at once is reported as one that rejects.
+  Promise.resolve().then(() => dial(address, abort.signal)).then(
+    (conn) => {
+      timer.cancel();
+      if (abort.signal.aborted) closeQuietly(conn);
+      else resolve(conn);
+    },
+    (error) => {
+      timer.cancel();
+      reject(
+        new DstError(
+          "CONNECT",
+          `Cannot connect to ${where}: ${describeError(error)} (is \`dst export\` running there?)`,
+          { cause: error },
+        ),
+      );
+    },
+  );
+  return promise;
+}
+
+/**
  * The refusals a keyed export sends in the clear, before any proof (protocol README,
  * "Negotiation"): a keyed client believes a plain hello for these only. They change
  * nothing on the client; every other status comes inside the protected records.
@@ -201,11 +278,11 @@ interface Channel {
   downgraded: boolean;
 }
 
-async function plain(conn: ByteConn, where: string, hello: ClientHello): Promise<Channel> {
+async function plain(conn: ByteConn, dialing: Dialing, hello: ClientHello): Promise<Channel> {
   await writeAll(conn, encodeClientHello(hello));
   return {
     conn,
-    helloStart: await answerStart(conn, where),
+    helloStart: await answerStart(conn, dialing),
     expect: { version: PROTOCOL_VERSION, authMethod: AUTH_NONE, protections: PROTECTION_NONE },
     downgraded: false,
   };
@@ -219,10 +296,11 @@ async function plain(conn: ByteConn, where: string, hello: ClientHello): Promise
  */
 async function authenticate(
   conn: ByteConn,
-  where: string,
+  dialing: Dialing,
   hello: ClientHello,
   key: Key,
 ): Promise<Channel> {
+  const where = dialing.where;
   const own = await makeEphemeral();
   const helloBytes = encodeClientHello(hello);
   const shareBytes = encodeClientKeyShare({ publicKey: own.publicKey, keyName: key.name });
@@ -231,7 +309,7 @@ async function authenticate(
   out.set(shareBytes, helloBytes.length);
   await writeAll(conn, out);
 
-  const start = await answerStart(conn, where);
+  const start = await answerStart(conn, dialing);
   const magic = new DataView(start.buffer).getUint32(0, true);
   if (magic === MAGIC_SERVER_HELLO) {
     return {
@@ -291,12 +369,20 @@ assert(
 
 /**
  * The first bytes of the export's answer (a server hello or key share, both longer); an
- * NBD server's greeting starts with NBDMAGIC there, and is named as what it is.
+ * NBD server's greeting starts with NBDMAGIC there, and is named as what it is, unless
+ * it is a DST export's that took us for an NBD client (HelloTooLate).
  */
-async function answerStart(conn: ByteConn, where: string): Promise<Uint8Array<ArrayBuffer>> {
+async function answerStart(conn: ByteConn, dialing: Dialing): Promise<Uint8Array<ArrayBuffer>> {
   const start = new Uint8Array(ANSWER_START_BYTES);
   await readExact(conn, start);
   if (new DataView(start.buffer).getBigUint64(0) === NBDMAGIC) {
+    const where = dialing.where;
+    if (await greetedLate(conn, dialing)) {
+      throw new HelloTooLate(
+        `${where} is a DST export, but took our connection for an NBD client's: our hello ` +
+          `reached it more than ${NBD_GREETING_GRACE_MS / 1000} s after connecting`,
+      );
+    }
     throw new DstError(
       "HANDSHAKE",
       `${where} is an NBD server, not a DST export: point dst at the export's DST port ` +
@@ -304,6 +390,34 @@ async function answerStart(conn: ByteConn, where: string): Promise<Uint8Array<Ar
     );
   }
   return start;
+}
+
+/** The NBD greeting's bytes after NBDMAGIC (IHAVEOPT, handshake flags), then a server hello. */
+const LATE_ANSWER_BYTES = GreetingLayout.SIZE - GreetingLayout.ihaveopt + ServerHelloLayout.SIZE;
+assert(GreetingLayout.ihaveopt === ANSWER_START_BYTES, "NBDMAGIC is the start read");
+
+/**
+ * After NBDMAGIC: whether a DST export sent it, having taken us for an NBD client
+ * because our hello came after its NBD_GREETING_GRACE_MS of silence. Such an export
+ * greets only that long after our connect began, and answers our hello, after the
+ * greeting, with a server hello of status HELLO_TOO_LATE, which no NBD server sends.
+ * A greeting sooner than that is an NBD server's, and nothing more is read; a later one
+ * is read on until that hello, or until the server closes (an NBD server drops a client
+ * whose flags, our hello's magic, it does not know) or the handshake's time runs out.
+ */
+async function greetedLate(conn: ByteConn, dialing: Dialing): Promise<boolean> {
+  if (dialing.clock.nowMs() - dialing.startedMs < NBD_GREETING_GRACE_MS) return false;
+  const rest = new Uint8Array(LATE_ANSWER_BYTES);
+  try {
+    await readExact(conn, rest);
+  } catch {
+    return false;
+  }
+  const view = new DataView(rest.buffer);
+  const hello = GreetingLayout.SIZE - GreetingLayout.ihaveopt;
+  return view.getBigUint64(0) === IHAVEOPT &&
+    view.getUint32(hello + ServerHelloLayout.magic, true) === MAGIC_SERVER_HELLO &&
+    view.getUint16(hello + ServerHelloLayout.status, true) === HelloStatus.HELLO_TOO_LATE;
 }
 
 /** The reason after a refused hello, or null when the export sent none (it closed). */

@@ -101,7 +101,7 @@ Deno.test("error codes are the spec's Linux errno values", () => {
   });
 });
 
-Deno.test("hello statuses are the spec's: OK 0 through WRITE_LEASE_HELD 6", () => {
+Deno.test("hello statuses are the spec's: OK 0 through HELLO_TOO_LATE 7", () => {
   assert.deepEqual({ ...wire.HelloStatus }, {
     OK: 0,
     VERSION_UNSUPPORTED: 1,
@@ -110,6 +110,7 @@ Deno.test("hello statuses are the spec's: OK 0 through WRITE_LEASE_HELD 6", () =
     ACCESS_DENIED: 4,
     BUSY: 5,
     WRITE_LEASE_HELD: 6,
+    HELLO_TOO_LATE: 7,
   });
 });
 

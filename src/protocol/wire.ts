@@ -82,6 +82,11 @@ export const HelloStatus = {
   BUSY: 5,
   /** Another client holds the export's writer lease (a reason names it). */
   WRITE_LEASE_HELD: 6,
+  /**
+   * The hello came after the export had taken the connection for an NBD client's and
+   * greeted it as such (README, "Negotiation"); sent after that greeting. Connect again.
+   */
+  HELLO_TOO_LATE: 7,
 } as const;
 
 export const HELLO_STATUS_TEXT: Record<number, string> = {
@@ -92,6 +97,8 @@ export const HELLO_STATUS_TEXT: Record<number, string> = {
   [HelloStatus.ACCESS_DENIED]: "access denied",
   [HelloStatus.BUSY]: "the export has too many clients",
   [HelloStatus.WRITE_LEASE_HELD]: "another client holds the write lease",
+  [HelloStatus.HELLO_TOO_LATE]: "the hello came after the export had taken the connection " +
+    "for an NBD client's",
 };
 
 /** Bit masks of authentication methods and frame protections; only NONE exists in v1. */

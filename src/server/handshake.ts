@@ -13,7 +13,9 @@
  * A DST client speaks first, at once; an NBD client waits for the server. A peer that
  * sends nothing for NBD_GREETING_GRACE_MS is taken for an NBD client at the wrong port
  * and answered as an NBD server would (src/nbd/ encodes the bytes), with a refusal
- * that names the port to use: the user reads it instead of waiting for a timeout.
+ * that names the port to use: the user reads it instead of waiting for a timeout. A
+ * DST hello that comes after that greeting (a loaded machine, a slow link) is answered
+ * with HELLO_TOO_LATE, so its client connects again instead of reporting an NBD server.
  */
 
 import {
@@ -131,7 +133,7 @@ export async function acceptHandshake(
       const magicBytes = helloBytes.subarray(0, 4);
       const first = conn.read(magicBytes);
       if (await silentFor(first, NBD_GREETING_GRACE_MS, clock)) {
-        return await answerNbdClient(conn, first, magicBytes);
+        return await answerNbdClient(conn, info, first, helloBytes);
       }
       const n = await first;
       if (n === null) throw new Error("the client left before its hello");
@@ -225,18 +227,26 @@ async function silentFor(read: Promise<unknown>, ms: number, clock: Clock): Prom
   }
 }
 
+/** What a DST client whose hello came after the NBD greeting is told, after HELLO_TOO_LATE. */
+export const HELLO_TOO_LATE_MESSAGE = "the export had taken this connection for an NBD " +
+  `client: its hello came more than ${NBD_GREETING_GRACE_MS / 1000} s after connecting; ` +
+  "connect again";
+
 /**
  * A peer that stayed silent: greets it as an NBD server, reads its client flags
- * (`first`, the read already under way, brings their first bytes into `flagBytes`)
- * and refuses each of its options with NBD_WRONG_PORT_MESSAGE. The handshake's
- * timeout still bounds all of it.
+ * (`first`, the read already under way, brings their first bytes into the start of
+ * `helloBytes`) and refuses each of its options with NBD_WRONG_PORT_MESSAGE. Flags that
+ * are a DST hello's magic are a DST client's late hello: it is refused with
+ * HELLO_TOO_LATE. The handshake's timeout still bounds all of it.
  */
 async function answerNbdClient(
   conn: ByteConn,
+  info: DeviceInfo,
   first: Promise<number | null>,
-  flagBytes: Uint8Array,
+  helloBytes: Uint8Array,
 ): Promise<Handshake> {
   const silent = `sent nothing for ${NBD_GREETING_GRACE_MS} ms`;
+  const flagBytes = helloBytes.subarray(0, 4);
   try {
     await writeAll(conn, encodeGreeting());
     const n = await first;
@@ -251,11 +261,7 @@ async function answerNbdClient(
   if (
     new DataView(flagBytes.buffer, flagBytes.byteOffset).getUint32(0, true) === MAGIC_CLIENT_HELLO
   ) {
-    return {
-      ok: false,
-      reason: `a DST client's hello came after ${NBD_GREETING_GRACE_MS} ms, when it had ` +
-        `already been greeted as an NBD client (a slow or lossy link?); it fails this connection`,
-    };
+    return await refuseLateHello(conn, info, helloBytes);
   }
   const options = await refuseOptions(conn, NBD_WRONG_PORT_MESSAGE);
   return {
@@ -264,6 +270,43 @@ async function answerNbdClient(
       `sent ${options.length === 0 ? "no option" : `options ${options.join(", ")}`}): told it ` +
       `to use the export's --nbd port, or dst attach`,
   };
+}
+
+/**
+ * A DST hello whose magic came after the NBD greeting: the rest of it (and its key
+ * share) is read, so the refusal is not lost to a reset over unread bytes, and it is
+ * refused in the clear with HELLO_TOO_LATE. Its client knows then that it reached a DST
+ * export, only too late, and connects again.
+ */
+async function refuseLateHello(
+  conn: ByteConn,
+  info: DeviceInfo,
+  helloBytes: Uint8Array,
+): Promise<Handshake> {
+  const late = `a DST client's hello came after ${NBD_GREETING_GRACE_MS} ms, when it had ` +
+    `already been greeted as an NBD client (a loaded machine or a slow link?)`;
+  let hello: ClientHello | string;
+  try {
+    await readExact(conn, helloBytes.subarray(4));
+    hello = decodeClientHello(helloBytes);
+    if (typeof hello !== "string" && offersKey(hello)) {
+      await readExact(conn, new Uint8Array(ClientKeyShareLayout.SIZE));
+    }
+  } catch {
+    return { ok: false, reason: `${late}; it left before the rest of its hello` };
+  }
+  if (typeof hello === "string") return { ok: false, reason: `${late}; ${hello}` };
+  await answer(
+    conn,
+    info,
+    offersKey(hello) ? PROTOCOL_VERSION_KEYED : PROTOCOL_VERSION,
+    Promise.resolve({
+      ok: false,
+      status: HelloStatus.HELLO_TOO_LATE,
+      reason: HELLO_TOO_LATE_MESSAGE,
+    }),
+  );
+  return { ok: false, reason: `${late}: told it to connect again` };
 }
 
 function offersKey(hello: ClientHello): boolean {

@@ -236,7 +236,20 @@ Deno.test("a connection that ends before the grace is not answered", async () =>
   assert.equal(conn.written().length, 0);
 });
 
-Deno.test("a DST hello that arrives after the grace gets only the NBD greeting, and the reason says it came late", async () => {
+/** What an export tells a DST client whose hello came after it had greeted it as NBD's. */
+const TOO_LATE = "the export had taken this connection for an NBD client: its hello came more " +
+  "than 2 s after connecting; connect again";
+
+/** TOO_LATE as the refusal reason after a server hello: a u16 count, then the text. */
+function tooLateReason(): Field[] {
+  const text = new TextEncoder().encode(TOO_LATE);
+  return [
+    ["reason count", text.length.toString(16).padStart(4, "0").replace(/(..)(..)/, "$2$1")],
+    ["reason text", Array.from(text, (b) => b.toString(16).padStart(2, "0")).join("")],
+  ];
+}
+
+Deno.test("a DST hello that arrives after the grace gets the NBD greeting, then a server hello of status 7, HELLO_TOO_LATE, so its client knows to connect again", async () => {
   const clock = new ManualClock();
   const conn = new PacedConn();
   const done = acceptHandshake(conn, info, neverAsked, { ...V1, clock });
@@ -247,5 +260,31 @@ Deno.test("a DST hello that arrives after the grace gets only the NBD greeting, 
   const result = await done;
   assert.equal(result.ok, false);
   assert.match(result.ok ? "" : result.reason, /DST client's hello came after/);
-  assertFrame(conn.written(), NBD_GREETING, "the greeting only");
+  const out = conn.written();
+  out.fill(0, 18 + 56, 18 + 72); // the server hello's nonce is random
+  assertFrame(out, [...NBD_GREETING, ...refusal("0700"), ...tooLateReason()], "greeting, refusal");
+});
+
+Deno.test("a keyed export reads a late DST hello's key share before it refuses it with HELLO_TOO_LATE", async () => {
+  const clock = new ManualClock();
+  const conn = new PacedConn();
+  const keys = { keys: () => [], protection: 4, onTampered() {} };
+  const done = acceptHandshake(conn, info, neverAsked, { peer: "test", keys, clock });
+  await settle();
+  clock.advance(NBD_GREETING_GRACE_MS);
+  await settle();
+  conn.feed(clientHello({ versions: "0200 0200", authMethods: "0200", protections: "0600" }));
+  await settle();
+  assert.equal(conn.written().length, 18, "the greeting only, until the key share is in");
+  conn.feed(new Uint8Array(104)); // the key share, which the refusal does not look at
+  const result = await done;
+  assert.equal(result.ok, false);
+  const out = conn.written();
+  assertFrame(out.subarray(0, 18 + 8), [
+    ...NBD_GREETING,
+    ["magic DSTS", "44535453"],
+    ["version 2", "0200"],
+    ["status HELLO_TOO_LATE", "0700"],
+  ], "greeting, refusal");
+  assertFrame(out.subarray(18 + 112), tooLateReason(), "reason");
 });

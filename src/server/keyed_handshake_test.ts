@@ -9,6 +9,7 @@
 import assert from "node:assert/strict";
 import { AuthenticationFailed, dialExport, HandshakeRefused } from "../client/dial.ts";
 import { RemoteDevice } from "../client/remote_device.ts";
+import { NBD_GREETING_GRACE_MS } from "../constants.ts";
 import { MemoryDevice } from "../device/memory_device.ts";
 import { Key, keyFingerprint } from "../lib/key_file.ts";
 import { silentLogger as quiet } from "../lib/log.ts";
@@ -64,6 +65,28 @@ for (const protection of [PROTECTION_ENCRYPT, PROTECTION_MAC]) {
     }
   });
 }
+
+Deno.test("keyed export: a keyed client whose hello came after the NBD grace is told so, and its second connection gets in", async () => {
+  const site = await makeKey("site");
+  const exporter = start(new MemoryDevice(SIZE), [site]);
+  try {
+    let dials = 0;
+    const dial = async (address: { hostname: string; port: number }) => {
+      dials += 1;
+      const conn = await Deno.connect(address);
+      if (dials === 1) {
+        await new Promise((resolve) => setTimeout(resolve, NBD_GREETING_GRACE_MS + 300));
+      }
+      return conn;
+    };
+    const { conn, hello } = await dialExport(exporter.address, { key: site, dial });
+    assert.equal(hello.version, PROTOCOL_VERSION_KEYED);
+    assert.equal(dials, 2);
+    closeQuietly(conn);
+  } finally {
+    await exporter.shutdown();
+  }
+});
 
 Deno.test("keyed export: the hello says version 2 and the protection chosen", async () => {
   const site = await makeKey("site");

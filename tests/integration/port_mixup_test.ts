@@ -11,10 +11,16 @@
  * - `dst status` and `dst attach` at the NBD port: the DST client reads "NBDMAGIC" where
  *   the server hello's magic belongs and fails at once, naming the mix-up.
  * Each export logs one line naming it.
+ *
+ * And a DST client whose hello comes after that grace (a loaded machine, a slow link),
+ * greeted as NBD's: the export then answers its hello with HELLO_TOO_LATE, so the client
+ * is not told it reached an NBD server, and connects again.
  */
 
 import assert from "node:assert/strict";
+import type { Dialer } from "../../src/client/dial.ts";
 import { RemoteDevice } from "../../src/client/remote_device.ts";
+import { NBD_GREETING_GRACE_MS } from "../../src/constants.ts";
 import { silentLogger as quiet } from "../../src/lib/log.ts";
 import { eventually } from "../helpers/frame_fuzz.ts";
 import { newDisk, runDst, withExport } from "../helpers/spawn.ts";
@@ -101,4 +107,32 @@ Deno.test("dst status and dst attach at an NBD port fail at once, naming the mix
       assert.match(server.log(), /DST clients connect to the export's --listen port/);
     },
   );
+});
+
+Deno.test("a DST client whose hello comes after the grace is not taken for an NBD client's: it connects again", async () => {
+  await withExport("dst-mixup-late-", newDisk("8M"), async (server) => {
+    let dials = 0;
+    // The first connection's hello goes out 500 ms after the export greeted it as NBD's.
+    const dial: Dialer = async (address) => {
+      dials += 1;
+      const conn = await Deno.connect({ hostname: address.hostname, port: address.port });
+      if (dials === 1) {
+        await new Promise((resolve) => setTimeout(resolve, NBD_GREETING_GRACE_MS + 500));
+      }
+      return conn;
+    };
+    const client = await RemoteDevice.connect(server.address, { dial, log: quiet });
+    try {
+      assert.equal(dials, 2, "connected on the second try");
+      assert.equal(client.info.sizeBytes, 8 * 1024 * 1024);
+    } finally {
+      await client.close();
+    }
+    await eventually(
+      FAST_MS,
+      "the export's log line",
+      () => /a DST client's hello came after/.test(server.log()),
+    );
+    assert.doesNotMatch(server.log(), /NBD client at the DST port/);
+  });
 });
