@@ -133,6 +133,7 @@ export async function exportCommand(
     metricsListen: metrics,
   });
   let device: FileDevice | null = null;
+  let finished = true;
   try {
     device = await FileDevice.open(path, { readOnly, createBytes });
     const info = device.info;
@@ -147,7 +148,7 @@ export async function exportCommand(
       stringOption(parsed, "state") ?? defaultExportStateDir(),
       info.id,
     );
-    await serveUntilStopped(device, {
+    finished = await serveUntilStopped(device, {
       listen,
       nbd: nbdListen,
       nbdThreads: nbdThreadsOption,
@@ -169,9 +170,12 @@ export async function exportCommand(
     await closePorts(ports); // those no server took; a server that started closed its own
     throw error;
   } finally {
-    await device?.close();
+    // Past the stop's deadline, requests may still run on the image: it stays open for
+    // them until the process exits (dst up may run on), so none of them can write
+    // through a descriptor number that a file opened meanwhile was given.
+    if (finished) await device?.close();
   }
-  log.info("stopped cleanly");
+  log.info(finished ? "stopped cleanly" : "stopped; the image is left open until the exit");
   return 0;
 }
 

@@ -110,14 +110,15 @@ export async function closePorts(ports: Ports): Promise<void> {
 
 /**
  * Serves `device` until the host says stop (SIGINT/SIGTERM from the command line), then
- * finishes what is in flight. Closes nothing but `ports` (listened on here when not
- * given).
+ * finishes what is in flight: true when it did, false when the stop's deadline passed
+ * first and requests may still be running on `device`. Closes nothing but `ports`
+ * (listened on here when not given).
  */
 export async function serveUntilStopped(
   device: BlockDevice,
   options: ServeOptions,
   ports: Ports = listenPorts(options),
-): Promise<void> {
+): Promise<boolean> {
   let exporter: Exporter | null = null;
   let nbd: NbdServer | NbdThreads | null = null;
   let metrics: MetricsServer | null = null;
@@ -213,7 +214,9 @@ export async function serveUntilStopped(
           "not read its replies, or a final flush waiting for a device or leg that does not " +
           "answer): stopping without it; requests not answered were never acknowledged",
       );
+      return false;
     }
+    return true;
   } finally {
     clearTimeout(timer);
   }

@@ -125,7 +125,15 @@ async function runItems(file: string, node: UpNode, items: UpItem[]): Promise<nu
       ]);
       if (outcome === "ready") continue;
       if (outcome === "signal") {
-        log.info(`${signalled}: stopping the ${running.length} items started`);
+        // Not waited for: a start can take long (a leg that does not answer), and a
+        // signal stops a command that is starting at once. It is told to stop, should it
+        // get to serving, and the process's exit ends it, as a crash would end it.
+        running.pop();
+        started.stop(`${signalled}`);
+        log.info(
+          `${signalled}: ${item.label} was still starting: left to the exit; stopping the ` +
+            `${running.length} items serving`,
+        );
         return await stopAll(running, log);
       }
       running.pop();

@@ -343,6 +343,11 @@ export function withLogFields<T>(fields: LogFields, run: () => T): T {
   return contextFields.run({ ...contextFields.getStore(), ...fields }, run);
 }
 
+/** The fields withLogFields has in force here (none: {}), to pass to a worker thread. */
+export function logFieldsNow(): LogFields {
+  return { ...contextFields.getStore() };
+}
+
 /**
  * `run`, made to log with the fields in force where it was made: for callbacks that
  * something outside any context calls, such as a signal listener.

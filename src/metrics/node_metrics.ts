@@ -31,9 +31,12 @@ export class NodeMetrics implements MetricsSource {
     return registry;
   }
 
+  /** Every registry's metrics; one whose collection fails is left out, not the whole scrape. */
   async metrics(): Promise<string> {
-    const texts = await Promise.all([this.#process, ...this.#items].map((r) => r.metrics()));
-    return joinFamilies(texts);
+    const texts = await Promise.allSettled(
+      [this.#process, ...this.#items].map((registry) => registry.metrics()),
+    );
+    return joinFamilies(texts.flatMap((text) => text.status === "fulfilled" ? [text.value] : []));
   }
 }
 

@@ -28,7 +28,17 @@ import { type BlockDevice, type DeviceStats, emptyStats } from "../device/block_
 import { FileDevice } from "../device/file_device.ts";
 import type { HostPort } from "../lib/address.ts";
 import { describeError, DeviceError, DstError } from "../lib/errors.ts";
-import { configureLog, type Logger, logger, type LogSettings, logSettings } from "../lib/log.ts";
+import {
+  configureLog,
+  flushLog,
+  type LogFields,
+  logFieldsNow,
+  type Logger,
+  logger,
+  type LogSettings,
+  logSettings,
+  withLogFields,
+} from "../lib/log.ts";
 import { CLIENTS_PER_EXPORT_MAX, POOL_RETAINED_BYTES_MAX } from "../constants.ts";
 import { NbdServer } from "../nbd/mod.ts";
 import { CLIENT_SLOTS_SHARED_BYTES, clientSlots } from "../transport/accept_loop.ts";
@@ -60,6 +70,8 @@ type ToWorker =
     retainedBytesMax: number;
     /** This thread's log settings: a worker's lines have the same form and level. */
     log: LogSettings;
+    /** The fields this thread's lines carry (dst up's item): a worker's lines carry them too. */
+    logFields: LogFields;
   }
   | { kind: "writing"; id: number; error: { errno: string; message: string } | null }
   | { kind: "stop" };
@@ -158,6 +170,7 @@ export class NbdThreads {
         clients,
         retainedBytesMax,
         log: logSettings(),
+        logFields: logFieldsNow(),
       })
     ));
     const failure = started.find((result) => result.status === "rejected");
@@ -336,7 +349,11 @@ export function serveNbdThread(): void {
     return { generation: 0, release: () => scope.postMessage({ kind: "release", id }) };
   };
 
-  const start = async (message: Extract<ToWorker, { kind: "start" }>) => {
+  // Everything the worker serves is started inside the export's log fields, and keeps them.
+  const start = (message: Extract<ToWorker, { kind: "start" }>) =>
+    withLogFields(message.logFields, () => serve(message));
+
+  const serve = async (message: Extract<ToWorker, { kind: "start" }>) => {
     configureLog(message.log);
     let device: FileDevice | null = null;
     try {
@@ -388,6 +405,8 @@ export function serveNbdThread(): void {
         });
       }
     }
+    // This thread's log lines are written by its own writer: out before it is ended.
+    await Promise.race([flushLog(), new Promise((resolve) => setTimeout(resolve, 1000))]);
     scope.postMessage({ kind: "stopped", error });
   };
 

@@ -47,10 +47,16 @@ async function refusesConnections(port: number): Promise<boolean> {
 
 Deno.test({
   name: "dst up runs two exports, their mirror and its attach; SIGTERM stops them all",
-  ignore: missing("nbdcopy"),
+  ignore: missing("nbdcopy") || missing("nbdinfo"),
   fn: () =>
     scenario("dst-up-", async (dir, track) => {
-      const [a, b, mirror, nbd] = [freePort(), freePort(), freePort(), freePort()];
+      const [a, b, mirror, nbd, bNbd] = [
+        freePort(),
+        freePort(),
+        freePort(),
+        freePort(),
+        freePort(),
+      ];
       const file = `${dir}/node.yaml`;
       await Deno.writeTextFile(
         file,
@@ -63,6 +69,8 @@ exports:
   - path: ${dir}/b.img
     create: 4M
     listen: 127.0.0.1:${b}
+    nbd: 127.0.0.1:${bNbd}
+    nbd-threads: 2
 arrays:
   - kind: mirror
     members: [127.0.0.1:${a}, 127.0.0.1:${b}]
@@ -98,6 +106,9 @@ attaches:
         );
       }
       assert.ok(value(samples, "process_resident_memory_bytes") > 0);
+      // An export's NBD threads log as that item too (the kernel spreads connections
+      // among the threads: eight make it near sure that more than one takes some).
+      for (let i = 0; i < 8; i++) await toolOk("nbdinfo", [`nbd://127.0.0.1:${bNbd}`]);
 
       const status = await up.stop("SIGTERM");
       assert.equal(status.code, 0, up.log());
@@ -106,6 +117,11 @@ attaches:
       const items = new Set(lines.map((line) => line.fields?.item));
       for (const item of ["exports[0]", "exports[1]", "arrays[0]", "attaches[0]"]) {
         assert.ok(items.has(item), `a line of ${item}:\n${up.log()}`);
+      }
+      // Every line but the node's own names its item, those of NBD threads included.
+      for (const line of lines) {
+        if (line.component === "up") continue;
+        assert.ok(typeof line.fields?.item === "string", `no item: ${JSON.stringify(line)}`);
       }
       assert.ok(lines.some((line) => line.component === "up" && line.fields?.item === undefined));
       for (const port of [a, b, mirror, nbd]) {
@@ -284,4 +300,30 @@ Deno.test("dst up on SIGHUP goes on serving, and its keyed items reread their ke
     const stopped = await up.stop("SIGTERM");
     assert.equal(stopped.code, 0, up.log());
     assert.match(up.log(), /SIGHUP: reread .*site\.keys.*added second.* item=exports\[0\]/);
+  }));
+
+Deno.test("dst up told to stop while an item is still starting stops those serving, and exits 0", () =>
+  scenario("dst-up-starting-", async (dir, track) => {
+    // A member that takes the connection (the kernel queues it) and never answers: the
+    // array's start waits for its handshake.
+    const silent = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const port = freePort();
+    try {
+      await Deno.writeTextFile(
+        `${dir}/node.yaml`,
+        `exports:\n  - path: ${dir}/a.img\n    create: 1M\n    listen: 127.0.0.1:${port}\n` +
+          `arrays:\n  - kind: linear\n    members: [127.0.0.1:${port}, ` +
+          `127.0.0.1:${silent.addr.port}]\n    export: 127.0.0.1:0\n`,
+      );
+      const up = track(
+        await startDst(["up", `${dir}/node.yaml`], /exports\[0\]: dst export: serving/),
+      );
+      const status = await up.stop("SIGTERM");
+      assert.equal(status.code, 0, up.log());
+      assert.match(up.log(), /arrays\[0\] was still starting: left to the exit/);
+      assert.match(up.log(), /stopped cleanly item=exports\[0\]/);
+      assert.ok(await refusesConnections(port), "the export was stopped");
+    } finally {
+      silent.close();
+    }
   }));
