@@ -11,7 +11,15 @@
 import { describeError, DstError, UsageError } from "../lib/errors.ts";
 import { configureLog, logger, withLogFields } from "../lib/log.ts";
 import { MetricsServer, NodeMetrics } from "../metrics/mod.ts";
-import { envLogLevel, LOG_OPTIONS_HELP, logSettingsOf, parseCommand } from "./args.ts";
+import {
+  envLogLevel,
+  LOG_OPTIONS_HELP,
+  logSettingsOf,
+  METRICS_HELP,
+  METRICS_OPTION,
+  metricsOption,
+  parseCommand,
+} from "./args.ts";
 import { arrayCommand } from "./array.ts";
 import { attachCommand } from "./attach.ts";
 import type { CommandHost } from "./command_host.ts";
@@ -19,7 +27,7 @@ import { exportCommand } from "./export.ts";
 import { untilSignal } from "./signals.ts";
 import { readUpFile, type UpItem, type UpNode } from "./up_file.ts";
 
-export const UP_HELP = `Usage: dst up NODE.yaml [--check]
+export const UP_HELP = `Usage: dst up NODE.yaml [--check] [--metrics [HOST]:PORT]
 
 Runs every export, array and attach of NODE.yaml in this one process, each exactly as
 the command it stands for would run, and stops them all on SIGINT or SIGTERM. The
@@ -45,6 +53,8 @@ carry it as the field item.
 
   --check         only check the file and print the command lines: exit 0, or 2 with
                   every problem as FILE:LINE: KEY: what is wrong
+${METRICS_HELP}
+                        (the node's one /metrics, over the file's metrics:)
 ${LOG_OPTIONS_HELP}
 
 Example: dst up /etc/dst/node.yaml`;
@@ -65,7 +75,7 @@ interface Running {
 }
 
 export async function upCommand(argv: string[]): Promise<number> {
-  const parsed = parseCommand("up", argv, { check: { type: "boolean" } });
+  const parsed = parseCommand("up", argv, { check: { type: "boolean" }, ...METRICS_OPTION });
   if (parsed.values.help) {
     console.log(UP_HELP);
     return 0;
@@ -95,7 +105,13 @@ export async function upCommand(argv: string[]): Promise<number> {
   }
   // The command line's log options, then DST_LOG's level, win over the file's.
   configureLog(logSettingsOf(parsed, "up", envLogLevel(), result.node.log));
-  return await runItems(file, result.node, result.items);
+  // --metrics on the command line wins over the file's, as the log options do.
+  const metrics = metricsOption(parsed) ?? result.node.metrics;
+  return await runItems(
+    file,
+    { ...result.node, ...(metrics === undefined ? {} : { metrics }) },
+    result.items,
+  );
 }
 
 async function runItems(file: string, node: UpNode, items: UpItem[]): Promise<number> {

@@ -276,7 +276,7 @@ Deno.test("dst up told twice to stop exits at once, though an item is stuck stop
     }
   }));
 
-Deno.test("dst up on SIGHUP goes on serving, and its keyed items reread their key files", () =>
+Deno.test("dst up --metrics serves the node's metrics; on SIGHUP it goes on serving, and its keyed items reread their key files", () =>
   scenario("dst-up-hup-", async (dir, track) => {
     const keys = `${dir}/site.keys`;
     assert.equal((await runDst(["keygen", keys, "--name", "first"])).code, 0);
@@ -286,7 +286,14 @@ Deno.test("dst up on SIGHUP goes on serving, and its keyed items reread their ke
       `key: ${keys}\nexports:\n  - path: ${dir}/a.img\n    create: 1M\n` +
         `    listen: 127.0.0.1:${port}\n`,
     );
-    const up = track(await startDst(["up", `${dir}/node.yaml`], /running 1 items/));
+    const up = track(
+      await startDst(
+        ["up", `${dir}/node.yaml`, "--metrics", "127.0.0.1:0"],
+        /dst up: metrics at (\S+)\n[^]*running 1 items/,
+      ),
+    );
+    // --metrics on the command line: the node's one /metrics, without metrics: in the file.
+    assert.equal(value(await scrape(up.ready[1]!), 'dst_export_clients{item="exports[0]"}'), 0);
     const status = (name: string) =>
       runDst(["status", `127.0.0.1:${port}`, "--key", keys, "--key-name", name]);
     assert.equal((await status("second")).code, 1, "a key not in the file yet");
