@@ -226,7 +226,11 @@ export async function cannotRun(): Promise<string | null> {
 
 // --- the hosts ---------------------------------------------------------------------
 
-/** `dst up HOST.yaml` in the host's namespace, its folder the working directory. */
+/**
+ * `dst up HOST.yaml` in the host's namespace. The file is copied into the host's own
+ * folder first: a node file's relative paths (its image, the mirror's state) are the
+ * file's folder's, so each host's land in its folder.
+ */
 async function startUp(
   program: string,
   host: { name: string; ns: string },
@@ -234,6 +238,7 @@ async function startUp(
 ): Promise<Node> {
   const dir = `${workDir}/${host.name}`;
   await Deno.mkdir(dir, { recursive: true });
+  await Deno.copyFile(`${HERE}${host.name}.yaml`, `${dir}/${host.name}.yaml`);
   const child = new Deno.Command("ip", {
     args: [
       "netns",
@@ -243,7 +248,7 @@ async function startUp(
       ...DENO_RUN_ARGS,
       program,
       "up",
-      `${HERE}${host.name}.yaml`,
+      `${dir}/${host.name}.yaml`,
     ],
     cwd: dir,
     env: { XDG_STATE_HOME: `${dir}/state` },

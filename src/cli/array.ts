@@ -164,6 +164,19 @@ export async function arrayCommand(
   const memoryBytes = memoryOption(parsed, "array");
   const metrics = metricsOption(parsed);
   const log = logger("array");
+  const regionText = stringOption(parsed, "region");
+  const regionBytes = regionText === undefined
+    ? MIRROR_REGION_BYTES_DEFAULT
+    : parseSize(regionText, "--region");
+  const inRange = regionBytes >= MIRROR_REGION_BYTES_MIN && regionBytes <= MIRROR_REGION_BYTES_MAX;
+  if (!inRange || (regionBytes & (regionBytes - 1))) {
+    throw new UsageError("--region is a power of two from 64K to 64M", "array mirror");
+  }
+  for (const member of members) {
+    if (!isLocalMember(member)) parseHostPort(member, "127.0.0.1", EXPORT_PORT_DEFAULT);
+  }
+  if (host.onlyCheck) return 0;
+  let finished = false;
 
   if (kind === "linear") {
     const opened: BlockDevice[] = [];
@@ -175,7 +188,7 @@ export async function arrayCommand(
     }
     const device = await LinearDevice.create(opened);
     try {
-      await serveUntilStopped(device, {
+      finished = await serveUntilStopped(device, {
         listen,
         nbd,
         generation: PersistedGeneration.open(defaultExportStateDir(), device.info.id),
@@ -200,17 +213,10 @@ export async function arrayCommand(
     } finally {
       await device.close();
     }
+    log.info(finished ? "stopped cleanly" : "stopped, without what was in flight");
     return 0;
   }
 
-  const regionText = stringOption(parsed, "region");
-  const regionBytes = regionText === undefined
-    ? MIRROR_REGION_BYTES_DEFAULT
-    : parseSize(regionText, "--region");
-  const inRange = regionBytes >= MIRROR_REGION_BYTES_MIN && regionBytes <= MIRROR_REGION_BYTES_MAX;
-  if (!inRange || (regionBytes & (regionBytes - 1))) {
-    throw new UsageError("--region is a power of two from 64K to 64M", "array mirror");
-  }
   // Without --state, the folder is found by the legs' export ids, asked before the legs
   // are opened as their writer: the folder holds the identity that writer is.
   const found = stringOption(parsed, "state") === undefined
@@ -229,7 +235,7 @@ export async function arrayCommand(
     ...(statusLineShown() ? { onResyncProgress: showResync } : {}),
   });
   try {
-    await serveUntilStopped(mirror, {
+    finished = await serveUntilStopped(mirror, {
       listen,
       nbd,
       generation: PersistedGeneration.open(stateDir, mirror.info.id),
@@ -254,6 +260,7 @@ export async function arrayCommand(
   } finally {
     await mirror.close();
   }
+  log.info(finished ? "stopped cleanly" : "stopped, without what was in flight");
   return 0;
 }
 

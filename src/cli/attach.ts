@@ -94,6 +94,10 @@ export async function attachCommand(
     writer: parsed.values["read-only"] !== true,
     log: logger("client"),
   };
+  const tcpListen = listenText === undefined
+    ? undefined
+    : parseHostPort(listenText, "127.0.0.1", NBD_PORT_DEFAULT);
+  if (host.onlyCheck) return 0;
   const remote = await RemoteDevice.connect(target, options);
   const budgetMs = remote.timeoutMs * (remote.retries + 1);
   if (budgetMs >= KERNEL_TIMEOUT_MS) {
@@ -102,8 +106,8 @@ export async function attachCommand(
         "before the DST client does",
     );
   }
-  const listen: NbdListen = listenText !== undefined
-    ? { tcp: parseHostPort(listenText, "127.0.0.1", NBD_PORT_DEFAULT) }
+  const listen: NbdListen = tcpListen !== undefined
+    ? { tcp: tcpListen }
     : { unix: socketPath ?? await defaultSocketPath(target.hostname, target.port) };
   let nbd: NbdServer;
   let metrics: MetricsServer | null = null;

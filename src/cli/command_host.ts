@@ -31,6 +31,12 @@ export interface CommandHost {
    * command does not apply log options of its own.
    */
   readonly logConfigured: boolean;
+  /**
+   * Only check the command line: the command reads and checks everything it is given
+   * (options, key files, paths), then returns 0 before it listens, opens, creates or
+   * connects anything. How `dst up` checks every item before it starts one.
+   */
+  readonly onlyCheck: boolean;
 }
 
 /** The host of a command run from the command line: SIGINT or SIGTERM stops it. */
@@ -39,4 +45,5 @@ export const COMMAND_LINE: CommandHost = {
   print: (line) => console.log(line),
   ready: () => {},
   logConfigured: false,
+  onlyCheck: false,
 };

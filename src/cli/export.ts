@@ -123,6 +123,7 @@ export async function exportCommand(
       `${path} does not exist; use --create SIZE to make it (e.g. --create 10G)`,
     );
   }
+  if (host.onlyCheck) return 0;
   // Listening first (DST, NBD, metrics): a port that is taken fails before --create makes
   // or grows the image.
   const ports = listenPorts({
@@ -200,10 +201,15 @@ function parseCreateSize(text: string): number {
 
 /** The size of what is at `path` now (0 for a block device), or null when nothing is there. */
 async function existingSize(path: string): Promise<number | null> {
+  let info: Deno.FileInfo;
   try {
-    return (await Deno.stat(path)).size;
+    info = await Deno.stat(path);
   } catch (error) {
     if (error instanceof Deno.errors.NotFound) return null;
     throw new DstError("ENOENT", `Cannot open ${path}: ${describeError(error)}`, { cause: error });
   }
+  if (info.isDirectory) {
+    throw new DstError("EISDIR", `${path} is a folder: give an image file or a block device`);
+  }
+  return info.size;
 }

@@ -42,8 +42,9 @@ keys are the flags' own names:
   arrays:              one \`dst array KIND MEMBER...\` each: kind, members, and its flags
   attaches:            one \`dst attach HOST:PORT\` each: remote, and its flags
 
-A flag without a value (read-only, shared-writers) is true or false. Exports start
-first, then arrays (an array after the array serving one of its members), then
+A flag without a value (read-only, shared-writers) is true or false. Relative paths
+are the file's folder's. Before anything starts, each item's command checks what it
+is given, as --check does. Exports start first, then arrays (an array after the array serving one of its members), then
 attaches, each once it is serving; if one fails to start, those started are stopped
 and dst up exits 1. On SIGINT or SIGTERM they are stopped in reverse order, and dst up
 exits 0 when each stopped cleanly; a second signal exits at once. On SIGHUP the items
@@ -91,11 +92,15 @@ export async function upCommand(argv: string[]): Promise<number> {
   try {
     source = await Deno.readTextFile(file);
   } catch (error) {
-    throw new UsageError(`Cannot read ${file}: ${error instanceof Error ? error.message : error}`);
+    const why = error instanceof Deno.errors.NotFound ? "no such file" : describeError(error);
+    throw new UsageError(`Cannot read ${file}: ${why}`, "up");
   }
   const result = readUpFile(file, source);
-  if (!result.ok) {
-    for (const message of result.messages) console.error(message);
+  // Then each item's own command checks what it is given, before anything starts: a
+  // file that --check passes starts, and one it refuses leaves nothing made.
+  const messages = result.ok ? await checkItems(file, result.items) : result.messages;
+  if (!result.ok || messages.length > 0) {
+    for (const message of messages) console.error(message);
     return 2;
   }
   if (parsed.values.check) {
@@ -179,7 +184,9 @@ async function runItems(file: string, node: UpNode, items: UpItem[]): Promise<nu
     const first = await Promise.race([stopping.then(() => null), ended]);
     if (first === null) {
       log.info(`${signalled}: stopping ${running.length} items in reverse order`);
-      return await stopAll(running, log);
+      const code = await stopAll(running, log);
+      if (code === 0) log.info(`stopped all ${running.length} items cleanly`);
+      return code;
     }
     log.error(`${first.one.item.label} ${first.why} while serving; stopping the others`);
     await stopAll(running.filter((one) => one !== first.one), log);
@@ -188,6 +195,38 @@ async function runItems(file: string, node: UpNode, items: UpItem[]): Promise<nu
     Deno.removeSignalListener("SIGHUP", hangup);
     await server?.shutdown();
   }
+}
+
+/**
+ * Runs each item's command to check what it is given, as --check and as the start
+ * does: every problem, as FILE:LINE: ITEM.KEY: what (the line of the key whose flag
+ * the message names, else the item's).
+ */
+async function checkItems(file: string, items: UpItem[]): Promise<string[]> {
+  const messages: string[] = [];
+  for (const item of items) {
+    const host: CommandHost = {
+      untilStop: () => new Promise(() => {}),
+      print: () => {},
+      ready: () => {},
+      logConfigured: true,
+      onlyCheck: true,
+    };
+    const [command, ...argv] = item.args;
+    try {
+      await ITEM_COMMANDS[command!]!(argv, host);
+    } catch (error) {
+      const message = describeError(error).replace(/\n\n[^]*$/, ""); // without the help text
+      const flag = [...message.matchAll(/--([a-z][a-z-]*)/g)]
+        .map((match) => match[1]!)
+        .find((name) => Object.hasOwn(item.keyLines, name));
+      const where = flag === undefined
+        ? `${item.line}: ${item.label}`
+        : `${item.keyLines[flag]}: ${item.label}.${flag}`;
+      messages.push(`${file}:${where}: ${message}`);
+    }
+  }
+  return messages;
 }
 
 /** Starts `item`'s command, hosted: it stops when told, and says when it is serving. */
@@ -201,6 +240,7 @@ function start(item: UpItem, metrics: NodeMetrics | undefined): Running {
     print: (line) => print(`${item.label}: ${line}`),
     ready: () => serving(),
     logConfigured: true,
+    onlyCheck: false,
     ...(metrics === undefined ? {} : { metrics: metrics.registryFor(item.label) }),
   };
   const [command, ...argv] = item.args;

@@ -8,6 +8,7 @@
 import { type Document, isMap, isNode, LineCounter, parseDocument } from "yaml";
 import { z } from "zod";
 import { EXPORT_PORT_DEFAULT, NBD_PORT_DEFAULT } from "../constants.ts";
+import { dirname, isAbsolute, resolve } from "node:path";
 import { type HostPort, parseHostPort } from "../lib/address.ts";
 import { nearest } from "../lib/edit_distance.ts";
 import { LOG_FORMATS, LOG_LEVELS, type LogFormat, type LogLevel } from "../lib/log.ts";
@@ -23,6 +24,10 @@ export interface UpItem {
   servesPort: number | null;
   /** The ports of HOST:PORT members (arrays), which start after what serves them. */
   memberPorts: number[];
+  /** Where the item is in the file (["arrays", 1]), its line, and each of its keys' lines. */
+  at: [string, number];
+  line: number;
+  keyLines: Record<string, number>;
 }
 
 /** What the whole node shares: its log and its one `/metrics`. */
@@ -231,9 +236,11 @@ export function readUpFile(
       messages: say(result.error.issues.flatMap((issue) => describeIssue(issue, data))),
     };
   }
-  const node = result.data;
-  const missing = missingPaths(node, exists);
-  if (missing.length > 0) return { ok: false, messages: say(missing) };
+  // Relative paths are the file's: a node file means the same from any folder (systemd
+  // starts dst up in /).
+  const node = resolvePaths(result.data, dirname(resolve(file)));
+  const problems = [...missingPaths(node, exists), ...portClashes(node)];
+  if (problems.length > 0) return { ok: false, messages: say(problems) };
   const count = (node.exports?.length ?? 0) + (node.arrays?.length ?? 0) +
     (node.attaches?.length ?? 0);
   if (count === 0) {
@@ -242,13 +249,25 @@ export function readUpFile(
       messages: [`${file}:1: nothing to run: give exports, arrays or attaches`],
     };
   }
+  const ordered = startOrder(itemsOf(node, (path) => lineOf(doc, lineCounter, path)));
+  if (ordered.cycle.length > 0) {
+    const labels = ordered.cycle.map((item) => item.label);
+    return {
+      ok: false,
+      messages: say([{
+        path: [...ordered.cycle[0]!.at, "members"],
+        what: `${labels.join(" and ")} are members of each other, so neither can start ` +
+          "first: an array's member must be served by something that does not need it",
+      }]),
+    };
+  }
   return {
     ok: true,
     node: {
       log: node.log ?? {},
       ...(node.metrics === undefined ? {} : { metrics: parseHostPort(node.metrics, "127.0.0.1") }),
     },
-    items: startOrder(itemsOf(node)),
+    items: ordered.items,
   };
 }
 
@@ -403,8 +422,15 @@ function lineOf(doc: Document, lineCounter: LineCounter, path: PropertyKey[]): n
   return 1;
 }
 
-function itemsOf(node: Node): UpItem[] {
+function itemsOf(node: Node, lineAt: (path: PropertyKey[]) => number): UpItem[] {
   const items: UpItem[] = [];
+  const lines = (list: string, index: number, item: Record<string, unknown>) => ({
+    at: [list, index] as [string, number],
+    line: lineAt([list, index]),
+    keyLines: Object.fromEntries(
+      Object.keys(item).map((key) => [key, lineAt([list, index, key])]),
+    ),
+  });
   const common = (item: { key?: string }) => {
     const key = item.key ?? node.key;
     return key === undefined ? [] : ["--key", key];
@@ -415,6 +441,7 @@ function itemsOf(node: Node): UpItem[] {
       args: ["export", item.path, ...flags(item), ...common(item)],
       servesPort: parseHostPort(item.listen ?? "", "0.0.0.0", EXPORT_PORT_DEFAULT).port,
       memberPorts: [],
+      ...lines("exports", index, item),
     });
   });
   node.arrays?.forEach((item, index) => {
@@ -431,6 +458,7 @@ function itemsOf(node: Node): UpItem[] {
           return []; // a local path
         }
       }),
+      ...lines("arrays", index, item),
     });
   });
   node.attaches?.forEach((item, index) => {
@@ -439,6 +467,7 @@ function itemsOf(node: Node): UpItem[] {
       args: ["attach", item.remote, ...flags(item), ...common(item)],
       servesPort: null,
       memberPorts: [],
+      ...lines("attaches", index, item),
     });
   });
   return items;
@@ -458,9 +487,10 @@ function flags(item: Record<string, unknown>): string[] {
 
 /**
  * Exports first, attaches last, and an array after whatever in the file serves one of
- * its members' ports (an array of arrays); otherwise the file's order.
+ * its members' ports (an array of arrays); otherwise the file's order. Arrays that
+ * wait for each other are a cycle, which nothing can start.
  */
-function startOrder(items: UpItem[]): UpItem[] {
+function startOrder(items: UpItem[]): { items: UpItem[]; cycle: UpItem[] } {
   const ordered: UpItem[] = [];
   const attaches = items.filter((item) => item.args[0] === "attach");
   const waiting = items.filter((item) => item.args[0] !== "attach");
@@ -470,9 +500,105 @@ function startOrder(items: UpItem[]): UpItem[] {
         !waiting.some((other) => other !== item && other.servesPort === port)
       )
     );
-    // A cycle (two arrays naming each other): start the rest in file order; they will say.
-    const next = ready < 0 ? 0 : ready;
-    ordered.push(waiting.splice(next, 1)[0]!);
+    if (ready < 0) return { items: [], cycle: waiting.filter((item) => item.args[0] === "array") };
+    ordered.push(waiting.splice(ready, 1)[0]!);
   }
-  return [...ordered, ...attaches];
+  return { items: [...ordered, ...attaches], cycle: [] };
+}
+
+/** `path` made absolute against `dir` (the node file's folder). */
+function against(dir: string, path: string): string {
+  return isAbsolute(path) ? path : resolve(dir, path);
+}
+
+/**
+ * The node with every relative path made the file's: images, state folders, key
+ * files, sockets, devices, and local members (which start with "." or "/", as
+ * `dst array` tells them from HOST:PORT).
+ */
+function resolvePaths(node: Node, dir: string): Node {
+  const path = (value: string | undefined) => value === undefined ? undefined : against(dir, value);
+  const defined = <T extends Record<string, unknown>>(item: T): T =>
+    Object.fromEntries(Object.entries(item).filter(([, value]) => value !== undefined)) as T;
+  return defined({
+    ...node,
+    key: path(node.key),
+    exports: node.exports?.map((item) =>
+      defined({
+        ...item,
+        path: against(dir, item.path),
+        state: path(item.state),
+        key: path(item.key),
+      })
+    ),
+    arrays: node.arrays?.map((item) =>
+      defined({
+        ...item,
+        members: item.members.map((member) =>
+          member.startsWith(".") ? against(dir, member) : member
+        ),
+        state: path(item.state),
+        key: path(item.key),
+      })
+    ),
+    attaches: node.attaches?.map((item) =>
+      defined({
+        ...item,
+        socket: path(item.socket),
+        device: path(item.device),
+        key: path(item.key),
+      })
+    ),
+  });
+}
+
+/**
+ * Two listeners of the file on one port (the same host, or one of them on every
+ * interface): the second would fail to start, after the first had started.
+ */
+function portClashes(node: Node): { path: PropertyKey[]; what: string }[] {
+  const listeners: { path: PropertyKey[]; address: HostPort }[] = [];
+  const add = (
+    path: PropertyKey[],
+    text: string | undefined,
+    host: string,
+    port?: number,
+    evenAbsent = false,
+  ) => {
+    if (text === undefined && !evenAbsent) return;
+    listeners.push({ path, address: parseHostPort(text ?? "", host, port) });
+  };
+  add(["metrics"], node.metrics, "127.0.0.1");
+  node.exports?.forEach((item, index) => {
+    // Without listen, an export takes the default port: two such exports clash.
+    add(["exports", index, "listen"], item.listen, "0.0.0.0", EXPORT_PORT_DEFAULT, true);
+    add(["exports", index, "nbd"], item.nbd, "127.0.0.1", NBD_PORT_DEFAULT);
+  });
+  node.arrays?.forEach((item, index) => {
+    add(["arrays", index, "export"], item.export, "0.0.0.0", EXPORT_PORT_DEFAULT);
+    add(["arrays", index, "nbd"], item.nbd, "127.0.0.1", NBD_PORT_DEFAULT);
+  });
+  node.attaches?.forEach((item, index) => {
+    add(["attaches", index, "listen"], item.listen, "127.0.0.1", NBD_PORT_DEFAULT);
+  });
+  const problems: { path: PropertyKey[]; what: string }[] = [];
+  const wildcard = (host: string) => host === "0.0.0.0" || host === "::" || host === "";
+  listeners.forEach((one, at) => {
+    if (one.address.port === 0) return; // a free port each
+    const first = listeners.slice(0, at).find((other) =>
+      other.address.port === one.address.port &&
+      (other.address.hostname === one.address.hostname || wildcard(other.address.hostname) ||
+        wildcard(one.address.hostname))
+    );
+    if (first !== undefined) {
+      problems.push({
+        path: one.path,
+        what: `port ${one.address.port} is ${pathName(first.path)}'s too: give each its own port` +
+          (one.path.at(-1) === "listen" && node.exports?.[Number(one.path[1])]?.listen === undefined
+            ? ` (an export without listen takes ${EXPORT_PORT_DEFAULT})`
+            : ""),
+      });
+    }
+  });
+  return problems;
 }

@@ -207,6 +207,20 @@ const BROKEN: [string, string, string][] = [
     "(e.g. create: 10G)",
   ],
   [
+    "two items on one port",
+    "exports:\n  - path: a.img\n    create: 1M\n  - path: b.img\n    create: 1M\n",
+    "node.yaml:4: exports[1].listen: port 1025 is exports[0].listen's too: give each its own " +
+    "port (an export without listen takes 1025)",
+  ],
+  [
+    "two arrays that are members of each other",
+    "arrays:\n  - kind: linear\n    members: [127.0.0.1:2001]\n    export: :2002\n" +
+    "  - kind: linear\n    members: [127.0.0.1:2002]\n    export: :2001\n",
+    "node.yaml:3: arrays[0].members: arrays[0] and arrays[1] are members of each other, so " +
+    "neither can start first: an array's member must be served by something that does not " +
+    "need it",
+  ],
+  [
     "metrics given to one item",
     "exports:\n  - path: a.img\n    metrics: :9100\n",
     "node.yaml:3: exports[0].metrics: metrics is the node's, at the top of the file: dst up " +
@@ -230,24 +244,51 @@ for (const [what, text, message] of BROKEN) {
     }));
 }
 
-Deno.test("dst up --check prints each item's command line and exits 0", () =>
+Deno.test("dst up --check prints each item's command line, paths made the file's, and exits 0", () =>
   scenario("dst-up-ok-", async (dir) => {
-    await Deno.writeTextFile(`${dir}/site.keys`, "");
+    assert.equal((await runDst(["keygen", `${dir}/site.keys`, "--name", "site"])).code, 0);
+    // Relative paths are the node file's, from whatever folder dst up runs in.
     await Deno.writeTextFile(
       `${dir}/node.yaml`,
-      `key: ${dir}/site.keys\n` +
+      "key: site.keys\n" +
         "log: { format: json }\nmetrics: :9410\nexports:\n  - path: a.img\n" +
-        "    create: 10G\n    read-only: false\nattaches:\n  - remote: a:1030\n" +
-        "    read-only: true\n",
+        "    create: 10G\n    read-only: false\n    state: ./state\nattaches:\n" +
+        "  - remote: a:1030\n    read-only: true\n",
     );
     const check = await runDst(["up", "--check", `${dir}/node.yaml`]);
     assert.equal(check.code, 0, check.stderr);
     assert.equal(
       check.stdout,
-      `exports[0]: dst export a.img --create 10G --key ${dir}/site.keys\n` +
+      `exports[0]: dst export ${dir}/a.img --create 10G --state ${dir}/state --key ` +
+        `${dir}/site.keys\n` +
         `attaches[0]: dst attach a:1030 --read-only --key ${dir}/site.keys\n` +
         `dst up: ${dir}/node.yaml is valid (2 items)\n`,
     );
+    await assert.rejects(Deno.stat(`${dir}/a.img`), Deno.errors.NotFound, "--check makes nothing");
+  }));
+
+Deno.test("dst up refuses a file whose items their own commands refuse, every problem at once, and makes nothing", () =>
+  scenario("dst-up-items-", async (dir) => {
+    await Deno.writeTextFile(
+      `${dir}/node.yaml`,
+      `exports:\n  - path: ${dir}/made.img\n    create: 8M\n    listen: 127.0.0.1:0\n` +
+        `  - path: ${dir}/tiny.img\n    create: 64\n    listen: 127.0.0.1:0\n` +
+        `arrays:\n  - kind: linear\n    members: [127.0.0.1:1]\n    export: 127.0.0.1:0\n` +
+        "    retries: many\n",
+    );
+    for (const args of [["up", "--check"], ["up"]]) {
+      const run = await runDst([...args, `${dir}/node.yaml`]);
+      assert.equal(run.code, 2, run.stderr);
+      assert.equal(
+        run.stderr.trim(),
+        `${dir}/node.yaml:6: exports[1].create: --create 64 would make an image of 64 bytes: ` +
+          "give a unit, e.g. --create 64G (K, M, G, T are binary multiples), or at least " +
+          `1048576 bytes\n` +
+          `${dir}/node.yaml:12: arrays[0].retries: --retries must be a whole number from 0 to ` +
+          '1000, not "many"',
+      );
+    }
+    await assert.rejects(Deno.stat(`${dir}/made.img`), Deno.errors.NotFound, "nothing was made");
   }));
 
 Deno.test("dst up told twice to stop exits at once, though an item is stuck stopping", () =>
