@@ -17,7 +17,7 @@ import assert from "node:assert/strict";
 import { concat } from "../../tests/helpers/bytes.ts";
 import { frame, PacedConn, ScriptedConn } from "../../tests/helpers/golden.ts";
 import { ManualClock } from "../../tests/helpers/manual_clock.ts";
-import { CONNECT_TIMEOUT_MS, NBD_GREETING_GRACE_MS } from "../constants.ts";
+import { CONNECT_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS, NBD_GREETING_GRACE_MS } from "../constants.ts";
 import { DstError } from "../lib/errors.ts";
 import { encodeServerHello } from "../protocol/mod.ts";
 import type { ByteConn } from "../transport/byte_conn.ts";
@@ -102,6 +102,59 @@ Deno.test("a connect that fails after its time ran out changes nothing", async (
   await assert.rejects(dialing, /no answer within 10 s/);
   answer.reject(new Error("aborted")); // unhandled, it would fail this test
   await settle();
+});
+
+/** A connection whose pending read fails when it is closed, as a Deno TCP connection's does. */
+class CanceledOnClose extends PacedConn {
+  override async read(into: Uint8Array): Promise<number | null> {
+    const n = await super.read(into);
+    if (this.closed) throw new Error("operation canceled");
+    return n;
+  }
+}
+
+for (const key of [undefined, KEY]) {
+  Deno.test(`a handshake ${key ? "with" : "without"} a key that gets no answer within HANDSHAKE_TIMEOUT_MS says so, not that the export may not be DST's`, async () => {
+    const clock = new ManualClock();
+    const conn = new CanceledOnClose(); // connects, then never answers (a stopped export)
+    const dialing = dialExport({ hostname: "127.0.0.1", port: 13025 }, {
+      clock,
+      key,
+      dial: () => Promise.resolve(conn),
+    }).then(() => null, (error: unknown) => error);
+    let settled = false;
+    void dialing.then(() => settled = true);
+    await settle();
+    clock.advance(HANDSHAKE_TIMEOUT_MS - 1);
+    await settle();
+    assert.equal(settled, false, "the handshake still has time");
+    clock.advance(1);
+    const error = await dialing;
+    assert.ok(error instanceof DstError, `a DstError, not ${String(error)}`);
+    assert.equal(error.code, "HANDSHAKE");
+    assert.equal(
+      error.message,
+      "Handshake with 127.0.0.1:13025 failed: no answer within 10 s (is the export stopped " +
+        "or overloaded?)",
+    );
+    assert.ok(conn.closed);
+  });
+}
+
+Deno.test("a handshake whose connection the other side closes early still asks whether it is a DST export", async () => {
+  const conn = new PacedConn();
+  conn.feed(new Uint8Array(3));
+  conn.end();
+  await assert.rejects(
+    dialExport({ hostname: "127.0.0.1", port: 13025 }, {
+      clock: new ManualClock(),
+      dial: () => Promise.resolve(conn),
+    }),
+    (error: Error) =>
+      error.message ===
+        "Handshake with 127.0.0.1:13025 failed: connection closed after 3 of 8 bytes (is it " +
+          "a DST export, not NBD or another service?)",
+  );
 });
 
 const NBD_MESSAGE = "10.0.0.7:10809 is an NBD server, not a DST export: point dst at the " +
