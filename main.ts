@@ -16,7 +16,7 @@ import { statusCommand } from "./src/cli/status.ts";
 import { upCommand } from "./src/cli/up.ts";
 import { AssertionError } from "./src/lib/assert.ts";
 import { DstError, UsageError } from "./src/lib/errors.ts";
-import { flushLog, type Logger, logger } from "./src/lib/log.ts";
+import { flushLogWithin, type Logger, logger } from "./src/lib/log.ts";
 import { isNbdThread, serveNbdThread } from "./src/server/nbd_threads.ts";
 
 export const VERSION = "0.1.0";
@@ -106,6 +106,6 @@ if (isNbdThread()) {
     }
   }
   // The last log lines, queued while the process was busy; not for ever if stderr is stuck.
-  await Promise.race([flushLog(), new Promise((resolve) => setTimeout(resolve, 1000))]);
+  await flushLogWithin(1000);
   Deno.exit(code);
 }

@@ -292,6 +292,19 @@ export function flushLog(): Promise<void> {
   return writing ?? Promise.resolve();
 }
 
+/**
+ * flushLog(), waiting no longer than `ms`: before an exit, the last lines are written,
+ * but not for ever if stderr is stuck (a full pipe nobody reads).
+ */
+export async function flushLogWithin(ms: number): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    await Promise.race([flushLog(), new Promise((resolve) => timer = setTimeout(resolve, ms))]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 export interface Logger {
   debug(message: string, fields?: LogFields): void;
   info(message: string, fields?: LogFields): void;
