@@ -140,9 +140,13 @@ export interface RenderOptions {
   watching?: boolean;
 }
 
-/** The exports table, then each array's members, then the addresses that did not answer. */
+/**
+ * The exports table (none when no export answered), then each array's members, then the
+ * addresses that did not answer.
+ */
 export function renderStatus(rows: WatchRow[], options: RenderOptions = {}): string {
   const watching = options.watching ?? false;
+  const answered = rows.filter((row) => row.status !== undefined);
   const table = formatTable(
     [
       "ADDRESS",
@@ -161,7 +165,7 @@ export function renderStatus(rows: WatchRow[], options: RenderOptions = {}): str
       "ERRORS",
       "UPTIME",
     ],
-    rows.filter((row) => row.status !== undefined).map((row) => {
+    answered.map((row) => {
       const s = row.status!;
       return [
         row.address,
@@ -189,7 +193,8 @@ export function renderStatus(rows: WatchRow[], options: RenderOptions = {}): str
     `${row.address}: ${printable(row.error ?? "")}`
   );
   return [
-    table,
+    // No export answered: the header alone would read as an empty answer.
+    ...(answered.length === 0 ? [] : [table]),
     ...arrays,
     ...(failures.length === 0 ? [] : [`unreachable:\n${failures.join("\n")}`]),
   ].join("\n\n");
