@@ -39,6 +39,21 @@ export function parseSize(text: string, what = "size"): number {
   return bytes;
 }
 
+/**
+ * Bytes as a size the command line takes back (parseSize): the largest suffix that
+ * divides them exactly, 64M, 1536K, 1P; a number of bytes when none does.
+ */
+export function formatSizeOption(bytes: number): string {
+  let best = String(bytes);
+  for (const [suffix, shift] of Object.entries(SUFFIX_SHIFT)) {
+    const unit = 2 ** shift;
+    if (suffix !== "" && bytes > 0 && bytes % unit === 0) {
+      best = `${bytes / unit}${suffix.toUpperCase()}`;
+    }
+  }
+  return best;
+}
+
 /** Formats bytes with a binary unit: 1.5 GiB, 4.0 KiB, 512 B. */
 export function formatBytes(bytes: number): string {
   const units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
