@@ -15,6 +15,7 @@ import { printable } from "../lib/printable.ts";
 import { formatBytes, formatDuration } from "../lib/units.ts";
 import type { ExportStatus } from "../server/exporter.ts";
 import { formatTable } from "./table.ts";
+import { plural } from "../lib/plural.ts";
 
 /** One address's answer: its STATUS, or why it could not be queried. */
 export interface Row {
@@ -87,7 +88,8 @@ export function timestamp(timeMs: number): string {
 
 /** "1211/4096 regions, 385.3 MiB/s, 7.5s left": how a resync is going. */
 export function resyncNote(r: ResyncProgress): string {
-  return `${r.regionsDone}/${r.regionsTotal} regions, ${formatBytes(r.bytesPerSecond)}/s` +
+  const regions = `${r.regionsDone}/${plural(r.regionsTotal, "region")}`;
+  return `${regions}, ${formatBytes(r.bytesPerSecond)}/s` +
     (r.etaMs === null ? "" : `, ${formatDuration(r.etaMs)} left`);
 }
 

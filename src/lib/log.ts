@@ -24,6 +24,7 @@ import {
 } from "@logtape/logtape";
 import { AsyncLocalStorage } from "node:async_hooks";
 import { printable } from "./printable.ts";
+import { plural } from "./plural.ts";
 
 export const LOG_LEVELS = ["debug", "info", "warn", "error"] as const;
 export type LogLevel = typeof LOG_LEVELS[number];
@@ -279,7 +280,7 @@ async function drain(): Promise<void> {
         timeMs: Date.now(),
         level: "warn",
         component: "log",
-        message: `${count} log lines dropped: stderr was not being read`,
+        message: `${plural(count, "log line")} dropped: stderr was not being read`,
         fields: { dropped: count },
       });
     }
