@@ -54,6 +54,33 @@ for (const key of [undefined, KEY]) {
 /** Lets the dial run as far as it can without more input or time. */
 const settle = () => new Promise((resolve) => setTimeout(resolve, 0));
 
+/**
+ * `dialing` fails with a DstError of `code` and `message`: not before `ms` of `clock`
+ * have passed, and at once then.
+ */
+async function assertFailsAfter(
+  clock: ManualClock,
+  dialing: Promise<unknown>,
+  ms: number,
+  code: string,
+  message: string,
+): Promise<void> {
+  const outcome = dialing.then(() => null, (error: unknown) => error);
+  let settled = false;
+  void outcome.then(() => settled = true);
+  await settle();
+  clock.advance(ms - 1);
+  await settle();
+  assert.equal(settled, false, "it still has time");
+  clock.advance(1);
+  await settle();
+  assert.ok(settled, "it gave up");
+  const error = await outcome;
+  assert.ok(error instanceof DstError, `a DstError, not ${String(error)}`);
+  assert.equal(error.code, code);
+  assert.equal(error.message, message);
+}
+
 Deno.test("a connect that gets no answer fails after CONNECT_TIMEOUT_MS, saying what to check, and a connection that completes later is closed", async () => {
   const clock = new ManualClock();
   const answer = Promise.withResolvers<ByteConn>();
@@ -64,21 +91,12 @@ Deno.test("a connect that gets no answer fails after CONNECT_TIMEOUT_MS, saying 
       signal = abort;
       return answer.promise;
     },
-  }).then(() => null, (error: unknown) => error);
-  let settled = false;
-  void dialing.then(() => settled = true);
-  await settle();
-  clock.advance(CONNECT_TIMEOUT_MS - 1);
-  await settle();
-  assert.equal(settled, false, "the connect still has time");
-  clock.advance(1);
-  await settle();
-  assert.ok(settled, "the connect gave up");
-  const error = await dialing;
-  assert.ok(error instanceof DstError, `a DstError, not ${String(error)}`);
-  assert.equal(error.code, "CONNECT");
-  assert.equal(
-    error.message,
+  });
+  await assertFailsAfter(
+    clock,
+    dialing,
+    CONNECT_TIMEOUT_MS,
+    "CONNECT",
     "Cannot connect to 10.0.0.7:1025: no answer within 10 s (is the host up, and is a " +
       "firewall dropping its packets?)",
   );
@@ -121,19 +139,12 @@ for (const key of [undefined, KEY]) {
       clock,
       key,
       dial: () => Promise.resolve(conn),
-    }).then(() => null, (error: unknown) => error);
-    let settled = false;
-    void dialing.then(() => settled = true);
-    await settle();
-    clock.advance(HANDSHAKE_TIMEOUT_MS - 1);
-    await settle();
-    assert.equal(settled, false, "the handshake still has time");
-    clock.advance(1);
-    const error = await dialing;
-    assert.ok(error instanceof DstError, `a DstError, not ${String(error)}`);
-    assert.equal(error.code, "HANDSHAKE");
-    assert.equal(
-      error.message,
+    });
+    await assertFailsAfter(
+      clock,
+      dialing,
+      HANDSHAKE_TIMEOUT_MS,
+      "HANDSHAKE",
       "Handshake with 127.0.0.1:13025 failed: no answer within 10 s (is the export stopped " +
         "or overloaded?)",
     );
