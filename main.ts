@@ -15,8 +15,9 @@ import { keygenCommand } from "./src/cli/keygen.ts";
 import { statusCommand } from "./src/cli/status.ts";
 import { upCommand } from "./src/cli/up.ts";
 import { AssertionError } from "./src/lib/assert.ts";
+import { nearest } from "./src/lib/edit_distance.ts";
 import { DstError, UsageError } from "./src/lib/errors.ts";
-import { flushLog, type Logger, logger } from "./src/lib/log.ts";
+import { flushLogWithin, type Logger, logger } from "./src/lib/log.ts";
 import { isNbdThread, serveNbdThread } from "./src/server/nbd_threads.ts";
 
 export const VERSION = "0.1.0";
@@ -57,7 +58,11 @@ async function main(argv: string[]): Promise<number> {
     return 0;
   }
   if (!Object.hasOwn(COMMANDS, command)) {
-    throw new UsageError(`unknown command "${command}"\n\n${HELP}`);
+    const meant = nearest(command, Object.keys(COMMANDS));
+    throw new UsageError(
+      `unknown command "${command}"${meant === undefined ? "" : `; did you mean ${meant}?`}` +
+        `\n\n${HELP}`,
+    );
   }
   return await COMMANDS[command]!(rest);
 }
@@ -106,6 +111,6 @@ if (isNbdThread()) {
     }
   }
   // The last log lines, queued while the process was busy; not for ever if stderr is stuck.
-  await Promise.race([flushLog(), new Promise((resolve) => setTimeout(resolve, 1000))]);
+  await flushLogWithin(1000);
   Deno.exit(code);
 }

@@ -19,6 +19,7 @@
 import { assert } from "../lib/assert.ts";
 import { DstError } from "../lib/errors.ts";
 import type { ImageFile } from "../device/image_file.ts";
+import { plural } from "../lib/plural.ts";
 
 export const LEG_SLOTS_MAX = 8;
 
@@ -52,7 +53,8 @@ export class DirtyBitmap {
       file.close();
       throw new DstError(
         "STATE",
-        `The mirror bitmap ${file.name} has ${size} regions, the state says ${regions}: ` +
+        `The mirror bitmap ${file.name} has ${plural(size, "region")}, the state says ` +
+          `${regions}: ` +
           "the state folder is damaged; start over with --source LEG --force",
       );
     }

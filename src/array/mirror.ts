@@ -84,6 +84,7 @@ import {
   takesWrites,
 } from "./mirror_leg.ts";
 import { Resyncer, type ResyncProgress } from "./mirror_resync.ts";
+import { plural } from "../lib/plural.ts";
 
 export type { LegMode, ResyncProgress };
 
@@ -536,7 +537,7 @@ export class MirrorDevice implements BlockDevice {
     this.#log.warn(
       `leg ${leg.record.name} is out of sync (${
         was === "resyncing" ? "while resyncing; " : ""
-      }${reason}); ${left} in-sync leg${left === 1 ? "" : "s"} left` +
+      }${reason}); ${plural(left, "in-sync leg")} left` +
         (left === 0 ? ": the array fails I/O until a leg is back" : ""),
     );
     this.#save();
@@ -857,7 +858,7 @@ export class MirrorDevice implements BlockDevice {
     this.#save();
     const dirty = this.#bitmap.count(leg.record.slot);
     void this.#resync(leg);
-    return `${name} attached; resyncing ${dirty} of ${this.#bitmap.regions} regions`;
+    return `${name} attached; resyncing ${dirty} of ${plural(this.#bitmap.regions, "region")}`;
   }
 
   /** A new leg for `member`, in a free slot, every region marked for it (a full copy). */

@@ -19,6 +19,7 @@ import { formatBytes, formatDuration } from "../lib/units.ts";
 import type { DirtyBitmap } from "./dirty_bitmap.ts";
 import { finishResync, type Leg, type ResyncRun, startResync, stopResync } from "./mirror_leg.ts";
 import type { RegionActivity } from "./region_activity.ts";
+import { plural } from "../lib/plural.ts";
 
 export interface ResyncProgress {
   full: boolean;
@@ -101,7 +102,7 @@ export class Resyncer {
     startResync(leg, pending, run);
     host.invariants();
     host.log.info(
-      `resync of ${leg.record.name}: ${total} of ${regions} regions ` +
+      `resync of ${leg.record.name}: ${total} of ${plural(regions, "region")} ` +
         `(${formatBytes(Math.min(total * host.regionBytes, host.sizeBytes))}) to copy`,
     );
     const resyncing = () => leg.state.mode === "resyncing";
@@ -145,7 +146,7 @@ export class Resyncer {
           host.showProgress?.(leg.record.name, null); // the bar goes before the line that ends it
           const seconds = (host.clock.nowMs() - run.startedMs) / 1000;
           host.log.info(
-            `leg ${leg.record.name} is in sync: copied ${run.regionsDone} regions, ` +
+            `leg ${leg.record.name} is in sync: copied ${plural(run.regionsDone, "region")}, ` +
               `${formatBytes(run.bytesCopied)} in ${seconds.toFixed(1)} s`,
           );
         }
@@ -237,7 +238,7 @@ export class Resyncer {
   #logProgress(name: string, p: ResyncProgress): void {
     if (this.#host.showProgress !== undefined) return this.#host.showProgress(name, p);
     this.#host.log.info(
-      `resync of ${name}: ${p.regionsDone}/${p.regionsTotal} regions, ` +
+      `resync of ${name}: ${p.regionsDone}/${plural(p.regionsTotal, "region")}, ` +
         `${formatBytes(p.bytesPerSecond)}/s` +
         (p.etaMs === null ? "" : `, about ${formatDuration(p.etaMs)} left`),
     );

@@ -370,6 +370,7 @@ Deno.test("a leg whose writes fail goes out of sync, the array serves on, and th
     clock.advance(MIRROR_SUPERVISE_MS); // the supervisor finds b reachable: a resync
     await log.when(/leg b is in sync/, from);
     assert.ok(log.has(`resync of b: 1 of ${REGIONS} regions`, from), "only what it missed");
+    assert.ok(log.has("leg b is in sync: copied 1 region,", from), "one region, not '1 regions'");
     assert.ok(sameBytes(legs.a.inner.bytes, legs.b.inner.bytes), "the legs are equal");
     assert.equal(member(mirror, "b")?.state, "in-sync");
   }));

@@ -103,8 +103,8 @@ export function envLogLevel(): string | undefined {
 
 /**
  * The log settings `parsed` and DST_LOG (`envLevel`) ask for: --log-level wins over
- * DST_LOG, and both over `file` (dst up's node file), and an unknown level in either
- * is a usage error naming the known ones.
+ * DST_LOG, and both over `file` (dst up's node file), in any case ("WARN" is warn); an
+ * unknown level in either is a usage error naming the known ones.
  */
 export function logSettingsOf(
   parsed: Parsed,
@@ -122,13 +122,16 @@ export function logSettingsOf(
   };
 }
 
+/** `value` as the one of `allowed` it names, in any case ("WARN" is warn); undefined stays so. */
 function oneOf(
   value: string | undefined,
   name: string,
   allowed: readonly string[],
   command: string,
 ): string | undefined {
-  if (value === undefined || allowed.includes(value)) return value;
+  if (value === undefined) return undefined;
+  const lower = value.toLowerCase();
+  if (allowed.includes(lower)) return lower;
   const known = `${allowed.slice(0, -1).join(", ")} or ${allowed.at(-1)}`;
   throw new UsageError(`${name} is ${JSON.stringify(value)}; it must be ${known}`, command);
 }

@@ -9,7 +9,7 @@ import { RemoteDevice } from "../client/remote_device.ts";
 import { parseHostPort } from "../lib/address.ts";
 import { UsageError } from "../lib/errors.ts";
 import { logSettings } from "../lib/log.ts";
-import { formatBytes, parseSize } from "../lib/units.ts";
+import { formatBytes, formatSizeOption, parseSize } from "../lib/units.ts";
 import type { ExportStatus } from "../server/exporter.ts";
 import {
   CLIENT_OPTIONS,
@@ -55,7 +55,7 @@ export async function demoCommand(argv: string[]): Promise<number> {
   let child: Deno.ChildProcess | null = null;
   try {
     step(
-      `dst export ${image} --create ${formatBytes(sizeBytes)} --listen 127.0.0.1:0 ` +
+      `dst export ${image} --create ${formatSizeOption(sizeBytes)} --listen 127.0.0.1:0 ` +
         `--state ${dir}/state`,
     );
     child = new Deno.Command(self.command, {
@@ -64,7 +64,7 @@ export async function demoCommand(argv: string[]): Promise<number> {
         "export",
         image,
         "--create",
-        String(sizeBytes),
+        formatSizeOption(sizeBytes), // as printed above, so the line can be pasted back
         "--listen",
         "127.0.0.1:0",
         // Its write generation goes with the image, so removing the folder removes it too.

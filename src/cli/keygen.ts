@@ -3,6 +3,7 @@
 import { UsageError } from "../lib/errors.ts";
 import { addKey, isKeyName, KEY_NAME_RULE } from "../lib/key_file.ts";
 import { LOG_OPTIONS_HELP, parseCommand, stringOption } from "./args.ts";
+import { plural } from "../lib/plural.ts";
 
 export const KEYGEN_HELP = `Usage: dst keygen FILE [--name NAME]
 
@@ -37,7 +38,7 @@ export async function keygenCommand(argv: string[]): Promise<number> {
     throw new UsageError(`--name must be ${KEY_NAME_RULE}`, "keygen");
   }
   const added = await addKey(path, name);
-  const count = `${added.keyCount} key${added.keyCount === 1 ? "" : "s"} in the file`;
+  const count = `${plural(added.keyCount, "key")} in the file`;
   console.log(
     `dst keygen: ${added.created ? "created" : "added to"} ${path}: key "${added.name}", ` +
       `fingerprint ${added.fingerprint} (${count})`,

@@ -15,6 +15,7 @@ import { printable } from "../lib/printable.ts";
 import { formatBytes, formatDuration } from "../lib/units.ts";
 import type { ExportStatus } from "../server/exporter.ts";
 import { formatTable } from "./table.ts";
+import { plural } from "../lib/plural.ts";
 
 /** One address's answer: its STATUS, or why it could not be queried. */
 export interface Row {
@@ -87,7 +88,8 @@ export function timestamp(timeMs: number): string {
 
 /** "1211/4096 regions, 385.3 MiB/s, 7.5s left": how a resync is going. */
 export function resyncNote(r: ResyncProgress): string {
-  return `${r.regionsDone}/${r.regionsTotal} regions, ${formatBytes(r.bytesPerSecond)}/s` +
+  const regions = `${r.regionsDone}/${plural(r.regionsTotal, "region")}`;
+  return `${regions}, ${formatBytes(r.bytesPerSecond)}/s` +
     (r.etaMs === null ? "" : `, ${formatDuration(r.etaMs)} left`);
 }
 
@@ -140,9 +142,13 @@ export interface RenderOptions {
   watching?: boolean;
 }
 
-/** The exports table, then each array's members, then the addresses that did not answer. */
+/**
+ * The exports table (none when no export answered), then each array's members, then the
+ * addresses that did not answer.
+ */
 export function renderStatus(rows: WatchRow[], options: RenderOptions = {}): string {
   const watching = options.watching ?? false;
+  const answered = rows.filter((row) => row.status !== undefined);
   const table = formatTable(
     [
       "ADDRESS",
@@ -161,7 +167,7 @@ export function renderStatus(rows: WatchRow[], options: RenderOptions = {}): str
       "ERRORS",
       "UPTIME",
     ],
-    rows.filter((row) => row.status !== undefined).map((row) => {
+    answered.map((row) => {
       const s = row.status!;
       return [
         row.address,
@@ -189,7 +195,8 @@ export function renderStatus(rows: WatchRow[], options: RenderOptions = {}): str
     `${row.address}: ${printable(row.error ?? "")}`
   );
   return [
-    table,
+    // No export answered: the header alone would read as an empty answer.
+    ...(answered.length === 0 ? [] : [table]),
     ...arrays,
     ...(failures.length === 0 ? [] : [`unreachable:\n${failures.join("\n")}`]),
   ].join("\n\n");

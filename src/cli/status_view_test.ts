@@ -88,6 +88,14 @@ const at = (timeMs: number, status: ExportStatus): Sample => ({
   rows: [{ address: "127.0.0.1:1025", status }],
 });
 
+Deno.test("renderStatus() with no export that answered prints no table, only the unreachable list", () => {
+  const text = renderStatus([
+    { address: "10.0.0.1:1025", error: "Cannot connect" },
+    { address: "10.0.0.2:1025", error: "refused" },
+  ]);
+  assert.equal(text, "unreachable:\n10.0.0.1:1025: Cannot connect\n10.0.0.2:1025: refused");
+});
+
 Deno.test("ratesBetween() counts reads and writes per second of the export's own uptime", () => {
   const before = exportStatus({ uptimeMs: 10_000, reads: 10, readBytes: MiB, writes: 5 });
   const after = exportStatus({

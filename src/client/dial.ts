@@ -2,7 +2,9 @@
  * Opening a connection to an export: TCP connect and the client's side of the
  * handshake. Errors say which address failed and what to check. The connect has its own
  * time limit (CONNECT_TIMEOUT_MS), so an address that drops packets fails in seconds,
- * like one that refuses, and a reconnect loop simply tries again.
+ * like one that refuses, and a reconnect loop simply tries again. The handshake has one too
+ * (HANDSHAKE_TIMEOUT_MS): an export that does not answer in time (stopped, overloaded) is
+ * reported as that, not as a service that may not be a DST export.
  *
  * With a key the client speaks version 2 only (protocol README, "Version 2: keys"):
  * it names its key, checks the export's proof before it proves anything itself,
@@ -159,10 +161,11 @@ async function dialOnce(address: HostPort, where: string, options: DialOptions):
   const clock = options.clock ?? systemClock;
   const dialing: Dialing = { where, clock, startedMs: clock.nowMs() };
   let conn = await connect(address, where, options.dial ?? tcpDialer, clock);
-  const timer = clock.after(
-    HANDSHAKE_TIMEOUT_MS,
-    () => closeQuietly(conn),
-  );
+  let timedOut = false;
+  const timer = clock.after(HANDSHAKE_TIMEOUT_MS, () => {
+    timedOut = true;
+    closeQuietly(conn);
+  });
   try {
     const helloOut: ClientHello = {
       versionMin: options.key ? PROTOCOL_VERSION_KEYED : PROTOCOL_VERSION,
@@ -205,6 +208,16 @@ async function dialOnce(address: HostPort, where: string, options: DialOptions):
     closeQuietly(conn);
     // Errors of our own already name the export; a connection that just ended does not.
     if (error instanceof DstError && !(error instanceof ConnectionClosedError)) throw error;
+    // Our own timer closed it: the export is slow to answer (stopped, overloaded), and
+    // whether it is a DST export at all is not in question.
+    if (timedOut) {
+      throw new DstError(
+        "HANDSHAKE",
+        `Handshake with ${where} failed: no answer within ${HANDSHAKE_TIMEOUT_MS / 1000} s ` +
+          `(is the export stopped or overloaded?)`,
+        { cause: error },
+      );
+    }
     throw new DstError(
       "HANDSHAKE",
       `Handshake with ${where} failed: ${

@@ -17,7 +17,7 @@ import assert from "node:assert/strict";
 import { concat } from "../../tests/helpers/bytes.ts";
 import { frame, PacedConn, ScriptedConn } from "../../tests/helpers/golden.ts";
 import { ManualClock } from "../../tests/helpers/manual_clock.ts";
-import { CONNECT_TIMEOUT_MS, NBD_GREETING_GRACE_MS } from "../constants.ts";
+import { CONNECT_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS, NBD_GREETING_GRACE_MS } from "../constants.ts";
 import { DstError } from "../lib/errors.ts";
 import { encodeServerHello } from "../protocol/mod.ts";
 import type { ByteConn } from "../transport/byte_conn.ts";
@@ -54,6 +54,33 @@ for (const key of [undefined, KEY]) {
 /** Lets the dial run as far as it can without more input or time. */
 const settle = () => new Promise((resolve) => setTimeout(resolve, 0));
 
+/**
+ * `dialing` fails with a DstError of `code` and `message`: not before `ms` of `clock`
+ * have passed, and at once then.
+ */
+async function assertFailsAfter(
+  clock: ManualClock,
+  dialing: Promise<unknown>,
+  ms: number,
+  code: string,
+  message: string,
+): Promise<void> {
+  const outcome = dialing.then(() => null, (error: unknown) => error);
+  let settled = false;
+  void outcome.then(() => settled = true);
+  await settle();
+  clock.advance(ms - 1);
+  await settle();
+  assert.equal(settled, false, "it still has time");
+  clock.advance(1);
+  await settle();
+  assert.ok(settled, "it gave up");
+  const error = await outcome;
+  assert.ok(error instanceof DstError, `a DstError, not ${String(error)}`);
+  assert.equal(error.code, code);
+  assert.equal(error.message, message);
+}
+
 Deno.test("a connect that gets no answer fails after CONNECT_TIMEOUT_MS, saying what to check, and a connection that completes later is closed", async () => {
   const clock = new ManualClock();
   const answer = Promise.withResolvers<ByteConn>();
@@ -64,21 +91,12 @@ Deno.test("a connect that gets no answer fails after CONNECT_TIMEOUT_MS, saying 
       signal = abort;
       return answer.promise;
     },
-  }).then(() => null, (error: unknown) => error);
-  let settled = false;
-  void dialing.then(() => settled = true);
-  await settle();
-  clock.advance(CONNECT_TIMEOUT_MS - 1);
-  await settle();
-  assert.equal(settled, false, "the connect still has time");
-  clock.advance(1);
-  await settle();
-  assert.ok(settled, "the connect gave up");
-  const error = await dialing;
-  assert.ok(error instanceof DstError, `a DstError, not ${String(error)}`);
-  assert.equal(error.code, "CONNECT");
-  assert.equal(
-    error.message,
+  });
+  await assertFailsAfter(
+    clock,
+    dialing,
+    CONNECT_TIMEOUT_MS,
+    "CONNECT",
     "Cannot connect to 10.0.0.7:1025: no answer within 10 s (is the host up, and is a " +
       "firewall dropping its packets?)",
   );
@@ -102,6 +120,52 @@ Deno.test("a connect that fails after its time ran out changes nothing", async (
   await assert.rejects(dialing, /no answer within 10 s/);
   answer.reject(new Error("aborted")); // unhandled, it would fail this test
   await settle();
+});
+
+/** A connection whose pending read fails when it is closed, as a Deno TCP connection's does. */
+class CanceledOnClose extends PacedConn {
+  override async read(into: Uint8Array): Promise<number | null> {
+    const n = await super.read(into);
+    if (this.closed) throw new Error("operation canceled");
+    return n;
+  }
+}
+
+for (const key of [undefined, KEY]) {
+  Deno.test(`a handshake ${key ? "with" : "without"} a key that gets no answer within HANDSHAKE_TIMEOUT_MS says so, not that the export may not be DST's`, async () => {
+    const clock = new ManualClock();
+    const conn = new CanceledOnClose(); // connects, then never answers (a stopped export)
+    const dialing = dialExport({ hostname: "127.0.0.1", port: 13025 }, {
+      clock,
+      key,
+      dial: () => Promise.resolve(conn),
+    });
+    await assertFailsAfter(
+      clock,
+      dialing,
+      HANDSHAKE_TIMEOUT_MS,
+      "HANDSHAKE",
+      "Handshake with 127.0.0.1:13025 failed: no answer within 10 s (is the export stopped " +
+        "or overloaded?)",
+    );
+    assert.ok(conn.closed);
+  });
+}
+
+Deno.test("a handshake whose connection the other side closes early still asks whether it is a DST export", async () => {
+  const conn = new PacedConn();
+  conn.feed(new Uint8Array(3));
+  conn.end();
+  await assert.rejects(
+    dialExport({ hostname: "127.0.0.1", port: 13025 }, {
+      clock: new ManualClock(),
+      dial: () => Promise.resolve(conn),
+    }),
+    (error: Error) =>
+      error.message ===
+        "Handshake with 127.0.0.1:13025 failed: connection closed after 3 of 8 bytes (is it " +
+          "a DST export, not NBD or another service?)",
+  );
 });
 
 const NBD_MESSAGE = "10.0.0.7:10809 is an NBD server, not a DST export: point dst at the " +

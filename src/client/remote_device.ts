@@ -104,6 +104,7 @@ import {
   tcpDialer,
 } from "./dial.ts";
 import type { Key } from "../lib/key_file.ts";
+import { plural } from "../lib/plural.ts";
 
 export interface RemoteDeviceOptions {
   /**
@@ -938,7 +939,8 @@ export class RemoteDevice implements BlockDevice, Reconnecting {
         tx,
         new DeviceError(
           "ETIMEDOUT",
-          `${COMMAND_NAMES[tx.command]} to ${this.#where} failed after ${tx.attempts} attempts ` +
+          `${COMMAND_NAMES[tx.command]} to ${this.#where} failed after ` +
+            `${plural(tx.attempts, "attempt")} ` +
             `(${describeError(reason)}); the export is down or unreachable`,
         ),
       );
@@ -1005,7 +1007,7 @@ export class RemoteDevice implements BlockDevice, Reconnecting {
         });
         if (otherWriters !== null) this.#fenced(otherWriters);
         this.#log.info(
-          `reconnected to ${this.#where}; resending ${this.#queue.length} transactions`,
+          `reconnected to ${this.#where}; resending ${plural(this.#queue.length, "transaction")}`,
         );
         this.#attach(conn);
       }

@@ -24,6 +24,7 @@ import {
 } from "@logtape/logtape";
 import { AsyncLocalStorage } from "node:async_hooks";
 import { printable } from "./printable.ts";
+import { plural } from "./plural.ts";
 
 export const LOG_LEVELS = ["debug", "info", "warn", "error"] as const;
 export type LogLevel = typeof LOG_LEVELS[number];
@@ -279,7 +280,7 @@ async function drain(): Promise<void> {
         timeMs: Date.now(),
         level: "warn",
         component: "log",
-        message: `${count} log lines dropped: stderr was not being read`,
+        message: `${plural(count, "log line")} dropped: stderr was not being read`,
         fields: { dropped: count },
       });
     }
@@ -290,6 +291,19 @@ async function drain(): Promise<void> {
 /** Resolves when every line logged so far is written (before the process exits). */
 export function flushLog(): Promise<void> {
   return writing ?? Promise.resolve();
+}
+
+/**
+ * flushLog(), waiting no longer than `ms`: before an exit, the last lines are written,
+ * but not for ever if stderr is stuck (a full pipe nobody reads).
+ */
+export async function flushLogWithin(ms: number): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    await Promise.race([flushLog(), new Promise((resolve) => timer = setTimeout(resolve, ms))]);
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 export interface Logger {

@@ -5,6 +5,13 @@ import { UsageError } from "./errors.ts";
 const SUFFIX_SHIFT: Record<string, number> = { "": 0, k: 10, m: 20, g: 30, t: 40, p: 50 };
 
 /**
+ * The suffixes parseSize takes, for messages that list them: "K, M, G, T, P" (as in
+ * "K, M, G, T, P are binary multiples"). Made from the table, so they never disagree.
+ */
+export const SIZE_SUFFIXES = Object.keys(SUFFIX_SHIFT).filter((suffix) => suffix !== "")
+  .map((suffix) => suffix.toUpperCase()).join(", ");
+
+/**
  * Parses "4096", "64K", "1G", "1.5GiB", "2TB" into bytes (binary multiples).
  *
  * @example
@@ -16,7 +23,10 @@ const SUFFIX_SHIFT: Record<string, number> = { "": 0, k: 10, m: 20, g: 30, t: 40
 export function parseSize(text: string, what = "size"): number {
   const match = /^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$/i.exec(text);
   if (match === null) {
-    throw new UsageError(`Cannot read ${what} "${text}": use a number with K, M, G or T, e.g. 1G`);
+    throw new UsageError(
+      `Cannot read ${what} "${text}": use a number of bytes, or one with ${SIZE_SUFFIXES} ` +
+        `(binary multiples), e.g. 1G`,
+    );
   }
   const shift = SUFFIX_SHIFT[match[2]!.toLowerCase()]!;
   const bytes = Number(match[1]) * 2 ** shift;
@@ -27,6 +37,21 @@ export function parseSize(text: string, what = "size"): number {
     throw new UsageError(`${what} "${text}" is too large`);
   }
   return bytes;
+}
+
+/**
+ * Bytes as a size the command line takes back (parseSize): the largest suffix that
+ * divides them exactly, 64M, 1536K, 1P; a number of bytes when none does.
+ */
+export function formatSizeOption(bytes: number): string {
+  let best = String(bytes);
+  for (const [suffix, shift] of Object.entries(SUFFIX_SHIFT)) {
+    const unit = 2 ** shift;
+    if (suffix !== "" && bytes > 0 && bytes % unit === 0) {
+      best = `${bytes / unit}${suffix.toUpperCase()}`;
+    }
+  }
+  return best;
 }
 
 /** Formats bytes with a binary unit: 1.5 GiB, 4.0 KiB, 512 B. */

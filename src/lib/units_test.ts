@@ -1,6 +1,13 @@
 import assert from "node:assert/strict";
 import { UsageError } from "./errors.ts";
-import { formatBytes, formatDuration, parseCount, parseSize } from "./units.ts";
+import {
+  formatBytes,
+  formatDuration,
+  formatSizeOption,
+  parseCount,
+  parseSize,
+  SIZE_SUFFIXES,
+} from "./units.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -16,6 +23,30 @@ Deno.test("parseSize() reads plain bytes and binary K/M/G/T/P suffixes", () => {
   assert.equal(parseSize("1G"), GiB);
   assert.equal(parseSize("2T"), 2 * TiB);
   assert.equal(parseSize("1P"), 1024 * TiB);
+});
+
+Deno.test("the suffixes a bad size's message lists are the ones parseSize() takes, P included", () => {
+  assert.equal(SIZE_SUFFIXES, "K, M, G, T, P");
+  for (const suffix of SIZE_SUFFIXES.split(", ")) parseSize(`1${suffix}`);
+  assert.throws(() => parseSize("1E"), UsageError, "E is not one of them");
+  assert.throws(
+    () => parseSize("lots", "--size"),
+    (error: Error) =>
+      error.message ===
+        'Cannot read --size "lots": use a number of bytes, or one with K, M, G, T, P (binary ' +
+          "multiples), e.g. 1G",
+  );
+});
+
+Deno.test("formatSizeOption() gives a size parseSize() reads back: the largest exact suffix, else bytes", () => {
+  assert.equal(formatSizeOption(64 * MiB), "64M");
+  assert.equal(formatSizeOption(1536 * KiB), "1536K");
+  assert.equal(formatSizeOption(1024 * TiB), "1P");
+  assert.equal(formatSizeOption(4097), "4097");
+  assert.equal(formatSizeOption(0), "0");
+  for (const bytes of [0, 1, 4096, 64 * MiB, 3 * GiB + 4 * KiB, 5 * TiB, 2 ** 53 - 1]) {
+    assert.equal(parseSize(formatSizeOption(bytes)), bytes, String(bytes));
+  }
 });
 
 Deno.test("parseSize() reads B, iB and fractional sizes", () => {

@@ -23,6 +23,7 @@ import type { WriteGrant } from "../server/writer_lease.ts";
 import { type NbdExport, negotiate } from "./handshake.ts";
 import { NbdConnection } from "./transmission.ts";
 import { TransmissionFlag } from "./wire.ts";
+import { plural } from "../lib/plural.ts";
 
 export type NbdListen = { tcp: HostPort } | { unix: string };
 
@@ -111,7 +112,9 @@ export class NbdServer {
     admitted: boolean,
   ): Promise<NbdConnection | null> {
     if (!admitted) {
-      this.#log.warn(`${peer}: NBD client refused: ${this.#loop.slots.max} clients already`);
+      this.#log.warn(
+        `${peer}: NBD client refused: ${plural(this.#loop.slots.max, "client")} already`,
+      );
       return null;
     }
     const negotiated = await negotiate(conn, this.#exported, peer, this.#log);

@@ -199,7 +199,7 @@ export async function acceptHandshake(
         Promise.resolve({
           ok: false,
           status: HelloStatus.PROTECTION_UNSUPPORTED,
-          reason: `this export protects every record with ${
+          reason: `this export requires every record to be ${
             protectionName(options.keys.protection)
           }, which the client does not accept`,
         }),
@@ -313,8 +313,14 @@ function offersKey(hello: ClientHello): boolean {
   return (hello.authMethods & AUTH_PSK) !== 0 && hello.versionMax >= PROTOCOL_VERSION_KEYED;
 }
 
+/**
+ * What `protection` does to a record, as a participle: "records are encrypted
+ * (AES-256-GCM)", "records are authenticated (HMAC-SHA-256)".
+ */
 export function protectionName(protection: number): string {
-  return protection === PROTECTION_ENCRYPT ? "encryption (AES-256-GCM)" : "HMAC-SHA-256";
+  return protection === PROTECTION_ENCRYPT
+    ? "encrypted (AES-256-GCM)"
+    : "authenticated (HMAC-SHA-256)";
 }
 
 /** Version 1's checks, then the caller's. */

@@ -20,7 +20,9 @@ import {
 import { ManualClock } from "../../tests/helpers/manual_clock.ts";
 import { NBD_GREETING_GRACE_MS } from "../constants.ts";
 import type { DeviceInfo } from "../device/block_device.ts";
-import { acceptHandshake, type Admission } from "./handshake.ts";
+import { ClientKeyShareLayout, PROTECTION_ENCRYPT, PROTECTION_MAC } from "../protocol/mod.ts";
+import { concat } from "../../tests/helpers/bytes.ts";
+import { acceptHandshake, type Admission, protectionName } from "./handshake.ts";
 
 const hex = (first: number, count: number) =>
   Array.from({ length: count }, (_, i) => (first + i).toString(16).padStart(2, "0")).join("");
@@ -118,6 +120,24 @@ Deno.test("a client without AUTH_NONE (bit 1) is refused with status 2, AUTH_UNS
 Deno.test("a client without PROTECTION_NONE (bit 1) is refused with status 3, PROTECTION_UNSUPPORTED", async () => {
   const out = await answer(clientHello({ protections: "0600" }));
   assertFrame(out.subarray(0, 112), refusal("0300"), "refused hello");
+});
+
+Deno.test("protectionName reads in a sentence: records are encrypted, or authenticated", () => {
+  assert.equal(protectionName(PROTECTION_ENCRYPT), "encrypted (AES-256-GCM)");
+  assert.equal(protectionName(PROTECTION_MAC), "authenticated (HMAC-SHA-256)");
+});
+
+Deno.test("a keyed client that does not accept the export's protection is told which it requires", async () => {
+  const hello = clientHello({ versions: "0200 0200", authMethods: "0200", protections: "0200" });
+  const conn = new ScriptedConn(concat(hello, new Uint8Array(ClientKeyShareLayout.SIZE)));
+  const result = await acceptHandshake(conn, info, () => Promise.resolve(admitted), {
+    peer: "test",
+    keys: { keys: () => [], protection: PROTECTION_ENCRYPT, onTampered: () => {} },
+  });
+  const reason = "this export requires every record to be encrypted (AES-256-GCM), which the " +
+    "client does not accept";
+  assert.deepEqual(result, { ok: false, reason });
+  assert.equal(new TextDecoder().decode(conn.written().subarray(112 + 2)), reason);
 });
 
 Deno.test("a refusal the export decides carries its status, and its reason as a u16 count and UTF-8", async () => {

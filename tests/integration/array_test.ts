@@ -59,7 +59,7 @@ function connect(address: RunningExport["address"], timeoutMs = 5000, retries = 
 function lastCopiedRegions(log: string, name: string): number | null {
   const escaped = name.replace(/[.]/g, "\\.");
   const all = [
-    ...log.matchAll(new RegExp(`leg ${escaped} is in sync: copied (\\d+) regions`, "g")),
+    ...log.matchAll(new RegExp(`leg ${escaped} is in sync: copied (\\d+) regions?,`, "g")),
   ];
   const last = all.at(-1);
   return last === undefined ? null : Number(last[1]);

@@ -1,6 +1,7 @@
 /**
- * How the CLI reports bad usage: one "dst COMMAND:" prefix, and a mistyped long
- * option gets the command's own option it most likely meant.
+ * How the CLI reports bad usage: one "dst COMMAND:" prefix, a mistyped long option
+ * gets the command's own option it most likely meant, and a mistyped command the
+ * command.
  */
 
 import assert from "node:assert/strict";
@@ -36,4 +37,14 @@ Deno.test("a mistyped long option gets 'did you mean' with the command's own opt
   assert.match(far.stderr, /unknown option --frobnicate/);
   assert.doesNotMatch(far.stderr, /did you mean/);
   assert.match(far.stderr, /see `dst export --help`/);
+});
+
+Deno.test("a mistyped command gets 'did you mean' with the command", async () => {
+  const exprot = await runDst(["exprot", "/nonexistent/x.img"]);
+  assert.equal(exprot.code, 2, exprot.stderr);
+  assert.match(exprot.stderr, /^dst: unknown command "exprot"; did you mean export\?\n/);
+
+  const far = await runDst(["frobnicate"]);
+  assert.equal(far.code, 2, far.stderr);
+  assert.match(far.stderr, /^dst: unknown command "frobnicate"\n/);
 });

@@ -40,6 +40,8 @@ Deno.test("dst demo writes, reads back and verifies through a real export, stops
     await Deno.remove(stateHome, { recursive: true });
   }
   assert.equal(result.code, 0, result.stderr);
+  // The child's command line as one that can be pasted back: a size the CLI takes.
+  assert.match(result.stdout, /\n== dst export \S+ --create 16M --listen 127\.0\.0\.1:0 /);
   assert.match(result.stdout, /verified: all 16777216 bytes read back identical/);
   assert.match(result.stdout, /export exited with code 0/);
   assert.match(result.stdout, /holds exactly what was written/);

@@ -107,6 +107,10 @@ for (const protect of ["encrypt", "mac"] as const) {
           await stopClean(server, "export");
           assertSameBytes(await imageStart(`${dir}/disk.img`, DATA_BYTES), data, "the image");
           assert.match(server.log(), new RegExp(`clients must prove a key of .*site \\(`));
+          const records = protect === "mac"
+            ? "authenticated \\(HMAC-SHA-256\\)"
+            : "encrypted \\(AES-256-GCM\\)";
+          assert.match(server.log(), new RegExp(`; records are ${records}; SIGHUP rereads`));
         } finally {
           await proxy.close();
         }
