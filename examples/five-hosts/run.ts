@@ -258,7 +258,7 @@ async function startUp(
   const log: string[] = [];
   const ended = child.status.then((status) => status.code);
   const started = Promise.race([
-    collect(child.stdout, log, /^dst up: running \d+ items/),
+    collect(child.stdout, log, /^dst up: running \d+ items? of/),
     collect(child.stderr, log, null),
     ended.then((code): never => {
       throw new Error(`dst up on ${host.name} exited ${code}:\n${log.join("\n")}`);

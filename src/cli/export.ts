@@ -11,7 +11,7 @@ import { FileDevice } from "../device/file_device.ts";
 import { parseHostPort } from "../lib/address.ts";
 import { describeError, DstError, UsageError } from "../lib/errors.ts";
 import { logger } from "../lib/log.ts";
-import { formatBytes, parseCount, parseSize } from "../lib/units.ts";
+import { formatBytes, parseCount, parseSize, SIZE_SUFFIXES } from "../lib/units.ts";
 import { defaultExportStateDir, PersistedGeneration } from "../server/write_generation.ts";
 import {
   LOG_OPTIONS_HELP,
@@ -42,7 +42,7 @@ Serves PATH (an image file or a block device) to DST clients.
                         clients and arrays on other nodes can reach it; 127.0.0.1 keeps it on
                         this machine; port 0 picks a free one)
   --read-only           refuse every write, discard and write-zeroes
-  --create SIZE         create PATH as a sparse image of SIZE (e.g. 10G: K, M, G, T are binary
+  --create SIZE         create PATH as a sparse image of SIZE (e.g. 10G: ${SIZE_SUFFIXES} are binary
                         multiples; a bare number is bytes, at least 1M), or grow it to SIZE;
                         it never shrinks an image
   --nbd [HOST]:PORT     also serve PATH over NBD (default 127.0.0.1:${NBD_PORT_DEFAULT}: loopback only,
@@ -191,7 +191,7 @@ function parseCreateSize(text: string): number {
   if (/^\s*\d+\s*$/.test(text) && bytes < CREATE_BARE_BYTES_MIN) {
     throw new UsageError(
       `--create ${text.trim()} would make an image of ${bytes} bytes: give a unit, ` +
-        `e.g. --create ${text.trim()}G (K, M, G, T are binary multiples), or at least ` +
+        `e.g. --create ${text.trim()}G (${SIZE_SUFFIXES} are binary multiples), or at least ` +
         `${CREATE_BARE_BYTES_MIN} bytes`,
       "export",
     );

@@ -26,6 +26,7 @@ import type { CommandHost } from "./command_host.ts";
 import { exportCommand } from "./export.ts";
 import { untilSignal } from "./signals.ts";
 import { readUpFile, type UpItem, type UpNode } from "./up_file.ts";
+import { plural } from "../lib/plural.ts";
 
 export const UP_HELP = `Usage: dst up NODE.yaml [--check] [--metrics [HOST]:PORT]
 
@@ -105,7 +106,7 @@ export async function upCommand(argv: string[]): Promise<number> {
   }
   if (parsed.values.check) {
     for (const item of result.items) console.log(`${item.label}: dst ${item.args.join(" ")}`);
-    console.log(`dst up: ${file} is valid (${result.items.length} items)`);
+    console.log(`dst up: ${file} is valid (${plural(result.items.length, "item")})`);
     return 0;
   }
   // The command line's log options, then DST_LOG's level, win over the file's.
@@ -153,7 +154,7 @@ async function runItems(file: string, node: UpNode, items: UpItem[]): Promise<nu
         started.stop(`${signalled}`);
         log.info(
           `${signalled}: ${item.label} was still starting: left to the exit; stopping the ` +
-            `${running.length} items serving`,
+            `${plural(running.length, "item")} serving`,
         );
         return await stopAll(running, log);
       }
@@ -164,7 +165,7 @@ async function runItems(file: string, node: UpNode, items: UpItem[]): Promise<nu
       );
       const stopped = running.length === 0
         ? ""
-        : `; stopped the ${running.length} items started before it`;
+        : `; stopped the ${plural(running.length, "item")} started before it`;
       await stopAll(running, log);
       const message = `${file}: ${item.label} (dst ${item.args.join(" ")}): ` +
         `${describeError(error)}${stopped}`;
@@ -172,7 +173,7 @@ async function runItems(file: string, node: UpNode, items: UpItem[]): Promise<nu
       if (error instanceof UsageError) throw new UsageError(message, "up");
       throw new DstError("START", message, { cause: error });
     }
-    print(`dst up: running ${running.length} items of ${file}`);
+    print(`dst up: running ${plural(running.length, "item")} of ${file}`);
     const ended = Promise.race(
       running.map((one) =>
         one.ended.then(
@@ -183,9 +184,9 @@ async function runItems(file: string, node: UpNode, items: UpItem[]): Promise<nu
     );
     const first = await Promise.race([stopping.then(() => null), ended]);
     if (first === null) {
-      log.info(`${signalled}: stopping ${running.length} items in reverse order`);
+      log.info(`${signalled}: stopping ${plural(running.length, "item")} in reverse order`);
       const code = await stopAll(running, log);
-      if (code === 0) log.info(`stopped all ${running.length} items cleanly`);
+      if (code === 0) log.info(`stopped ${plural(running.length, "item")} cleanly`);
       return code;
     }
     log.error(`${first.one.item.label} ${first.why} while serving; stopping the others`);

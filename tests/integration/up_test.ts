@@ -153,7 +153,7 @@ Deno.test("dst up exits 1 when an item fails to start, stopping those started", 
       assert.equal(run.code, 1, run.stderr);
       assert.match(
         run.stderr,
-        /node\.yaml: exports\[1\] \(dst export .*\): Cannot listen on 127\.0\.0\.1:\d+: .*; stopped the 1 items started before it/,
+        /node\.yaml: exports\[1\] \(dst export .*\): Cannot listen on 127\.0\.0\.1:\d+: .*; stopped the 1 item started before it/,
       );
     } finally {
       taken.close();
@@ -282,7 +282,7 @@ Deno.test("dst up refuses a file whose items their own commands refuse, every pr
       assert.equal(
         run.stderr.trim(),
         `${dir}/node.yaml:6: exports[1].create: --create 64 would make an image of 64 bytes: ` +
-          "give a unit, e.g. --create 64G (K, M, G, T are binary multiples), or at least " +
+          "give a unit, e.g. --create 64G (K, M, G, T, P are binary multiples), or at least " +
           `1048576 bytes\n` +
           `${dir}/node.yaml:12: arrays[0].retries: --retries must be a whole number from 0 to ` +
           '1000, not "many"',
@@ -300,7 +300,7 @@ Deno.test("dst up told twice to stop exits at once, though an item is stuck stop
       `attaches:\n  - remote: ${formatHostPort(server.address)}\n    listen: 127.0.0.1:0\n` +
         "    timeout: 1000\n    retries: 600\n",
     );
-    const up = track(await startDst(["up", `${dir}/node.yaml`], /running 1 items/));
+    const up = track(await startDst(["up", `${dir}/node.yaml`], /running 1 item of/));
     // The export stops answering: the attach's final flush waits for it (10 minutes).
     server.process.kill("SIGSTOP");
     try {
@@ -330,7 +330,7 @@ Deno.test("dst up --metrics serves the node's metrics; on SIGHUP it goes on serv
     const up = track(
       await startDst(
         ["up", `${dir}/node.yaml`, "--metrics", "127.0.0.1:0"],
-        /dst up: metrics at (\S+)\n[^]*running 1 items/,
+        /dst up: metrics at (\S+)\n[^]*running 1 item of/,
       ),
     );
     // --metrics on the command line: the node's one /metrics, without metrics: in the file.
