@@ -73,9 +73,12 @@ const address = (defaultHost: string, defaultPort?: number) =>
   checked((value) => parseHostPort(value, defaultHost, defaultPort));
 const size = (what: string) => checked((value) => parseSize(value, what));
 
+/** Any case, as --log-level and DST_LOG take it. */
+const lowercase = (v: unknown) => typeof v === "string" ? v.toLowerCase() : v;
+
 const LOG = z.strictObject({
-  level: z.enum(LOG_LEVELS).optional(),
-  format: z.enum(LOG_FORMATS).optional(),
+  level: z.preprocess(lowercase, z.enum(LOG_LEVELS)).optional(),
+  format: z.preprocess(lowercase, z.enum(LOG_FORMATS)).optional(),
 });
 
 /**
