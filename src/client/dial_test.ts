@@ -184,20 +184,76 @@ Deno.test("a real NBD server is named at once, without waiting for more than its
   assert.ok(conn.closed);
 });
 
-Deno.test("an NBD server that greets only after 2 s, and then closes, is still named an NBD server", async () => {
+Deno.test("a greeting that comes only after 2 s and then the server closes is said as it is: an NBD server slow to greet, or an export that took our hello for late", async () => {
   const clock = new ManualClock();
-  const conn = new ScriptedConn(NBD_GREETING);
+  const conn = new LateConn(clock, NBD_GREETING_GRACE_MS, NBD_GREETING);
+  await assert.rejects(
+    dialExport({ hostname: "10.0.0.7", port: 10809 }, {
+      clock,
+      dial: () => Promise.resolve(conn),
+    }),
+    (error: Error) =>
+      error.message ===
+        "10.0.0.7:10809 greeted us as an NBD server only 2.0 s after we connected, then " +
+          "closed: an NBD server slow to greet, or a DST export that took our hello, late, " +
+          "for an NBD client's (a loaded machine, or a slow link?)",
+  );
+});
+
+Deno.test("a prompt NBD greeting after a slow connect is still an NBD server's, named at once", async () => {
+  const clock = new ManualClock();
+  const conn = new PacedConn();
+  conn.feed(NBD_GREETING); // and nothing more, ever
   await assert.rejects(
     dialExport({ hostname: "10.0.0.7", port: 10809 }, {
       clock,
       dial: () => {
-        clock.advance(NBD_GREETING_GRACE_MS); // a connect that took the grace
+        clock.advance(3_000); // resent SYNs: the connect took 3 s, the greeting none
         return Promise.resolve(conn);
       },
     }),
     (error: Error) => error.message === NBD_MESSAGE,
   );
 });
+
+Deno.test("a late greeting and then silence until the handshake's time runs out says the time ran out", async () => {
+  const clock = new ManualClock();
+  const conn = new CanceledOnClose();
+  const dialing = dialExport({ hostname: "10.0.0.7", port: 1025 }, {
+    clock,
+    dial: () => Promise.resolve(conn),
+  });
+  clock.advance(2_500);
+  conn.feed(NBD_GREETING.subarray(0, 8)); // NBDMAGIC 2.5 s in, then nothing
+  await assertFailsAfter(
+    clock,
+    dialing,
+    HANDSHAKE_TIMEOUT_MS - 2_500,
+    "HANDSHAKE",
+    "Handshake with 10.0.0.7:1025 failed: no answer within 10 s (is the export stopped " +
+      "or overloaded?)",
+  );
+});
+
+/** A scripted connection whose answer comes `ms` after the connect: its first read advances the clock. */
+class LateConn extends ScriptedConn {
+  #waited = false;
+  constructor(
+    private readonly clock: ManualClock,
+    private readonly ms: number,
+    ...input: Uint8Array[]
+  ) {
+    super(...input);
+  }
+
+  override read(into: Uint8Array): Promise<number | null> {
+    if (!this.#waited) {
+      this.#waited = true;
+      this.clock.advance(this.ms);
+    }
+    return super.read(into);
+  }
+}
 
 /** What a DST export sends a DST client whose hello came after the grace (protocol README, "Negotiation"). */
 const TOO_LATE_ANSWER = concat(
@@ -233,15 +289,16 @@ const OK_HELLO = encodeServerHello({
 });
 
 /**
- * A dialer whose first `late` connections take the whole grace to connect (a loaded
- * machine) and are answered as the export answers a late hello; then OK_HELLO.
+ * A dialer whose first `late` connections are answered only after the grace (our hello
+ * was late: a loaded machine), as the export answers a late hello; then OK_HELLO.
  */
 function slowFirst(clock: ManualClock, late: number) {
   const conns: ScriptedConn[] = [];
   const dial = () => {
     const tooLate = conns.length < late;
-    if (tooLate) clock.advance(NBD_GREETING_GRACE_MS);
-    const conn = new ScriptedConn(tooLate ? TOO_LATE_ANSWER : OK_HELLO);
+    const conn = tooLate
+      ? new LateConn(clock, NBD_GREETING_GRACE_MS, TOO_LATE_ANSWER)
+      : new ScriptedConn(OK_HELLO);
     conns.push(conn);
     return Promise.resolve(conn);
   };
