@@ -159,6 +159,9 @@ interface Dialing {
 
 async function dialOnce(address: HostPort, where: string, options: DialOptions): Promise<Link> {
   const clock = options.clock ?? systemClock;
+  // From before the connect: the export greets as NBD no sooner than the grace after it
+  // accepted, and it may accept long before this process sees the connect done (a
+  // stalled event loop). A slow connect to a real NBD server then only costs reading on.
   const dialing: Dialing = { where, clock, startedMs: clock.nowMs() };
   let conn = await connect(address, where, options.dial ?? tcpDialer, clock);
   let timedOut = false;
@@ -206,10 +209,9 @@ async function dialOnce(address: HostPort, where: string, options: DialOptions):
     return { conn, hello };
   } catch (error) {
     closeQuietly(conn);
-    // Errors of our own already name the export; a connection that just ended does not.
-    if (error instanceof DstError && !(error instanceof ConnectionClosedError)) throw error;
     // Our own timer closed it: the export is slow to answer (stopped, overloaded), and
-    // whether it is a DST export at all is not in question.
+    // whether it is a DST export at all is not in question. First: what failed after is
+    // only the closed connection.
     if (timedOut) {
       throw new DstError(
         "HANDSHAKE",
@@ -218,6 +220,8 @@ async function dialOnce(address: HostPort, where: string, options: DialOptions):
         { cause: error },
       );
     }
+    // Errors of our own already name the export; a connection that just ended does not.
+    if (error instanceof DstError && !(error instanceof ConnectionClosedError)) throw error;
     throw new DstError(
       "HANDSHAKE",
       `Handshake with ${where} failed: ${
@@ -244,7 +248,7 @@ function connect(address: HostPort, where: string, dial: Dialer, clock: Clock): 
       new DstError(
         "CONNECT",
         `Cannot connect to ${where}: no answer within ${CONNECT_TIMEOUT_MS / 1000} s (is the ` +
-          `host up, and is a firewall dropping its packets?)`,
+          `host up, its name resolving, and is a firewall dropping its packets?)`,
       ),
     );
   });
@@ -390,10 +394,21 @@ async function answerStart(conn: ByteConn, dialing: Dialing): Promise<Uint8Array
   await readExact(conn, start);
   if (new DataView(start.buffer).getBigUint64(0) === NBDMAGIC) {
     const where = dialing.where;
-    if (await greetedLate(conn, dialing)) {
+    const afterMs = dialing.clock.nowMs() - dialing.startedMs;
+    const greeting = await greetedLate(conn, dialing);
+    if (greeting === "late hello") {
       throw new HelloTooLate(
         `${where} is a DST export, but took our connection for an NBD client's: our hello ` +
           `reached it more than ${NBD_GREETING_GRACE_MS / 1000} s after connecting`,
+      );
+    }
+    if (greeting === "then nothing") {
+      // Which of the two it was, nothing on the wire tells: say both.
+      throw new DstError(
+        "HANDSHAKE",
+        `${where} greeted us as an NBD server only ${(afterMs / 1000).toFixed(1)} s after we ` +
+          "connected, then closed: an NBD server slow to greet, or a DST export that took " +
+          "our hello, late, for an NBD client's (a loaded machine, or a slow link?)",
       );
     }
     throw new DstError(
@@ -418,19 +433,23 @@ assert(GreetingLayout.ihaveopt === ANSWER_START_BYTES, "NBDMAGIC is the start re
  * is read on until that hello, or until the server closes (an NBD server drops a client
  * whose flags, our hello's magic, it does not know) or the handshake's time runs out.
  */
-async function greetedLate(conn: ByteConn, dialing: Dialing): Promise<boolean> {
-  if (dialing.clock.nowMs() - dialing.startedMs < NBD_GREETING_GRACE_MS) return false;
+async function greetedLate(
+  conn: ByteConn,
+  dialing: Dialing,
+): Promise<"nbd server" | "late hello" | "then nothing"> {
+  if (dialing.clock.nowMs() - dialing.startedMs < NBD_GREETING_GRACE_MS) return "nbd server";
   const rest = new Uint8Array(LATE_ANSWER_BYTES);
   try {
     await readExact(conn, rest);
   } catch {
-    return false;
+    return "then nothing"; // closed, or our time ran out (dialOnce says which)
   }
   const view = new DataView(rest.buffer);
   const hello = GreetingLayout.SIZE - GreetingLayout.ihaveopt;
-  return view.getBigUint64(0) === IHAVEOPT &&
+  const tooLate = view.getBigUint64(0) === IHAVEOPT &&
     view.getUint32(hello + ServerHelloLayout.magic, true) === MAGIC_SERVER_HELLO &&
     view.getUint16(hello + ServerHelloLayout.status, true) === HelloStatus.HELLO_TOO_LATE;
+  return tooLate ? "late hello" : "nbd server";
 }
 
 /** The reason after a refused hello, or null when the export sent none (it closed). */

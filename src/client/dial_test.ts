@@ -97,7 +97,7 @@ Deno.test("a connect that gets no answer fails after CONNECT_TIMEOUT_MS, saying 
     dialing,
     CONNECT_TIMEOUT_MS,
     "CONNECT",
-    "Cannot connect to 10.0.0.7:1025: no answer within 10 s (is the host up, and is a " +
+    "Cannot connect to 10.0.0.7:1025: no answer within 10 s (is the host up, its name resolving, and is a " +
       "firewall dropping its packets?)",
   );
   assert.equal(signal?.aborted, true, "the dial is told to stop");
@@ -200,22 +200,6 @@ Deno.test("a greeting that comes only after 2 s and then the server closes is sa
   );
 });
 
-Deno.test("a prompt NBD greeting after a slow connect is still an NBD server's, named at once", async () => {
-  const clock = new ManualClock();
-  const conn = new PacedConn();
-  conn.feed(NBD_GREETING); // and nothing more, ever
-  await assert.rejects(
-    dialExport({ hostname: "10.0.0.7", port: 10809 }, {
-      clock,
-      dial: () => {
-        clock.advance(3_000); // resent SYNs: the connect took 3 s, the greeting none
-        return Promise.resolve(conn);
-      },
-    }),
-    (error: Error) => error.message === NBD_MESSAGE,
-  );
-});
-
 Deno.test("a late greeting and then silence until the handshake's time runs out says the time ran out", async () => {
   const clock = new ManualClock();
   const conn = new CanceledOnClose();
@@ -223,6 +207,7 @@ Deno.test("a late greeting and then silence until the handshake's time runs out 
     clock,
     dial: () => Promise.resolve(conn),
   });
+  await settle(); // connected, hello sent
   clock.advance(2_500);
   conn.feed(NBD_GREETING.subarray(0, 8)); // NBDMAGIC 2.5 s in, then nothing
   await assertFailsAfter(

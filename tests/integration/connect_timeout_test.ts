@@ -65,7 +65,7 @@ Deno.test("dst status at an address that drops SYNs says so after the connect ti
     assert.match(
       output,
       new RegExp(
-        `Cannot connect to ${where}: no answer within 10 s \\(is the host up, and is a ` +
+        `Cannot connect to ${where}: no answer within 10 s \\(is the host up, its name resolving, and is a ` +
           `firewall dropping its packets\\?\\)`,
       ),
     );
