@@ -35,25 +35,3 @@ export function untilSignal(
     }
   });
 }
-
-/**
- * Calls `handle` with an error nothing caught (a rejected promise nobody awaited, a throw
- * in a timer) instead of letting it end the process, so the caller can stop what it
- * runs cleanly. Returns a function that stops watching.
- */
-export function onUncaught(handle: (error: unknown) => void): () => void {
-  const rejected = (event: PromiseRejectionEvent) => {
-    event.preventDefault();
-    handle(event.reason);
-  };
-  const thrown = (event: ErrorEvent) => {
-    event.preventDefault();
-    handle(event.error ?? event.message);
-  };
-  globalThis.addEventListener("unhandledrejection", rejected);
-  globalThis.addEventListener("error", thrown);
-  return () => {
-    globalThis.removeEventListener("unhandledrejection", rejected);
-    globalThis.removeEventListener("error", thrown);
-  };
-}

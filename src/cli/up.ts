@@ -24,7 +24,7 @@ import { arrayCommand } from "./array.ts";
 import { attachCommand } from "./attach.ts";
 import type { CommandHost } from "./command_host.ts";
 import { exportCommand } from "./export.ts";
-import { onUncaught, untilSignal } from "./signals.ts";
+import { untilSignal } from "./signals.ts";
 import { readUpFile, type UpItem, type UpNode } from "./up_file.ts";
 import { plural } from "../lib/plural.ts";
 
@@ -45,14 +45,13 @@ keys are the flags' own names:
 
 A flag without a value (read-only, shared-writers) is true or false. Relative paths
 are the file's folder's. Before anything starts, each item's command checks what it
-is given, as --check does. Exports start first, then arrays (an array after the array
-serving one of its members), then attaches, each once it is serving; if one fails to
-start, those started are stopped and dst up exits 1. On SIGINT or SIGTERM they are
-stopped in reverse order, and dst up exits 0 when each stopped cleanly; a second
-signal exits at once. An error nothing in an item caught (a bug) stops them all the
-same way, and dst up exits 70. On SIGHUP the items with a key reread their key files,
-as each command does; nothing else changes. Their output lines are printed after each
-item's name ("exports[0]: "), and their log lines carry it as the field item.
+is given, as --check does. Exports start first, then arrays (an array after the array serving one of its members), then
+attaches, each once it is serving; if one fails to start, those started are stopped
+and dst up exits 1. On SIGINT or SIGTERM they are stopped in reverse order, and dst up
+exits 0 when each stopped cleanly; a second signal exits at once. On SIGHUP the items
+with a key reread their key files, as each command does; nothing else changes. Their
+output lines are printed after each item's name ("exports[0]: "), and their log lines
+carry it as the field item.
 
   --check         only check the file and print the command lines: exit 0, or 2 with
                   every problem as FILE:LINE: KEY: what is wrong
@@ -125,24 +124,8 @@ async function runItems(file: string, node: UpNode, items: UpItem[]): Promise<nu
   const log = logger("up");
   // Listening from the start: a signal while items start stops those started. A second
   // signal exits at once (untilSignal), leaving what is stuck.
-  let signalled: string | null = null;
-  // A bug in one item (an error nothing caught) would end the process, and every item
-  // with it, without their stops: the node is stopped cleanly instead, and exits 70.
-  let bug = false;
-  const crashed = Promise.withResolvers<string>();
-  const stopWatching = onUncaught((error) => {
-    const stack = error instanceof Error ? { stack: error.stack } : {};
-    if (bug) return log.error(`another internal error: ${describeError(error)}`, stack);
-    bug = true;
-    log.error(
-      `internal error (a bug, please report it): ${describeError(error)}; stopping every item`,
-      stack,
-    );
-    crashed.resolve("an internal error");
-  });
-  const stopping = Promise.race([untilSignal(), crashed.promise])
-    .then((why) => (signalled = why));
-  const exitCode = (code: number) => bug ? 70 : code;
+  let signalled: Deno.Signal | null = null;
+  const stopping = untilSignal().then((signal) => (signalled = signal));
   // SIGHUP: the items with a key reread it (each listens, as the command does); the
   // node goes on. Listened for here too, so a node without keys is not killed by it.
   const hangup = () => log.info("SIGHUP: items with a key reread their key files");
@@ -173,7 +156,7 @@ async function runItems(file: string, node: UpNode, items: UpItem[]): Promise<nu
           `${signalled}: ${item.label} was still starting: left to the exit; stopping the ` +
             `${plural(running.length, "item")} serving`,
         );
-        return exitCode(await stopAll(running, log));
+        return await stopAll(running, log);
       }
       running.pop();
       const error = await started.ended.then(
@@ -202,7 +185,7 @@ async function runItems(file: string, node: UpNode, items: UpItem[]): Promise<nu
     const first = await Promise.race([stopping.then(() => null), ended]);
     if (first === null) {
       log.info(`${signalled}: stopping ${plural(running.length, "item")} in reverse order`);
-      const code = exitCode(await stopAll(running, log));
+      const code = await stopAll(running, log);
       if (code === 0) log.info(`stopped ${plural(running.length, "item")} cleanly`);
       return code;
     }
@@ -212,7 +195,6 @@ async function runItems(file: string, node: UpNode, items: UpItem[]): Promise<nu
   } finally {
     Deno.removeSignalListener("SIGHUP", hangup);
     await server?.shutdown();
-    stopWatching();
   }
 }
 
