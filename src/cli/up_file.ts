@@ -9,7 +9,7 @@ import { type Document, isMap, isNode, LineCounter, parseDocument } from "yaml";
 import { z } from "zod";
 import { EXPORT_PORT_DEFAULT, NBD_PORT_DEFAULT } from "../constants.ts";
 import { dirname, isAbsolute, resolve } from "node:path";
-import { type HostPort, parseHostPort } from "../lib/address.ts";
+import { type HostPort, isAllInterfaces, parseHostPort } from "../lib/address.ts";
 import { nearest } from "../lib/edit_distance.ts";
 import { LOG_FORMATS, LOG_LEVELS, type LogFormat, type LogLevel } from "../lib/log.ts";
 import { parseSize } from "../lib/units.ts";
@@ -585,13 +585,12 @@ function portClashes(node: Node): { path: PropertyKey[]; what: string }[] {
     add(["attaches", index, "listen"], item.listen, "127.0.0.1", NBD_PORT_DEFAULT);
   });
   const problems: { path: PropertyKey[]; what: string }[] = [];
-  const wildcard = (host: string) => host === "0.0.0.0" || host === "::" || host === "";
   listeners.forEach((one, at) => {
     if (one.address.port === 0) return; // a free port each
     const first = listeners.slice(0, at).find((other) =>
       other.address.port === one.address.port &&
-      (other.address.hostname === one.address.hostname || wildcard(other.address.hostname) ||
-        wildcard(one.address.hostname))
+      (other.address.hostname === one.address.hostname ||
+        isAllInterfaces(other.address.hostname) || isAllInterfaces(one.address.hostname))
     );
     if (first !== undefined) {
       problems.push({

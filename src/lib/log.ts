@@ -135,6 +135,10 @@ export function defaultLogSettings(): LogSettings {
 export function colourWanted(): boolean {
   const noColour = envVar("NO_COLOR");
   if (noColour !== undefined && noColour !== "") return false;
+  return stderrIsTerminal();
+}
+
+function stderrIsTerminal(): boolean {
   try {
     return Deno.stderr.isTerminal();
   } catch {
@@ -209,14 +213,8 @@ function statusLine(): string {
  * "dumb" one), with text lines. Otherwise progress is logged as lines.
  */
 export function statusLineShown(): boolean {
-  if ((settings ?? defaultLogSettings()).format !== "text" || envVar("TERM") === "dumb") {
-    return false;
-  }
-  try {
-    return Deno.stderr.isTerminal();
-  } catch {
-    return false;
-  }
+  const text = (settings ?? defaultLogSettings()).format === "text";
+  return text && envVar("TERM") !== "dumb" && stderrIsTerminal();
 }
 
 /**
